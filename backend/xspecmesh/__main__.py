@@ -1,0 +1,3 @@
+from xspecmesh.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Sub-commands of the `xspecmesh` CLI, one module each (see xspecmesh.cli)."""
