@@ -6,6 +6,7 @@ A checkpoint carries its config as JSON; nothing is inferred from file names.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 from dataclasses import dataclass, field
@@ -23,6 +24,8 @@ class EncoderConfig:
     heads: int = 12
     depth: int = 8  # self-attention blocks after the single cross-attention
     num_freqs: int = 8  # Fourier features 2^0..2^(n-1), input included: 3 + 3*2*n values
+    fourier_pi: bool = True  # frequencies multiplied by pi (Michelangelo's default embedder)
+    mlp_ratio: int = 4  # hidden width of the perceiver's GELU MLPs
     # Parts of the published checkpoint that BPT never runs (KL bottleneck, decoder transformer, geometry decoder).
     # Only the `bpt` preset sets these; they size the key list the converter expects and ignores.
     unused_kl_channels: int = 0
@@ -67,8 +70,9 @@ class HeadsConfig:
 
     num_heads: int = 4  # D
     kind: str = "cross"  # "cross" (the paper's cross-attention head) or "mlp" (the ablation)
-    ff_mult: int = 2
-    shared_output: bool = False  # reuse the backbone's output projection instead of an own one
+    ff_mult: int = 1  # feed-forward width as a multiple of the model width
+    attn_dim: int = 128  # width of each head's cross-attention (0 = the model width)
+    shared_output: bool = True  # reuse the backbone's output projection (an own one costs D x dim x vocab)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -83,9 +87,10 @@ PRESETS: dict[str, ModelConfig] = {
         dim=32, depth=2, heads=2, ff_mult=2, max_seq_len=1024,
         encoder=EncoderConfig(num_points=128, num_latents=9, width=32, heads=2, depth=1, num_freqs=4),
     ),
+    # ~10.4M parameters: with six light heads the fp16 checkpoint stays under 25 MB.
     "small": ModelConfig(
-        dim=256, depth=6, heads=4, ff_mult=4, max_seq_len=3072,
-        encoder=EncoderConfig(num_points=2048, num_latents=65, width=256, heads=4, depth=2, num_freqs=8),
+        dim=256, depth=6, heads=4, ff_mult=2, max_seq_len=2048,
+        encoder=EncoderConfig(num_points=2048, num_latents=65, width=256, heads=4, depth=2, num_freqs=8, mlp_ratio=2),
     ),
     "bpt": ModelConfig(
         encoder=EncoderConfig(unused_kl_channels=64, unused_decoder_depth=16),
@@ -96,4 +101,4 @@ PRESETS: dict[str, ModelConfig] = {
 def preset(name: str) -> ModelConfig:
     if name not in PRESETS:
         raise SettingsError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-    return dataclasses.replace(PRESETS[name])
+    return copy.deepcopy(PRESETS[name])

@@ -1,0 +1,202 @@
+"""The engine the CLI, the server and the benchmarks share: a loaded checkpoint, typed decode settings, and one
+streaming entry point that turns a normalized point cloud into accepted tokens and completed triangles."""
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from xspecmesh import __version__
+from xspecmesh import tokenizer as tok
+from xspecmesh.checkpoint import Checkpoint, load_checkpoint
+from xspecmesh.errors import MeshError, SettingsError
+from xspecmesh.generate import DecodeStats, decode_ar, decode_naive
+from xspecmesh.sampling import SamplingConfig
+from xspecmesh.speculative import RULES, AcceptConfig, decode_speculative
+
+MODES = ("ar", "spec", "naive")
+MIN_POINTS = 16
+
+
+@dataclass
+class DecodeSettings:
+    mode: str = "spec"  # "ar" (plain), "spec" (XSpecMesh), "naive" (the published-code-style AR loop)
+    heads: int = 4  # D drafting heads (the first D of the checkpoint's)
+    delta: float = 0.5  # threshold rule: accept while p(x) > delta
+    accept: str = "threshold"  # threshold | exact | greedy | topk
+    topk_accept: int = 5  # K of the topk rule
+    temperature: float = 0.5
+    top_k: int = 50
+    top_p: float = 0.95
+    max_tokens: int = 10000
+    max_faces: int | None = None  # stop once this many faces are complete
+    seed: int = 0
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DecodeSettings":
+        if not isinstance(d, dict):
+            raise SettingsError("settings must be an object")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - set(fields))
+        if unknown:
+            raise SettingsError(f"unknown setting(s): {', '.join(unknown)}")
+        out = cls()
+        for k, v in d.items():
+            default = getattr(out, k)
+            if k == "max_faces" and v is None:
+                pass
+            elif isinstance(default, str) or k in ("mode", "accept"):
+                if not isinstance(v, str):
+                    raise SettingsError(f"setting {k} must be a string")
+            elif isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise SettingsError(f"setting {k} must be a number")
+            elif (isinstance(default, int) or k == "max_faces") and float(v) != int(v):
+                raise SettingsError(f"setting {k} must be an integer")
+            setattr(out, k, int(v) if isinstance(default, int) or k == "max_faces" else
+                    float(v) if isinstance(default, float) else v)
+        out.validate()
+        return out
+
+    def validate(self, max_heads: int | None = None) -> "DecodeSettings":
+        checks = [
+            (self.mode in MODES, f"mode must be one of {', '.join(MODES)}"),
+            (self.accept in RULES, f"accept must be one of {', '.join(RULES)}"),
+            (1 <= self.heads <= 8, "heads must be between 1 and 8"),
+            (0.0 <= self.delta <= 1.0, "delta must be between 0 and 1"),
+            (self.topk_accept >= 1, "topk_accept must be at least 1"),
+            (0.0 <= self.temperature <= 10.0, "temperature must be between 0 and 10"),
+            (self.top_k >= 0, "top_k must be >= 0"),
+            (0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]"),
+            (1 <= self.max_tokens <= 100000, "max_tokens must be between 1 and 100000"),
+            (self.max_faces is None or self.max_faces >= 1, "max_faces must be at least 1"),
+            (0 <= self.seed < 2**63, "seed must be a non-negative integer"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise SettingsError(message)
+        if self.mode == "spec" and max_heads is not None and self.heads > max_heads:
+            raise SettingsError(f"heads={self.heads} but the checkpoint has {max_heads} drafting head(s)")
+        return self
+
+    def sampling(self) -> SamplingConfig:
+        return SamplingConfig(self.temperature, self.top_k, self.top_p)
+
+
+@dataclass
+class StepUpdate:
+    tokens: list[int]  # accepted in this step
+    triangles: np.ndarray  # (k, 3, 3) float32, completed in this step, normalized frame
+    stats: dict  # cumulative
+    done: bool = False
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[int]
+    triangles: np.ndarray  # (T, 3, 3) float32, normalized frame
+    stats: dict = field(default_factory=dict)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise SettingsError(f"unknown device {device!r}; use auto, cpu or cuda")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SettingsError("device cuda requested but no CUDA GPU is available")
+    return torch.device(device)
+
+
+def prepare_points(points, count: int, seed: int) -> np.ndarray:
+    """Validate an (N, 6) cloud (xyz + normal, normalized frame) and resample it to `count` points."""
+    pts = np.asarray(points, dtype=np.float32)
+    if pts.ndim != 2 or pts.shape[1] != 6:
+        raise MeshError(f"point cloud must have shape (N, 6) (xyz + normal), got {tuple(pts.shape)}")
+    if len(pts) < MIN_POINTS:
+        raise MeshError(f"point cloud has {len(pts)} points; at least {MIN_POINTS} are needed")
+    if not np.isfinite(pts).all():
+        raise MeshError("points contain NaN or infinite values")
+    rng = np.random.default_rng(seed)
+    idx = rng.choice(len(pts), count, replace=len(pts) < count)
+    pts = pts[idx].copy()
+    norms = np.linalg.norm(pts[:, 3:], axis=1, keepdims=True)
+    pts[:, 3:] = np.where(norms > 1e-8, pts[:, 3:] / np.maximum(norms, 1e-8), 0.0)
+    return pts
+
+
+class Engine:
+    def __init__(self, checkpoint: Checkpoint, device: torch.device):
+        self.ckpt, self.device = checkpoint, device
+
+    @classmethod
+    def load(cls, checkpoint: str | None = None, device: str = "auto") -> "Engine":
+        dev = resolve_device(device)
+        return cls(load_checkpoint(checkpoint, device=dev), dev)
+
+    @property
+    def model(self):
+        return self.ckpt.model
+
+    @property
+    def max_heads(self) -> int:
+        return self.ckpt.max_heads
+
+    @property
+    def info(self) -> dict:
+        cfg = self.model.cfg
+        return {"version": __version__, "torch": torch.__version__, "device": str(self.device),
+                "checkpoint": self.ckpt.path, "heads": self.max_heads, "preset": self.ckpt.meta.get("preset"),
+                "num_points": cfg.encoder.num_points}
+
+    @torch.no_grad()
+    def condition(self, points, seed: int = 0) -> torch.Tensor:
+        pts = prepare_points(points, self.model.cfg.encoder.num_points, seed)
+        return self.model.encode(torch.from_numpy(pts)[None].to(self.device))
+
+    def decoder(self, cond: torch.Tensor, settings: DecodeSettings, stats: DecodeStats):
+        gen = torch.Generator(device=self.device).manual_seed(settings.seed)
+        common = dict(sampling=settings.sampling(), max_tokens=settings.max_tokens, generator=gen, stats=stats)
+        if settings.mode == "spec":
+            if self.ckpt.heads is None:
+                raise SettingsError("this checkpoint has no drafting heads; use mode ar")
+            accept = AcceptConfig(settings.accept, settings.delta, settings.topk_accept)
+            return decode_speculative(self.model, self.ckpt.heads, cond, accept=accept, num_heads=settings.heads,
+                                      **common)
+        if settings.mode == "naive":
+            return decode_naive(self.model, cond, **common)
+        return decode_ar(self.model, cond, **common)
+
+    def stream(self, points, settings: DecodeSettings) -> Iterator[StepUpdate]:
+        """One update per decoding step; stop iterating to cancel."""
+        settings.validate(self.max_heads)
+        start = time.perf_counter()
+        cond = self.condition(points, settings.seed)
+        stats = DecodeStats()
+        detok = tok.IncrementalDetokenizer()
+        faces = 0
+        for accepted in self.decoder(cond, settings, stats):
+            tris = [detok.push(t) for t in accepted[0]]
+            tris = np.concatenate(tris) if tris else np.zeros((0, 3, 3), dtype=np.int64)
+            if settings.max_faces is not None:
+                tris = tris[: max(0, settings.max_faces - faces)]
+            faces += len(tris)
+            full = settings.max_faces is not None and faces >= settings.max_faces
+            summary = stats.as_dict() | {"faces": faces, "seconds": round(time.perf_counter() - start, 4),
+                                         "decode_seconds": round(stats.seconds, 4)}
+            yield StepUpdate(accepted[0], tok.dequantize(tris).astype(np.float32), summary, done=full)
+            if full:
+                return
+        # the decoder ended (EOS or max_tokens): the last update above already carried the final stats
+        yield StepUpdate([], np.zeros((0, 3, 3), dtype=np.float32), summary, done=True)
+
+    def generate(self, points, settings: DecodeSettings) -> GenerationResult:
+        tokens, tris, stats = [], [], {}
+        for upd in self.stream(points, settings):
+            tokens.extend(upd.tokens)
+            tris.append(upd.triangles)
+            stats = upd.stats
+        return GenerationResult(tokens, np.concatenate(tris) if tris else np.zeros((0, 3, 3), np.float32), stats)

@@ -1,0 +1,147 @@
+"""Auto-regressive decoding: the fast loop (preallocated KV cache, condition K/V computed once, one new token per
+step) and a deliberately naive loop in the style of the published code (cache grown by concatenation, prefix
+re-embedded, cross-attention recomputed every step), kept as a benchmark baseline and as a correctness oracle.
+
+Both are generators: each step yields, per sequence, the list of tokens accepted in that step (empty once a sequence
+has finished), so callers stream, detokenize and cancel between steps.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from xspecmesh import tokenizer as tok
+from xspecmesh.model import MeshTransformer
+from xspecmesh.sampling import Grammar, SamplingConfig, distribution, draw
+
+
+@dataclass
+class DecodeStats:
+    """Returned (never logged) by every decoder; speculative decoding fills the extra fields."""
+
+    steps: int = 0  # backbone forwards after the prefill
+    tokens: int = 0  # accepted tokens over all sequences (EOS excluded)
+    seconds: float = 0.0
+    accept_hist: list[int] = field(default_factory=list)  # accept_hist[a] = steps that accepted a drafts
+    head_accepts: list[int] = field(default_factory=list)  # per head: drafts accepted
+    head_trials: list[int] = field(default_factory=list)  # per head: drafts reaching verification
+    time_draft: float = 0.0
+    time_verify: float = 0.0
+    time_other: float = 0.0
+
+    @property
+    def scr(self) -> float:
+        """Step compression ratio: tokens per decoding step (1 for AR)."""
+        return self.tokens / self.steps if self.steps else 0.0
+
+    def as_dict(self) -> dict:
+        d = {"steps": self.steps, "tokens": self.tokens, "seconds": round(self.seconds, 4), "scr": round(self.scr, 4),
+             "tokens_per_second": round(self.tokens / self.seconds, 2) if self.seconds > 0 else 0.0}
+        if self.head_trials:
+            d["accept_hist"] = list(self.accept_hist)
+            d["head_accept_rates"] = [round(a / t, 4) if t else 0.0 for a, t in zip(self.head_accepts, self.head_trials)]
+            d["time_split"] = {"draft": round(self.time_draft, 4), "verify": round(self.time_verify, 4),
+                               "other": round(self.time_other, 4)}
+        return d
+
+
+def _emit(tokens: torch.Tensor, finished: torch.Tensor) -> list[list[int]]:
+    """Per sequence the accepted token (none once finished; EOS is not reported as a token)."""
+    return [[] if f or t == tok.EOS else [t] for t, f in zip(tokens.tolist(), finished.tolist())]
+
+
+@torch.no_grad()
+def decode_ar(
+    model: MeshTransformer,
+    cond: torch.Tensor,
+    sampling: SamplingConfig,
+    max_tokens: int,
+    generator: torch.Generator | None = None,
+    stats: DecodeStats | None = None,
+) -> Iterator[list[list[int]]]:
+    """Plain AR decoding of B sequences (ragged stops): prefill BOS, then one cached forward per token."""
+    stats = stats if stats is not None else DecodeStats()
+    start = time.perf_counter()
+    b = cond.shape[0]
+    grammar = Grammar(cond.device)
+    state = grammar.start(b)
+    finished = torch.zeros(b, dtype=torch.bool, device=cond.device)
+    max_tokens = min(max_tokens, model.cfg.max_seq_len)
+    cache = model.new_cache(cond, max_tokens + 1)
+    inp = torch.zeros(b, 1, dtype=torch.long, device=cond.device)  # input position 0 is BOS
+    for _ in range(max_tokens):
+        logits, _ = model(inp, cache=cache)
+        nxt = draw(distribution(logits[:, -1], sampling, grammar.mask(state)), generator)
+        nxt = torch.where(finished, torch.full_like(nxt, tok.EOS), nxt)
+        state = grammar.advance(state, nxt)
+        accepted = _emit(nxt, finished)
+        finished |= nxt == tok.EOS
+        stats.steps += 1
+        stats.tokens += sum(len(a) for a in accepted)
+        stats.seconds = time.perf_counter() - start
+        yield accepted
+        if bool(finished.all()):
+            return
+        inp = nxt[:, None]
+
+
+@torch.no_grad()
+def decode_naive(
+    model: MeshTransformer,
+    cond: torch.Tensor,
+    sampling: SamplingConfig,
+    max_tokens: int,
+    generator: torch.Generator | None = None,
+    stats: DecodeStats | None = None,
+) -> Iterator[list[list[int]]]:
+    """The published-code-style loop: every step re-embeds the whole prefix, recomputes every layer's cross-attention
+    keys/values over the condition and appends the new self-attention keys/values with torch.cat."""
+    stats = stats if stats is not None else DecodeStats()
+    start = time.perf_counter()
+    b = cond.shape[0]
+    grammar = Grammar(cond.device)
+    state = grammar.start(b)
+    finished = torch.zeros(b, dtype=torch.bool, device=cond.device)
+    seq = torch.zeros(b, 1, dtype=torch.long, device=cond.device)  # position 0: BOS
+    past: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(model.layers)
+    for _ in range(min(max_tokens, model.cfg.max_seq_len)):
+        n = seq.shape[1]
+        x = model.embed(seq, torch.arange(n, device=seq.device).expand(b, n))[:, -1:]  # prefix re-embedded
+        for i, layer in enumerate(model.layers):
+            attn = layer.self_attn
+            h = layer.self_norm(x)
+            k = F.normalize(attn.split(attn.to_k(h)), dim=-1)
+            v = attn.split(attn.to_v(h))
+            if past[i] is not None:
+                k, v = torch.cat([past[i][0], k], dim=2), torch.cat([past[i][1], v], dim=2)
+            past[i] = (k, v)
+            x = x + attn.attend(attn.split(attn.to_q(h)), k, v)
+            ca = layer.cross_attn
+            x = x + ca.attend(ca.split(ca.to_q(layer.cross_norm(x))), *ca.context_kv(cond))
+            x = x + layer.ff(layer.ff_norm(x))
+        logits = model.to_logits(model.final_norm(x))
+        nxt = draw(distribution(logits[:, -1], sampling, grammar.mask(state)), generator)
+        nxt = torch.where(finished, torch.full_like(nxt, tok.EOS), nxt)
+        state = grammar.advance(state, nxt)
+        accepted = _emit(nxt, finished)
+        finished |= nxt == tok.EOS
+        stats.steps += 1
+        stats.tokens += sum(len(a) for a in accepted)
+        stats.seconds = time.perf_counter() - start
+        yield accepted
+        if bool(finished.all()):
+            return
+        seq = torch.cat([seq, nxt[:, None]], dim=1)
+
+
+def run_to_end(steps: Iterator[list[list[int]]], batch: int) -> list[list[int]]:
+    """Drain a decoder; the tokens of each sequence (without EOS)."""
+    out: list[list[int]] = [[] for _ in range(batch)]
+    for accepted in steps:
+        for seq, new in zip(out, accepted):
+            seq.extend(new)
+    return out

@@ -1,0 +1,55 @@
+"""An explicit, preallocated KV cache for B sequences of ragged lengths, with rollback.
+
+Self-attention keys/values live in one buffer per layer, written in place at each sequence's own positions; the
+cross-attention keys/values over the condition are computed once per mesh and kept in `cross`. Speculative
+verification writes D+1 positions, then `rollback` forgets the rejected ones: stale entries past a sequence's length
+are never attended to, because the mask only admits keys at positions <= the query's.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    def __init__(self, layers: int, batch: int, heads: int, max_len: int, head_dim: int, device, dtype):
+        self.k = torch.zeros(layers, batch, heads, max_len, head_dim, device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+        self.lengths = torch.zeros(batch, dtype=torch.long, device=device)  # cached input positions per sequence
+        self.cross: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer (k, v) over the condition
+        self._uniform_start: int | None = None
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    def prepare(self, seq_pos: torch.Tensor) -> tuple[torch.Tensor | None, int]:
+        """For new tokens at input positions seq_pos (B, n): the attention mask over cached keys and how many key
+        slots the forward needs. One host read per forward, not per layer."""
+        starts = seq_pos[:, 0].tolist()
+        n = seq_pos.shape[1]
+        upto = max(starts) + n
+        if upto > self.max_len:
+            raise ValueError(f"sequence longer than the cache ({upto} > {self.max_len})")
+        self._uniform_start = starts[0] if min(starts) == max(starts) else None
+        if self._uniform_start is not None and n == 1:
+            return None, upto  # every cached key is visible
+        keys = torch.arange(upto, device=seq_pos.device)
+        return (keys[None, None, None, :] <= seq_pos[:, None, :, None]), upto
+
+    def write(self, layer: int, seq_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, upto: int):
+        """Store k, v (B, H, n, d) at seq_pos; return the layer's keys/values for slots [0, upto)."""
+        if self._uniform_start is not None:
+            s = self._uniform_start
+            self.k[layer, :, :, s : s + k.shape[2]] = k
+            self.v[layer, :, :, s : s + k.shape[2]] = v
+        else:
+            b = torch.arange(k.shape[0], device=k.device)[:, None]
+            self.k[layer].transpose(1, 2)[b, seq_pos] = k.transpose(1, 2)
+            self.v[layer].transpose(1, 2)[b, seq_pos] = v.transpose(1, 2)
+        return self.k[layer, :, :, :upto], self.v[layer, :, :, :upto]
+
+    def rollback(self, lengths: torch.Tensor) -> None:
+        """Forget every position at or past `lengths` (per sequence); later writes overwrite them."""
+        if bool((lengths > self.lengths).any()):
+            raise ValueError("rollback can only shorten sequences")
+        self.lengths = lengths.clone()

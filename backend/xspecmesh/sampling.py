@@ -1,0 +1,117 @@
+"""Sampling in BPT's order (top-k, then top-p on the raw logits, then temperature) and the token grammar.
+
+Every random draw takes exactly one uniform number from the caller's generator and inverts the CDF, so two decoders
+that see the same distributions consume the same random stream and pick the same tokens (the naive loop, the fast
+loop and speculative decoding with δ = 1 all agree token for token).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from xspecmesh import tokenizer as tok
+
+
+@dataclass
+class SamplingConfig:
+    temperature: float = 0.5  # 0 = greedy
+    top_k: int = 50  # 0 = off
+    top_p: float = 0.95  # 1 = off
+
+
+def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Keep the top-k logits, then the smallest set whose probability reaches top_p; the rest become -inf."""
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop_sorted = (cum - sorted_logits.softmax(-1)) >= top_p  # mass before this token already reaches top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def distribution(logits: torch.Tensor, cfg: SamplingConfig, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The probabilities plain sampling draws from (grammar mask applied first). Greedy gives a one-hot."""
+    logits = logits.float()
+    if mask is not None:
+        logits = logits.masked_fill(~mask, float("-inf"))
+    if cfg.temperature <= 0:
+        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+    logits = filter_logits(logits, cfg.top_k, cfg.top_p)
+    return (logits / cfg.temperature).softmax(-1)
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One token per row by inverting the CDF with one uniform number per row."""
+    u = torch.rand(probs.shape[:-1] + (1,), generator=generator, device=probs.device, dtype=probs.dtype)
+    cdf = probs.cumsum(-1)
+    idx = torch.searchsorted(cdf, u * cdf[..., -1:], right=True).squeeze(-1)
+    return idx.clamp(max=probs.shape[-1] - 1)
+
+
+# ---------------------------------------------------------------------------------------------- grammar
+# A tiny state machine over token classes keeps every sampled sequence decodable: an offset must follow a block
+# token; the first token is a plain block; a patch needs three vertices before another patch or EOS may start; after
+# a patch centre the next vertex re-emits its plain block (as BPT's serializer always does).
+PLAIN, OFFSET, SPECIAL, END = range(4)
+(START, NEED_FIRST, NEED_CENTRE, NEED_1, NEED_2, NEED_3, HAVE_1_FIRST, HAVE_1, HAVE_2, HAVE_3, DONE) = range(11)
+NUM_STATES = 11
+_X = -1  # forbidden
+# NEXT[state][class]
+_NEXT = {
+    START: {PLAIN: NEED_FIRST},
+    NEED_FIRST: {OFFSET: HAVE_1_FIRST},
+    NEED_CENTRE: {OFFSET: HAVE_1},
+    NEED_1: {OFFSET: HAVE_2},
+    NEED_2: {OFFSET: HAVE_3},
+    NEED_3: {OFFSET: HAVE_3},
+    HAVE_1_FIRST: {OFFSET: HAVE_2, PLAIN: NEED_1},
+    HAVE_1: {PLAIN: NEED_1},
+    HAVE_2: {OFFSET: HAVE_3, PLAIN: NEED_2},
+    HAVE_3: {OFFSET: HAVE_3, PLAIN: NEED_3, SPECIAL: NEED_CENTRE, END: DONE},
+    DONE: {END: DONE},
+}
+
+
+def token_classes(vocab_size: int = tok.VOCAB_SIZE) -> torch.Tensor:
+    ids = torch.arange(vocab_size)
+    cls = torch.full((vocab_size,), END, dtype=torch.long)
+    cls[ids < tok.OFFSET_BASE] = PLAIN
+    cls[(ids >= tok.OFFSET_BASE) & (ids < tok.SPECIAL_BASE)] = OFFSET
+    cls[(ids >= tok.SPECIAL_BASE) & (ids < tok.EOS)] = SPECIAL
+    return cls
+
+
+class Grammar:
+    """Vectorised grammar: `mask(state)` -> allowed tokens (B, V); `advance(state, tokens)` -> next state."""
+
+    def __init__(self, device="cpu", vocab_size: int = tok.VOCAB_SIZE):
+        nxt = torch.full((NUM_STATES, 4), _X, dtype=torch.long)
+        for s, row in _NEXT.items():
+            for c, t in row.items():
+                nxt[s, c] = t
+        self.next = nxt.to(device)
+        self.cls = token_classes(vocab_size).to(device)
+        self.allowed = (self.next >= 0)[:, self.cls]  # (states, V)
+
+    def start(self, batch: int) -> torch.Tensor:
+        return torch.full((batch,), START, dtype=torch.long, device=self.next.device)
+
+    def mask(self, state: torch.Tensor) -> torch.Tensor:
+        return self.allowed[state]
+
+    def advance(self, state: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Next state; a forbidden token sends the sequence to DONE (it never happens for masked draws)."""
+        nxt = self.next[state, self.cls[tokens]]
+        return torch.where(nxt >= 0, nxt, torch.full_like(nxt, DONE))
+
+    def run(self, tokens: list[int]) -> int:
+        """State after a whole sequence (host-side, for tests and resuming)."""
+        state = self.start(1)
+        for t in tokens:
+            state = self.advance(state, torch.tensor([t], device=state.device))
+        return int(state)

@@ -1,0 +1,182 @@
+"""XSpecMesh multi-head speculative decoding (arXiv 2507.23777), read top to bottom like the paper:
+
+    draft   the D heads read the backbone's last hidden state and propose the next D tokens (greedy, grammar-masked)
+    verify  one backbone forward over [r, d1..dD] against the KV cache gives p_0..p_D
+    accept  keep the longest prefix d1..da that the acceptance rule admits
+    resample the first rejected position from the backbone (or take a bonus token from p_D when all are accepted)
+    commit  roll the cache back to the accepted length and stream r, d1..da
+
+`r` is the token sampled last and not yet fed to the backbone. Acceptance rules:
+    threshold  accept while p(x) > δ (the paper; δ = 0 accepts every grammatical draft)
+    exact      accept with probability p(x), else resample from p without x: lossless, the output distribution is
+               plain sampling's, since the drafts are deterministic
+    greedy     accept iff x = argmax p: token-identical to greedy AR decoding
+    topk       accept if x is among the backbone's K most likely tokens (the paper's ablation)
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from xspecmesh import tokenizer as tok
+from xspecmesh.generate import DecodeStats
+from xspecmesh.heads import DraftHeads
+from xspecmesh.model import MeshTransformer
+from xspecmesh.sampling import Grammar, SamplingConfig, distribution, draw
+
+RULES = ("threshold", "exact", "greedy", "topk")
+
+
+@dataclass
+class AcceptConfig:
+    rule: str = "threshold"
+    delta: float = 0.5  # threshold rule
+    topk: int = 5  # topk rule
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def accept_drafts(rule: AcceptConfig, logits, probs, drafts, generator):
+    """How many leading drafts each sequence keeps (B,), and the distribution its next token is drawn from (B, V).
+
+    logits/probs: (B, D+1, V) masked backbone logits and sampling distributions at [r, d1..dD]; drafts: (B, D)."""
+    d = drafts.shape[1]
+    p_x = probs[:, :d].gather(-1, drafts[..., None]).squeeze(-1)
+    if rule.rule == "threshold":
+        ok = p_x > rule.delta if rule.delta > 0 else torch.ones_like(p_x, dtype=torch.bool)
+    elif rule.rule == "exact":
+        ok = torch.rand(p_x.shape, generator=generator, device=p_x.device, dtype=p_x.dtype) < p_x
+    elif rule.rule == "greedy":
+        ok = drafts == logits[:, :d].argmax(-1)
+    elif rule.rule == "topk":
+        ok = (logits[:, :d].topk(rule.topk, dim=-1).indices == drafts[..., None]).any(-1)
+    else:
+        raise ValueError(f"unknown acceptance rule {rule.rule!r}")
+    n_acc = ok.long().cumprod(-1).sum(-1)
+    rows = torch.arange(drafts.shape[0], device=drafts.device)
+    if rule.rule == "greedy":
+        nxt = torch.nn.functional.one_hot(logits[rows, n_acc].argmax(-1), logits.shape[-1]).to(probs.dtype)
+    else:
+        nxt = probs[rows, n_acc]
+    if rule.rule == "exact":  # a rejected draft is removed from the residual distribution
+        rejected = n_acc < d
+        x = drafts[rows, n_acc.clamp(max=d - 1)]
+        removed = nxt.scatter(-1, x[:, None], 0.0)
+        nxt = torch.where(rejected[:, None] & (removed.sum(-1, keepdim=True) > 0), removed, nxt)
+    return n_acc, nxt
+
+
+@torch.no_grad()
+def decode_speculative(
+    model: MeshTransformer,
+    heads: DraftHeads,
+    cond: torch.Tensor,
+    sampling: SamplingConfig,
+    accept: AcceptConfig,
+    num_heads: int,
+    max_tokens: int,
+    generator: torch.Generator | None = None,
+    stats: DecodeStats | None = None,
+) -> Iterator[list[list[int]]]:
+    """Speculative decoding of B sequences with D = num_heads drafts per step; yields per step, per sequence, the
+    tokens accepted in that step (r, d1..da or the resampled/bonus token), like `decode_ar`."""
+    stats = stats if stats is not None else DecodeStats()
+    dev, b, d = cond.device, cond.shape[0], num_heads
+    stats.accept_hist = [0] * (d + 1)
+    stats.head_accepts, stats.head_trials = [0] * d, [0] * d
+    start = time.perf_counter()
+    if accept.rule == "greedy":
+        sampling = SamplingConfig(temperature=0.0, top_k=sampling.top_k, top_p=sampling.top_p)
+    grammar = Grammar(dev)
+    rows = torch.arange(b, device=dev)
+    max_tokens = min(max_tokens, model.cfg.max_seq_len - d - 1)
+    cache = model.new_cache(cond, max_tokens + d + 3)
+    head_ctx = heads.context(cond)
+    emitted = torch.zeros(b, dtype=torch.long, device=dev)
+    finished = torch.zeros(b, dtype=torch.bool, device=dev)
+
+    # Prefill BOS; the first token comes from the backbone alone.
+    logits, hidden = model(torch.zeros(b, 1, dtype=torch.long, device=dev), cache=cache)
+    state = grammar.start(b)
+    r = draw(distribution(logits[:, -1], sampling, grammar.mask(state)), generator)
+    state = grammar.advance(state, r)
+    h = hidden[:, -1]
+    stats.steps += 1
+    out = _commit(r[:, None], torch.ones(b, dtype=torch.long, device=dev), emitted, finished, max_tokens, stats)
+    stats.seconds = time.perf_counter() - start
+    yield out
+
+    while not bool(finished.all()):
+        # 1. Draft: all D heads in one batched call, then greedy tokens under the grammar along the chain.
+        t0 = time.perf_counter()
+        draft_logits = heads(h[:, None], head_ctx, model.to_logits, heads=d)[:, 0].float()  # (B, D, V)
+        states = [state]
+        drafts = []
+        for k in range(d):
+            x = draft_logits[:, k].masked_fill(~grammar.mask(states[-1]), float("-inf")).argmax(-1)
+            drafts.append(x)
+            states.append(grammar.advance(states[-1], x))
+        drafts = torch.stack(drafts, 1)
+        states = torch.stack(states, 1)  # (B, D+1): grammar state before each verified position's next token
+        _sync(dev)
+        t1 = time.perf_counter()
+
+        # 2. Verify: one backbone forward over the D+1 new positions.
+        length = cache.lengths.clone()
+        logits, hidden = model(torch.cat([r[:, None], drafts], 1), cache=cache)
+        _sync(dev)
+        t2 = time.perf_counter()
+
+        # 3. Accept a prefix, 4. resample the first rejected position (or a bonus token after a full accept).
+        logits = logits.float().masked_fill(~grammar.allowed[states], float("-inf"))
+        probs = distribution(logits, sampling)
+        n_acc, nxt_probs = accept_drafts(accept, logits, probs, drafts, generator)
+        n_acc = torch.where(finished, torch.zeros_like(n_acc), n_acc)
+        r = draw(nxt_probs, generator)
+
+        # 5. Commit: keep r_prev, d1..da in the cache; the new r is fed next step.
+        cache.rollback(torch.where(finished, length, length + 1 + n_acc))
+        state = grammar.advance(states[rows, n_acc], r)
+        h = hidden[rows, n_acc]
+        new = torch.cat([drafts, torch.zeros_like(r)[:, None]], 1)
+        new[rows, n_acc] = r
+        live = ~finished
+        for a in n_acc[live].tolist():
+            stats.accept_hist[a] += 1
+            for k in range(min(a + 1, d)):
+                stats.head_trials[k] += 1
+                stats.head_accepts[k] += int(k < a)
+        stats.steps += 1
+        out = _commit(new, n_acc + 1, emitted, finished, max_tokens, stats)
+        t3 = time.perf_counter()
+        stats.time_draft += t1 - t0
+        stats.time_verify += t2 - t1
+        stats.time_other += t3 - t2
+        stats.seconds = t3 - start
+        yield out
+
+
+def _commit(new, counts, emitted, finished, max_tokens, stats) -> list[list[int]]:
+    """Per sequence, the first counts[b] tokens of new[b], cut at EOS and at max_tokens; updates emitted/finished."""
+    out = []
+    for i, (row, n) in enumerate(zip(new.tolist(), counts.tolist())):
+        if finished[i]:
+            out.append([])
+            continue
+        row = row[:n]
+        if tok.EOS in row:
+            row = row[: row.index(tok.EOS)]
+            finished[i] = True
+        row = row[: max(0, max_tokens - int(emitted[i]))]
+        emitted[i] += len(row)
+        if emitted[i] >= max_tokens:
+            finished[i] = True
+        out.append(row)
+    stats.tokens += sum(len(r) for r in out)
+    return out
