@@ -1,0 +1,132 @@
+"""`xspecmesh dataset {preview,stats}`: look at the procedural training shapes (xspecmesh/data.py)."""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+
+def register(sub) -> None:
+    p = sub.add_parser("dataset", help="preview or summarize the procedural training shapes",
+                       description="Draw a contact sheet of training shapes, or print statistics about them.")
+    dsub = p.add_subparsers(dest="action", required=True)
+
+    pv = dsub.add_parser("preview", help="draw a contact sheet (PNG) of shapes as the model sees them")
+    pv.add_argument("--count", type=int, default=16, help="number of shapes (default 16)")
+    pv.add_argument("-o", "--output", default="dataset_preview.png", help="PNG to write")
+    pv.add_argument("--seed", type=int, default=0, help="training stream seed")
+    pv.add_argument("--families", default=None, help="comma-separated families (default: all)")
+    pv.add_argument("--max-faces", type=int, default=400, help="face cap (default 400)")
+    pv.add_argument("--points", action="store_true", help="overlay the conditioning point cloud")
+    pv.set_defaults(func=run_preview)
+
+    st = dsub.add_parser("stats", help="family histogram, faces, tokens per face, shapes per second")
+    st.add_argument("--count", type=int, default=200, help="number of shapes (default 200)")
+    st.add_argument("--seed", type=int, default=0, help="training stream seed")
+    st.add_argument("--families", default=None, help="comma-separated families (default: all)")
+    st.add_argument("--max-faces", type=int, default=400, help="face cap (default 400)")
+    st.add_argument("--json", action="store_true", help="print one JSON object")
+    st.set_defaults(func=run_stats)
+
+
+def _config(args):
+    from xspecmesh.data import ShapeConfig
+
+    families = tuple(f.strip() for f in args.families.split(",")) if args.families else None
+    return ShapeConfig(max_faces=args.max_faces, families=families)
+
+
+def _shapes(args):
+    """(mesh, family, tokens) from the training stream of `args.seed`, unaugmented."""
+    import numpy as np
+
+    from xspecmesh import data, tokenizer
+    from xspecmesh.errors import SettingsError
+
+    if args.count < 1:
+        raise SettingsError("--count must be at least 1")
+    config = _config(args)
+    rng = np.random.default_rng(np.random.SeedSequence(args.seed, spawn_key=(data.TRAIN_STREAM, 0)))
+    for _ in range(args.count):
+        mesh, family = data.random_shape(rng, config)
+        yield mesh, family, tokenizer.encode(mesh.vertices, mesh.faces), rng
+
+
+def run_stats(args: argparse.Namespace) -> int:
+    from collections import defaultdict
+
+    start = time.perf_counter()
+    rows = defaultdict(lambda: [0, 0, 0])  # family -> shapes, faces, tokens
+    for mesh, family, tokens, _ in _shapes(args):
+        r = rows[family]
+        r[0], r[1], r[2] = r[0] + 1, r[1] + len(mesh.faces), r[2] + len(tokens)
+    seconds = time.perf_counter() - start
+    families = {f: {"shapes": n, "mean_faces": fc / n, "tokens_per_face": tk / fc} for f, (n, fc, tk) in
+                sorted(rows.items())}
+    faces = sum(r[1] for r in rows.values())
+    summary = {"shapes": args.count, "seconds": seconds, "shapes_per_second": args.count / seconds,
+               "mean_faces": faces / args.count, "tokens_per_face": sum(r[2] for r in rows.values()) / faces,
+               "families": families}
+    if args.json:
+        print(json.dumps(summary))
+        return 0
+    print(f"{'family':16s} {'shapes':>6s} {'share':>6s} {'faces':>7s} {'tok/face':>8s}")
+    for f, r in families.items():
+        bar = "#" * round(40 * r["shapes"] / args.count)
+        print(f"{f:16s} {r['shapes']:6d} {r['shapes'] / args.count:6.1%} {r['mean_faces']:7.1f} "
+              f"{r['tokens_per_face']:8.2f}  {bar}")
+    print(f"{'all':16s} {args.count:6d} {1:6.0%} {summary['mean_faces']:7.1f} {summary['tokens_per_face']:8.2f}")
+    print(f"{summary['shapes_per_second']:.1f} shapes/s including tokenization ({seconds:.1f} s)")
+    return 0
+
+
+def run_preview(args: argparse.Namespace) -> int:
+    import math
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from mpl_toolkits.mplot3d.art3d import Poly3DCollection
+
+    from xspecmesh import data, tokenizer
+
+    cols = min(args.count, max(1, math.ceil(math.sqrt(args.count))))
+    rows = math.ceil(args.count / cols)
+    fig = plt.figure(figsize=(2.5 * cols, 2.5 * rows + 0.5), dpi=110, facecolor="white")
+    elev, azim = math.radians(22), math.radians(-58)
+    eye = np.array([math.cos(elev) * math.cos(azim), math.cos(elev) * math.sin(azim), math.sin(elev)])
+    light = eye + [-0.3, 0.0, 0.5]  # plot axes are (x, -z, y): from above the viewer's left shoulder
+    light /= np.linalg.norm(light)
+    base = np.array([0.55, 0.70, 0.88])
+    for i, (mesh, family, tokens, rng) in enumerate(_shapes(args)):
+        # Draw what the model learns: the token sequence decoded back to (dequantized) triangles.
+        tris = tokenizer.dequantize(np.asarray(tokenizer.decode(tokens)))[..., [0, 2, 1]] * [1, -1, 1]
+        ax = fig.add_subplot(rows, cols, i + 1, projection="3d")
+        normals = np.cross(tris[:, 1] - tris[:, 0], tris[:, 2] - tris[:, 0])
+        normals /= np.maximum(np.linalg.norm(normals, axis=1, keepdims=True), 1e-12)
+        front = normals @ eye > 0  # back-face culling: matplotlib's depth sort alone lets hidden faces through
+        shade = 0.3 + 0.7 * np.clip(normals[front] @ light, 0, 1)
+        colors = np.concatenate([base * shade[:, None], np.ones((int(front.sum()), 1))], axis=1)
+        ax.add_collection3d(Poly3DCollection(tris[front], facecolors=colors, edgecolors=(0.1, 0.15, 0.3, 0.9),
+                                             linewidths=0.35))
+        if args.points:  # front-facing points only, drawn over the mesh
+            pts = data.conditioning_points(mesh, rng, 2048)[:, [0, 2, 1, 3, 5, 4]] * [1, -1, 1, 1, -1, 1]
+            pts = pts[pts[:, 3:] @ eye > 0]
+            ax.computed_zorder = False
+            ax.scatter(*pts[:, :3].T, s=0.4, c="crimson", alpha=0.8, depthshade=False, zorder=3)
+        for set_lim in (ax.set_xlim, ax.set_ylim, ax.set_zlim):
+            set_lim(-0.75, 0.75)
+        ax.set_box_aspect((1, 1, 1))
+        ax.view_init(elev=math.degrees(elev), azim=math.degrees(azim))
+        ax.set_axis_off()
+        ax.set_title(f"{family}\n{len(tris)} faces · {len(tokens)} tokens", fontsize=9, pad=-6)
+    what = "decoded tokens" + (" + conditioning points" if args.points else "")
+    height = fig.get_figheight()
+    fig.suptitle(f"XSpecMesh training shapes (seed {args.seed}, {what})", fontsize=10, y=1 - 0.08 / height)
+    fig.subplots_adjust(left=0, right=1, bottom=0, top=1 - 0.55 / height, wspace=0, hspace=0.12)
+    fig.savefig(args.output, facecolor="white")
+    plt.close(fig)
+    print(f"wrote {args.output} ({args.count} shapes)")
+    return 0
