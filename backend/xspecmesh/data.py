@@ -42,7 +42,7 @@ class ShapeConfig:
     families: tuple[str, ...] | None = None  # None: every family in FAMILIES, drawn uniformly
     anisotropy: float = 0.25  # per-axis scale factor drawn from exp(U(-a, a))
     tilt_prob: float = 0.2  # share of shapes given an arbitrary 3-D rotation; the rest stay upright (yaw only)
-    max_tries: int = 500  # attempts before random_shape gives up (a config no family can satisfy)
+    max_tries: int = 500  # attempts within the drawn family before giving up (a config it cannot satisfy)
     strict: bool = True  # every face must survive quantization; False (user files): the quantized mesh is the target
 
     def __post_init__(self):
@@ -386,12 +386,12 @@ def _posed(mesh: trimesh.Trimesh, rng: np.random.Generator, config: ShapeConfig)
         rot = Rotation.from_quat(rng.normal(size=4))  # a normalized Gaussian quaternion: uniform over SO(3)
     else:
         yaw = rng.choice([0.0, 90.0, 180.0, 270.0]) if rng.random() < 0.5 else rng.uniform(0, 360)
-        rot = Rotation.from_euler("y", yaw, degrees=True)
+        rot = Rotation.from_euler("xyz"[UP_AXIS], yaw, degrees=True)
     return trimesh.Trimesh(normalize(rot.apply(v))[0], np.asarray(mesh.faces), process=False)
 
 
 def _augmented(mesh: trimesh.Trimesh, rng: np.random.Generator) -> trimesh.Trimesh:
-    v = Rotation.from_euler("y", rng.uniform(0, 360), degrees=True).apply(mesh.vertices) * rng.uniform(0.9, 1.1, 3)
+    v = Rotation.from_euler("xyz"[UP_AXIS], rng.uniform(0, 360), degrees=True).apply(mesh.vertices) * rng.uniform(0.9, 1.1, 3)
     return trimesh.Trimesh(normalize(v)[0], mesh.faces, process=False)
 
 
