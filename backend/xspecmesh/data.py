@@ -391,7 +391,8 @@ def _posed(mesh: trimesh.Trimesh, rng: np.random.Generator, config: ShapeConfig)
 
 
 def _augmented(mesh: trimesh.Trimesh, rng: np.random.Generator) -> trimesh.Trimesh:
-    v = Rotation.from_euler("xyz"[UP_AXIS], rng.uniform(0, 360), degrees=True).apply(mesh.vertices) * rng.uniform(0.9, 1.1, 3)
+    yaw = Rotation.from_euler("xyz"[UP_AXIS], rng.uniform(0, 360), degrees=True)
+    v = yaw.apply(mesh.vertices) * rng.uniform(0.9, 1.1, 3)
     return trimesh.Trimesh(normalize(v)[0], mesh.faces, process=False)
 
 
