@@ -1,0 +1,22 @@
+"""`xspecmesh serve`: the Blender add-on's backend (protocol in xspecmesh/protocol.py, logic in xspecmesh/server.py)."""
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="backend for the Blender add-on: JSON lines on stdin/stdout, logs on stderr",
+        description="Load the model once, print a hello line, then answer generate/cancel/shutdown requests "
+        "(one JSON object per line) until shutdown or end of input. Opens no network port.",
+    )
+    p.add_argument("--checkpoint", default=None, help="model file (default: the shipped checkpoint)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to run the model")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from xspecmesh.server import serve_main
+
+    return serve_main(args.checkpoint, args.device)

@@ -1,0 +1,279 @@
+"""`xspecmesh serve`: the Blender add-on's backend, JSON lines on stdin/stdout (xspecmesh/protocol.py), logs on stderr.
+
+Two threads. The reader thread parses every stdin line at once: bad lines get an `error` reply, `generate` requests
+are checked (points, settings) and queued, `cancel` and `shutdown` act immediately, even while a mesh decodes. The
+main thread takes queued requests in order and streams them: `faces` (triangles batched since the last faces line)
+and `progress`, each at most every `interval` seconds, then `done`. A cancel is seen after the current decoding step.
+Only protocol lines reach the real stdout; stray prints (Python or C level) are redirected to stderr.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+import traceback
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, BinaryIO, Callable
+
+import numpy as np
+
+from xspecmesh import __version__, protocol
+from xspecmesh.errors import MeshError, XSpecMeshError
+
+MAX_LINE_BYTES = 32 << 20  # 200k points are 6.4 MB of base64; anything far longer is refused, not buffered
+ZERO_STATS = {"tokens": 0, "steps": 0, "scr": 0.0, "faces": 0, "seconds": 0.0, "tokens_per_second": 0.0}
+
+
+def log(message: str) -> None:
+    print(f"xspecmesh serve: {message}", file=sys.stderr, flush=True)
+
+
+class OutputClosed(Exception):
+    """The other end stopped reading our stdout: nobody is left to answer."""
+
+
+@dataclass
+class Job:
+    id: str
+    points: np.ndarray  # (N, 6) float32, normalized frame
+    settings: Any  # whatever `parse_settings` returned (an engine DecodeSettings)
+
+
+class Server:
+    """Protocol dispatch around an engine with `stream(points, settings)` (see xspecmesh.engine)."""
+
+    def __init__(self, engine, out: BinaryIO, parse_settings: Callable[[dict], Any] | None = None,
+                 interval: float = 0.1):
+        self.engine = engine
+        self.out = out
+        self.parse_settings = parse_settings or _engine_settings(engine)
+        self.interval = interval
+        self._write_lock = threading.Lock()
+        self._cond = threading.Condition()
+        self._queue: deque[Job] = deque()
+        self._running: str | None = None
+        self._cancel = threading.Event()  # cancels the running job only
+        self._stop = False  # shutdown: cancel everything and leave
+        self._eof = False  # end of input: finish the queue and leave
+
+    # ------------------------------------------------------------------------------------------ output
+
+    def send(self, msg: dict) -> None:
+        data = protocol.encode(msg)
+        with self._write_lock:
+            try:
+                self.out.write(data)
+                self.out.flush()
+            except (OSError, ValueError) as exc:  # broken pipe or closed file
+                with self._cond:
+                    self._stop = True
+                    self._cancel.set()
+                    self._cond.notify_all()
+                raise OutputClosed(str(exc)) from None
+
+    # ------------------------------------------------------------------------------------------ input (reader thread)
+
+    def read_forever(self, inp: BinaryIO) -> None:
+        """Handle stdin lines until end of input or a shutdown request."""
+        try:
+            while not self._stop:
+                line = inp.readline(MAX_LINE_BYTES + 1)
+                if not line:
+                    break
+                if len(line) > MAX_LINE_BYTES and not line.endswith(b"\n"):
+                    while line and not line.endswith(b"\n"):  # skip the rest of this line
+                        line = inp.readline(1 << 20)
+                    self.send(protocol.error(None, f"line longer than {MAX_LINE_BYTES} bytes; ignored"))
+                    continue
+                self.handle_line(line)
+        except OutputClosed:
+            return
+        with self._cond:
+            self._eof = True
+            self._cond.notify_all()
+
+    def handle_line(self, line: bytes) -> None:
+        if not line.strip():
+            return
+        rid = None
+        try:
+            req = protocol.read_request(line)
+            rid = req.get("id")
+            if req["type"] == "shutdown":
+                self.shutdown()
+            elif req["type"] == "cancel":
+                self.cancel(rid)
+            else:
+                self.submit(req)
+        except protocol.ProtocolError as exc:
+            self.send(protocol.error(exc.request_id, str(exc)))
+        except XSpecMeshError as exc:
+            self.send(protocol.error(rid, str(exc)))
+        except OutputClosed:
+            raise
+        except Exception as exc:  # a bug of ours; keep serving
+            traceback.print_exc(file=sys.stderr)
+            self.send(protocol.error(rid, f"internal error: {type(exc).__name__}: {exc}"))
+
+    def submit(self, req: dict) -> None:
+        rid, count = req["id"], req["count"]
+        points = np.frombuffer(req["points"], dtype="<f4").astype(np.float32).reshape(count, 6)
+        if not np.isfinite(points).all():
+            bad = int((~np.isfinite(points)).any(axis=1).sum())
+            raise MeshError(f"points contain NaN or infinite values ({bad} of {count} points)")
+        job = Job(rid, points, self.parse_settings(req.get("settings", {})))
+        with self._cond:
+            if self._stop:
+                raise XSpecMeshError("the backend is shutting down")
+            if rid == self._running or any(j.id == rid for j in self._queue):
+                raise XSpecMeshError(f"request id {rid!r} is already queued or running")
+            self._queue.append(job)
+            self._cond.notify_all()
+
+    def cancel(self, rid: str) -> None:
+        with self._cond:
+            if rid == self._running:
+                self._cancel.set()
+                return
+            job = next((j for j in self._queue if j.id == rid), None)
+            if job is not None:
+                self._queue.remove(job)
+        if job is None:
+            log(f"cancel {rid!r}: no such queued or running request (already done?); ignored")
+        else:
+            self.send(protocol.done(rid, ZERO_STATS, cancelled=True))
+
+    def shutdown(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._cancel.set()
+            dropped = list(self._queue)
+            self._queue.clear()
+            self._cond.notify_all()
+        for job in dropped:
+            self.send(protocol.done(job.id, ZERO_STATS, cancelled=True))
+
+    # ------------------------------------------------------------------------------------------ decoding (main thread)
+
+    def run(self) -> int:
+        """Decode queued requests in order until shutdown, or until end of input with an empty queue."""
+        try:
+            while True:
+                with self._cond:
+                    while not self._queue and not self._stop and not self._eof:
+                        self._cond.wait()
+                    if not self._queue:
+                        return 0
+                    job = self._queue.popleft()
+                    self._running = job.id
+                    self._cancel.clear()
+                try:
+                    self.decode(job)
+                finally:
+                    with self._cond:
+                        self._running = None
+        except OutputClosed as exc:
+            log(f"stdout closed ({exc}); exiting")
+            return 1
+
+    def decode(self, job: Job) -> None:
+        stats: dict = {}
+        pending: list[np.ndarray] = []
+        last_faces = last_progress = -float("inf")
+        cancelled = False
+        try:
+            stream = self.engine.stream(job.points, job.settings)
+            try:
+                for upd in stream:
+                    stats = upd.stats
+                    if len(upd.triangles):
+                        pending.append(upd.triangles)
+                    if self._cancel.is_set():
+                        cancelled = True
+                        break
+                    now = time.monotonic()
+                    if pending and now - last_faces >= self.interval:
+                        self._flush(job.id, pending)
+                        last_faces = now
+                    if not upd.done and now - last_progress >= self.interval:
+                        self.send(protocol.progress(job.id, stats))
+                        last_progress = now
+            finally:
+                stream.close()
+            self._flush(job.id, pending)
+            self.send(protocol.done(job.id, stats or ZERO_STATS, cancelled=cancelled))
+        except OutputClosed:
+            raise
+        except XSpecMeshError as exc:
+            self.send(protocol.error(job.id, str(exc)))
+        except Exception as exc:
+            print(f"xspecmesh serve: request {job.id!r} failed:", file=sys.stderr)
+            traceback.print_exc(file=sys.stderr)
+            self.send(protocol.error(job.id, f"decoding failed: {type(exc).__name__}: {exc}"))
+
+    def _flush(self, rid: str, pending: list[np.ndarray]) -> None:
+        if pending:
+            tris = np.concatenate(pending).astype(np.float32).reshape(-1, 3, 3)
+            pending.clear()
+            self.send(protocol.faces(rid, tris.tolist()))
+
+
+def _engine_settings(engine) -> Callable[[dict], Any]:
+    def parse(d: dict):
+        from xspecmesh.engine import DecodeSettings
+
+        settings = DecodeSettings.from_dict(d)
+        settings.validate(max_heads=engine.max_heads)
+        return settings
+
+    return parse
+
+
+def serve_main(checkpoint: str | None = None, device: str = "auto") -> int:
+    """Entry point of `xspecmesh serve`: guard stdout, load the model once, say hello, serve until told to stop."""
+    sys.stdout.flush()
+    try:
+        out = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
+        os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # C-level writes to fd 1 now land on stderr
+    except (AttributeError, OSError, ValueError):  # no real file descriptors (embedded use)
+        out = sys.stdout.buffer
+    sys.stdout = sys.stderr
+
+    def reply_once(msg: dict) -> None:
+        out.write(protocol.encode(msg))
+        out.flush()
+
+    try:
+        from xspecmesh.engine import Engine
+
+        engine = Engine.load(checkpoint, device=device)
+    except XSpecMeshError as exc:
+        log(f"cannot load the model: {exc}")
+        reply_once(protocol.error(None, f"cannot load the model: {exc}"))
+        return 2
+    except ImportError as exc:
+        traceback.print_exc(file=sys.stderr)
+        reply_once(protocol.error(None, f"the backend's Python lacks a dependency: {exc}"))
+        return 2
+    except Exception as exc:
+        traceback.print_exc(file=sys.stderr)
+        reply_once(protocol.error(None, f"cannot start the backend: {type(exc).__name__}: {exc}"))
+        return 2
+
+    info = {"version": __version__, **engine.info}
+    log(f"ready: {info}")
+    server = Server(engine, out)
+    try:
+        server.send(protocol.hello(info))
+    except OutputClosed:
+        return 1
+    reader = threading.Thread(target=server.read_forever, args=(sys.stdin.buffer,), name="stdin", daemon=True)
+    reader.start()
+    code = server.run()
+    reader.join(timeout=1.0)
+    if reader.is_alive():  # blocked on stdin after our stdout broke: do not let it stall interpreter shutdown
+        sys.stderr.flush()
+        os._exit(code)
+    return code

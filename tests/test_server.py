@@ -1,0 +1,401 @@
+"""`xspecmesh serve`: dispatch logic against a scripted engine (in-process, fast), then the real server process with
+a tiny random checkpoint: a fuzz run and a bad checkpoint."""
+from __future__ import annotations
+
+import base64
+import importlib.util
+import io
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from xspecmesh import protocol, server
+from xspecmesh.errors import SettingsError
+
+HAVE_ENGINE = importlib.util.find_spec("xspecmesh.engine") is not None
+needs_engine = pytest.mark.skipif(not HAVE_ENGINE, reason="xspecmesh/engine.py has not landed yet")
+
+
+def points_bytes(n: int = 512, seed: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
+    xyz = rng.uniform(-0.9, 0.9, (n, 3))
+    nrm = rng.normal(size=(n, 3))
+    nrm /= np.linalg.norm(nrm, axis=1, keepdims=True)
+    return np.concatenate([xyz, nrm], 1).astype("<f4").tobytes()
+
+
+def generate_line(rid: str, settings_: dict | None = None, n: int = 512) -> bytes:
+    return protocol.encode(protocol.generate(rid, points_bytes(n), n, settings_ or {}))
+
+
+# ------------------------------------------------------------------------------------------------ scripted engine
+
+
+@dataclass
+class Update:
+    tokens: list
+    triangles: np.ndarray
+    stats: dict
+    done: bool
+
+
+@dataclass
+class ScriptedEngine:
+    """Yields `steps` updates of `tris` triangles each (triangle values = step index); settings may say
+    {"steps", "delay", "fail_at"}."""
+
+    max_heads: int = 4
+    streamed: list = field(default_factory=list)
+
+    def stream(self, points, s):
+        assert points.dtype == np.float32 and points.shape[1] == 6
+        self.streamed.append(s)
+        steps = s.get("steps", 5)
+        for i in range(steps):
+            time.sleep(s.get("delay", 0.0))
+            if i == s.get("fail_at"):
+                raise RuntimeError("kaboom")
+            tris = np.full((s.get("tris", 2), 3, 3), i, np.float32)
+            stats = {"tokens": i + 1, "steps": i + 1, "scr": 1.0, "faces": (i + 1) * len(tris), "seconds": 0.1,
+                     "tokens_per_second": np.float32(10.0)}
+            yield Update([i], tris, stats, i == steps - 1)
+
+
+def parse_settings(d: dict) -> dict:
+    if d.get("heads", 1) > 4:
+        raise SettingsError(f"heads {d['heads']} > 4, the checkpoint's heads")
+    return d
+
+
+class Sink:
+    """The server's stdout: collects lines, lets a test wait for a message."""
+
+    def __init__(self):
+        self.data = bytearray()
+        self.cond = threading.Condition()
+
+    def write(self, b: bytes) -> None:
+        with self.cond:
+            self.data += b
+            self.cond.notify_all()
+
+    def flush(self) -> None:
+        pass
+
+    def messages(self) -> list[dict]:
+        with self.cond:
+            return [json.loads(line) for line in bytes(self.data).splitlines()]
+
+    def wait_for(self, pred, timeout: float = 5.0) -> dict:
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while True:
+                for msg in self.messages():
+                    if pred(msg):
+                        return msg
+                assert self.cond.wait(max(0.0, deadline - time.monotonic())), f"timed out: {self.messages()}"
+
+
+@contextmanager
+def serving(interval: float = 0.0):
+    sink, engine = Sink(), ScriptedEngine()
+    srv = server.Server(engine, sink, parse_settings=parse_settings, interval=interval)
+    codes = []
+    worker = threading.Thread(target=lambda: codes.append(srv.run()), daemon=True)
+    worker.start()
+    try:
+        yield srv, sink
+    finally:
+        srv.shutdown()
+        worker.join(5)
+    assert codes == [0]
+    for msg in sink.messages():
+        protocol.validate_reply(msg)
+
+
+def of(sink: Sink, rid: str) -> list[dict]:
+    return [m for m in sink.messages() if m["id"] == rid]
+
+
+def test_faces_stream_before_done_and_add_up():
+    with serving() as (srv, sink):
+        srv.handle_line(generate_line("a", {"steps": 5}))
+        sink.wait_for(lambda m: m["type"] == "done")
+    msgs = of(sink, "a")
+    assert msgs[-1]["type"] == "done" and msgs[-1]["cancelled"] is False and msgs[-1]["stats"]["tokens"] == 5
+    faces = [t for m in msgs if m["type"] == "faces" for t in m["triangles"]]
+    assert [t[0][0] for t in faces] == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+    assert msgs[0]["type"] == "faces" and any(m["type"] == "progress" for m in msgs)
+
+
+def test_faces_and_progress_are_rate_limited_and_flushed_before_done():
+    with serving(interval=60.0) as (srv, sink):
+        srv.handle_line(generate_line("a", {"steps": 20}))
+        sink.wait_for(lambda m: m["type"] == "done")
+    kinds = [m["type"] for m in of(sink, "a")]
+    assert kinds == ["faces", "progress", "faces", "done"]  # first step at once, the rest in one final batch
+    assert sum(len(m["triangles"]) for m in of(sink, "a") if m["type"] == "faces") == 40
+
+
+def test_queue_order_and_cancel_of_running_and_queued():
+    with serving() as (srv, sink):
+        for rid in "abc":
+            srv.handle_line(generate_line(rid, {"steps": 200 if rid != "c" else 3, "delay": 0.01}))
+        srv.handle_line(protocol.encode(protocol.cancel("b")))
+        sink.wait_for(lambda m: m["id"] == "b" and m["type"] == "done")
+        sink.wait_for(lambda m: m["id"] == "a" and m["type"] == "progress")
+        srv.handle_line(protocol.encode(protocol.cancel("a")))
+        sink.wait_for(lambda m: m["id"] == "c" and m["type"] == "done")
+    done = [m for m in sink.messages() if m["type"] == "done"]
+    assert [(m["id"], m["cancelled"]) for m in done] == [("b", True), ("a", True), ("c", False)]
+    assert 0 < done[1]["stats"]["steps"] < 200 and done[0]["stats"]["tokens"] == 0
+    assert len(srv.engine.streamed) == 2  # b never started
+
+
+def test_bad_requests_get_errors_and_serving_goes_on():
+    bad_points = np.frombuffer(points_bytes(), "<f4").copy()
+    bad_points[7] = np.nan
+    nan_line = json.dumps({"type": "generate", "id": "nan", "count": 512, "settings": {},
+                           "points": base64.b64encode(bad_points.tobytes()).decode()}).encode()
+    with serving() as (srv, sink):
+        srv.handle_line(generate_line("slow", {"steps": 30, "delay": 0.01}))
+        for line in [b"{oops", b'{"type": "dance", "id": "u"}', nan_line, generate_line("h", {"heads": 9}),
+                     generate_line("slow"), b"   \n", protocol.encode(protocol.cancel("nobody"))]:
+            srv.handle_line(line)
+        srv.handle_line(generate_line("ok"))
+        sink.wait_for(lambda m: m["id"] == "ok" and m["type"] == "done")
+    errors = [(m["id"], m["message"]) for m in sink.messages() if m["type"] == "error"]
+    assert [e[0] for e in errors] == [None, "u", "nan", "h", "slow"]
+    assert "NaN" in errors[2][1] and "heads 9" in errors[3][1] and "already queued or running" in errors[4][1]
+
+
+def test_exception_while_decoding_is_an_error_reply(capsys):
+    with serving() as (srv, sink):
+        srv.handle_line(generate_line("x", {"fail_at": 2}))
+        srv.handle_line(generate_line("y"))
+        sink.wait_for(lambda m: m["id"] == "y" and m["type"] == "done")
+    err = [m for m in of(sink, "x") if m["type"] == "error"]
+    assert len(err) == 1 and "RuntimeError: kaboom" in err[0]["message"]
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_shutdown_cancels_running_and_queued():
+    sink = Sink()
+    srv = server.Server(ScriptedEngine(), sink, parse_settings=parse_settings, interval=0.0)
+    inp = io.BytesIO(generate_line("b") + protocol.encode(protocol.shutdown()) + generate_line("never"))
+    codes = []
+    worker = threading.Thread(target=lambda: codes.append(srv.run()))
+    worker.start()
+    srv.handle_line(generate_line("a", {"steps": 10**6, "delay": 0.001}))
+    sink.wait_for(lambda m: m["id"] == "a")  # decoding started
+    srv.read_forever(inp)
+    worker.join(5)
+    assert codes == [0]
+    done = [(m["id"], m["cancelled"]) for m in sink.messages() if m["type"] == "done"]
+    assert sorted(done) == [("a", True), ("b", True)]
+    assert "never" not in {m["id"] for m in sink.messages()}
+
+
+def test_end_of_input_finishes_the_queue_and_long_lines_are_refused(monkeypatch):
+    monkeypatch.setattr(server, "MAX_LINE_BYTES", 1000)
+    sink = Sink()
+    srv = server.Server(ScriptedEngine(), sink, parse_settings=parse_settings)
+    short = protocol.encode({"type": "generate", "id": "s", "points": "", "count": 512})
+    srv.read_forever(io.BytesIO(b"x" * 5000 + b"\n" + short + b"garbage"))
+    assert srv.run() == 0
+    assert [m["message"][:20] for m in sink.messages()] == ["line longer than 100", '"points" holds 0 poi',
+                                                            "line is not valid JS"]
+
+
+def test_broken_stdout_stops_the_server():
+    class Broken(Sink):
+        def write(self, b):
+            raise BrokenPipeError("gone")
+
+    srv = server.Server(ScriptedEngine(), Broken(), parse_settings=parse_settings)
+    srv.handle_line(generate_line("a"))
+    assert srv.run() == 1
+
+
+STRAY_SCRIPT = r"""
+import os, sys, types
+import numpy as np
+fake = types.ModuleType("xspecmesh.engine")
+
+class DecodeSettings(dict):
+    @classmethod
+    def from_dict(cls, d):
+        return cls(d)
+    def validate(self, max_heads=None):
+        return self
+
+class Update:
+    def __init__(self, done):
+        self.tokens, self.triangles, self.done = [1], np.zeros((1, 3, 3), np.float32), done
+        self.stats = {"tokens": 1, "steps": 1}
+
+class Engine:
+    max_heads = 4
+    info = {"device": "cpu", "heads": 4, "checkpoint": "fake"}
+    @classmethod
+    def load(cls, checkpoint, device):
+        print("stray print while loading")
+        os.write(1, b"stray C-level write\n")
+        return cls()
+    def stream(self, points, settings):
+        print("stray print while decoding")
+        os.write(1, b"another C-level write\n")
+        yield Update(False)
+        yield Update(True)
+
+fake.Engine, fake.DecodeSettings = Engine, DecodeSettings
+sys.modules["xspecmesh.engine"] = fake
+from xspecmesh.server import serve_main
+sys.exit(serve_main(None, "cpu"))
+"""
+
+
+def test_stray_prints_go_to_stderr_and_end_of_input_exits():
+    proc = subprocess.run([sys.executable, "-c", STRAY_SCRIPT], input=generate_line("a") + b"{bad\n",
+                          capture_output=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    msgs = [protocol.validate_reply(json.loads(line)) for line in proc.stdout.splitlines()]
+    kinds = [m["type"] for m in msgs]
+    assert kinds[0] == "hello" and kinds[-1] == "done" and kinds.count("error") == 1 and "faces" in kinds
+    assert b"stray print while loading" in proc.stderr and b"another C-level write" in proc.stderr
+
+
+# ------------------------------------------------------------------------------------------------ real server process
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    if not HAVE_ENGINE:
+        pytest.skip("xspecmesh/engine.py has not landed yet")
+    from xspecmesh.checkpoint import write_random_checkpoint
+
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
+    write_random_checkpoint(str(path), "tiny", heads=4, seed=0)
+    return str(path)
+
+
+def serve_cmd(checkpoint: str) -> list[str]:
+    return [sys.executable, "-m", "xspecmesh", "serve", "--device", "cpu", "--checkpoint", checkpoint]
+
+
+@needs_engine
+def test_bad_checkpoint_is_one_error_line_and_exit_2(tmp_path):
+    proc = subprocess.run(serve_cmd(str(tmp_path / "missing.safetensors")), stdin=subprocess.DEVNULL,
+                          capture_output=True, timeout=120)
+    lines = proc.stdout.splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, (proc.stdout, proc.stderr[-2000:])
+    msg = json.loads(lines[0])
+    assert msg["type"] == "error" and msg["id"] is None and "missing.safetensors" in msg["message"]
+
+
+class RawServer:
+    def __init__(self, checkpoint: str, stderr):
+        self.proc = subprocess.Popen(serve_cmd(checkpoint), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=stderr)
+        self.lines: list[bytes] = []
+        self.cond = threading.Condition()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in iter(self.proc.stdout.readline, b""):
+            with self.cond:
+                self.lines.append(line)
+                self.cond.notify_all()
+
+    def send(self, line: bytes) -> None:
+        self.proc.stdin.write(line.rstrip(b"\n") + b"\n")
+        self.proc.stdin.flush()
+
+    def wait_for(self, pred, timeout: float = 60.0) -> dict:
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while True:
+                for line in self.lines:
+                    msg = json.loads(line)
+                    if pred(msg):
+                        return msg
+                assert self.cond.wait(max(0.0, deadline - time.monotonic())), self.lines[-5:]
+
+
+SMALL = {"mode": "spec", "heads": 2, "max_tokens": 12, "seed": 1}
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12),
+                    lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c, max_size=3),
+                    max_leaves=8)
+SETTING_KEYS = ["mode", "heads", "delta", "accept", "topk_accept", "temperature", "top_k", "top_p", "max_tokens",
+                "max_faces", "seed", "bogus"]
+
+
+@st.composite
+def fuzz_lines(draw) -> bytes:
+    kind = draw(st.sampled_from(["bytes", "object", "generate", "settings"]))
+    if kind == "bytes":
+        return draw(st.binary(max_size=80)).replace(b"\n", b" ")
+    if kind == "object":
+        msg = draw(st.dictionaries(st.sampled_from(["type", "id", "points", "count", "settings", "x"]), JSON,
+                                   max_size=5))
+        if draw(st.booleans()):
+            msg["type"] = draw(st.sampled_from(["generate", "cancel", "hello", "done", "", "GENERATE"]))
+    else:
+        n = draw(st.sampled_from([512, 513]))
+        msg = {"type": "generate", "id": draw(st.text(min_size=1, max_size=6)), "count": 512,
+               "points": base64.b64encode(points_bytes(n)).decode(), "settings": dict(SMALL)}
+        target = msg if kind == "generate" else msg["settings"]
+        key = draw(st.sampled_from(list(target) + SETTING_KEYS if kind == "settings" else list(target)))
+        if key == "type" or draw(st.booleans()):
+            target[key] = draw(JSON)
+        else:
+            target.pop(key, None)
+    if msg.get("type") == "shutdown":
+        msg["type"] = "shut down"
+    return json.dumps(msg, allow_nan=True).encode()
+
+
+@needs_engine
+def test_fuzzed_lines_never_break_the_server(checkpoint, tmp_path):
+    srv = RawServer(checkpoint, stderr=open(tmp_path / "stderr.txt", "wb"))
+    sent: list[bytes] = []
+    try:
+        hello = srv.wait_for(lambda m: m["type"] == "hello")
+        assert hello["protocol"] == 1 and hello["heads"] == 4
+
+        @settings(max_examples=240, deadline=None, derandomize=True,
+                  suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+        @given(fuzz_lines())
+        def feed(line):
+            srv.send(line)
+            sent.append(line)
+            try:  # a request that happened to be valid is cancelled at once, queued or running
+                rid = json.loads(line).get("id")
+            except (ValueError, AttributeError):
+                return
+            if isinstance(rid, str) and 0 < len(rid) <= 128:
+                srv.send(protocol.encode(protocol.cancel(rid)))
+
+        feed()
+        srv.send(generate_line("final", SMALL))
+        done = srv.wait_for(lambda m: m["id"] == "final" and m["type"] in ("done", "error"))
+        assert done["type"] == "done" and not done["cancelled"], done
+        assert len(sent) >= 200
+        msgs = [protocol.validate_reply(json.loads(line)) for line in srv.lines]  # every line is protocol JSON
+        assert sum(m["type"] == "error" for m in msgs) >= len(sent) // 2
+        srv.send(protocol.encode(protocol.shutdown()))
+        assert srv.proc.wait(timeout=30) == 0
+    finally:
+        if srv.proc.poll() is None:
+            srv.proc.kill()
+        srv.proc.wait()
