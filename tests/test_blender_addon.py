@@ -1,0 +1,521 @@
+"""The add-on in real Blender (bpy 5.0.1, headless): install the built zip, run every operator and every error case.
+
+Blender runs in one subprocess of the venv's Python (this file run as a script), so bpy's module state and the
+backend process stay out of the pytest process. The child installs the zip with Blender's own installer, points the
+preferences at this Python and a tiny random checkpoint, runs each `scenario_*` below (plain asserts), and writes
+pass/fail with the traceback to a JSON file; each pytest test reports one scenario. Generations are capped at a few
+faces so the whole module stays well under a minute.
+
+Not covered here (no window in background mode): the modal timer path and undo; both run the same `Run.step`.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MODULE = "bl_ext.user_default.xspecmesh"
+SCENARIOS = (
+    "installed",
+    "retopologize",
+    "settings_reach_backend",
+    "ar_mode_and_hide_source",
+    "batch",
+    "cancel",
+    "batch_cancel",
+    "abort_on_file_load",
+    "panel_draws",
+    "error_not_mesh",
+    "error_empty_mesh",
+    "error_missing_collection",
+    "error_python_missing",
+    "error_no_torch",
+    "error_backend_crash",
+    "unregister_stops_backend",
+)
+
+# ------------------------------------------------------------------------------------------------ pytest side
+
+if __name__ != "__main__":
+    import pytest
+
+    pytestmark = [
+        pytest.mark.blender,
+        pytest.mark.skipif(importlib.util.find_spec("bpy") is None, reason="bpy is not installed"),
+    ]
+
+    @pytest.fixture(scope="module")
+    def blender_run(tmp_path_factory):
+        tmp = tmp_path_factory.mktemp("blender")
+        sys.path.insert(0, str(ROOT / "tools"))
+        try:
+            import zip as zip_tool
+        finally:
+            sys.path.pop(0)
+        package = zip_tool.build(tmp / "dist", with_checkpoint=False)
+        zip_tool.validate(package)
+        from xspecmesh.checkpoint import write_random_checkpoint
+
+        checkpoint = tmp / "tiny.safetensors"
+        write_random_checkpoint(checkpoint, heads=4, seed=0)
+        results = tmp / "results.json"
+        cmd = [sys.executable, __file__, "--zip", str(package), "--checkpoint", str(checkpoint),
+               "--results", str(results), "--tmp", str(tmp)]
+        env = {k: v for k, v in os.environ.items() if k != "XSPECMESH_BACKEND_PYTHON"}
+        env["BLENDER_USER_RESOURCES"] = str(tmp / "blender_user")
+        env["OMP_NUM_THREADS"] = "1"  # the tiny model gains nothing from threads on a shared machine
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp)
+        log = proc.stdout[-6000:] + proc.stderr[-6000:]
+        if not results.exists():
+            pytest.fail(f"the Blender session wrote no results (exit {proc.returncode}):\n{log}")
+        return json.loads(results.read_text()), log
+
+    @pytest.mark.parametrize("name", SCENARIOS)
+    def test_blender(blender_run, name):
+        results, log = blender_run
+        if name not in results:
+            pytest.fail(f"scenario {name} did not run; Blender output:\n{log}")
+        if not results[name]["ok"]:
+            pytest.fail(results[name]["error"])
+
+
+# ------------------------------------------------------------------------------------------------ Blender side
+
+
+class Session:
+    """What every scenario needs: bpy, the add-on's modules, the preferences, scratch space."""
+
+    def __init__(self, args):
+        import bpy
+
+        self.bpy = bpy
+        self.args = args
+        self.addon = sys.modules[MODULE]
+        self.job = sys.modules[f"{MODULE}.job"]
+        self.service = sys.modules[f"{MODULE}.service"]
+        self.prefs = bpy.context.preferences.addons[MODULE].preferences
+        self.tmp = Path(args.tmp)
+
+    @property
+    def settings(self):
+        return self.bpy.context.scene.xspecmesh
+
+    def reset(self) -> None:
+        """Empty scene, default settings, working preferences, no listeners."""
+        bpy = self.bpy
+        for obj in list(bpy.data.objects):
+            bpy.data.objects.remove(obj)
+        for mesh in list(bpy.data.meshes):
+            bpy.data.meshes.remove(mesh)
+        for coll in list(bpy.data.collections):
+            bpy.data.collections.remove(coll)
+        self.job.listeners.clear()
+        self.prefs.backend_python = sys.executable
+        self.prefs.checkpoint = self.args.checkpoint
+        self.prefs.device = "cpu"
+        s = self.settings
+        for name in ("mode", "delta", "heads", "accept", "temperature", "seed", "hide_source"):
+            s.property_unset(name)
+        s.max_faces = 4
+
+    def cube(self, name="Cube", location=(0.0, 0.0, 0.0), collection=None, levels=2):
+        bpy = self.bpy
+        mesh = bpy.data.meshes.new(name)
+        h = 1.0
+        verts = [(x, y, z) for x in (-h, h) for y in (-h, h) for z in (-h, h)]
+        faces = [(0, 1, 3, 2), (4, 6, 7, 5), (0, 4, 5, 1), (2, 3, 7, 6), (0, 2, 6, 4), (1, 5, 7, 3)]
+        mesh.from_pydata(verts, [], faces)
+        obj = bpy.data.objects.new(name, mesh)
+        obj.location = location
+        (collection or bpy.context.scene.collection).objects.link(obj)
+        mod = obj.modifiers.new("Subdivision", "SUBSURF")
+        mod.levels = levels
+        self.activate(obj)
+        return obj
+
+    def activate(self, obj) -> None:
+        self.bpy.context.view_layer.update()
+        for other in self.bpy.context.view_layer.objects:
+            other.select_set(False)
+        if obj is not None:
+            obj.select_set(True)
+        self.bpy.context.view_layer.objects.active = obj
+
+    def world_bbox(self, obj):
+        import numpy as np
+
+        depsgraph = self.bpy.context.evaluated_depsgraph_get()
+        ev = obj.evaluated_get(depsgraph)
+        mesh = ev.to_mesh()
+        co = np.array([v.co[:] for v in mesh.vertices])
+        ev.to_mesh_clear()
+        m = np.array(obj.matrix_world)
+        world = co @ m[:3, :3].T + m[:3, 3]
+        return world.min(axis=0), world.max(axis=0)
+
+    def snapshot(self, obj) -> tuple:
+        return (tuple(tuple(v.co) for v in obj.data.vertices), len(obj.data.polygons),
+                tuple(m.name for m in obj.modifiers), tuple(map(tuple, obj.matrix_world)))
+
+    def stats(self, obj) -> dict:
+        return obj["xspecmesh"].to_dict()
+
+    def raises(self, fn, *needles) -> str:
+        """fn() must fail with a readable report (bpy.ops turns an ERROR report into RuntimeError)."""
+        try:
+            fn()
+        except RuntimeError as exc:
+            text = str(exc)
+            assert any(n.lower() in text.lower() for n in needles), f"unexpected message: {text}"
+            assert "Traceback" not in text, text
+            return text
+        raise AssertionError(f"expected a failure mentioning {needles}")
+
+    def no_leftovers(self, names_before) -> None:
+        after = {o.name for o in self.bpy.data.objects}
+        assert after == names_before, f"objects left behind: {sorted(after - names_before)}"
+        assert self.job.ACTIVE is None
+
+
+def scenario_installed(s: Session):
+    bpy = s.bpy
+    assert MODULE in bpy.context.preferences.addons
+    for op in ("retopologize", "retopologize_collection", "cancel", "test_backend", "stop_backend"):
+        assert hasattr(bpy.ops.xspecmesh, op), op
+    assert len(s.addon.CLASSES) == 8
+    for name in ("delta", "heads", "accept", "max_faces", "temperature", "seed", "mode"):
+        assert hasattr(s.settings, name), name
+    for name in ("backend_python", "checkpoint", "device"):
+        assert hasattr(s.prefs, name), name
+    bpy.ops.xspecmesh.test_backend()
+    hello = s.service.hello()
+    assert hello["heads"] == 4 and hello["device"] == "cpu", hello
+    s.settings.heads = 8  # the slider goes to 8; reading it is capped by the checkpoint's 4 heads
+    assert s.settings.heads == 4
+    assert s.settings.to_request().heads == 4
+    assert "torch" not in sys.modules, "the add-on (or Blender) imported torch"
+
+
+def scenario_retopologize(s: Session):
+    bpy = s.bpy
+    src = s.cube(location=(2.0, 1.0, 0.5))
+    src.rotation_euler = (0.3, 0.0, 0.5)
+    src.scale = (1.5, 1.0, 0.8)
+    bpy.context.view_layer.update()
+    before = s.snapshot(src)
+    lo_src, hi_src = s.world_bbox(src)
+    bpy.ops.xspecmesh.retopologize()
+    out = bpy.data.objects["Cube_retopo"]
+    mesh = out.data
+    assert 0 < len(mesh.polygons) <= s.settings.max_faces
+    assert all(p.loop_total == 3 for p in mesh.polygons)
+    assert len({v for p in mesh.polygons for v in p.vertices}) == len(mesh.vertices), "unreferenced vertices"
+    assert set(out.users_collection) == set(src.users_collection)
+    assert all(abs(a - b) < 1e-5 for ra, rb in zip(out.matrix_world, src.matrix_world) for a, b in zip(ra, rb))
+    lo, hi = s.world_bbox(out)
+    assert (lo <= hi_src + 1e-4).all() and (hi >= lo_src - 1e-4).all(), (lo, hi, lo_src, hi_src)
+    # Back in the source's frame: the backend's [-1, 1] cube maps onto the source's box centre ± longest side / 1.9.
+    centre, half = (lo_src + hi_src) / 2, (hi_src - lo_src).max() / 1.9
+    assert (lo >= centre - half - 1e-4).all() and (hi <= centre + half + 1e-4).all(), "result outside the frame"
+    assert s.snapshot(src) == before, "the source changed"
+    assert not src.hide_get()
+    assert bpy.context.view_layer.objects.active == out
+    info = s.stats(out)
+    assert info["state"] == "done" and info["stats"]["faces"] >= len(mesh.polygons)
+    assert s.job.LAST.outcomes[0].faces == len(mesh.polygons)
+    assert "torch" not in sys.modules
+
+
+def scenario_settings_reach_backend(s: Session):
+    bpy = s.bpy
+    src = s.cube()
+    st = s.settings
+    st.heads, st.delta, st.accept, st.temperature, st.seed, st.max_faces = 2, 1.0, "threshold", 0.7, 7, 6
+    bpy.ops.xspecmesh.retopologize()
+    info = s.stats(bpy.data.objects["Cube_retopo"])
+    req = info["request"]
+    assert (req["mode"], req["heads"], req["delta"], req["accept"], req["seed"], req["max_faces"]) == \
+        ("spec", 2, 1.0, "threshold", 7, 6), req
+    assert abs(req["temperature"] - 0.7) < 1e-6
+    stats = info["stats"]
+    assert len(stats["accept_hist"]) == 3, stats  # 0..D accepted drafts per step: D = 2 reached the backend
+    assert stats["scr"] == 1.0, stats  # δ = 1 reached it too: p > 1 never holds, every draft is rejected
+    st.delta = 0.0  # now every draft the backbone does not rule out is kept
+    s.activate(src)
+    bpy.ops.xspecmesh.retopologize()
+    stats = s.stats(bpy.data.objects["Cube_retopo.001"])["stats"]
+    assert stats["scr"] > 1.0 and sum(stats["accept_hist"][1:]) > 0, stats
+
+
+def scenario_ar_mode_and_hide_source(s: Session):
+    bpy = s.bpy
+    src = s.cube()
+    s.settings.mode = "ar"
+    s.settings.hide_source = True
+    bpy.ops.xspecmesh.retopologize()
+    info = s.stats(bpy.data.objects["Cube_retopo"])
+    assert info["request"]["mode"] == "ar" and info["stats"]["scr"] == 1.0, info
+    assert src.hide_get(), "hide_source did not hide the source"
+    assert src.name in bpy.data.objects
+
+
+def scenario_batch(s: Session):
+    bpy = s.bpy
+    parts = bpy.data.collections.new("Parts")
+    bpy.context.scene.collection.children.link(parts)
+    a = s.cube("A", (0, 0, 0), parts)
+    b = s.cube("B", (3, 0, 0), parts, levels=1)
+    empty = bpy.data.objects.new("Empty", bpy.data.meshes.new("Empty"))
+    parts.objects.link(empty)
+    parts.objects.link(bpy.data.objects.new("Camera", bpy.data.cameras.new("Camera")))  # not a mesh: ignored
+    before = {o.name: s.snapshot(o) for o in (a, b, empty)}
+    bpy.ops.xspecmesh.retopologize_collection(collection="Parts")  # a skipped object is a warning, not an error
+    out = bpy.data.collections["Parts (retopo)"]
+    assert sorted(o.name for o in out.objects) == ["A_retopo", "B_retopo"]
+    assert all(len(o.data.polygons) > 0 for o in out.objects)
+    outcomes = {o.source: o for o in s.job.LAST.outcomes}
+    assert sorted(outcomes) == ["A", "B", "Empty"]
+    assert outcomes["Empty"].state == "skipped" and "no faces" in outcomes["Empty"].message
+    assert "Empty: skipped" in outcomes["Empty"].summary()
+    for name in ("A", "B"):
+        o = outcomes[name]
+        assert o.state == "done" and o.faces > 0 and o.seconds > 0 and o.scr is not None
+        assert "faces in" in o.summary() and "SCR" in o.summary()
+    assert {o.name: s.snapshot(o) for o in (a, b, empty)} == before
+    assert "Camera_retopo" not in bpy.data.objects
+
+
+def scenario_cancel(s: Session):
+    bpy = s.bpy
+    s.cube()
+    s.settings.max_faces = 5000
+    seen = []
+
+    def cancel_once(run):
+        if run.job is not None and run.job.faces >= 2 and not seen:
+            seen.append(run.job.faces)
+            bpy.ops.xspecmesh.cancel()
+
+    s.job.listeners.append(cancel_once)
+    t = time.perf_counter()
+    bpy.ops.xspecmesh.retopologize()  # a cancel is a warning: no exception
+    assert time.perf_counter() - t < 20
+    assert seen, "the job ended before it could be cancelled"
+    assert "Cube_retopo" not in bpy.data.objects
+    partial = bpy.data.objects["Cube_retopo (partial)"]
+    assert 0 < len(partial.data.polygons) < 5000
+    assert s.stats(partial)["state"] == "cancelled"
+    assert s.job.ACTIVE is None and s.job.LAST.outcomes[0].state == "cancelled"
+    assert not bpy.ops.xspecmesh.cancel.poll()
+
+
+def scenario_batch_cancel(s: Session):
+    bpy = s.bpy
+    parts = bpy.data.collections.new("Parts")
+    bpy.context.scene.collection.children.link(parts)
+    for i, name in enumerate("ABC"):
+        s.cube(name, (3 * i, 0, 0), parts, levels=1)
+
+    def cancel_first(run):
+        if run.job is not None and run.job.source_name == "A" and not run.stop_requested:
+            bpy.ops.xspecmesh.cancel()  # a batch stops after the current object
+
+    s.job.listeners.append(cancel_first)
+    bpy.ops.xspecmesh.retopologize_collection(collection="Parts")
+    states = {o.source: o.state for o in s.job.LAST.outcomes}
+    assert states == {"A": "done", "B": "not run", "C": "not run"}, states
+    assert [o.name for o in bpy.data.collections["Parts (retopo)"].objects] == ["A_retopo"]
+
+
+def scenario_abort_on_file_load(s: Session):
+    bpy = s.bpy
+    s.cube()
+    s.settings.max_faces = 5000
+    names = {o.name for o in bpy.data.objects}
+
+    def load_file(run):  # what the load_pre handler does when another .blend opens mid-run
+        if run.job is not None and run.job.faces >= 1:
+            s.addon._on_load_pre(None)
+
+    s.job.listeners.append(load_file)
+    bpy.ops.xspecmesh.retopologize()
+    s.no_leftovers(names)
+    s.job.listeners.clear()
+    s.settings.max_faces = 4
+    bpy.ops.xspecmesh.retopologize()  # the backend skips the abandoned request and serves the next one
+    assert len(bpy.data.objects["Cube_retopo"].data.polygons) > 0
+
+
+class _Layout:
+    """Records what a panel draws (background Blender has no UI to draw into)."""
+
+    def __init__(self, calls):
+        self.calls = calls
+
+    def __getattr__(self, name):
+        def call(*args, **kwargs):
+            self.calls.append((name, args, kwargs))
+            return _Layout(self.calls)
+
+        return call
+
+
+def _check_draw(s: Session, panel) -> list:
+    from types import SimpleNamespace
+
+    calls = []
+    panel.draw(SimpleNamespace(layout=_Layout(calls), draw_progress=panel.draw_progress), s.bpy.context)
+    for name, args, kwargs in calls:
+        if name == "prop":
+            data, prop = args[0], args[1]
+            assert prop in data.bl_rna.properties, prop
+        elif name == "operator":
+            group, op = args[0].split(".")
+            assert hasattr(getattr(s.bpy.ops, group), op), args[0]
+        elif name == "progress":
+            assert 0.0 <= kwargs["factor"] <= 1.0
+    return [c[0] for c in calls]
+
+
+def scenario_panel_draws(s: Session):
+    bpy = s.bpy
+    panel = next(c for c in s.addon.CLASSES if c.__name__.endswith("_PT_main"))
+    assert (panel.bl_space_type, panel.bl_region_type, panel.bl_category) == ("VIEW_3D", "UI", "XSpecMesh")
+    idle = _check_draw(s, panel)
+    assert "progress" not in idle and idle.count("prop") >= 7
+    s.cube()
+    running = []
+    s.job.listeners.append(lambda run: running.append(_check_draw(s, panel)) if run.job and not running else None)
+    bpy.ops.xspecmesh.retopologize()
+    assert running and "progress" in running[0]
+    ops = [c for c in running[0] if c == "operator"]
+    assert ops, "no Cancel button while running"
+
+
+def scenario_error_not_mesh(s: Session):
+    bpy = s.bpy
+    cam = bpy.data.objects.new("Camera", bpy.data.cameras.new("Camera"))
+    bpy.context.scene.collection.objects.link(cam)
+    s.activate(cam)
+    names = {o.name for o in bpy.data.objects}
+    assert not bpy.ops.xspecmesh.retopologize.poll()  # the button is greyed out
+    s.raises(bpy.ops.xspecmesh.retopologize, "not a mesh")
+    s.activate(None)
+    s.raises(bpy.ops.xspecmesh.retopologize, "no active object")
+    s.no_leftovers(names)
+
+
+def scenario_error_empty_mesh(s: Session):
+    bpy = s.bpy
+    empty = bpy.data.objects.new("Nothing", bpy.data.meshes.new("Nothing"))
+    bpy.context.scene.collection.objects.link(empty)
+    s.activate(empty)
+    names = {o.name for o in bpy.data.objects}
+    s.raises(bpy.ops.xspecmesh.retopologize, "no faces")
+    s.no_leftovers(names)
+
+
+def scenario_error_missing_collection(s: Session):
+    s.raises(lambda: s.bpy.ops.xspecmesh.retopologize_collection(collection="Nope"), "no collection named")
+
+
+def scenario_error_python_missing(s: Session):
+    bpy = s.bpy
+    s.cube()
+    names = {o.name for o in bpy.data.objects}
+    s.prefs.backend_python = str(s.tmp / "no-such-python")
+    s.raises(bpy.ops.xspecmesh.retopologize, "not found")
+    s.raises(bpy.ops.xspecmesh.test_backend, "not found")
+    s.no_leftovers(names)
+
+
+def scenario_error_no_torch(s: Session):
+    bpy = s.bpy
+    venv = s.tmp / "venv-without-torch"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    s.prefs.backend_python = str(venv / "bin" / "python")
+    s.cube()
+    names = {o.name for o in bpy.data.objects}
+    s.raises(bpy.ops.xspecmesh.retopologize, "torch", "numpy")
+    s.no_leftovers(names)
+
+
+def scenario_error_backend_crash(s: Session):
+    bpy = s.bpy
+    src = s.cube()
+    s.settings.max_faces = 5000
+
+    def crash(run):
+        client = s.service.current()
+        if run.job is not None and run.job.faces >= 2 and client is not None:
+            client._proc.kill()
+
+    s.job.listeners.append(crash)
+    s.raises(bpy.ops.xspecmesh.retopologize, "backend")
+    assert "Cube_retopo" not in bpy.data.objects
+    partial = bpy.data.objects["Cube_retopo (partial)"]
+    assert len(partial.data.polygons) > 0 and s.stats(partial)["state"] == "failed"
+    assert s.job.ACTIVE is None
+    s.job.listeners.clear()  # Blender is fine and the next job starts a fresh backend
+    s.settings.max_faces = 4
+    s.activate(src)
+    bpy.ops.xspecmesh.retopologize()
+    assert len(bpy.data.objects["Cube_retopo"].data.polygons) > 0
+
+
+def scenario_unregister_stops_backend(s: Session):
+    bpy = s.bpy
+    if s.service.current() is None:
+        bpy.ops.xspecmesh.test_backend()
+    proc = s.service.current()._proc
+    bpy.ops.preferences.addon_disable(module=MODULE)
+    assert proc.poll() is not None, "the backend outlived the add-on"
+    assert not hasattr(bpy.types.Scene, "xspecmesh")
+    bpy.ops.preferences.addon_enable(module=MODULE)
+
+
+def child_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--zip", required=True)
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--results", required=True)
+    parser.add_argument("--tmp", required=True)
+    parser.add_argument("--only", nargs="*", default=None)
+    args = parser.parse_args(argv)
+    os.environ.setdefault("BLENDER_USER_RESOURCES", str(Path(args.tmp) / "blender_user"))
+    import bpy
+
+    results: dict = {}
+    out = Path(args.results)
+    try:
+        bpy.ops.extensions.package_install_files(filepath=args.zip, repo="user_default", enable_on_install=True)
+        session = Session(args)
+    except Exception:
+        error = "installing the extension failed:\n" + traceback.format_exc()
+        out.write_text(json.dumps({name: {"ok": False, "error": error} for name in SCENARIOS}))
+        return 1
+    for name in args.only or SCENARIOS:
+        t = time.perf_counter()
+        try:
+            session.reset()
+            globals()[f"scenario_{name}"](session)
+            results[name] = {"ok": True}
+        except Exception:
+            results[name] = {"ok": False, "error": traceback.format_exc()}
+        results[name]["seconds"] = round(time.perf_counter() - t, 2)
+        print(f"scenario {name}: {'ok' if results[name]['ok'] else 'FAILED'} ({results[name]['seconds']} s)",
+              flush=True)
+        out.write_text(json.dumps(results, indent=1))
+    session.service.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(child_main(sys.argv[1:]))

@@ -1,0 +1,260 @@
+"""Retopology jobs as explicit state machines, driven one step at a time from the main thread.
+
+`Job` is one object: sample → send → grow the result as faces arrive → weld and name it. `Run` is a queue of jobs
+(one object, or every object of a collection) through one backend; it owns the backend's replies and hands each to
+the current job. The same `Run.step` is called from a modal timer (interactive) or from a blocking loop (headless,
+`bpy.app.background`), so both paths run exactly the same code.
+
+States of a job: "running" → "done" | "cancelled" | "failed". A run adds "skipped" outcomes for objects that could
+not start (e.g. an empty mesh) and "not run" for those left when the run was cancelled or the backend died.
+"""
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+
+import bpy
+
+from . import sampling, service
+from .buffers import TriangleBuffer
+from .request import DecodeRequest
+from .result import ResultObject
+
+_ids = itertools.count(1)
+ACTIVE: "Run | None" = None  # the run in progress; the panel and the cancel operator look here
+LAST: "Run | None" = None  # the last finished run (its outcomes), for scripts
+listeners: list = []  # callables(run) after every step: redraw the sidebar (tests use it to act mid-run)
+
+
+@dataclass
+class Outcome:
+    """What became of one object; `summary()` is the line the user reads."""
+
+    source: str
+    state: str  # done | cancelled | failed | skipped | not run
+    result: str | None = None
+    faces: int = 0
+    seconds: float = 0.0
+    scr: float | None = None
+    tokens_per_second: float | None = None
+    message: str = ""
+    stats: dict = field(default_factory=dict)
+
+    def summary(self) -> str:
+        if self.state in ("skipped", "not run") or (self.state == "failed" and not self.faces):
+            return f"{self.source}: {self.state} ({self.message})" if self.message else f"{self.source}: {self.state}"
+        scr = f"{self.scr:.2f}" if self.scr is not None else "n/a"
+        tps = f", {self.tokens_per_second:.0f} tokens/s" if self.tokens_per_second else ""
+        text = f"{self.source}: {self.faces} faces in {self.seconds:.1f} s, SCR {scr}{tps}"
+        if self.state != "done":
+            text += f" — {self.state}" + (f": {self.message}" if self.message else "")
+            text += f", partial result kept as '{self.result}'" if self.result else ""
+        return text
+
+
+class Job:
+    """One object through the backend. `handle(msg)` takes its replies; `finish()` returns the Outcome."""
+
+    def __init__(self, source, request: DecodeRequest, client, collections, hide_source: bool = False):
+        self.source_name = source.name
+        self.request = request
+        self.client = client
+        self.hide_source = hide_source
+        self.id = f"job{next(_ids)}"
+        self.state = "running"
+        self.message = ""
+        self.progress: dict = {}
+        self.stats: dict = {}
+        self.triangles = TriangleBuffer()
+        self.started = time.perf_counter()
+        depsgraph = bpy.context.evaluated_depsgraph_get()
+        cloud = sampling.condition_from_object(source, depsgraph, seed=request.seed)  # SamplingError: not started
+        self.result = ResultObject(source, collections, cloud.normalization.matrix())
+        try:
+            client.generate(self.id, cloud.data, cloud.count, request.settings())
+        except Exception as exc:
+            self.result.remove()
+            raise service.BackendUnavailable(str(exc)) from None
+
+    @property
+    def finished(self) -> bool:
+        return self.state != "running"
+
+    @property
+    def faces(self) -> int:
+        return len(self.triangles)
+
+    def fraction(self) -> float:
+        """Rough progress: the request stops at EOS, max_faces or max_tokens, whichever comes first."""
+        tokens = self.progress.get("tokens") or 0
+        f = max(self.faces / self.request.max_faces, tokens / self.request.max_tokens)
+        return 1.0 if self.finished else min(f, 0.99)
+
+    def handle(self, msg: dict) -> None:
+        if self.finished:
+            return
+        kind = msg.get("type")
+        if msg.get("id") is None and kind == "error":  # the backend is gone
+            print(f"XSpecMesh: {msg.get('message')}")
+            self.state, self.message = "failed", service.readable(msg.get("message", "backend stopped"))
+            return
+        if msg.get("id") != self.id:
+            return  # a late reply to an earlier (cancelled) request
+        if kind == "faces":
+            self.triangles.extend(msg.get("triangles") or [])
+        elif kind == "progress":
+            self.progress = msg
+        elif kind == "done":
+            self.stats = dict(msg.get("stats") or {})
+            self.state = "cancelled" if msg.get("cancelled") else "done"
+            if self.state == "cancelled":
+                self.message = self.message or "cancelled"
+        elif kind == "error":
+            print(f"XSpecMesh: {msg.get('message')}")
+            self.state, self.message = "failed", service.readable(msg.get("message", "backend error"))
+
+    def cancel(self) -> None:
+        """Ask the backend to stop; the job ends when its `done` (cancelled) arrives."""
+        if not self.finished:
+            self.message = "cancelled"
+            try:
+                self.client.cancel(self.id)
+            except Exception as exc:
+                self.state, self.message = "failed", _first_line(str(exc))
+
+    def refresh(self) -> None:
+        """Show everything received so far: one mesh rebuild per call, and only when new faces came in."""
+        if self.triangles.dirty:
+            self.result.show(self.triangles.triangles)
+            self.triangles.mark_shown()
+
+    def finish(self) -> Outcome:
+        stats = self.stats or {k: v for k, v in self.progress.items() if k not in ("type", "id")}
+        seconds = stats.get("seconds")
+        seconds = float(seconds) if isinstance(seconds, (int, float)) else time.perf_counter() - self.started
+        info = {"request": self.request.settings(), "stats": stats, "state": self.state}
+        name = self.result.finish(self.triangles.triangles, partial=self.state != "done", info=info)
+        if self.state == "done" and name is None:
+            self.state, self.message = "failed", "the model produced no faces"
+        if self.state == "done" and self.hide_source:
+            source = bpy.data.objects.get(self.source_name)
+            if source is not None:
+                try:
+                    source.hide_set(True)
+                except RuntimeError:  # not in the current view layer
+                    source.hide_viewport = True
+        faces = len(bpy.data.objects[name].data.polygons) if name else 0
+        return Outcome(self.source_name, self.state, name, faces, seconds, _number(stats.get("scr")),
+                       _number(stats.get("tokens_per_second")), self.message, stats)
+
+
+class Run:
+    """A queue of objects through one backend, one at a time; `step()` until `finished`."""
+
+    def __init__(self, sources: list[str], request: DecodeRequest, client, collections_for, *,
+                 hide_source: bool = False, batch: bool = False):
+        self.sources = list(sources)
+        self.request = request
+        self.client = client
+        self.collections_for = collections_for  # source object → collections to put its result in
+        self.hide_source = hide_source
+        self.batch = batch
+        self.index = 0
+        self.job: Job | None = None
+        self.outcomes: list[Outcome] = []
+        self.stop_requested = False
+        self.started = time.perf_counter()
+
+    @property
+    def finished(self) -> bool:
+        return self.job is None and (self.index >= len(self.sources) or self.stop_requested)
+
+    def fraction(self) -> float:
+        current = self.job.fraction() if self.job else 0.0
+        return min(1.0, (len(self.outcomes) + current) / max(1, len(self.sources)))
+
+    def cancel(self) -> None:
+        """Single object: stop it now. Batch: stop after the current object (a second cancel stops it too)."""
+        if self.job is not None and (not self.batch or self.stop_requested):
+            self.job.cancel()
+        self.stop_requested = True
+
+    def step(self, timeout: float = 0.0) -> None:
+        """Start the next object if none runs, drain every reply that arrived, rebuild the live mesh once."""
+        if self.job is None:
+            self._start_next()
+        if self.job is not None:
+            for msg in self.client.poll(timeout):
+                self.job.handle(msg)
+            if not self.job.finished and not self.client.alive:  # died without a word (poll may lag)
+                for msg in self.client.poll(0.5):
+                    self.job.handle(msg)
+                if not self.job.finished:
+                    self.job.handle({"type": "error", "id": None, "message": "backend stopped unexpectedly"})
+            if self.job.finished:
+                self._finish_job()
+            else:
+                self.job.refresh()
+        if self.finished:
+            self._close()
+        for listener in list(listeners):
+            listener(self)
+
+    def _start_next(self) -> None:
+        while self.job is None and self.index < len(self.sources) and not self.stop_requested:
+            name = self.sources[self.index]
+            source = bpy.data.objects.get(name)
+            try:
+                if source is None:
+                    raise sampling.SamplingError(f"'{name}' no longer exists")
+                self.job = Job(source, self.request, self.client, self.collections_for(source), self.hide_source)
+            except sampling.SamplingError as exc:
+                self.outcomes.append(Outcome(name, "skipped", message=str(exc)))
+                self.index += 1
+            except service.BackendUnavailable as exc:
+                self.outcomes.append(Outcome(name, "failed", message=_first_line(str(exc))))
+                self.index += 1
+                self.stop_requested = True
+
+    def _finish_job(self) -> None:
+        outcome = self.job.finish()
+        self.outcomes.append(outcome)
+        self.job = None
+        self.index += 1
+        if not self.client.alive:  # no point going on without a backend
+            service.forget()
+            self.stop_requested = True
+
+    def _close(self) -> None:
+        for name in self.sources[len(self.outcomes):]:
+            self.outcomes.append(Outcome(name, "not run", message="stopped before this object"))
+
+    def abort(self) -> None:
+        """Blender is loading another file or quitting: drop the current result without waiting for the backend."""
+        if self.job is not None:
+            self.job.cancel()
+            self.job.result.remove()
+            self.job = None
+        self.stop_requested = True
+
+    def run_blocking(self, tick: float = 0.05) -> None:
+        """The headless driver: the same steps as the modal timer, waiting on the backend in between."""
+        try:
+            while not self.finished:
+                self.step(timeout=tick)
+        except KeyboardInterrupt:
+            self.cancel()
+            if self.job is not None:
+                self.job.cancel()
+            while not self.finished:
+                self.step(timeout=tick)
+
+
+def _first_line(text: str) -> str:
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    return lines[0] if lines else "unknown error"
+
+
+def _number(x) -> float | None:
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else None

@@ -1,0 +1,64 @@
+"""Add-on preferences: which Python runs the backend, which checkpoint, which device."""
+from __future__ import annotations
+
+import bpy
+from bpy.props import EnumProperty, StringProperty
+
+from . import locations, service
+
+
+class XSpecMeshPreferences(bpy.types.AddonPreferences):
+    bl_idname = __package__
+
+    backend_python: StringProperty(
+        name="Backend Python",
+        description="Python interpreter with torch and the xspecmesh package (the project's .venv). Empty: "
+        "$XSPECMESH_BACKEND_PYTHON or the checkout's .venv when found",
+        subtype="FILE_PATH",
+        default=locations.default_backend_python(),
+    )
+    checkpoint: StringProperty(
+        name="Checkpoint",
+        description="Model weights (.safetensors). Empty: the checkpoint bundled with the add-on",
+        subtype="FILE_PATH",
+        default="",
+    )
+    device: EnumProperty(
+        name="Device",
+        items=(
+            ("auto", "Auto", "CUDA when available, else CPU"),
+            ("cpu", "CPU", "Always the CPU"),
+            ("cuda", "CUDA", "An NVIDIA GPU (fails when none is available)"),
+        ),
+        default="auto",
+    )
+
+    def draw(self, context):
+        layout = self.layout
+        layout.use_property_split = True
+        col = layout.column()
+        col.prop(self, "backend_python")
+        if not self.backend_python and not locations.default_backend_python():
+            col.label(text="Set a Python that has torch (e.g. <checkout>/.venv/bin/python)", icon="ERROR")
+        col.prop(self, "checkpoint")
+        if not self.checkpoint:
+            bundled = locations.default_checkpoint()
+            col.label(text=f"Using {bundled}" if bundled else "No bundled checkpoint: the backend's default is used",
+                      icon="INFO")
+        col.prop(self, "device")
+        row = layout.row()
+        row.operator("xspecmesh.test_backend", icon="PLAY")
+        row.operator("xspecmesh.stop_backend", icon="CANCEL")
+        if service.current() is not None:
+            layout.label(text=f"Running: {service.describe()}", icon="CHECKMARK")
+
+
+def get(context=None) -> XSpecMeshPreferences:
+    context = context or bpy.context
+    return context.preferences.addons[__package__].preferences
+
+
+def ensure_backend(context=None):
+    """The running backend for the current preferences (raises service.BackendUnavailable with the reason)."""
+    prefs = get(context)
+    return service.ensure(prefs.backend_python, prefs.checkpoint, prefs.device)

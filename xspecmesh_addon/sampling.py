@@ -1,0 +1,132 @@
+"""Evaluated Blender object → the backend's conditioning point cloud.
+
+The mesh (modifiers applied) is read into numpy in world space, sampled uniformly by area with geometric normals, and
+normalized the way the model was trained: bbox centre to the origin, longest side to [-0.95, 0.95]. `Normalization`
+remembers centre and scale so the generated faces go back to the source's frame.
+
+No `import bpy` here: `world_triangles` only calls methods on the object it is given, and everything else is plain
+numpy, so the math is tested without Blender.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+POINT_COUNT = 4096  # the point encoder's input size (EncoderConfig.num_points)
+HALF_EXTENT = 0.95  # longest side maps to [-0.95, 0.95]
+
+# Object types that Blender evaluates to a mesh (`Object.to_mesh` works on them).
+CONVERTIBLE_TYPES = frozenset({"MESH", "CURVE", "SURFACE", "META", "FONT"})
+
+
+class SamplingError(ValueError):
+    """The object has nothing to sample (no faces, or all of zero area)."""
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """world = normalized / scale + centre."""
+
+    centre: tuple[float, float, float]
+    scale: float
+
+    @classmethod
+    def fit(cls, points: np.ndarray) -> "Normalization":
+        p = np.asarray(points, dtype=np.float64).reshape(-1, 3)
+        if len(p) == 0:
+            raise SamplingError("no points to normalize")
+        lo, hi = p.min(axis=0), p.max(axis=0)
+        extent = float((hi - lo).max())
+        if not np.isfinite(extent) or extent <= 0.0:
+            raise SamplingError("the object has zero size")
+        return cls(tuple(float(c) for c in (lo + hi) / 2), 2.0 * HALF_EXTENT / extent)
+
+    def apply(self, points: np.ndarray) -> np.ndarray:
+        return (np.asarray(points, dtype=np.float64) - np.asarray(self.centre)) * self.scale
+
+    def invert(self, points: np.ndarray) -> np.ndarray:
+        return np.asarray(points, dtype=np.float64) / self.scale + np.asarray(self.centre)
+
+    def matrix(self) -> np.ndarray:
+        """The 4×4 matrix of `invert` (normalized → world)."""
+        m = np.eye(4)
+        m[:3, :3] /= self.scale
+        m[:3, 3] = self.centre
+        return m
+
+
+def triangle_areas_normals(tris: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(T, 3, 3) triangles → areas (T,) and unit normals (T, 3) (zero for degenerate triangles)."""
+    cross = np.cross(tris[:, 1] - tris[:, 0], tris[:, 2] - tris[:, 0])
+    length = np.linalg.norm(cross, axis=1)
+    normals = np.divide(cross, length[:, None], out=np.zeros_like(cross), where=length[:, None] > 0)
+    return length / 2, normals
+
+
+def sample_surface(tris: np.ndarray, count: int = POINT_COUNT, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Uniform area-weighted samples of a triangle set: points (count, 3) and their faces' normals (count, 3)."""
+    tris = np.asarray(tris, dtype=np.float64).reshape(-1, 3, 3)
+    if len(tris) == 0:
+        raise SamplingError("the mesh has no faces")
+    areas, normals = triangle_areas_normals(tris)
+    total = areas.sum()
+    if not np.isfinite(total) or total <= 0.0:
+        raise SamplingError("the mesh's faces all have zero area")
+    rng = np.random.default_rng(seed)
+    face = rng.choice(len(tris), size=count, p=areas / total)
+    # Uniform barycentric coordinates: fold the unit square onto the triangle.
+    u, v = rng.random(count), rng.random(count)
+    outside = u + v > 1.0
+    u[outside], v[outside] = 1.0 - u[outside], 1.0 - v[outside]
+    t = tris[face]
+    points = t[:, 0] + u[:, None] * (t[:, 1] - t[:, 0]) + v[:, None] * (t[:, 2] - t[:, 0])
+    return points, normals[face]
+
+
+def pack_points(points: np.ndarray, normals: np.ndarray) -> bytes:
+    """(N, 3) + (N, 3) → little-endian float32 N×6 bytes, the protocol's point format."""
+    data = np.concatenate([np.asarray(points), np.asarray(normals)], axis=1)
+    return np.ascontiguousarray(data, dtype="<f4").tobytes()
+
+
+def world_triangles(obj, depsgraph) -> np.ndarray:
+    """Triangles (T, 3, 3) of the evaluated object (modifiers applied) in world space."""
+    evaluated = obj.evaluated_get(depsgraph)
+    mesh = evaluated.to_mesh()
+    try:
+        if mesh is None:
+            return np.zeros((0, 3, 3))
+        mesh.calc_loop_triangles()
+        verts = np.empty(len(mesh.vertices) * 3, dtype=np.float32)
+        mesh.vertices.foreach_get("co", verts)
+        tri_index = np.empty(len(mesh.loop_triangles) * 3, dtype=np.int32)
+        mesh.loop_triangles.foreach_get("vertices", tri_index)
+    finally:
+        evaluated.to_mesh_clear()
+    matrix = np.array(evaluated.matrix_world, dtype=np.float64)
+    world = verts.reshape(-1, 3).astype(np.float64) @ matrix[:3, :3].T + matrix[:3, 3]
+    return world[tri_index.reshape(-1, 3)]
+
+
+@dataclass
+class PointCloud:
+    """What one request sends: packed points, their count, and how to undo the normalization."""
+
+    data: bytes
+    count: int
+    normalization: Normalization
+
+
+def condition_from_triangles(tris: np.ndarray, count: int = POINT_COUNT, seed: int = 0) -> PointCloud:
+    points, normals = sample_surface(tris, count, seed)
+    norm = Normalization.fit(np.asarray(tris).reshape(-1, 3))
+    return PointCloud(pack_points(norm.apply(points), normals), count, norm)
+
+
+def condition_from_object(obj, depsgraph, count: int = POINT_COUNT, seed: int = 0) -> PointCloud:
+    """Sample an object for a request; raises `SamplingError` with a readable reason when it has no surface."""
+    try:
+        return condition_from_triangles(world_triangles(obj, depsgraph), count, seed)
+    except SamplingError as exc:
+        raise SamplingError(f"'{obj.name}' cannot be retopologized: {exc}") from None
