@@ -44,7 +44,7 @@ def points(n: int = 512, seed: int = 0) -> np.ndarray:
     return np.concatenate([xyz, nrm / np.linalg.norm(nrm, axis=1, keepdims=True)], 1).astype(np.float32)
 
 
-def collect(client, until, timeout: float = 60.0) -> list[dict]:
+def collect(client, until, timeout: float = 120.0) -> list[dict]:
     """Poll until a message satisfies `until`; every message so far is returned."""
     msgs: list[dict] = []
     deadline = time.monotonic() + timeout
@@ -193,14 +193,17 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def live(checkpoint):
-    client = BackendClient(sys.executable, checkpoint=checkpoint, device="cpu")
-    client.start(timeout=120)
+    with pytest.MonkeyPatch.context() as mp:  # one torch thread: the test machines have 2 shared cores
+        mp.setenv("OMP_NUM_THREADS", "1")
+        mp.setenv("MKL_NUM_THREADS", "1")
+        client = BackendClient(sys.executable, checkpoint=checkpoint, device="cpu")
+        client.start(timeout=120)
     yield client
     client.close()
 
 
 LONG = {"mode": "spec", "heads": 4, "delta": 0.0, "accept": "threshold", "max_tokens": 4000, "seed": 3}
-SHORT = {"mode": "spec", "heads": 4, "delta": 0.0, "accept": "threshold", "max_tokens": 100, "seed": 1}
+SHORT = {"mode": "spec", "heads": 4, "delta": 0.0, "accept": "threshold", "max_tokens": 60, "seed": 1}
 
 
 @needs_engine

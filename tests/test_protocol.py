@@ -60,7 +60,9 @@ def test_addon_side_modules_use_only_stdlib_and_relative_imports(name):
 def test_generate_round_trip_accepts_bytes_memoryview_and_array():
     raw = points_bytes(512)
     arr = np.frombuffer(raw, dtype="<f4").reshape(512, 6)
-    for points in (raw, memoryview(arr), array.array("f", raw)):
+    strided = np.zeros((512, 12), np.float32)
+    strided[:, ::2] = arr
+    for points in (raw, memoryview(arr), array.array("f", raw), strided[:, ::2]):
         msg = protocol.generate("a1", points, 512, {"mode": "spec", "heads": 4})
         line = protocol.encode(msg)
         assert line.endswith(b"\n") and line.count(b"\n") == 1
@@ -103,6 +105,8 @@ def test_bad_requests_raise_clear_errors(line, fragment, rid):
 def test_constructors_check_their_input():
     with pytest.raises(protocol.ProtocolError, match="count 600 needs"):
         protocol.generate("a", points_bytes(512), 600, {})
+    with pytest.raises(protocol.ProtocolError, match="must be float32, got a buffer of format 'd'"):
+        protocol.generate("a", np.zeros((512, 6)), 512, {})
     with pytest.raises(protocol.ProtocolError, match='"id"'):
         protocol.cancel("")
     with pytest.raises(ValueError):

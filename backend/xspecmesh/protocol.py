@@ -86,8 +86,11 @@ def _readable_id(msg: dict) -> str | None:
 
 
 def encode_points(points: bytes | bytearray | memoryview, count: int) -> str:
-    """Raw float32 N×6 (native order, C-contiguous) → base64 of the little-endian bytes."""
-    raw = memoryview(points).cast("B")
+    """float32 N×6 (native order; raw bytes or any buffer of 4-byte floats) → base64 of the little-endian bytes."""
+    view = memoryview(points)
+    if view.itemsize != 1 and view.format not in ("f", "<f", "=f"):
+        raise ProtocolError(f"points must be float32, got a buffer of format {view.format!r}")
+    raw = view.cast("B") if view.c_contiguous else memoryview(view.tobytes())
     if raw.nbytes != count * POINT_BYTES:
         raise ProtocolError(f"points hold {raw.nbytes} bytes, but count {count} needs {count * POINT_BYTES}")
     if sys.byteorder == "big":  # the wire is little-endian

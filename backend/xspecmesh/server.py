@@ -57,6 +57,7 @@ class Server:
         self._cancel = threading.Event()  # cancels the running job only
         self._stop = False  # shutdown: cancel everything and leave
         self._eof = False  # end of input: finish the queue and leave
+        self._broken = False  # stdout is gone
 
     # ------------------------------------------------------------------------------------------ output
 
@@ -68,7 +69,7 @@ class Server:
                 self.out.flush()
             except (OSError, ValueError) as exc:  # broken pipe or closed file
                 with self._cond:
-                    self._stop = True
+                    self._stop = self._broken = True
                     self._cancel.set()
                     self._cond.notify_all()
                 raise OutputClosed(str(exc)) from None
@@ -165,7 +166,7 @@ class Server:
                     while not self._queue and not self._stop and not self._eof:
                         self._cond.wait()
                     if not self._queue:
-                        return 0
+                        return 1 if self._broken else 0
                     job = self._queue.popleft()
                     self._running = job.id
                     self._cancel.clear()
@@ -182,9 +183,9 @@ class Server:
         stats: dict = {}
         pending: list[np.ndarray] = []
         last_faces = last_progress = -float("inf")
-        cancelled = False
+        cancelled = self._cancel.is_set()  # cancelled before it started: nothing to decode
         try:
-            stream = self.engine.stream(job.points, job.settings)
+            stream = (u for u in ()) if cancelled else self.engine.stream(job.points, job.settings)
             try:
                 for upd in stream:
                     stats = upd.stats
