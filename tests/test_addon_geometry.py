@@ -114,6 +114,15 @@ def test_normalization_maps_longest_side_to_095_and_back():
     np.testing.assert_allclose(n @ m[:3, :3].T + m[:3, 3], pts)
 
 
+def test_normalization_turns_blender_z_up_into_the_models_y_up():
+    tall = np.array([[0, 0, 0], [0.2, 0.1, 4.0]])  # tall along Blender's z
+    norm = sampling.Normalization.fit(tall)
+    n = norm.apply(tall)
+    np.testing.assert_allclose(n[:, 1], [-0.95, 0.95])  # … is tall along the model's y
+    np.testing.assert_allclose(norm.apply_to_normals([[0, 0, 1], [0, 1, 0]]), [[0, 1, 0], [0, 0, -1]])
+    assert np.isclose(np.linalg.det(sampling.BLENDER_TO_MODEL), 1.0)  # a rotation: winding survives
+
+
 def test_normalization_refuses_a_point():
     with pytest.raises(sampling.SamplingError):
         sampling.Normalization.fit(np.ones((4, 3)))
@@ -156,6 +165,8 @@ def test_condition_packs_normalized_float32_points():
     assert cloud.count == 1024
     np.testing.assert_allclose(np.abs(data[:, :3]).max(axis=1), 0.95, rtol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(data[:, 3:], axis=1), 1.0, rtol=1e-5)
+    # normals point away from the centre in the normalized frame too (rotated along with the points)
+    assert (np.sum(data[:, :3] * data[:, 3:], axis=1) > 0).all()
     np.testing.assert_allclose(cloud.normalization.invert(data[:, :3]).mean(axis=0), [1, 2, 3], atol=0.1)
 
 

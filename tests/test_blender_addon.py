@@ -38,6 +38,7 @@ SCENARIOS = (
     "error_python_missing",
     "error_no_torch",
     "error_backend_crash",
+    "cancel_while_starting",
     "unregister_stops_backend",
 )
 
@@ -463,10 +464,27 @@ def scenario_error_backend_crash(s: Session):
     partial = bpy.data.objects["Cube_retopo (partial)"]
     assert len(partial.data.polygons) > 0 and s.stats(partial)["state"] == "failed"
     assert s.job.ACTIVE is None
-    s.job.listeners.clear()  # Blender is fine and the next job starts a fresh backend
+    s.job.listeners.clear()  # Blender is fine and the next job starts a fresh backend …
+    starting = []
+    s.job.listeners.append(lambda run: starting.append(run.starting))
     s.settings.max_faces = 4
     s.activate(src)
     bpy.ops.xspecmesh.retopologize()
+    assert len(bpy.data.objects["Cube_retopo"].data.polygons) > 0
+    assert starting[0] and not starting[-1]  # … in the background: the run steps (the UI draws) while it loads
+
+
+def scenario_cancel_while_starting(s: Session):
+    bpy = s.bpy
+    s.service.stop()
+    s.cube()
+    names = {o.name for o in bpy.data.objects}
+    s.job.listeners.append(lambda run: bpy.ops.xspecmesh.cancel() if run.starting else None)
+    bpy.ops.xspecmesh.retopologize()  # a warning, not an error
+    s.no_leftovers(names)
+    assert s.job.LAST.outcomes[0].state == "not run"
+    s.job.listeners.clear()
+    bpy.ops.xspecmesh.retopologize()  # the start that was under way is reused
     assert len(bpy.data.objects["Cube_retopo"].data.polygons) > 0
 
 

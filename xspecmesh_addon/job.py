@@ -10,6 +10,7 @@ not start (e.g. an empty mesh) and "not run" for those left when the run was can
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from dataclasses import dataclass, field
@@ -56,7 +57,8 @@ class Outcome:
 class Job:
     """One object through the backend. `handle(msg)` takes its replies; `finish()` returns the Outcome."""
 
-    def __init__(self, source, request: DecodeRequest, client, collections, hide_source: bool = False):
+    def __init__(self, source, request: DecodeRequest, client, collections, hide_source: bool = False,
+                 cloud: sampling.PointCloud | None = None):
         self.source_name = source.name
         self.request = request
         self.client = client
@@ -68,8 +70,8 @@ class Job:
         self.stats: dict = {}
         self.triangles = TriangleBuffer()
         self.started = time.perf_counter()
-        depsgraph = bpy.context.evaluated_depsgraph_get()
-        cloud = sampling.condition_from_object(source, depsgraph, seed=request.seed)  # SamplingError: not started
+        if cloud is None:  # SamplingError (nothing to sample): the job never starts
+            cloud = sampling.condition_from_object(source, bpy.context.evaluated_depsgraph_get(), seed=request.seed)
         self.result = ResultObject(source, collections, cloud.normalization.matrix())
         try:
             client.generate(self.id, cloud.data, cloud.count, request.settings())
@@ -150,13 +152,18 @@ class Job:
 
 
 class Run:
-    """A queue of objects through one backend, one at a time; `step()` until `finished`."""
+    """A queue of objects through one backend, one at a time; `step()` until `finished`.
 
-    def __init__(self, sources: list[str], request: DecodeRequest, client, collections_for, *,
-                 hide_source: bool = False, batch: bool = False):
+    It begins with the backend's start (`service.Startup`, maybe already running) and connects once that is done.
+    """
+
+    def __init__(self, sources: list[str], request: DecodeRequest, startup, collections_for, *,
+                 hide_source: bool = False, batch: bool = False, prepared: dict | None = None):
         self.sources = list(sources)
+        self.prepared = dict(prepared or {})  # source name → PointCloud sampled ahead (see `sample_ahead`)
         self.request = request
-        self.client = client
+        self.startup = startup
+        self.client = None  # set once the backend said hello
         self.collections_for = collections_for  # source object → collections to put its result in
         self.hide_source = hide_source
         self.batch = batch
@@ -164,7 +171,13 @@ class Run:
         self.job: Job | None = None
         self.outcomes: list[Outcome] = []
         self.stop_requested = False
+        self.cancel_requested = False  # by the user (Cancel, Esc), as opposed to a failure
         self.started = time.perf_counter()
+
+    @property
+    def starting(self) -> bool:
+        """Waiting for the backend to start (the panel says so)."""
+        return self.client is None and not self.finished
 
     @property
     def finished(self) -> bool:
@@ -178,11 +191,16 @@ class Run:
         """Single object: stop it now. Batch: stop after the current object (a second cancel stops it too)."""
         if self.job is not None and (not self.batch or self.stop_requested):
             self.job.cancel()
-        self.stop_requested = True
+        self.stop_requested = self.cancel_requested = True
+        if self.finished:  # nothing was running (e.g. the backend still starting): account for every object now
+            self._close()
 
     def step(self, timeout: float = 0.0) -> None:
-        """Start the next object if none runs, drain every reply that arrived, rebuild the live mesh once."""
-        if self.job is None:
+        """Connect once the backend is up, start the next object if none runs, drain every reply that arrived,
+        rebuild the live mesh once."""
+        if self.client is None and not self.finished:
+            self._connect(timeout)
+        if self.client is not None and self.job is None:
             self._start_next()
         if self.job is not None:
             for msg in self.client.poll(timeout):
@@ -201,6 +219,20 @@ class Run:
         for listener in list(listeners):
             listener(self)
 
+    def _connect(self, timeout: float) -> None:
+        if not self.startup.wait(timeout):
+            return
+        try:
+            self.client = service.adopt(self.startup)
+        except service.BackendUnavailable as exc:
+            self.outcomes.append(Outcome(self.sources[self.index], "failed", message=str(exc)))
+            self.index += 1
+            self.stop_requested = True
+            return
+        cap = service.heads_cap()  # known now: a request never asks for more heads than the checkpoint has
+        if cap is not None and self.request.heads > cap:
+            self.request = dataclasses.replace(self.request, heads=cap)
+
     def _start_next(self) -> None:
         while self.job is None and self.index < len(self.sources) and not self.stop_requested:
             name = self.sources[self.index]
@@ -208,7 +240,8 @@ class Run:
             try:
                 if source is None:
                     raise sampling.SamplingError(f"'{name}' no longer exists")
-                self.job = Job(source, self.request, self.client, self.collections_for(source), self.hide_source)
+                self.job = Job(source, self.request, self.client, self.collections_for(source), self.hide_source,
+                               self.prepared.pop(name, None))
             except sampling.SamplingError as exc:
                 self.outcomes.append(Outcome(name, "skipped", message=str(exc)))
                 self.index += 1
@@ -249,6 +282,11 @@ class Run:
                 self.job.cancel()
             while not self.finished:
                 self.step(timeout=tick)
+
+
+def sample_ahead(source, seed: int) -> dict:
+    """Sample an object before the backend starts, so an object with nothing to sample fails at once."""
+    return {source.name: sampling.condition_from_object(source, bpy.context.evaluated_depsgraph_get(), seed=seed)}
 
 
 def _first_line(text: str) -> str:

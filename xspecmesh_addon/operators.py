@@ -9,7 +9,7 @@ import bpy
 from bpy.props import StringProperty
 
 from . import job, preferences, service
-from .sampling import CONVERTIBLE_TYPES
+from .sampling import CONVERTIBLE_TYPES, SamplingError
 
 TICK = 0.05  # seconds between UI updates while a job runs
 _timers: list = []  # (window manager, timer) of the modal run, so a file load can remove them
@@ -117,7 +117,7 @@ class XSPECMESH_OT_retopologize(_RunOperator, bpy.types.Operator):
 
     bl_idname = "xspecmesh.retopologize"
     bl_label = "Retopologize"
-    bl_options = {"REGISTER", "UNDO"}
+    bl_options = {"UNDO"}  # no REGISTER: "Adjust Last Operation" would silently rerun a whole generation
 
     @classmethod
     def poll(cls, context):
@@ -133,10 +133,15 @@ class XSPECMESH_OT_retopologize(_RunOperator, bpy.types.Operator):
 
     def make_run(self, context):
         source = _active_source(context)
-        client = preferences.ensure_backend(context)
         settings = context.scene.xspecmesh
-        return job.Run([source.name], settings.to_request(), client, lambda src: list(src.users_collection),
-                       hide_source=settings.hide_source)
+        try:
+            prepared = job.sample_ahead(source, settings.seed)
+        except SamplingError as exc:
+            self.report({"ERROR"}, str(exc))
+            return None
+        startup = preferences.begin_backend(context)
+        return job.Run([source.name], settings.to_request(), startup, lambda src: list(src.users_collection),
+                       hide_source=settings.hide_source, prepared=prepared)
 
     def conclude(self, context, run):
         if not run.outcomes:  # aborted from outside (another file was loaded)
@@ -153,7 +158,7 @@ class XSPECMESH_OT_retopologize(_RunOperator, bpy.types.Operator):
                 context.view_layer.objects.active = result
             self.report({"INFO"}, outcome.summary().replace(f"{outcome.source}:", f"{outcome.result}:", 1))
             return {"FINISHED"}
-        if outcome.state == "cancelled":
+        if outcome.state in ("cancelled", "not run"):  # not run: cancelled while the backend was starting
             kept = f"partial result kept as '{outcome.result}' ({outcome.faces} faces)" if outcome.result else \
                 "no faces were generated"
             self.report({"WARNING"}, f"Cancelled: {kept}")
@@ -168,7 +173,7 @@ class XSPECMESH_OT_retopologize_collection(_RunOperator, bpy.types.Operator):
 
     bl_idname = "xspecmesh.retopologize_collection"
     bl_label = "Retopologize Collection"
-    bl_options = {"REGISTER", "UNDO"}
+    bl_options = {"UNDO"}  # no REGISTER: "Adjust Last Operation" would silently rerun a whole generation
 
     collection: StringProperty(name="Collection", description="Name of the collection (empty: the active one)")
 
@@ -190,12 +195,12 @@ class XSPECMESH_OT_retopologize_collection(_RunOperator, bpy.types.Operator):
         if not objects:
             self.report({"ERROR"}, f"Collection '{name}' has no mesh objects")
             return None
-        client = preferences.ensure_backend(context)
+        startup = preferences.begin_backend(context)
         target = bpy.data.collections.new(f"{name} (retopo)")
         context.scene.collection.children.link(target)
         self._target = target.name
         settings = context.scene.xspecmesh
-        return job.Run(objects, settings.to_request(), client, lambda src: [target],
+        return job.Run(objects, settings.to_request(), startup, lambda src: [target],
                        hide_source=settings.hide_source, batch=True)
 
     def conclude(self, context, run):
@@ -209,7 +214,7 @@ class XSPECMESH_OT_retopologize_collection(_RunOperator, bpy.types.Operator):
         seconds = sum(o.seconds for o in run.outcomes)
         text = f"{done} of {len(run.outcomes)} objects retopologized in {seconds:.1f} s"
         text += f" into '{self._target}'" if made else ""
-        if done == 0 and not run.stop_requested:
+        if done == 0 and not run.cancel_requested:
             self.report({"ERROR"}, text)
         else:
             self.report({"INFO"} if done == len(run.outcomes) else {"WARNING"}, text)

@@ -55,6 +55,8 @@ class XSPECMESH_PT_main(bpy.types.Panel):
         if run.batch:
             box.label(text=f"Object {min(len(run.outcomes) + 1, len(run.sources))} of {len(run.sources)}",
                       icon="OUTLINER_COLLECTION")
+        if run.starting:
+            box.label(text="Starting the backend…", icon="TIME")
         name = current.source_name if current else "…"
         faces = current.faces if current else 0
         box.progress(factor=run.fraction(), type="BAR", text=f"{name}: {faces} faces")

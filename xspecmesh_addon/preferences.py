@@ -59,6 +59,13 @@ def get(context=None) -> XSpecMeshPreferences:
 
 
 def ensure_backend(context=None):
-    """The running backend for the current preferences (raises service.BackendUnavailable with the reason)."""
+    """The running backend for the current preferences, waiting for its start (raises service.BackendUnavailable
+    with the reason)."""
     prefs = get(context)
     return service.ensure(prefs.backend_python, prefs.checkpoint, prefs.device)
+
+
+def begin_backend(context=None):
+    """The running backend, or its start in the background (`service.Startup`)."""
+    prefs = get(context)
+    return service.begin(prefs.backend_python, prefs.checkpoint, prefs.device)

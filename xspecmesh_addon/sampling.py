@@ -1,8 +1,8 @@
 """Evaluated Blender object → the backend's conditioning point cloud.
 
 The mesh (modifiers applied) is read into numpy in world space, sampled uniformly by area with geometric normals, and
-normalized the way the model was trained: bbox centre to the origin, longest side to [-0.95, 0.95]. `Normalization`
-remembers centre and scale so the generated faces go back to the source's frame.
+normalized the way the model was trained: turned from Blender's z-up to the model's y-up, bbox centre to the origin,
+longest side to [-0.95, 0.95]. `Normalization` remembers all of it so the generated faces go back to the source.
 
 No `import bpy` here: `world_triangles` only calls methods on the object it is given, and everything else is plain
 numpy, so the math is tested without Blender.
@@ -24,16 +24,25 @@ class SamplingError(ValueError):
     """The object has nothing to sample (no faces, or all of zero area)."""
 
 
+# Blender is z-up; the model was trained y-up (as glTF and OBJ files are, and as Blender's own OBJ export writes
+# them): x → x, z → y, y → -z. A rotation (determinant +1), so triangle winding is kept.
+BLENDER_TO_MODEL = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, -1.0, 0.0]])
+
+
 @dataclass(frozen=True)
 class Normalization:
-    """world = normalized / scale + centre."""
+    """Blender world space ↔ the model's normalized frame: y-up, bbox centred, longest side 1.9.
+
+    normalized = (R · world − centre) · scale and world = Rᵀ · (normalized / scale + centre), R = BLENDER_TO_MODEL;
+    `centre` is in the model's (rotated) frame.
+    """
 
     centre: tuple[float, float, float]
     scale: float
 
     @classmethod
     def fit(cls, points: np.ndarray) -> "Normalization":
-        p = np.asarray(points, dtype=np.float64).reshape(-1, 3)
+        p = np.asarray(points, dtype=np.float64).reshape(-1, 3) @ BLENDER_TO_MODEL.T
         if len(p) == 0:
             raise SamplingError("no points to normalize")
         lo, hi = p.min(axis=0), p.max(axis=0)
@@ -43,16 +52,20 @@ class Normalization:
         return cls(tuple(float(c) for c in (lo + hi) / 2), 2.0 * HALF_EXTENT / extent)
 
     def apply(self, points: np.ndarray) -> np.ndarray:
-        return (np.asarray(points, dtype=np.float64) - np.asarray(self.centre)) * self.scale
+        return (np.asarray(points, dtype=np.float64) @ BLENDER_TO_MODEL.T - np.asarray(self.centre)) * self.scale
+
+    @staticmethod
+    def apply_to_normals(normals: np.ndarray) -> np.ndarray:
+        return np.asarray(normals, dtype=np.float64) @ BLENDER_TO_MODEL.T
 
     def invert(self, points: np.ndarray) -> np.ndarray:
-        return np.asarray(points, dtype=np.float64) / self.scale + np.asarray(self.centre)
+        return (np.asarray(points, dtype=np.float64) / self.scale + np.asarray(self.centre)) @ BLENDER_TO_MODEL
 
     def matrix(self) -> np.ndarray:
         """The 4×4 matrix of `invert` (normalized → world)."""
         m = np.eye(4)
-        m[:3, :3] /= self.scale
-        m[:3, 3] = self.centre
+        m[:3, :3] = BLENDER_TO_MODEL.T / self.scale
+        m[:3, 3] = BLENDER_TO_MODEL.T @ np.asarray(self.centre)
         return m
 
 
@@ -121,7 +134,7 @@ class PointCloud:
 def condition_from_triangles(tris: np.ndarray, count: int = POINT_COUNT, seed: int = 0) -> PointCloud:
     points, normals = sample_surface(tris, count, seed)
     norm = Normalization.fit(np.asarray(tris).reshape(-1, 3))
-    return PointCloud(pack_points(norm.apply(points), normals), count, norm)
+    return PointCloud(pack_points(norm.apply(points), norm.apply_to_normals(normals)), count, norm)
 
 
 def condition_from_object(obj, depsgraph, count: int = POINT_COUNT, seed: int = 0) -> PointCloud:

@@ -1,12 +1,15 @@
 """The one backend process this Blender session talks to (started on demand, reused, stopped on exit).
 
 Bpy-free: the caller passes the preference values. The process is restarted when the interpreter, checkpoint or
-device changes, or when it died. `hello()` is what it said at start (versions, device, checkpoint, heads).
+device changes, or when it died. Starting takes seconds (torch import, checkpoint load), so `begin` does it in a
+worker thread and returns a `Startup` the caller polls, which keeps Blender's UI drawing meanwhile; `ensure` is the
+blocking form. `hello()` is what the backend said at start (versions, device, checkpoint, heads).
 """
 from __future__ import annotations
 
 import atexit
 import re
+import threading
 
 from . import locations
 from .client import BackendClient
@@ -16,10 +19,48 @@ START_TIMEOUT = 120.0  # seconds: the first start imports torch and loads the ch
 _client: BackendClient | None = None
 _key: tuple | None = None
 _hello: dict | None = None
+_starting: "Startup | None" = None
 
 
 class BackendUnavailable(RuntimeError):
     """The backend could not be started; the message says why in words."""
+
+
+class Startup:
+    """A backend start under way in a worker thread (or one already finished: the running client)."""
+
+    def __init__(self, key: tuple, client: BackendClient, running: bool = False):
+        self.key, self.client, self.error = key, client, None
+        self._lock = threading.Lock()
+        self._finished = running
+        self._abandoned = False
+        self._thread = None if running else threading.Thread(target=self._start, daemon=True,
+                                                             name="xspecmesh-backend-start")
+        if self._thread is not None:
+            self._thread.start()
+
+    def _start(self) -> None:
+        try:
+            self.client.start(timeout=START_TIMEOUT)
+        except Exception as exc:  # handed to the main thread by `adopt`
+            self.error = exc
+        with self._lock:
+            self._finished = True
+            if self._abandoned:
+                _close_quietly(self.client)
+
+    def abandon(self) -> None:
+        """Nobody wants this backend any more: stop it now, or as soon as its start returns."""
+        with self._lock:
+            self._abandoned = True
+            if self._finished:
+                _close_quietly(self.client)
+
+    def wait(self, timeout: float | None = 0.0) -> bool:
+        """True once the start has finished (well or not)."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+        return self._thread is None or not self._thread.is_alive()
 
 
 def configuration(python: str, checkpoint: str, device: str) -> tuple:
@@ -32,22 +73,40 @@ def configuration(python: str, checkpoint: str, device: str) -> tuple:
             locations.backend_path())
 
 
-def ensure(python: str, checkpoint: str = "", device: str = "auto") -> BackendClient:
-    """A running client for these settings, starting (or restarting) the backend when needed."""
-    global _client, _key, _hello
+def begin(python: str, checkpoint: str = "", device: str = "auto") -> Startup:
+    """The running backend for these settings, or a start of one (restarting when the settings changed)."""
+    global _starting
     key = configuration(python, checkpoint, device)
     if _client is not None and _client.alive and key == _key:
-        return _client
+        return Startup(key, _client, running=True)
+    if _starting is not None and _starting.key == key:
+        return _starting
     stop()
-    client = BackendClient(key[0], checkpoint=key[1], device=key[2], backend_path=key[3])
-    try:
-        hello = client.start(timeout=START_TIMEOUT)
-    except Exception as exc:
-        _close_quietly(client)
-        print(f"XSpecMesh: backend did not start: {exc}")
-        raise BackendUnavailable(f"Backend did not start: {readable(str(exc), key[0])}") from None
-    _client, _key, _hello = client, key, dict(hello or {})
-    return client
+    _starting = Startup(key, BackendClient(key[0], checkpoint=key[1], device=key[2], backend_path=key[3]))
+    return _starting
+
+
+def adopt(startup: Startup) -> BackendClient:
+    """Take a finished start's client as the session's backend; raises BackendUnavailable when it failed."""
+    global _client, _key, _hello, _starting
+    if _starting is startup:
+        _starting = None
+    if startup.client is _client:
+        return _client
+    if startup.error is not None or startup.client.hello is None:
+        _close_quietly(startup.client)
+        print(f"XSpecMesh: backend did not start: {startup.error}")
+        raise BackendUnavailable(f"Backend did not start: {readable(str(startup.error), startup.key[0])}")
+    stop()
+    _client, _key, _hello = startup.client, startup.key, dict(startup.client.hello)
+    return _client
+
+
+def ensure(python: str, checkpoint: str = "", device: str = "auto") -> BackendClient:
+    """A running client for these settings, starting (or restarting) the backend and waiting for it."""
+    startup = begin(python, checkpoint, device)
+    startup.wait(None)
+    return adopt(startup)
 
 
 def readable(text: str, python: str | None = None) -> str:
@@ -101,10 +160,14 @@ def forget() -> None:
 
 
 def stop() -> None:
-    global _client, _key, _hello
+    """Stop the backend (and any start under way). The checkpoint's heads stay known for the panel."""
+    global _client, _key, _starting
+    if _starting is not None:
+        _starting.abandon()
+        _starting = None
     if _client is not None:
         _close_quietly(_client)
-    _client, _key, _hello = None, None, None
+    _client, _key = None, None
 
 
 def _close_quietly(client: BackendClient) -> None:

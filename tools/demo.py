@@ -1,0 +1,288 @@
+"""The main job (`python3 build.py demo`): the add-on in headless Blender, AR against XSpecMesh on one object.
+
+Builds and validates the extension zip, installs it into a fresh headless Blender (the bpy module of this Python),
+models a high-poly part of the kind the shipped model was trained on (a chamfered box with a cylinder boss, united
+and densified by modifiers, as the procedural CSG training shapes are), runs Retopologize in AR mode and in
+XSpecMesh mode with the same seed, and prints faces, seconds, SCR, speedup and Chamfer/Hausdorff distance to the
+input (`xspecmesh.metrics.evaluate`). Writes out/demo.blend, out/demo_retopo.obj (the XSpecMesh result), out/demo.png
+(input and result side by side, result edges drawn by a Wireframe-modifier copy) and out/demo.json.
+
+Without the shipped checkpoint (backend/xspecmesh/weights/default.safetensors) it stops with one message; pass
+`--checkpoint PATH` to use another (the tests use a tiny random one).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CHECKPOINT = ROOT / "backend" / "xspecmesh" / "weights" / "default.safetensors"
+MODULE = "bl_ext.user_default.xspecmesh"
+
+
+class DemoError(RuntimeError):
+    pass
+
+
+def resolve_checkpoint(arg: str | None, default: Path = DEFAULT_CHECKPOINT) -> Path:
+    if arg:
+        path = Path(arg).expanduser().resolve()
+        if not path.is_file():
+            raise DemoError(f"checkpoint {path} does not exist")
+        return path
+    if not default.is_file():
+        raise DemoError(f"no checkpoint is installed ({default.relative_to(ROOT) if default.is_relative_to(ROOT) else default} "
+                        "does not exist): train the shipped model first (see the README), or pass --checkpoint PATH")
+    return default
+
+
+# ------------------------------------------------------------------------------------------------ Blender
+
+
+def start_blender(package: Path, checkpoint: Path, device: str):
+    """Fresh headless Blender with the extension installed and pointed at this Python and the checkpoint."""
+    os.environ["BLENDER_USER_RESOURCES"] = tempfile.mkdtemp(prefix="xspecmesh-demo-blender-")
+    import bpy
+
+    bpy.ops.extensions.package_install_files(filepath=str(package), repo="user_default", enable_on_install=True)
+    prefs = bpy.context.preferences.addons[MODULE].preferences
+    prefs.backend_python, prefs.checkpoint, prefs.device = sys.executable, str(checkpoint), device
+    for obj in list(bpy.data.objects):
+        bpy.data.objects.remove(obj)
+    return bpy
+
+
+def make_sample(bpy):
+    """A chamfered box with a cylinder boss: boolean union, then Simple subdivision to make it dense (high-poly)."""
+    bpy.ops.mesh.primitive_cylinder_add(vertices=16, radius=0.45, depth=0.9, location=(0.35, 0.0, 0.55))
+    boss = bpy.context.active_object
+    boss.name = "Boss"
+    boss.hide_set(True)
+    boss.hide_render = True
+    bpy.ops.mesh.primitive_cube_add(size=1.0, location=(0.0, 0.0, 0.0))
+    part = bpy.context.active_object
+    part.name = "Part"
+    part.scale = (2.0, 1.3, 0.6)
+    bpy.ops.object.transform_apply(scale=True)
+    bevel = part.modifiers.new("Chamfer", "BEVEL")
+    bevel.width, bevel.segments = 0.12, 1
+    union = part.modifiers.new("Union", "BOOLEAN")
+    union.operation, union.object, union.solver = "UNION", boss, "EXACT"
+    dense = part.modifiers.new("Dense", "SUBSURF")
+    dense.subdivision_type, dense.levels, dense.render_levels = "SIMPLE", 3, 3
+    return part
+
+
+def evaluated_arrays(bpy, obj) -> tuple[np.ndarray, np.ndarray]:
+    """World-space vertices and triangles of the evaluated object."""
+    depsgraph = bpy.context.evaluated_depsgraph_get()
+    ev = obj.evaluated_get(depsgraph)
+    mesh = ev.to_mesh()
+    mesh.calc_loop_triangles()
+    co = np.empty(len(mesh.vertices) * 3, np.float64)
+    mesh.vertices.foreach_get("co", co)
+    tri = np.empty(len(mesh.loop_triangles) * 3, np.int64)
+    mesh.loop_triangles.foreach_get("vertices", tri)
+    ev.to_mesh_clear()
+    m = np.array(obj.matrix_world)
+    return co.reshape(-1, 3) @ m[:3, :3].T + m[:3, 3], tri.reshape(-1, 3)
+
+
+def retopologize(bpy, source, label: str, **settings) -> tuple[object, dict]:
+    s = bpy.context.scene.xspecmesh
+    for key, value in settings.items():
+        setattr(s, key, value)
+    for obj in bpy.context.view_layer.objects:
+        obj.select_set(False)
+    source.select_set(True)
+    bpy.context.view_layer.objects.active = source
+    t = time.perf_counter()
+    bpy.ops.xspecmesh.retopologize()
+    wall = time.perf_counter() - t
+    result = bpy.context.view_layer.objects.active
+    if result is None or result == source:
+        raise DemoError(f"{label}: Retopologize made no object")
+    result.name = f"{source.name}_retopo_{label}"
+    info = result["xspecmesh"].to_dict()
+    stats = info["stats"]
+    row = {"mode": label, "faces": len(result.data.polygons), "seconds": float(stats.get("seconds", wall)),
+           "wall_seconds": wall, "tokens": stats.get("tokens"), "steps": stats.get("steps"), "scr": stats.get("scr"),
+           "tokens_per_second": stats.get("tokens_per_second"), "heads": info["request"]["heads"] if label != "AR"
+           else None, "delta": info["request"]["delta"] if label != "AR" else None}
+    return result, row
+
+
+def add_metrics(bpy, source, results: list, rows: list) -> None:
+    import trimesh
+
+    from xspecmesh.metrics import evaluate, topology
+
+    ref = trimesh.Trimesh(*evaluated_arrays(bpy, source), process=False)
+    for obj, row in zip(results, rows):
+        pred = trimesh.Trimesh(*evaluated_arrays(bpy, obj), process=False)
+        row.update({k: v for k, v in evaluate(pred, ref, seed=0).items() if k in ("cd", "hd", "cd_10k", "failed")})
+        topo = topology(pred)
+        row["boundary_edges"] = topo.get("boundary_edges")
+        row["non_manifold_edges"] = topo.get("non_manifold_edges")
+
+
+# ------------------------------------------------------------------------------------------------ picture
+
+
+def _wire_copy(scene, obj, name: str, thickness: float, color) -> object:
+    """A copy of `obj` replaced by its edges (Wireframe modifier), drawn in `color`."""
+    wire = obj.copy()
+    wire.name = name
+    for mod in list(wire.modifiers):
+        if mod.type == "WIREFRAME":
+            wire.modifiers.remove(mod)
+    mod = wire.modifiers.new("Edges", "WIREFRAME")
+    mod.thickness, mod.use_replace, mod.use_even_offset = thickness, True, True
+    scene.collection.objects.link(wire)
+    wire.color = color
+    return wire
+
+
+def render(bpy, source, result, path: Path, width: int) -> None:
+    """Input (left) and result (right) side by side with their edges: Workbench, orthographic, object colours."""
+    scene = bpy.context.scene
+    verts, tris = evaluated_arrays(bpy, source)
+    lo, hi = verts.min(axis=0), verts.max(axis=0)
+    size = hi - lo
+    longest = float(size.max())
+    gap = size[0] * 1.35
+    shown = result.copy()  # a linked copy moved to the right; the real result stays on the source
+    shown.name = "Result (shown)"
+    shown.location.x += gap
+    scene.collection.objects.link(shown)
+    shown.color = (0.55, 0.75, 0.95, 1)
+    source.color = (0.9, 0.62, 0.35, 1)
+    edges = [_wire_copy(scene, source, "Input edges", 0.0015 * longest, (0.55, 0.33, 0.15, 1)),
+             _wire_copy(scene, shown, "Result edges", 0.006 * longest, (0.02, 0.02, 0.05, 1))]
+    keep = {source, shown, *edges}
+    for obj in scene.objects:
+        obj.hide_render = obj.type == "MESH" and obj not in keep
+    for text, x in ((f"input: {len(tris)} triangles", 0.0), (f"XSpecMesh: {len(result.data.polygons)} faces", gap)):
+        curve = bpy.data.curves.new(text, "FONT")
+        curve.body, curve.align_x, curve.size = text, "CENTER", 0.09 * longest
+        label = bpy.data.objects.new(text, curve)
+        label.location = ((lo[0] + hi[0]) / 2 + x, lo[1], lo[2] - 0.3 * longest)
+        label.rotation_euler = (math.radians(57), 0, 0)  # faces the camera
+        label.color = (0.1, 0.1, 0.1, 1)
+        scene.collection.objects.link(label)
+
+    centre = np.array([(lo[0] + hi[0] + gap) / 2, (lo[1] + hi[1]) / 2, (lo[2] + hi[2]) / 2 - 0.1 * longest])
+    direction = np.array([0.0, -1.0, 0.65])
+    direction /= np.linalg.norm(direction)
+    cam = bpy.data.objects.new("Camera", bpy.data.cameras.new("Camera"))
+    scene.collection.objects.link(cam)
+    cam.location = (centre + direction * 10 * longest).tolist()
+    from mathutils import Vector
+
+    cam.rotation_euler = (-Vector(direction.tolist())).to_track_quat("-Z", "Y").to_euler()
+    cam.data.type, cam.data.ortho_scale = "ORTHO", (gap + size[0]) * 1.25
+    scene.camera = cam
+
+    scene.render.engine = "BLENDER_WORKBENCH"
+    shading = scene.display.shading
+    shading.light, shading.color_type, shading.show_object_outline = "STUDIO", "OBJECT", False
+    if scene.world is None:
+        scene.world = bpy.data.worlds.new("World")
+    scene.world.color = (1.0, 1.0, 1.0)
+    scene.view_settings.view_transform = "Standard"
+    scene.render.resolution_x, scene.render.resolution_y = width, width // 2
+    scene.render.resolution_percentage = 100
+    scene.render.image_settings.file_format = "PNG"
+    scene.render.filepath = str(path)
+    bpy.ops.render.render(write_still=True)
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+def print_table(rows: list) -> None:
+    head = f"{'mode':<22}{'faces':>7}{'seconds':>9}{'SCR':>7}{'tok/s':>8}{'speedup':>9}{'CD':>8}{'HD':>8}"
+    print("\n" + head + "\n" + "-" * len(head))
+    for r in rows:
+        name = r["mode"] if r["heads"] is None else f"{r['mode']} D={r['heads']} δ={r['delta']:.2g}"
+        scr = f"{r['scr']:.2f}" if isinstance(r.get("scr"), (int, float)) else "–"
+        tps = f"{r['tokens_per_second']:.0f}" if isinstance(r.get("tokens_per_second"), (int, float)) else "–"
+        print(f"{name:<22}{r['faces']:>7}{r['seconds']:>9.2f}{scr:>7}{tps:>8}{r['speedup']:>8.2f}×"
+              f"{r.get('cd', float('nan')):>8.4f}{r.get('hd', float('nan')):>8.4f}")
+    print()
+
+
+def run(args) -> int:
+    checkpoint = resolve_checkpoint(args.checkpoint)
+    sys.path.insert(0, str(ROOT / "tools"))
+    import zip as zip_tool
+
+    package = zip_tool.build(ROOT / "dist")
+    zip_tool.validate(package)
+    print(f"extension: {package} (validated)", flush=True)
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+
+    bpy = start_blender(package, checkpoint, args.device)
+    source = make_sample(bpy)
+    n_in = len(evaluated_arrays(bpy, source)[1])
+    print(f"input: '{source.name}', {n_in} triangles after modifiers", flush=True)
+    common = dict(max_faces=args.max_faces, seed=args.seed, temperature=args.temperature, hide_source=False)
+    warm, _ = retopologize(bpy, source, "warmup", mode="spec", **{**common, "max_faces": 8})
+    bpy.data.objects.remove(warm)  # first-call costs (thread pools, allocator) out of the timings
+    ar, ar_row = retopologize(bpy, source, "AR", mode="ar", **common)
+    spec, spec_row = retopologize(bpy, source, "XSpecMesh", mode="spec", heads=args.heads, delta=args.delta,
+                                  accept="threshold", **common)
+    rows = [ar_row, spec_row]
+    for r in rows:
+        r["speedup"] = ar_row["seconds"] / r["seconds"] if r["seconds"] > 0 else float("nan")
+    add_metrics(bpy, source, [ar, spec], rows)
+    print_table(rows)
+
+    for obj in bpy.context.view_layer.objects:
+        obj.select_set(obj == spec)
+    bpy.ops.wm.obj_export(filepath=str(out / "demo_retopo.obj"), export_selected_objects=True,
+                          export_materials=False, apply_modifiers=True)
+    bpy.ops.wm.save_as_mainfile(filepath=str(out / "demo.blend"), copy=True)
+    render(bpy, source, spec, out / "demo.png", args.width)
+    report = {"checkpoint": str(checkpoint), "input_triangles": n_in, "rows": rows,
+              "backend": bpy.context.preferences.addons[MODULE].preferences.device}
+    (out / "demo.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+    for name in ("demo.blend", "demo_retopo.obj", "demo.png", "demo.json"):
+        print(f"wrote {out / name}")
+    sys.modules[f"{MODULE}.service"].stop()
+    return 0 if all(r["faces"] > 0 for r in rows) else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--checkpoint", help="model to use (default: the shipped default.safetensors)")
+    parser.add_argument("--out", default=str(ROOT / "out"), help="output folder (default: out/)")
+    parser.add_argument("--heads", type=int, default=4, help="drafting heads D for XSpecMesh mode")
+    parser.add_argument("--delta", type=float, default=0.5, help="acceptance threshold δ")
+    parser.add_argument("--temperature", type=float, default=0.5)
+    parser.add_argument("--max-faces", type=int, default=1000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--width", type=int, default=1280, help="picture width in pixels (height is half)")
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except DemoError as exc:
+        print(f"demo: error: {exc}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:  # an operator's ERROR report
+        print(f"demo: error: {str(exc).strip()}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
