@@ -178,6 +178,7 @@ class Engine:
         stats = DecodeStats()
         detok = tok.IncrementalDetokenizer()
         faces = 0
+        summary: dict = {}
         for accepted in self.decoder(cond, settings, stats):
             tris = [detok.push(t) for t in accepted[0]]
             tris = np.concatenate(tris) if tris else np.zeros((0, 3, 3), dtype=np.int64)
@@ -186,7 +187,10 @@ class Engine:
             faces += len(tris)
             full = settings.max_faces is not None and faces >= settings.max_faces
             summary = stats.as_dict() | {"faces": faces, "seconds": round(time.perf_counter() - start, 4),
-                                         "decode_seconds": round(stats.seconds, 4)}
+                                         "decode_seconds": round(stats.seconds, 4), "mode": settings.mode,
+                                         "heads": settings.heads if settings.mode == "spec" else 0,
+                                         "delta": settings.delta, "accept": settings.accept,
+                                         "device": str(self.device)}
             yield StepUpdate(accepted[0], tok.dequantize(tris).astype(np.float32), summary, done=full)
             if full:
                 return

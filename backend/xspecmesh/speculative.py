@@ -24,6 +24,7 @@ import torch
 from xspecmesh import tokenizer as tok
 from xspecmesh.generate import DecodeStats
 from xspecmesh.heads import DraftHeads
+from xspecmesh.kv_cache import KVCache
 from xspecmesh.model import MeshTransformer
 from xspecmesh.sampling import Grammar, SamplingConfig, distribution, draw
 
@@ -83,9 +84,11 @@ def decode_speculative(
     max_tokens: int,
     generator: torch.Generator | None = None,
     stats: DecodeStats | None = None,
+    cache: KVCache | None = None,
 ) -> Iterator[list[list[int]]]:
     """Speculative decoding of B sequences with D = num_heads drafts per step; yields per step, per sequence, the
-    tokens accepted in that step (r, d1..da or the resampled/bonus token), like `decode_ar`."""
+    tokens accepted in that step (r, d1..da or the resampled/bonus token), like `decode_ar`. A caller-made `cache`
+    (from `model.new_cache`) lets tests inspect it between steps."""
     stats = stats if stats is not None else DecodeStats()
     dev, b, d = cond.device, cond.shape[0], num_heads
     stats.accept_hist = [0] * (d + 1)
@@ -96,7 +99,7 @@ def decode_speculative(
     grammar = Grammar(dev)
     rows = torch.arange(b, device=dev)
     max_tokens = min(max_tokens, model.cfg.max_seq_len - d - 1)
-    cache = model.new_cache(cond, max_tokens + d + 3)
+    cache = cache if cache is not None else model.new_cache(cond, max_tokens + d + 3)
     head_ctx = heads.context(cond)
     emitted = torch.zeros(b, dtype=torch.long, device=dev)
     finished = torch.zeros(b, dtype=torch.bool, device=dev)

@@ -1,0 +1,388 @@
+"""Training: the backbone on procedural shapes, then the paper's two distillation stages for the drafting heads.
+
+    backbone  next-token cross-entropy, from scratch (or --init)
+    heads     stage 1: backbone frozen; head k learns the backbone's distribution k positions further on (KL), with
+              loss weights decaying exponentially in k
+    lora      stage 2: peft LoRA adapters on the backbone's projections trained jointly with the heads; the backbone's
+              own cross-entropy weighted λ keeps its distribution in place; LoRA is merged before saving
+
+Runs the same under `torchrun --nproc_per_node=N` (DDP; NCCL on GPU, gloo on CPU). Checkpoints are safetensors:
+`<out>/model.safetensors` (inference) and `<out>/state.safetensors` (weights in fp32 + optimizer, for --resume).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from contextlib import nullcontext
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from xspecmesh import tokenizer as tok
+from xspecmesh.checkpoint import load_checkpoint, save_checkpoint
+from xspecmesh.config import HeadsConfig, preset
+from xspecmesh.data import ShapeConfig, TrainingPair, iter_pairs, load_mesh_dir, validation_pairs
+from xspecmesh.errors import CheckpointError, SettingsError
+from xspecmesh.heads import DraftHeads
+from xspecmesh.model import MeshTransformer
+
+# The decoder's attention and feed-forward projections (the point encoder keeps its weights).
+LORA_TARGETS = r"layers\.\d+\.((self_attn|cross_attn)\.(to_q|to_k|to_v|to_out)|ff\.(proj|out))"
+
+
+@dataclass
+class TrainConfig:
+    stage: str = "backbone"  # backbone | heads | lora
+    out: str = "runs/backbone"
+    preset: str = "small"  # backbone stage without --init
+    init: str | None = None  # checkpoint to start from (required for heads and lora)
+    steps: int = 20000
+    token_budget: int = 4096  # tokens per micro-batch (sequences bucketed by length)
+    grad_accum: int = 1
+    lr: float = 5e-4
+    warmup: int = 300
+    min_lr_ratio: float = 0.1  # cosine decay down to lr * this
+    weight_decay: float = 0.05
+    grad_clip: float = 1.0
+    max_faces: int = 400
+    meshes: str | None = None  # an optional directory of the user's own meshes, mixed in
+    seed: int = 0
+    eval_every: int = 500
+    save_every: int = 200
+    val_count: int = 32  # validation pairs for loss/accuracy
+    gen_count: int = 4  # AR generations scored with Chamfer distance at each evaluation
+    # heads / lora
+    num_heads: int = 6
+    head_kind: str = "cross"
+    head_decay: float = 0.8  # head k's loss weight is decay**(k-1)
+    ce_weight: float = 0.1  # plus cross-entropy to the true token (0 = pure distillation)
+    lora_rank: int = 16
+    lora_alpha: int = 32
+    backbone_weight: float = 50.0  # λ: weight of the backbone's own loss in stage 2
+    resume: bool = False
+    log_every: int = 10
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def collate(pairs: list[TrainingPair]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """inputs (B, L+1) with BOS at 0, targets (B, L+1) ending in EOS and padded with -1, points (B, N, 6)."""
+    length = max(len(p.tokens) for p in pairs) + 1
+    inputs = torch.zeros(len(pairs), length, dtype=torch.long)
+    targets = torch.full((len(pairs), length), -1, dtype=torch.long)
+    for i, p in enumerate(pairs):
+        t = torch.as_tensor(p.tokens, dtype=torch.long)
+        inputs[i, 1 : len(t) + 1] = t
+        targets[i, : len(t)] = t
+        targets[i, len(t)] = tok.EOS
+    points = torch.from_numpy(np.stack([p.points for p in pairs]))
+    return inputs, targets, points
+
+
+def batches(pairs, token_budget: int, pool: int = 64):
+    """Length-bucketed micro-batches of at most `token_budget` padded tokens from an endless pair stream."""
+    buf: list[TrainingPair] = []
+    for pair in pairs:
+        buf.append(pair)
+        if len(buf) < pool:
+            continue
+        buf.sort(key=lambda p: len(p.tokens))
+        batch: list[TrainingPair] = []
+        while buf:
+            nxt = buf[0]
+            if batch and (len(batch) + 1) * (len(nxt.tokens) + 1) > token_budget:
+                break
+            batch.append(buf.pop(0))
+        yield collate(batch)
+
+
+def training_pairs(cfg: TrainConfig, num_points: int, rank: int):
+    shape_cfg = ShapeConfig(max_faces=cfg.max_faces)
+    procedural = iter_pairs(cfg.seed, shape_cfg, num_points=num_points, augment=True, worker=rank)
+    if not cfg.meshes:
+        yield from procedural
+        return
+    files, _ = load_mesh_dir(cfg.meshes, num_points=num_points, seed=cfg.seed + rank)
+    rng = np.random.default_rng(cfg.seed + 1000 + rank)
+    for pair in procedural:  # half procedural, half the user's files
+        yield pair
+        if files:
+            yield files[rng.integers(len(files))]
+
+
+# ---------------------------------------------------------------------------------------------- losses
+
+
+def head_distillation_loss(head_logits, teacher_logits, targets, decay: float, ce_weight: float):
+    """Head k at position j matches the backbone's distribution at position j+k (KL), plus optional CE to the true
+    token there. Returns the weighted loss and per-head top-1 agreement with the backbone."""
+    d = head_logits.shape[2]
+    total, weights, agree = 0.0, 0.0, []
+    teacher_logp = teacher_logits.float().log_softmax(-1)
+    for k in range(1, d + 1):
+        valid = targets[:, k:] >= 0
+        s = head_logits[:, :-k, k - 1].float().log_softmax(-1)[valid]
+        t = teacher_logp[:, k:][valid]
+        kl = F.kl_div(s, t, log_target=True, reduction="batchmean")
+        loss = kl + ce_weight * F.nll_loss(s, targets[:, k:][valid]) if ce_weight else kl
+        w = decay ** (k - 1)
+        total, weights = total + w * loss, weights + w
+        agree.append((s.argmax(-1) == t.argmax(-1)).float().mean().item() if len(s) else 0.0)
+    return total / weights, agree
+
+
+# ---------------------------------------------------------------------------------------------- state
+
+
+def save_state(path: Path, modules: dict, optimizer, step: int, cfg: TrainConfig) -> None:
+    tensors = {}
+    for prefix, m in modules.items():
+        for k, v in m.state_dict().items():
+            tensors[f"{prefix}.{k}"] = v.detach().float().cpu().contiguous()
+    opt = optimizer.state_dict()
+    for idx, st in opt["state"].items():
+        for k, v in st.items():
+            tensors[f"opt.{idx}.{k}"] = torch.as_tensor(v).float().cpu().contiguous()
+    meta = {"step": str(step), "config": json.dumps(dataclasses.asdict(cfg)),
+            "param_groups": json.dumps(opt["param_groups"])}
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    tmp.replace(path)
+
+
+def load_state(path: Path, modules: dict, optimizer) -> int:
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    for prefix, m in modules.items():
+        sd = {k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+        m.load_state_dict(sd)
+    state: dict = {}
+    for k, v in tensors.items():
+        if k.startswith("opt."):
+            _, idx, name = k.split(".", 2)
+            state.setdefault(int(idx), {})[name] = v
+    optimizer.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
+    return int(meta["step"])
+
+
+# ---------------------------------------------------------------------------------------------- trainer
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        if cfg.stage not in ("backbone", "heads", "lora"):
+            raise SettingsError(f"unknown stage {cfg.stage!r}")
+        self.cfg = cfg
+        self.distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        if self.distributed and not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        self.rank = dist.get_rank() if self.distributed else 0
+        self.world = dist.get_world_size() if self.distributed else 1
+        self.device = torch.device(f"cuda:{self.rank % torch.cuda.device_count()}" if torch.cuda.is_available()
+                                   else "cpu")
+        torch.manual_seed(cfg.seed)
+        self.out = Path(cfg.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._build()
+
+    # -- models ------------------------------------------------------------------------------------------------
+    def _build(self) -> None:
+        cfg = self.cfg
+        if cfg.stage == "backbone":
+            self.model = (load_checkpoint(cfg.init).model if cfg.init else MeshTransformer(preset(cfg.preset)))
+            self.heads = None
+        else:
+            if not cfg.init:
+                raise SettingsError(f"stage {cfg.stage} needs --init CHECKPOINT (a trained backbone)")
+            ckpt = load_checkpoint(cfg.init)
+            self.model = ckpt.model
+            hcfg = HeadsConfig(num_heads=cfg.num_heads, kind=cfg.head_kind)
+            keep = ckpt.heads is not None and ckpt.heads.cfg == hcfg
+            self.heads = ckpt.heads if keep else DraftHeads(self.model.cfg, hcfg)
+        self.model.to(self.device)
+        if self.heads is not None:
+            self.heads.to(self.device)
+        if cfg.stage == "heads":
+            self.model.requires_grad_(False).eval()
+        self.peft = None
+        if cfg.stage == "lora":
+            from peft import LoraConfig, get_peft_model
+
+            self.peft = get_peft_model(self.model, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
+                                                              target_modules=LORA_TARGETS))
+            self.model = self.peft.get_base_model()  # same modules, now carrying the adapters
+        self.trainable = [p for p in self.modules().values() for p in p.parameters() if p.requires_grad]
+        self.ddp = {}
+        if self.distributed:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.ddp = {name: DDP(m) for name, m in self.modules().items()
+                        if any(p.requires_grad for p in m.parameters())}
+        decay = [p for p in self.trainable if p.ndim >= 2]
+        no_decay = [p for p in self.trainable if p.ndim < 2]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.lr, betas=(0.9, 0.95))
+
+    def modules(self) -> dict:
+        return {"model": self.model} | ({"heads": self.heads} if self.heads is not None else {})
+
+    def lr_at(self, step: int) -> float:
+        cfg = self.cfg
+        if step < cfg.warmup:
+            return cfg.lr * (step + 1) / cfg.warmup
+        t = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+        return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+
+    # -- one micro-batch ---------------------------------------------------------------------------------------
+    def loss(self, inputs, targets, points) -> tuple[torch.Tensor, dict]:
+        model = self.ddp.get("model", self.model)
+        amp = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
+        with amp:
+            if self.cfg.stage == "heads":
+                with torch.no_grad():
+                    cond = self.model.encode(points)
+                    logits, hidden = self.model(inputs, cond=cond)
+            else:
+                cond = model.module.encode(points) if self.ddp.get("model") else self.model.encode(points)
+                logits, hidden = self._forward(model, inputs, cond)
+            ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1)
+            if self.cfg.stage == "backbone":
+                acc = (logits.argmax(-1) == targets)[targets >= 0].float().mean().item()
+                return ce, {"loss": ce.item(), "acc": acc}
+            heads = self.ddp.get("heads", self.heads)
+            head_logits = heads(hidden.detach() if self.cfg.stage == "heads" else hidden,
+                                self.heads.context(cond.detach() if self.cfg.stage == "heads" else cond),
+                                self.model.to_logits)
+            distill, agree = head_distillation_loss(head_logits, logits.detach(), targets, self.cfg.head_decay,
+                                                    self.cfg.ce_weight)
+        loss = distill if self.cfg.stage == "heads" else distill + self.cfg.backbone_weight * ce
+        return loss, {"loss": loss.item(), "distill": distill.item(), "ce": ce.item(),
+                      **{f"agree{k + 1}": a for k, a in enumerate(agree)}}
+
+    @staticmethod
+    def _forward(model, inputs, cond):
+        return model(inputs, cond=cond)
+
+    # -- loop --------------------------------------------------------------------------------------------------
+    def run(self) -> dict:
+        cfg = self.cfg
+        state_path = self.out / "state.safetensors"
+        step = 0
+        if cfg.resume and state_path.exists():
+            step = load_state(state_path, self.modules(), self.optimizer)
+        num_points = self.model.cfg.encoder.num_points
+        stream = batches(training_pairs(cfg, num_points, self.rank), cfg.token_budget)
+        log = (self.out / "log.jsonl").open("a") if self.rank == 0 else None
+        bar = tqdm(total=cfg.steps, initial=step, disable=self.rank != 0, desc=f"train {cfg.stage}")
+        last: dict = {}
+        tokens_seen, t0 = 0, time.perf_counter()
+        while step < cfg.steps:
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.lr_at(step)
+            self.optimizer.zero_grad(set_to_none=True)
+            for _ in range(cfg.grad_accum):
+                inputs, targets, points = (t.to(self.device) for t in next(stream))
+                loss, last = self.loss(inputs, targets, points)
+                (loss / cfg.grad_accum).backward()
+                tokens_seen += int((targets >= 0).sum())
+            torch.nn.utils.clip_grad_norm_(self.trainable, cfg.grad_clip)
+            self.optimizer.step()
+            step += 1
+            bar.update(1)
+            if self.rank == 0 and step % cfg.log_every == 0:
+                rate = tokens_seen * self.world / (time.perf_counter() - t0)
+                row = {"step": step, "lr": self.lr_at(step), "tokens_per_second": round(rate, 1),
+                       **{k: round(v, 5) for k, v in last.items()}}
+                bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{rate:.0f}")
+                log.write(json.dumps(row) + "\n")
+                log.flush()
+            if self.rank == 0 and (step % cfg.save_every == 0 or step == cfg.steps):
+                self.save(step)
+            if self.rank == 0 and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
+                ev = self.evaluate()
+                log.write(json.dumps({"step": step, **{f"val_{k}": v for k, v in ev.items()}}) + "\n")
+                log.flush()
+                bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in ev.items()))
+        bar.close()
+        if self.distributed:
+            dist.barrier()
+        return last
+
+    # -- saving and evaluation ---------------------------------------------------------------------------------
+    def inference_modules(self):
+        """The backbone with any LoRA merged in (a merged copy; training continues on the adapters)."""
+        if self.peft is None:
+            return self.model, self.heads
+        import copy
+
+        return copy.deepcopy(self.peft).merge_and_unload(), self.heads
+
+    def save(self, step: int) -> None:
+        save_state(self.out / "state.safetensors", self.modules(), self.optimizer, step, self.cfg)
+        model, heads = self.inference_modules()
+        save_checkpoint(self.out / "model.safetensors", model, heads, dtype="float32",
+                        meta={"preset": self.cfg.preset if self.cfg.stage == "backbone" and not self.cfg.init
+                              else None, "stage": self.cfg.stage, "step": step})
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Validation loss/accuracy (teacher forced), head agreement, and a few AR generations scored by CD."""
+        from xspecmesh.engine import Engine, DecodeSettings
+        from xspecmesh.checkpoint import Checkpoint
+        from xspecmesh.metrics import evaluate as score
+
+        model, heads = self.inference_modules()
+        model.eval()
+        n = self.model.cfg.encoder.num_points
+        if not hasattr(self, "_val"):
+            self._val = validation_pairs(self.cfg.val_count, config=ShapeConfig(max_faces=self.cfg.max_faces),
+                                         num_points=n)
+        totals: dict[str, float] = {}
+        for i in range(0, len(self._val), 8):
+            inputs, targets, points = (t.to(self.device) for t in collate(self._val[i : i + 8]))
+            cond = model.encode(points)
+            logits, hidden = model(inputs, cond=cond)
+            valid = targets >= 0
+            totals["loss"] = totals.get("loss", 0) + F.cross_entropy(
+                logits[valid].float(), targets[valid], reduction="sum").item()
+            totals["acc"] = totals.get("acc", 0) + (logits.argmax(-1) == targets)[valid].sum().item()
+            totals["count"] = totals.get("count", 0) + valid.sum().item()
+            if heads is not None:
+                hl = heads(hidden, heads.context(cond), model.to_logits)
+                _, agree = head_distillation_loss(hl, logits, targets, 1.0, 0.0)
+                for k, a in enumerate(agree):
+                    totals[f"agree{k + 1}"] = totals.get(f"agree{k + 1}", 0) + a * len(inputs)
+        count = totals.pop("count")
+        result = {"loss": totals.pop("loss") / count, "acc": totals.pop("acc") / count}
+        result |= {k: v / len(self._val) for k, v in totals.items()}
+        if self.cfg.gen_count:
+            engine = Engine(Checkpoint(model, heads, "training"), self.device)
+            cds, ok = [], 0
+            for pair in self._val[: self.cfg.gen_count]:
+                res = engine.generate(pair.points, DecodeSettings(mode="ar", max_tokens=len(pair.tokens) * 2 + 50))
+                if len(res.triangles):
+                    ok += 1
+                    cds.append(score(_mesh(res.triangles), _mesh(tok.dequantize(tok.decode(pair.tokens))))["cd"])
+            result["gen_ok"] = ok / self.cfg.gen_count
+            result["gen_cd"] = float(np.median(cds)) if cds else float("nan")
+        self.model.train(self.cfg.stage != "heads")
+        return result
+
+
+def _mesh(triangles: np.ndarray):
+    import trimesh
+
+    return trimesh.Trimesh(triangles.reshape(-1, 3), np.arange(len(triangles) * 3).reshape(-1, 3), process=True)

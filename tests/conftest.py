@@ -1,0 +1,48 @@
+"""Shared fixtures: tiny models built in milliseconds."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from xspecmesh.config import HeadsConfig, preset
+from xspecmesh.heads import DraftHeads
+from xspecmesh.model import MeshTransformer
+
+torch.set_num_threads(1)  # tiny models: threads only add synchronisation (and CI has 2 cores)
+
+
+def tiny_model(seed: int = 0, sharpen: float = 1.0) -> MeshTransformer:
+    """A random `tiny` backbone; `sharpen` scales the output layer so its distributions are peaky, not uniform."""
+    torch.manual_seed(seed)
+    model = MeshTransformer(preset("tiny")).eval()
+    with torch.no_grad():
+        model.to_logits.weight.mul_(sharpen)
+    return model
+
+
+def tiny_heads(model: MeshTransformer, d: int = 4, kind: str = "cross", seed: int = 1) -> DraftHeads:
+    torch.manual_seed(seed)
+    return DraftHeads(model.cfg, HeadsConfig(num_heads=d, kind=kind)).eval()
+
+
+@pytest.fixture
+def model():
+    return tiny_model()
+
+
+@pytest.fixture
+def cond(model):
+    torch.manual_seed(5)
+    with torch.no_grad():
+        return model.encode(torch.randn(2, model.cfg.encoder.num_points, 6))
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("XSPECMESH_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow; set XSPECMESH_SLOW=1 to run")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,155 @@
+"""Speculative decoding: every acceptance rule against plain AR decoding on tiny random models."""
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+
+from xspecmesh.generate import DecodeStats, decode_ar, run_to_end
+from xspecmesh.sampling import Grammar, SamplingConfig
+from xspecmesh.speculative import AcceptConfig, decode_speculative
+
+from conftest import tiny_heads, tiny_model
+
+GREEDY = SamplingConfig(temperature=0.0)
+
+
+def condition(model, b=1, seed=5):
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        return model.encode(torch.randn(b, model.cfg.encoder.num_points, 6))
+
+
+def ar(model, cond, sampling, n, seed=0):
+    return run_to_end(decode_ar(model, cond, sampling, n, torch.Generator().manual_seed(seed)), cond.shape[0])
+
+
+def spec(model, heads, cond, sampling, rule, n, d=4, seed=0, stats=None):
+    steps = decode_speculative(model, heads, cond, sampling, rule, d, n, torch.Generator().manual_seed(seed), stats)
+    return run_to_end(steps, cond.shape[0])
+
+
+class OracleHeads:
+    """Drafts the backbone's own future greedy tokens: what perfectly trained heads would propose."""
+
+    def __init__(self, future: list[int]):
+        self.future, self.pos, self.num_heads = future, 0, 8
+
+    def context(self, cond):
+        return None
+
+    def __call__(self, hidden, context, to_logits, heads):
+        out = torch.full((1, 1, heads, 5121), -1e4)
+        for k in range(heads):
+            if self.pos + k < len(self.future):
+                out[0, 0, k, self.future[self.pos + k]] = 0.0
+        return out
+
+
+@pytest.mark.parametrize("d", [1, 3, 6])
+def test_greedy_speculative_equals_greedy_ar_with_untrained_heads(d):
+    model = tiny_model(sharpen=30.0)
+    cond = condition(model, b=3)
+    want = ar(model, cond, GREEDY, 150)
+    stats = DecodeStats()
+    got = spec(model, tiny_heads(model, d=6), cond, GREEDY, AcceptConfig("greedy"), 150, d=d, stats=stats)
+    assert got == want
+    assert sum(stats.accept_hist) > 0 and stats.scr >= 1.0
+
+
+def test_oracle_heads_reach_scr_near_d_plus_one():
+    model = tiny_model(sharpen=30.0)
+    cond = condition(model)
+    want = ar(model, cond, GREEDY, 300)[0]
+    oracle = OracleHeads(want)
+    stats = DecodeStats()
+    got = []
+    for accepted in decode_speculative(model, oracle, cond, GREEDY, AcceptConfig("greedy"), 4, 300, None, stats):
+        got.extend(accepted[0])
+        oracle.pos = len(got)
+    assert got == want
+    assert stats.scr > 4.5  # D + 1 = 5 tokens per step, less the prefill and the tail
+    assert stats.accept_hist[4] >= stats.steps - 3
+
+
+def test_threshold_delta_one_reproduces_ar_sampling():
+    model = tiny_model(sharpen=30.0)
+    cond = condition(model, b=2)
+    sampling = SamplingConfig(0.8, 20, 1.0)  # (a top-p cut can flip on float noise between batched and single forwards)
+    want = ar(model, cond, sampling, 200, seed=11)
+    stats = DecodeStats()
+    got = spec(model, tiny_heads(model), cond, sampling, AcceptConfig("threshold", delta=1.0), 200, seed=11, stats=stats)
+    assert got == want
+    assert stats.accept_hist[0] == sum(stats.accept_hist)  # no draft was ever accepted
+
+
+def test_threshold_delta_zero_accepts_every_grammatical_draft():
+    model = tiny_model(sharpen=30.0)
+    cond = condition(model)
+    stats = DecodeStats()
+    seq = spec(model, tiny_heads(model), cond, SamplingConfig(0.8, 20, 0.95), AcceptConfig("threshold", 0.0), 200, stats=stats)[0]
+    assert stats.accept_hist[-1] == sum(stats.accept_hist) - (stats.accept_hist[-1] < sum(stats.accept_hist))
+    assert Grammar().run(seq) is not None  # still a legal sequence
+
+
+def test_topk_rule_accepts_only_top_k_tokens():
+    model = tiny_model(sharpen=30.0)
+    cond = condition(model)
+    stats = DecodeStats()
+    spec(model, tiny_heads(model), cond, SamplingConfig(0.8, 20, 0.95), AcceptConfig("topk", topk=1), 120, stats=stats)
+    stats_k = DecodeStats()
+    spec(model, tiny_heads(model), cond, SamplingConfig(0.8, 20, 0.95), AcceptConfig("topk", topk=50), 120, stats=stats_k)
+    assert sum(stats_k.head_accepts) >= sum(stats.head_accepts)
+
+
+def test_cache_equals_fresh_prefill_after_every_step():
+    model = tiny_model(sharpen=30.0)
+    cond = condition(model, b=2)
+    heads = tiny_heads(model)
+    cache = model.new_cache(cond, 400)
+    seqs = [[], []]
+    steps = decode_speculative(model, heads, cond, SamplingConfig(0.8, 20, 0.95), AcceptConfig("threshold", 0.3), 4,
+                               120, torch.Generator().manual_seed(2), None, cache)
+    checked = 0
+    for accepted in steps:
+        for s, a in zip(seqs, accepted):
+            s.extend(a)
+        for b in range(2):
+            if len(seqs[b]) < 2 or cache.lengths[b] != len(seqs[b]):
+                continue  # finished sequences keep their cache frozen
+            # the cache holds BOS + every accepted token but the newest (fed at the next step)
+            fresh = model.new_cache(cond[b : b + 1], 400)
+            inp = torch.tensor([[0] + seqs[b][:-1]])
+            model(inp, cache=fresh)
+            n = int(cache.lengths[b])
+            assert torch.allclose(cache.k[:, b, :, :n], fresh.k[:, 0, :, :n], atol=1e-5)
+            assert torch.allclose(cache.v[:, b, :, :n], fresh.v[:, 0, :, :n], atol=1e-5)
+            checked += 1
+    assert checked > 10
+
+
+def first_tokens(seqs, n=4):
+    return collections.Counter(tuple(s[:n]) for s in seqs)
+
+
+def total_variation(a: collections.Counter, b: collections.Counter) -> float:
+    na, nb = sum(a.values()), sum(b.values())
+    return 0.5 * sum(abs(a[k] / na - b[k] / nb) for k in set(a) | set(b))
+
+
+def test_exact_rule_preserves_the_sampling_distribution():
+    """Over 2000 samples the joint law of the first tokens matches plain sampling; accepting every draft
+    (a wrong rule) is far off, which shows the bound has power."""
+    model = tiny_model(sharpen=8.0)
+    sampling = SamplingConfig(1.0, 3, 1.0)
+    n = 2000
+    cond = condition(model).expand(n, -1, -1).contiguous()
+    heads = tiny_heads(model)
+    plain = first_tokens(ar(model, cond, sampling, 3, seed=1), 3)
+    plain2 = first_tokens(ar(model, cond, sampling, 3, seed=2), 3)
+    exact = first_tokens(spec(model, heads, cond, sampling, AcceptConfig("exact"), 3, d=2, seed=3), 3)
+    wrong = first_tokens(spec(model, heads, cond, sampling, AcceptConfig("threshold", 0.0), 3, d=2, seed=3), 3)
+    noise = total_variation(plain, plain2)
+    assert total_variation(plain, exact) < max(0.06, 2.5 * noise)
+    assert total_variation(plain, wrong) > 0.2
