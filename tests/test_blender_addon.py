@@ -32,6 +32,7 @@ SCENARIOS = (
     "batch_cancel",
     "abort_on_file_load",
     "panel_draws",
+    "modal_path",
     "error_not_mesh",
     "error_empty_mesh",
     "error_missing_collection",
@@ -398,6 +399,70 @@ def scenario_panel_draws(s: Session):
     assert running and "progress" in running[0]
     ops = [c for c in running[0] if c == "operator"]
     assert ops, "no Cancel button while running"
+
+
+def scenario_modal_path(s: Session):
+    """The interactive path without a window: the operator's own modal code, driven by fake timer/Esc events."""
+    from types import SimpleNamespace
+
+    bpy = s.bpy
+    ops = sys.modules[f"{MODULE}.operators"]
+    src = s.cube()
+
+    class WindowManager:
+        def __init__(self):
+            self.timers, self.handlers, self.removed = [], [], []
+
+        def event_timer_add(self, step, window=None):
+            self.timers.append(object())
+            return self.timers[-1]
+
+        def modal_handler_add(self, op):
+            self.handlers.append(op)
+
+        def event_timer_remove(self, timer):
+            self.removed.append(timer)
+
+    class Probe(ops._RunOperator):  # the real operator's code on a plain object (bpy operators need a window)
+        make_run = ops.XSPECMESH_OT_retopologize.make_run
+        conclude = ops.XSPECMESH_OT_retopologize.conclude
+
+        def __init__(self):
+            self.reports = []
+
+        def report(self, kind, text):
+            self.reports.append((next(iter(kind)), text))
+
+    def drive(max_faces, esc_after=None):
+        s.settings.max_faces = max_faces
+        s.activate(src)
+        real, wm = bpy.context, WindowManager()
+        ctx = SimpleNamespace(window=object(), window_manager=wm, screen=None, scene=real.scene,
+                              preferences=real.preferences, view_layer=real.view_layer, active_object=src,
+                              selected_objects=[src])
+        op = Probe()
+        assert op.start_modal(ctx) == {"RUNNING_MODAL"} and wm.handlers == [op]
+        assert not bpy.ops.xspecmesh.retopologize.poll()  # greyed out while a job runs
+        tick = SimpleNamespace(type="TIMER", value="NOTHING", timer=wm.timers[0])
+        assert op.modal(ctx, SimpleNamespace(type="MOUSEMOVE", value="NOTHING", timer=None)) == {"PASS_THROUGH"}
+        for _ in range(3000):
+            if esc_after is not None and s.job.ACTIVE.job is not None and s.job.ACTIVE.job.faces >= esc_after:
+                assert op.modal(ctx, SimpleNamespace(type="ESC", value="PRESS", timer=None)) == {"RUNNING_MODAL"}
+                esc_after = None
+            result = op.modal(ctx, tick)
+            if result != {"RUNNING_MODAL"}:
+                break
+            time.sleep(0.01)
+        assert result == {"FINISHED"} and wm.removed == wm.timers and s.job.ACTIVE is None
+        return op.reports
+
+    reports = drive(4)
+    assert reports[-1][0] == "INFO" and "Cube_retopo:" in reports[-1][1] and "SCR" in reports[-1][1], reports
+    assert 0 < len(bpy.data.objects["Cube_retopo"].data.polygons) <= 4
+    reports = drive(5000, esc_after=2)
+    assert reports[-1][0] == "WARNING" and "Cancelled" in reports[-1][1], reports
+    partial = s.job.LAST.outcomes[0].result  # "Cube_retopo.001 (partial)": the first result kept its name
+    assert partial.endswith(" (partial)") and len(bpy.data.objects[partial].data.polygons) >= 2
 
 
 def scenario_error_not_mesh(s: Session):

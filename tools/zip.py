@@ -19,7 +19,6 @@ import json
 import re
 import subprocess
 import sys
-import tomllib
 import zipfile
 from pathlib import Path
 
@@ -37,13 +36,14 @@ class BuildError(RuntimeError):
 
 
 def version() -> str:
-    manifest = tomllib.loads(MANIFEST.read_text(encoding="utf-8"))
-    text = (BACKEND / "__init__.py").read_text(encoding="utf-8")
-    match = re.search(r'^__version__\s*=\s*"([^"]+)"', text, re.M)
-    package = match.group(1) if match else None
-    if manifest["version"] != package:
-        raise BuildError(f"blender_manifest.toml says version {manifest['version']}, the xspecmesh package {package}")
-    return manifest["version"]
+    def read(path: Path, key: str) -> str | None:  # a top-level `key = "value"` line (no tomllib on Python 3.10)
+        match = re.search(rf'^{key}\s*=\s*"([^"]+)"', path.read_text(encoding="utf-8"), re.M)
+        return match.group(1) if match else None
+
+    manifest, package = read(MANIFEST, "version"), read(BACKEND / "__init__.py", "__version__")
+    if not manifest or manifest != package:
+        raise BuildError(f"blender_manifest.toml says version {manifest}, the xspecmesh package {package}")
+    return manifest
 
 
 def entries(with_checkpoint: bool = True) -> list[tuple[Path, str]]:

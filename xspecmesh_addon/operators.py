@@ -69,6 +69,9 @@ class _RunOperator:
     def invoke(self, context, event):
         if bpy.app.background or context.window is None:
             return self.execute(context)
+        return self.start_modal(context)
+
+    def start_modal(self, context):
         run = self._launch(context)
         if run is None:
             return {"CANCELLED"}
