@@ -369,12 +369,20 @@ class _Layout:
         return call
 
 
-def _check_draw(s: Session, panel) -> list:
+def _check_draw(s: Session, panel, owner=None) -> list:
+    """Draw `panel` (or preferences `owner`) into a recorder; every property, operator and icon must exist."""
     from types import SimpleNamespace
 
     calls = []
-    panel.draw(SimpleNamespace(layout=_Layout(calls), draw_progress=panel.draw_progress), s.bpy.context)
+    if owner is None:
+        panel.draw(SimpleNamespace(layout=_Layout(calls), draw_progress=panel.draw_progress), s.bpy.context)
+    else:
+        fake = SimpleNamespace(layout=_Layout(calls), bl_rna=owner.bl_rna,
+                               **{k: getattr(owner, k) for k in ("backend_python", "checkpoint", "device")})
+        type(owner).draw(fake, s.bpy.context)
+    icons = set(s.bpy.types.UILayout.bl_rna.functions["label"].parameters["icon"].enum_items.keys())
     for name, args, kwargs in calls:
+        assert kwargs.get("icon", "NONE") in icons, kwargs["icon"]
         if name == "prop":
             data, prop = args[0], args[1]
             assert prop in data.bl_rna.properties, prop
@@ -392,6 +400,7 @@ def scenario_panel_draws(s: Session):
     assert (panel.bl_space_type, panel.bl_region_type, panel.bl_category) == ("VIEW_3D", "UI", "XSpecMesh")
     idle = _check_draw(s, panel)
     assert "progress" not in idle and idle.count("prop") >= 7
+    assert _check_draw(s, None, owner=s.prefs).count("operator") == 2  # Test Backend, Stop Backend
     s.cube()
     running = []
     s.job.listeners.append(lambda run: running.append(_check_draw(s, panel)) if run.job and not running else None)
@@ -407,6 +416,7 @@ def scenario_modal_path(s: Session):
 
     bpy = s.bpy
     ops = sys.modules[f"{MODULE}.operators"]
+    assert {"type", "value"} <= set(bpy.types.Event.bl_rna.properties.keys())  # all the fake events carry
     src = s.cube()
 
     class WindowManager:
@@ -443,11 +453,11 @@ def scenario_modal_path(s: Session):
         op = Probe()
         assert op.start_modal(ctx) == {"RUNNING_MODAL"} and wm.handlers == [op]
         assert not bpy.ops.xspecmesh.retopologize.poll()  # greyed out while a job runs
-        tick = SimpleNamespace(type="TIMER", value="NOTHING", timer=wm.timers[0])
-        assert op.modal(ctx, SimpleNamespace(type="MOUSEMOVE", value="NOTHING", timer=None)) == {"PASS_THROUGH"}
+        tick = SimpleNamespace(type="TIMER", value="NOTHING")  # only what bpy.types.Event has
+        assert op.modal(ctx, SimpleNamespace(type="MOUSEMOVE", value="NOTHING")) == {"PASS_THROUGH"}
         for _ in range(3000):
             if esc_after is not None and s.job.ACTIVE.job is not None and s.job.ACTIVE.job.faces >= esc_after:
-                assert op.modal(ctx, SimpleNamespace(type="ESC", value="PRESS", timer=None)) == {"RUNNING_MODAL"}
+                assert op.modal(ctx, SimpleNamespace(type="ESC", value="PRESS")) == {"RUNNING_MODAL"}
                 esc_after = None
             result = op.modal(ctx, tick)
             if result != {"RUNNING_MODAL"}:

@@ -90,7 +90,7 @@ class _RunOperator:
         if event.type == "ESC" and event.value == "PRESS":
             run.cancel()
             return {"RUNNING_MODAL"}
-        if event.type != "TIMER" or event.timer is not self._timer:
+        if event.type != "TIMER":  # (events do not say which timer fired; another timer only steps us sooner)
             return {"PASS_THROUGH"}
         try:
             run.step(0.0)
