@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # also for the servers and CLIs the tests start
+
 import pytest
 import torch
 

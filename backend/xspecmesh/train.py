@@ -283,6 +283,7 @@ class Trainer:
         step = 0
         if cfg.resume and state_path.exists():
             step = load_state(state_path, self.modules(), self.optimizer)
+        self.start_step = step
         num_points = self.model.cfg.encoder.num_points
         stream = batches(training_pairs(cfg, num_points, self.rank), cfg.token_budget)
         log = (self.out / "log.jsonl").open("a") if self.rank == 0 else None
@@ -319,6 +320,7 @@ class Trainer:
         bar.close()
         if self.distributed:
             dist.barrier()
+        self.step = step
         return last
 
     # -- saving and evaluation ---------------------------------------------------------------------------------

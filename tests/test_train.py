@@ -1,0 +1,107 @@
+"""Training stages on the tiny preset: a few steps each (seconds)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from xspecmesh.checkpoint import load_checkpoint, write_random_checkpoint
+from xspecmesh.train import TrainConfig, Trainer, collate
+from xspecmesh.data import ShapeConfig, validation_pairs
+
+FAST = dict(preset="tiny", token_budget=600, max_faces=40, eval_every=0, gen_count=0, save_every=1000, log_every=1,
+            warmup=1)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    pairs = validation_pairs(4, config=ShapeConfig(max_faces=40), num_points=128)
+    return collate(pairs)
+
+
+def snapshot(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def changed(before, module):
+    return {k for k, v in module.state_dict().items() if not torch.equal(before[k], v)}
+
+
+def test_backbone_loss_decreases_and_resume(tmp_path, batch):
+    tr = Trainer(TrainConfig(stage="backbone", out=str(tmp_path), steps=12, lr=3e-3, save_every=6, **{
+        k: v for k, v in FAST.items() if k != "save_every"}))
+    before = tr.loss(*batch)[0].item()
+    tr.run()
+    after = tr.loss(*batch)[0].item()
+    assert after < before - 0.1
+    assert (tmp_path / "model.safetensors").exists() and (tmp_path / "log.jsonl").exists()
+    resumed = Trainer(TrainConfig(stage="backbone", out=str(tmp_path), steps=14, resume=True, **FAST))
+    resumed.run()
+    assert resumed.start_step == 12 and resumed.step == 14
+    w = load_checkpoint(tmp_path / "model.safetensors").model.state_dict()
+    assert load_checkpoint(tmp_path / "model.safetensors").meta["step"] == 14 and len(w) > 0
+
+
+def test_stage1_changes_only_heads(tmp_path, batch):
+    init = write_random_checkpoint(tmp_path / "bb.safetensors", "tiny", heads=0)
+    tr = Trainer(TrainConfig(stage="heads", init=str(init), out=str(tmp_path / "h"), steps=8, lr=3e-3, num_heads=3,
+                             **FAST))
+    model_before, heads_before = snapshot(tr.model), snapshot(tr.heads)
+    first = tr.loss(*batch)[0].item()
+    tr.run()
+    assert not changed(model_before, tr.model)
+    assert changed(heads_before, tr.heads)
+    assert tr.loss(*batch)[0].item() < first
+    ck = load_checkpoint(tmp_path / "h" / "model.safetensors")
+    assert ck.max_heads == 3
+
+
+def test_stage2_changes_only_lora_and_heads_and_merges_exactly(tmp_path, batch):
+    init = write_random_checkpoint(tmp_path / "bb.safetensors", "tiny", heads=2)
+    tr = Trainer(TrainConfig(stage="lora", init=str(init), out=str(tmp_path / "l"), steps=6, lr=5e-3, num_heads=2,
+                             lora_rank=4, **FAST))
+    before, heads_before = snapshot(tr.model), snapshot(tr.heads)
+    tr.run()
+    diff = changed(before, tr.model)
+    assert diff and all("lora_" in k for k in diff)
+    assert changed(heads_before, tr.heads)
+    inputs, _, points = batch
+    tr.model.eval()
+    merged, _ = tr.inference_modules()
+    with torch.no_grad():
+        a, _ = tr.model(inputs, cond=tr.model.encode(points))
+        b, _ = merged(inputs, cond=merged.encode(points))
+    assert torch.allclose(a, b, atol=1e-4)
+    assert not any("lora" in k for k in merged.state_dict())
+    ck = load_checkpoint(tmp_path / "l" / "model.safetensors")  # saved merged: loads as a plain backbone
+    with torch.no_grad():
+        c, _ = ck.model(inputs, cond=ck.model.encode(points))
+    assert torch.allclose(a, c, atol=1e-4)
+
+
+def test_ddp_two_cpu_processes_end_identical(tmp_path):
+    script = tmp_path / "ddp.py"
+    script.write_text(textwrap.dedent(f"""
+        import torch
+        from safetensors.torch import save_file
+        from xspecmesh.train import TrainConfig, Trainer
+        tr = Trainer(TrainConfig(stage="backbone", out={str(tmp_path / 'run')!r}, steps=3, **{FAST!r}))
+        last = tr.run()
+        assert all(torch.isfinite(torch.tensor(v)) for v in last.values())
+        save_file({{k: v.contiguous() for k, v in tr.model.state_dict().items()}},
+                  {str(tmp_path)!r} + f"/rank{{tr.rank}}.safetensors")
+    """))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+                        str(script)], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(tmp_path / "rank0.safetensors")), load_file(str(tmp_path / "rank1.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    fresh = write_random_checkpoint(tmp_path / "fresh.safetensors", "tiny", heads=0)
+    assert not torch.equal(a["to_logits.weight"], load_checkpoint(fresh).model.to_logits.weight)
