@@ -1,0 +1,425 @@
+"""Benchmarks (DESIGN §5): plain AR against XSpecMesh speculative decoding on the same model, inputs and seeds.
+
+`run_bench` decodes every input with every seed under every variant (AR, each speculative configuration, optionally
+the naive reference loop), interleaved: for one input and seed all variants run back to back, in an order rotated
+from one trial to the next, after a short warm-up of each. Speedup is the median over (input, seed) of the pairwise
+ratio AR seconds / variant seconds, so slow inputs and machine drift do not bias it. Quality is each output against
+its input (`metrics.evaluate`: CD/HD at BPT's 1024 samples and at 10k); an exception or an empty generation is a
+failure, counted in its row and never dropped from the speed numbers.
+
+`step_cost` isolates the price of one speculative step: drafting D tokens with the heads plus verifying D+1 positions
+in one backbone forward, against one AR forward, at a fixed cache length. With every draft accepted ("oracle") a step
+yields D+1 tokens, so (D+1) / cost ratio bounds the wall-clock speedup that acceptance could ever buy.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import trimesh
+
+from xspecmesh import tokenizer
+from xspecmesh.engine import DecodeSettings, Engine
+from xspecmesh.errors import MeshError, SettingsError
+from xspecmesh.metrics import GEOMETRY_KEYS, evaluate
+from xspecmesh.mesh import MESH_EXTENSIONS, load_mesh, normalize, sample_surface, weld
+
+WARMUP_TOKENS = 48  # warm-up decodes are cut here: enough to touch every code path
+
+
+@dataclass
+class BenchInput:
+    name: str
+    points: np.ndarray  # (N, 6) xyz + normal, normalized frame
+    reference: trimesh.Trimesh  # what the output is compared with, same frame
+
+
+@dataclass(frozen=True)
+class Variant:
+    mode: str  # ar | spec | naive
+    heads: int | None = None
+    delta: float | None = None  # threshold rule only
+    accept: str | None = None
+
+    @property
+    def label(self) -> str:
+        if self.mode != "spec":
+            return self.mode
+        return f"spec D={self.heads} {self.accept}" + (f" δ={self.delta:g}" if self.delta is not None else "")
+
+    def settings(self, seed: int, max_tokens: int, **sampling) -> DecodeSettings:
+        s = DecodeSettings(mode=self.mode, seed=seed, max_tokens=max_tokens, **sampling)
+        if self.mode == "spec":
+            s.heads, s.accept = self.heads, self.accept
+            if self.delta is not None:
+                s.delta = self.delta
+        return s
+
+
+def variants(heads=(4,), deltas=(0.5,), accepts=("threshold",), naive: bool = False) -> list[Variant]:
+    """AR first, then every speculative configuration (δ only varies the threshold rule), then naive if asked."""
+    out = [Variant("ar")]
+    for d, rule in itertools.product(heads, accepts):
+        for delta in (deltas if rule == "threshold" else (None,)):
+            v = Variant("spec", int(d), None if delta is None else float(delta), rule)
+            if v not in out:
+                out.append(v)
+    return out + ([Variant("naive")] if naive else [])
+
+
+# ---------------------------------------------------------------------------------------------------------- inputs
+
+
+def procedural_inputs(count: int, num_points: int, seed: int = 12345) -> list[BenchInput]:
+    """Held-out procedural shapes (data.validation_pairs): the reference is the mesh their tokens describe."""
+    from xspecmesh.data import validation_pairs
+
+    out = []
+    for i, pair in enumerate(validation_pairs(count, seed=seed, num_points=num_points)):
+        verts, faces = tokenizer.decode_mesh(pair.tokens)
+        out.append(BenchInput(f"{i:03d}-{pair.family}", pair.points, trimesh.Trimesh(verts, faces, process=False)))
+    return out
+
+
+def mesh_inputs(directory, count: int | None, num_points: int) -> tuple[list[BenchInput], list[str]]:
+    """The first `count` usable mesh files of a directory (sorted, recursive), normalized and surface-sampled;
+    plus one 'name: reason' line per unusable file."""
+    root = Path(directory)
+    if not root.is_dir():
+        raise MeshError(f"not a directory: {root}")
+    out, skipped = [], []
+    for file in sorted(p for p in root.rglob("*") if p.suffix.lower() in MESH_EXTENSIONS):
+        if count is not None and len(out) >= count:
+            break
+        try:
+            mesh = load_mesh(file)
+            mesh = trimesh.Trimesh(normalize(mesh.vertices)[0], mesh.faces, process=False)
+            points = sample_surface(mesh, num_points, seed=0)
+        except MeshError as exc:
+            skipped.append(f"{file.name}: {exc}")
+            continue
+        out.append(BenchInput(file.stem, points, mesh))
+    if not out:
+        raise MeshError(f"no usable mesh files in {root}")
+    return out, skipped
+
+
+# ----------------------------------------------------------------------------------------------------- the bench
+
+
+def _run_once(engine: Engine, inp: BenchInput, variant: Variant, seed: int, max_tokens: int, sampling: dict,
+              evaluate_quality: bool = True) -> dict:
+    row = {"input": inp.name, "seed": seed, "label": variant.label}
+    settings = variant.settings(seed, max_tokens, **sampling)
+    start, cpu_start = time.perf_counter(), time.process_time()
+    try:
+        result = engine.generate(inp.points, settings)
+    except Exception as exc:  # a failure to count, not a reason to lose the whole run
+        return row | {"failed": True, "error": f"{type(exc).__name__}: {exc}", "seconds": math.nan,
+                      "cpu_seconds": math.nan}
+    row["seconds"] = time.perf_counter() - start
+    row["cpu_seconds"] = time.process_time() - cpu_start  # all threads: a load-robust companion to wall time
+    st = result.stats
+    row |= {k: st.get(k, 0) for k in ("tokens", "steps", "scr", "tokens_per_second")}
+    row["decode_seconds"] = st.get("decode_seconds", math.nan)
+    row["accept_hist"] = st.get("accept_hist")
+    tris = result.triangles.reshape(-1, 3)
+    pred = None
+    if len(tris):
+        verts, faces = weld(tris, np.arange(len(tris)).reshape(-1, 3))
+        pred = trimesh.Trimesh(verts, faces, process=False) if len(faces) else None
+    row["faces"] = 0 if pred is None else len(pred.faces)
+    if not evaluate_quality:
+        return row | {"failed": pred is None}
+    return row | evaluate(pred, inp.reference, seed=0)
+
+
+def run_bench(engine: Engine, inputs: list[BenchInput], variant_list: list[Variant], seeds: int = 1,
+              max_tokens: int = 10000, sampling: dict | None = None, progress: bool = True) -> dict:
+    """Every input × seed × variant, interleaved; returns {device, checkpoint, ..., rows, runs}."""
+    from tqdm import tqdm
+
+    if not inputs:
+        raise SettingsError("nothing to benchmark: no inputs")
+    if seeds < 1:
+        raise SettingsError("--seeds must be at least 1")
+    if variant_list[0].mode != "ar":
+        raise SettingsError("the first variant must be AR (speedups are relative to it)")
+    for v in variant_list:
+        v.settings(0, max_tokens, **(sampling or {})).validate(engine.max_heads)
+    sampling = sampling or {}
+    trials = [(inp, seed) for inp in inputs for seed in range(seeds)]
+    bar = tqdm(total=len(variant_list) * (1 + len(trials)), desc="bench", unit="run", disable=not progress,
+               file=sys.stderr, dynamic_ncols=True)
+    for v in variant_list:  # warm-up: allocator, kernels, lazy initialisation; results discarded
+        bar.set_postfix_str(f"warm-up {v.label}")
+        _run_once(engine, inputs[0], v, 0, min(max_tokens, WARMUP_TOKENS), sampling, evaluate_quality=False)
+        bar.update()
+    runs = []
+    for t, (inp, seed) in enumerate(trials):
+        k = t % len(variant_list)
+        for v in variant_list[k:] + variant_list[:k]:  # A B C, B C A, ...: no variant always runs first
+            bar.set_postfix_str(f"{inp.name} seed {seed} {v.label}")
+            runs.append({"variant": v, **_run_once(engine, inp, v, seed, max_tokens, sampling)})
+            bar.update()
+    bar.close()
+    rows = [_summarize(v, runs, variant_list[0], seeds) for v in variant_list]
+    out = {**machine_info(engine), "checkpoint": engine.ckpt.path, "inputs": len(inputs), "seeds": seeds,
+           "max_tokens": max_tokens, "sampling": DecodeSettings(**sampling).sampling().__dict__, "rows": rows}
+    naive = next((r for r in rows if r["mode"] == "naive"), None)
+    if naive is not None and naive["speedup"] is not None:
+        out["ar_vs_naive"] = 1.0 / naive["speedup"]  # how much faster our AR loop is than the reference loop
+    out["runs"] = [{**{k: v for k, v in r.items() if k != "variant"}, **_variant_fields(r["variant"])} for r in runs]
+    return _clean(out)
+
+
+def _variant_fields(v: Variant) -> dict:
+    return {"mode": v.mode, "heads": v.heads, "delta": v.delta, "accept": v.accept}
+
+
+def _mean(xs) -> float | None:
+    xs = [x for x in xs if x is not None and not math.isnan(x)]
+    return sum(xs) / len(xs) if xs else None
+
+
+def _median(xs) -> float | None:
+    xs = [x for x in xs if x is not None and not math.isnan(x)]
+    return statistics.median(xs) if xs else None
+
+
+def _summarize(v: Variant, runs: list[dict], ar: Variant, seeds: int) -> dict:
+    mine = [r for r in runs if r["variant"] == v]
+    base = {(r["input"], r["seed"]): r for r in runs if r["variant"] == ar}
+    timed = [r for r in mine if not math.isnan(r["seconds"])]
+    ok = [r for r in mine if not r["failed"]]
+    pairs = [(base[(r["input"], r["seed"])], r) for r in timed if not math.isnan(base[(r["input"], r["seed"])]
+                                                                                  ["seconds"])]
+    row = _variant_fields(v) | {
+        "runs": len(mine),
+        "failures": len(mine) - len(ok),
+        "seconds": _median(r["seconds"] for r in timed),
+        "decode_seconds": _median(r["decode_seconds"] for r in timed),
+        "speedup": _median(a["seconds"] / b["seconds"] for a, b in pairs if b["seconds"] > 0),
+        "cpu_seconds": _median(r["cpu_seconds"] for r in timed),
+        "speedup_cpu": _median(a["cpu_seconds"] / b["cpu_seconds"] for a, b in pairs if b["cpu_seconds"] > 0),
+        "speedup_tokens": _median(b["tokens_per_second"] / a["tokens_per_second"] for a, b in pairs
+                                  if a["tokens_per_second"] > 0),
+        "scr": sum(r["tokens"] for r in timed) / max(1, sum(r["steps"] for r in timed)),
+        "tokens_per_second": _median(r["tokens_per_second"] for r in timed),
+        "tokens": _mean(r["tokens"] for r in timed),
+        "faces": _mean(r["faces"] for r in timed),
+    }
+    row |= {k: _mean(r[k] for r in ok) for k in GEOMETRY_KEYS}
+    hists = [r["accept_hist"] for r in timed if r.get("accept_hist")]
+    if hists:  # head k is tried when a step accepted >= k drafts, and accepted when it accepted > k
+        hist = np.sum(hists, axis=0)
+        row["accept_hist"] = hist.tolist()
+        row["head_accept_rates"] = [float(hist[k + 1:].sum() / max(1, hist[k:].sum())) for k in range(len(hist) - 1)]
+    if seeds >= 3:  # quality parity: the spread of per-seed mean CD/HD
+        for key in ("cd", "hd"):
+            per_seed = [_mean(r[key] for r in ok if r["seed"] == s) for s in range(seeds)]
+            per_seed = [x for x in per_seed if x is not None]
+            row[f"{key}_seed_mean"] = _mean(per_seed)
+            row[f"{key}_seed_std"] = statistics.stdev(per_seed) if len(per_seed) >= 2 else None
+    return row
+
+
+def _clean(x):
+    """JSON-safe: NaN/inf become None, numpy scalars plain numbers."""
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    if isinstance(x, (np.floating, float)):
+        return None if not math.isfinite(float(x)) else float(x)
+    if isinstance(x, np.integer):
+        return int(x)
+    return x
+
+
+def machine_info(engine: Engine) -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"device": str(engine.device), "cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__}
+    if engine.device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(engine.device)
+    return info
+
+
+# ------------------------------------------------------------------------------------------------------ step cost
+
+
+def _timed(fn, device: torch.device) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of fn(), device work included."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start, cpu_start = time.perf_counter(), time.process_time()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start, time.process_time() - cpu_start
+
+
+@torch.no_grad()
+def step_cost(engine: Engine, depths=range(1, 7), cache_lengths=(500, 1500), repeats: int = 50, warmup: int = 5,
+              progress: bool = True) -> dict:
+    """Median wall time of one speculative step (heads draft D tokens, backbone verifies D+1 positions) over one
+    AR step (backbone on 1 position), same model and cache, interleaved, per cache length and D."""
+    from tqdm import tqdm
+
+    model, heads, dev = engine.model, engine.ckpt.heads, engine.device
+    if heads is None:
+        raise SettingsError("this checkpoint has no drafting heads")
+    depths = [d for d in depths if 1 <= d <= heads.num_heads]
+    if not depths:
+        raise SettingsError(f"no D in range: the checkpoint has {heads.num_heads} head(s)")
+    rng = np.random.default_rng(0)
+    xyz = rng.normal(size=(4096, 3))
+    xyz /= np.linalg.norm(xyz, axis=1, keepdims=True)
+    cond = engine.condition(np.concatenate([xyz * 0.9, xyz], 1), seed=0)  # a sphere: the content does not matter
+    ctx = heads.context(cond)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    rows, lengths = [], []
+    bar = tqdm(total=len(cache_lengths) * (warmup + repeats), desc="step cost", unit="rep", disable=not progress,
+               file=sys.stderr, dynamic_ncols=True)
+    for want in cache_lengths:
+        length = max(1, min(int(want), model.cfg.max_seq_len - max(depths) - 2))  # the model's position table
+        lengths.append(length)
+        cache = model.new_cache(cond, length + max(depths) + 2)
+        prefix = torch.randint(0, tokenizer.EOS, (1, length), generator=gen).to(dev)  # position 0 reads as BOS
+        _, hidden = model(prefix, cache=cache)
+        h = hidden[:, -1:]
+        start_len = cache.lengths.clone()
+        last = prefix[:, -1:]
+
+        def ar():
+            model(last, cache=cache)
+            cache.rollback(start_len)
+
+        def draft(d):
+            return heads(h, ctx, model.to_logits, heads=d)[:, 0].argmax(-1)  # (1, D) greedy drafts
+
+        def verify(drafts):
+            model(torch.cat([last, drafts], 1), cache=cache)
+            cache.rollback(start_len)
+
+        samples = {item: [] for item in ["ar", *depths]}  # per repetition: (wall, cpu) of draft and verify
+        order = ["ar", *depths]
+        for rep in range(warmup + repeats):
+            k = rep % len(order)
+            for item in order[k:] + order[:k]:
+                if item == "ar":
+                    t = (_timed(ar, dev), (0.0, 0.0))
+                else:
+                    box = {}
+                    t = (_timed(lambda: box.setdefault("d", draft(item)), dev), _timed(lambda: verify(box["d"]), dev))
+                if rep >= warmup:
+                    samples[item].append(t)
+            bar.update()
+
+        def med(item, part, clock):  # part: 0 draft (the AR forward for "ar"), 1 verify, None both
+            return statistics.median(sum(t[p][clock] for p in ((0, 1) if part is None else (part,)))
+                                     for t in samples[item])
+
+        ar_s, ar_cpu = med("ar", None, 0), med("ar", None, 1)
+        for d in depths:
+            step, step_cpu = med(d, None, 0), med(d, None, 1)
+            rows.append({"cache_length": length, "heads": d, "ar_ms": 1e3 * ar_s, "draft_ms": 1e3 * med(d, 0, 0),
+                         "verify_ms": 1e3 * med(d, 1, 0), "step_ms": 1e3 * step, "ratio": step / ar_s,
+                         "oracle_speedup": (d + 1) * ar_s / step, "ratio_cpu": step_cpu / max(ar_cpu, 1e-9),
+                         "oracle_speedup_cpu": (d + 1) * ar_cpu / max(step_cpu, 1e-9)})
+    bar.close()
+    cfg = model.cfg
+    return _clean({**machine_info(engine), "checkpoint": engine.ckpt.path, "repeats": repeats,
+                   "model": {"dim": cfg.dim, "depth": cfg.depth, "heads": cfg.heads, "max_seq_len": cfg.max_seq_len},
+                   "cache_lengths": lengths, "rows": rows})
+
+
+# ------------------------------------------------------------------------------------------------------ reporting
+
+
+def _fmt(x, spec: str = ".3f") -> str:
+    return "–" if x is None else format(x, spec)
+
+
+def markdown(result: dict) -> str:
+    lines = [f"device {result['device']} ({result['cpu']}, {result['threads']} threads), checkpoint "
+             f"{result['checkpoint']}, {result['inputs']} inputs × {result['seeds']} seed(s), max "
+             f"{result['max_tokens']} tokens", "",
+             "| mode | D | δ | accept | s/mesh | speedup | CPU-time speedup | SCR | tok/s | CD | HD | CD 10k | HD 10k "
+             "| faces | failed |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['mode']} | {r['heads'] or '–'} | {_fmt(r['delta'], 'g')} | {r['accept'] or '–'} | "
+                     f"{_fmt(r['seconds'])} | {_fmt(r['speedup'], '.2f')}× | {_fmt(r['speedup_cpu'], '.2f')}× | "
+                     f"{_fmt(r['scr'], '.2f')} | "
+                     f"{_fmt(r['tokens_per_second'], '.0f')} | {_fmt(r['cd'], '.4f')} | {_fmt(r['hd'], '.4f')} | "
+                     f"{_fmt(r['cd_10k'], '.4f')} | {_fmt(r['hd_10k'], '.4f')} | {_fmt(r['faces'], '.0f')} | "
+                     f"{r['failures']}/{r['runs']} |")
+    if "ar_vs_naive" in result:
+        lines += ["", f"our AR loop vs the naive reference loop: {result['ar_vs_naive']:.2f}× faster"]
+    if result["seeds"] >= 3:
+        lines += ["", f"quality over {result['seeds']} seeds (mean ± std of per-seed mean):", "",
+                  "| mode | D | δ | accept | CD | HD |", "|---|---|---|---|---|---|"]
+        for r in result["rows"]:
+            lines.append(f"| {r['mode']} | {r['heads'] or '–'} | {_fmt(r['delta'], 'g')} | {r['accept'] or '–'} | "
+                         f"{_fmt(r['cd_seed_mean'], '.4f')} ± {_fmt(r['cd_seed_std'], '.4f')} | "
+                         f"{_fmt(r['hd_seed_mean'], '.4f')} ± {_fmt(r['hd_seed_std'], '.4f')} |")
+    return "\n".join(lines)
+
+
+def step_cost_markdown(result: dict) -> str:
+    m = result["model"]
+    lines = [f"device {result['device']} ({result['cpu']}, {result['threads']} threads), checkpoint "
+             f"{result['checkpoint']} (dim {m['dim']}, depth {m['depth']}), medians of {result['repeats']}", "",
+             "| cache | D | AR step ms | draft ms | verify ms | spec step ms | cost ratio | oracle speedup | "
+             "CPU-time ratio | oracle speedup (CPU time) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['cache_length']} | {r['heads']} | {r['ar_ms']:.2f} | {r['draft_ms']:.2f} | "
+                     f"{r['verify_ms']:.2f} | {r['step_ms']:.2f} | {r['ratio']:.2f} | {r['oracle_speedup']:.2f}× | "
+                     f"{_fmt(r['ratio_cpu'], '.2f')} | {_fmt(r['oracle_speedup_cpu'], '.2f')}× |")
+    return "\n".join(lines)
+
+
+def plot(result: dict, path) -> None:
+    """Speedup and SCR against δ (one line per D) and against D (one line per δ), CD against δ, to a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    spec = [r for r in result["rows"] if r["mode"] == "spec" and r["accept"] == "threshold"]
+    ar = next(r for r in result["rows"] if r["mode"] == "ar")
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7), constrained_layout=True)
+    for row_axes, (x_key, line_key, x_label) in zip(axes, (("delta", "heads", "δ"), ("heads", "delta", "D"))):
+        for ax, (key, name) in zip(row_axes, (("speedup", "speedup over AR"), ("scr", "SCR"), ("cd", "CD (1024)"))):
+            for line in sorted({r[line_key] for r in spec}):
+                pts = sorted((r[x_key], r[key]) for r in spec if r[line_key] == line and r[key] is not None)
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", label=f"{'D' if line_key == 'heads' else 'δ'}={line:g}")
+            base = 1.0 if key in ("speedup", "scr") else ar["cd"]
+            if base is not None:
+                ax.axhline(base, color="grey", linestyle="--", linewidth=1, label="AR")
+            ax.set_xlabel(x_label)
+            ax.set_ylabel(name)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+    fig.suptitle(f"{result['device']} · {Path(str(result['checkpoint'])).name} · {result['inputs']} inputs × "
+                 f"{result['seeds']} seeds")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

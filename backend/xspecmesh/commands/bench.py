@@ -1,0 +1,117 @@
+"""`xspecmesh bench`: AR vs XSpecMesh speculative decoding on the same model, inputs and seeds (xspecmesh/bench.py);
+`--step-cost` times one speculative step against one AR step instead."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _list(kind):
+    def parse(text: str):
+        try:
+            values = [kind(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind.__name__}, got {text!r}")
+        if not values:
+            raise argparse.ArgumentTypeError("empty list")
+        return values
+    return parse
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "bench", help="benchmark AR against speculative decoding (speed, SCR, quality)",
+        description="Decode every input with every seed as plain AR and as each speculative configuration, "
+        "interleaved in one process after a warm-up, and report per configuration the median seconds per mesh, the "
+        "speedup over AR (median of per-input ratios), SCR, tokens/s, CD/HD against the input, faces and failures.")
+    p.add_argument("--checkpoint", default=None, help="checkpoint (default: the shipped one)")
+    p.add_argument("--random", metavar="PRESET", default=None,
+                   help="time a randomly initialised model of this preset (tiny/small/bpt) with 6 heads instead of a "
+                        "checkpoint; its speed is real, its quality numbers are meaningless")
+    p.add_argument("--meshes", default=None, help="directory of mesh files to use as inputs (default: procedural "
+                   "held-out shapes)")
+    p.add_argument("--count", type=int, default=8, help="number of inputs (default 8; with --meshes: the first N)")
+    p.add_argument("--heads", type=_list(int), default=[4], help="comma-separated D values (default 4)")
+    p.add_argument("--delta", type=_list(float), default=[0.5], help="comma-separated δ values (default 0.5)")
+    p.add_argument("--accept", type=_list(str), default=["threshold"],
+                   help="comma-separated acceptance rules: threshold, exact, greedy, topk (default threshold)")
+    p.add_argument("--seeds", type=int, default=1, help="seeds per input (default 1; >= 3 adds quality mean ± std)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    p.add_argument("--max-tokens", type=int, default=10000, help="token cap per mesh (default 10000)")
+    p.add_argument("--temperature", type=float, default=None, help="sampling temperature (default 0.5)")
+    p.add_argument("--naive", action="store_true", help="also run the naive reference loop (our AR vs naive)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of Markdown tables")
+    p.add_argument("--plot", default=None, metavar="PNG", help="draw speedup/SCR/CD against δ and D to this PNG")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.add_argument("--step-cost", action="store_true",
+                   help="instead: time one speculative step (draft D + verify D+1) against one AR step for each D")
+    p.add_argument("--cache-lengths", type=_list(int), default=[500, 1500],
+                   help="--step-cost: cache lengths to time at (default 500,1500)")
+    p.add_argument("--repeats", type=int, default=50, help="--step-cost: timed repetitions (default 50)")
+    p.set_defaults(func=run)
+
+
+def _engine(args):
+    import tempfile
+
+    from xspecmesh.checkpoint import write_random_checkpoint
+    from xspecmesh.engine import Engine
+    from xspecmesh.errors import SettingsError
+
+    if args.random is None:
+        return Engine.load(args.checkpoint, args.device)
+    if args.checkpoint is not None:
+        raise SettingsError("use either --checkpoint or --random, not both")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = write_random_checkpoint(f"{tmp}/random-{args.random}.safetensors", args.random, heads=6)
+        engine = Engine.load(path, args.device)
+    engine.ckpt.path = f"random:{args.random}"
+    return engine
+
+
+def run(args: argparse.Namespace) -> int:
+    from xspecmesh import bench
+    from xspecmesh.errors import SettingsError
+
+    if args.count < 1:
+        raise SettingsError("--count must be at least 1")
+    if args.repeats < 1:
+        raise SettingsError("--repeats must be at least 1")
+    if args.threads is not None:
+        import torch
+
+        if args.threads < 1:
+            raise SettingsError("--threads must be at least 1")
+        torch.set_num_threads(args.threads)
+    engine = _engine(args)
+    if args.step_cost:
+        result = bench.step_cost(engine, range(1, 7), args.cache_lengths, args.repeats,
+                                 progress=not args.no_progress)
+        print(json.dumps(result) if args.json else bench.step_cost_markdown(result))
+        return 0
+    num_points = engine.model.cfg.encoder.num_points
+    skipped = []
+    if args.meshes:
+        inputs, skipped = bench.mesh_inputs(args.meshes, args.count, num_points)
+    else:
+        inputs = bench.procedural_inputs(args.count, num_points)
+    for line in skipped:
+        print(f"skipped {line}", file=sys.stderr)
+    sampling = {} if args.temperature is None else {"temperature": args.temperature}
+    variants = bench.variants(args.heads, args.delta, args.accept, args.naive)
+    result = bench.run_bench(engine, inputs, variants, args.seeds, args.max_tokens, sampling,
+                             progress=not args.no_progress)
+    result["source"] = args.meshes or "procedural validation shapes"
+    result["skipped"] = skipped
+    if args.plot:
+        bench.plot(result, args.plot)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(bench.markdown(result))
+        for run_ in result["runs"]:
+            if run_.get("error"):
+                print(f"failed: {run_['input']} seed {run_['seed']} {run_['label']}: {run_['error']}", file=sys.stderr)
+    return 0

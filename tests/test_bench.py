@@ -1,0 +1,135 @@
+"""Benchmarks (xspecmesh/bench.py, `xspecmesh bench`): structure of the results on a tiny random checkpoint.
+Nothing here asserts a timing."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+
+import numpy as np
+import pytest
+import trimesh
+
+from xspecmesh import bench
+from xspecmesh.checkpoint import write_random_checkpoint
+from xspecmesh.cli import main
+from xspecmesh.engine import Engine
+
+ROW_FIELDS = {"mode", "heads", "delta", "accept", "seconds", "speedup", "scr", "cd", "hd", "faces", "failures", "runs",
+              "tokens_per_second", "cd_10k", "hd_10k", "cpu_seconds", "speedup_cpu"}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return str(write_random_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.safetensors", "tiny", heads=4))
+
+
+@pytest.fixture(scope="module")
+def engine(checkpoint):
+    return Engine.load(checkpoint, "cpu")
+
+
+@pytest.fixture(scope="module")
+def inputs(engine):
+    return bench.procedural_inputs(2, engine.model.cfg.encoder.num_points)
+
+
+@pytest.fixture(scope="module")
+def result(engine, inputs):
+    bad = bench.BenchInput("too-few-points", np.zeros((3, 6), np.float32), inputs[0].reference)
+    return bench.run_bench(engine, [*inputs, bad], bench.variants(heads=(2,)), seeds=1, max_tokens=40,
+                           progress=False)
+
+
+def test_variants_cover_every_configuration_once():
+    vs = bench.variants(heads=(2, 4), deltas=(0.3, 0.5), accepts=("threshold", "exact"), naive=True)
+    assert vs[0] == bench.Variant("ar") and vs[-1] == bench.Variant("naive")
+    spec = [v for v in vs if v.mode == "spec"]
+    assert len(spec) == 2 * 2 + 2  # δ only varies the threshold rule
+    assert all(v.delta is None for v in spec if v.accept == "exact")
+    assert len(set(vs)) == len(vs)
+
+
+def test_bench_rows_have_the_documented_fields(result):
+    assert {"device", "checkpoint", "rows", "runs"} <= set(result)
+    assert [r["mode"] for r in result["rows"]] == ["ar", "spec"]
+    for row in result["rows"]:
+        assert ROW_FIELDS <= set(row)
+        assert row["runs"] == 3
+    ar, spec = result["rows"]
+    assert ar["speedup"] == 1.0  # the median of AR/AR over the pairs
+    assert ar["scr"] == pytest.approx(1.0)
+    assert spec["heads"] == 2 and spec["delta"] == 0.5 and spec["accept"] == "threshold"
+    assert spec["speedup"] > 0 and 1.0 <= spec["scr"] <= 3.0
+    assert len(spec["head_accept_rates"]) == 2
+    json.dumps(result, allow_nan=False)  # strict JSON: no NaN
+
+
+def test_failures_are_counted_not_dropped(result):
+    for row in result["rows"]:
+        assert row["failures"] >= 1  # the three-point input cannot be conditioned on
+    failed = [r for r in result["runs"] if r["input"] == "too-few-points"]
+    assert len(failed) == 2 and all(r["failed"] and "points" in r["error"] for r in failed)
+
+
+def test_an_empty_generation_is_a_failure(engine, inputs):
+    out = bench.run_bench(engine, inputs[:1], bench.variants(heads=(2,)), seeds=1, max_tokens=2, progress=False)
+    for row in out["rows"]:  # two tokens cannot make a triangle
+        assert row["failures"] == row["runs"] == 1 and row["cd"] is None and row["faces"] == 0
+
+
+def test_quality_parity_over_seeds(engine, inputs):
+    out = bench.run_bench(engine, inputs[:1], bench.variants(heads=(1,)), seeds=3, max_tokens=30, progress=False)
+    for row in out["rows"]:
+        assert row["runs"] == 3
+        assert {"cd_seed_mean", "cd_seed_std", "hd_seed_mean", "hd_seed_std"} <= set(row)
+    assert "± " in bench.markdown(out)
+
+
+def test_markdown_and_plot(result, tmp_path):
+    text = bench.markdown(result)
+    assert "| mode |" in text and text.count("\n| ar |") == 1
+    bench.plot(result, tmp_path / "bench.png")
+    assert (tmp_path / "bench.png").stat().st_size > 1000
+
+
+def test_mesh_directory_inputs(tmp_path):
+    trimesh.creation.box().export(tmp_path / "box.obj")
+    trimesh.creation.icosphere(1).export(tmp_path / "ball.ply")
+    (tmp_path / "broken.obj").write_text("v 0 0 0\n")
+    got, skipped = bench.mesh_inputs(tmp_path, None, 64)
+    assert sorted(i.name for i in got) == ["ball", "box"]
+    assert len(skipped) == 1 and skipped[0].startswith("broken.obj")
+    assert all(i.points.shape == (64, 6) and np.abs(i.points[:, :3]).max() <= 0.95 + 1e-6 for i in got)
+    assert len(bench.mesh_inputs(tmp_path, 1, 64)[0]) == 1
+
+
+def test_cli_json(checkpoint):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = main(["bench", "--checkpoint", checkpoint, "--device", "cpu", "--count", "2", "--max-tokens", "16",
+                   "--heads", "1,2", "--json", "--no-progress"])
+    assert rc == 0
+    data = json.loads(out.getvalue())
+    assert data["checkpoint"] == checkpoint and data["device"] == "cpu"
+    assert [(r["mode"], r["heads"]) for r in data["rows"]] == [("ar", None), ("spec", 1), ("spec", 2)]
+    assert all(ROW_FIELDS <= set(r) for r in data["rows"])
+
+
+def test_step_cost_gives_a_ratio_per_d(engine):
+    out = bench.step_cost(engine, range(1, 7), cache_lengths=(24,), repeats=2, warmup=1, progress=False)
+    rows = out["rows"]
+    assert [r["heads"] for r in rows] == [1, 2, 3, 4]  # limited to the checkpoint's heads
+    for r in rows:
+        assert r["cache_length"] == 24 and r["ratio"] > 0
+        assert r["oracle_speedup"] == pytest.approx((r["heads"] + 1) / r["ratio"])
+    assert "oracle speedup" in bench.step_cost_markdown(out)
+
+
+def test_cli_step_cost_json(checkpoint):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = main(["bench", "--checkpoint", checkpoint, "--device", "cpu", "--step-cost", "--cache-lengths", "16",
+                   "--repeats", "1", "--json", "--no-progress"])
+    assert rc == 0
+    assert len(json.loads(out.getvalue())["rows"]) == 4
