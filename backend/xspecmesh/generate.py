@@ -54,6 +54,15 @@ def _emit(tokens: torch.Tensor, finished: torch.Tensor) -> list[list[int]]:
     return [[] if f or t == tok.EOS else [t] for t, f in zip(tokens.tolist(), finished.tolist())]
 
 
+def _sample_step(logits, sampling, grammar, state, finished, generator):
+    """One AR token per sequence under the grammar; finished sequences get EOS (and `finished` is updated)."""
+    nxt = draw(distribution(logits, sampling, grammar.mask(state)), generator)
+    nxt = torch.where(finished, torch.full_like(nxt, tok.EOS), nxt)
+    accepted = _emit(nxt, finished)
+    finished |= nxt == tok.EOS
+    return nxt, grammar.advance(state, nxt), accepted
+
+
 @torch.no_grad()
 def decode_ar(
     model: MeshTransformer,
@@ -75,11 +84,7 @@ def decode_ar(
     inp = torch.zeros(b, 1, dtype=torch.long, device=cond.device)  # input position 0 is BOS
     for _ in range(max_tokens):
         logits, _ = model(inp, cache=cache)
-        nxt = draw(distribution(logits[:, -1], sampling, grammar.mask(state)), generator)
-        nxt = torch.where(finished, torch.full_like(nxt, tok.EOS), nxt)
-        state = grammar.advance(state, nxt)
-        accepted = _emit(nxt, finished)
-        finished |= nxt == tok.EOS
+        nxt, state, accepted = _sample_step(logits[:, -1], sampling, grammar, state, finished, generator)
         stats.steps += 1
         stats.tokens += sum(len(a) for a in accepted)
         stats.seconds = time.perf_counter() - start
@@ -124,11 +129,7 @@ def decode_naive(
             x = x + ca.attend(ca.split(ca.to_q(layer.cross_norm(x))), *ca.context_kv(cond))
             x = x + layer.ff(layer.ff_norm(x))
         logits = model.to_logits(model.final_norm(x))
-        nxt = draw(distribution(logits[:, -1], sampling, grammar.mask(state)), generator)
-        nxt = torch.where(finished, torch.full_like(nxt, tok.EOS), nxt)
-        state = grammar.advance(state, nxt)
-        accepted = _emit(nxt, finished)
-        finished |= nxt == tok.EOS
+        nxt, state, accepted = _sample_step(logits[:, -1], sampling, grammar, state, finished, generator)
         stats.steps += 1
         stats.tokens += sum(len(a) for a in accepted)
         stats.seconds = time.perf_counter() - start

@@ -35,14 +35,20 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
 
 
 def distribution(logits: torch.Tensor, cfg: SamplingConfig, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """The probabilities plain sampling draws from (grammar mask applied first). Greedy gives a one-hot."""
+    """The probabilities plain sampling draws from (grammar mask applied first). Greedy gives a one-hot.
+
+    With top-k on, only the k best logits are sorted and filtered (not the whole vocabulary): same result as
+    `filter_logits`, a fraction of the work in the decode loop."""
     logits = logits.float()
     if mask is not None:
         logits = logits.masked_fill(~mask, float("-inf"))
     if cfg.temperature <= 0:
         return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
-    logits = filter_logits(logits, cfg.top_k, cfg.top_p)
-    return (logits / cfg.temperature).softmax(-1)
+    if not cfg.top_k or cfg.top_k >= logits.shape[-1]:
+        return (filter_logits(logits, 0, cfg.top_p) / cfg.temperature).softmax(-1)
+    vals, idx = torch.topk(logits, cfg.top_k, dim=-1)  # sorted, best first
+    vals = filter_logits(vals, 0, cfg.top_p)
+    return torch.zeros_like(logits).scatter(-1, idx, (vals / cfg.temperature).softmax(-1))
 
 
 def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
