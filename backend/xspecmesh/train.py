@@ -55,6 +55,7 @@ class TrainConfig:
     weight_decay: float = 0.05
     grad_clip: float = 1.0
     max_faces: int = 400
+    families: str | None = None  # comma-separated procedural families (default: all)
     meshes: str | None = None  # an optional directory of the user's own meshes, mixed in
     seed: int = 0
     eval_every: int = 500
@@ -107,8 +108,13 @@ def batches(pairs, token_budget: int, pool: int = 64):
         yield collate(batch)
 
 
+def shape_config(cfg: TrainConfig) -> ShapeConfig:
+    families = tuple(f.strip() for f in cfg.families.split(",")) if cfg.families else None
+    return ShapeConfig(max_faces=cfg.max_faces, families=families)
+
+
 def training_pairs(cfg: TrainConfig, num_points: int, rank: int):
-    shape_cfg = ShapeConfig(max_faces=cfg.max_faces)
+    shape_cfg = shape_config(cfg)
     procedural = iter_pairs(cfg.seed, shape_cfg, num_points=num_points, augment=True, worker=rank)
     if not cfg.meshes:
         yield from procedural
@@ -200,14 +206,17 @@ class Trainer:
     # -- models ------------------------------------------------------------------------------------------------
     def _build(self) -> None:
         cfg = self.cfg
-        if cfg.stage == "backbone":
-            self.model = (load_checkpoint(cfg.init).model if cfg.init else MeshTransformer(preset(cfg.preset)))
-            self.heads = None
+        self.preset_name = cfg.preset
+        if cfg.stage == "backbone" and not cfg.init:
+            self.model, self.heads = MeshTransformer(preset(cfg.preset)), None
+        elif cfg.stage == "backbone":
+            ckpt = load_checkpoint(cfg.init)
+            self.model, self.heads, self.preset_name = ckpt.model, None, ckpt.meta.get("preset")
         else:
             if not cfg.init:
                 raise SettingsError(f"stage {cfg.stage} needs --init CHECKPOINT (a trained backbone)")
             ckpt = load_checkpoint(cfg.init)
-            self.model = ckpt.model
+            self.model, self.preset_name = ckpt.model, ckpt.meta.get("preset")
             hcfg = HeadsConfig(num_heads=cfg.num_heads, kind=cfg.head_kind)
             keep = ckpt.heads is not None and ckpt.heads.cfg == hcfg
             self.heads = ckpt.heads if keep else DraftHeads(self.model.cfg, hcfg)
@@ -336,8 +345,8 @@ class Trainer:
         save_state(self.out / "state.safetensors", self.modules(), self.optimizer, step, self.cfg)
         model, heads = self.inference_modules()
         save_checkpoint(self.out / "model.safetensors", model, heads, dtype="float32",
-                        meta={"preset": self.cfg.preset if self.cfg.stage == "backbone" and not self.cfg.init
-                              else None, "stage": self.cfg.stage, "step": step})
+                        meta={"preset": self.preset_name, "stage": self.cfg.stage, "step": step,
+                              "families": self.cfg.families, "max_faces": self.cfg.max_faces})
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -350,8 +359,7 @@ class Trainer:
         model.eval()
         n = self.model.cfg.encoder.num_points
         if not hasattr(self, "_val"):
-            self._val = validation_pairs(self.cfg.val_count, config=ShapeConfig(max_faces=self.cfg.max_faces),
-                                         num_points=n)
+            self._val = validation_pairs(self.cfg.val_count, config=shape_config(self.cfg), num_points=n)
         totals: dict[str, float] = {}
         for i in range(0, len(self._val), 8):
             inputs, targets, points = (t.to(self.device) for t in collate(self._val[i : i + 8]))
