@@ -1,8 +1,8 @@
 """The main job (`python3 build.py demo`): the add-on in headless Blender, AR against XSpecMesh on one object.
 
 Builds and validates the extension zip, installs it into a fresh headless Blender (the bpy module of this Python),
-models a high-poly part of the kind the shipped model was trained on (a chamfered box with a cylinder boss, united
-and densified by modifiers, as the procedural CSG training shapes are), runs Retopologize in AR mode and in
+models a high-poly part of the kind the shipped model was trained on (a chamfered block, densified by a Simple
+subdivision modifier), runs Retopologize in AR mode and in
 XSpecMesh mode with the same seed, and prints faces, seconds, SCR, speedup and Chamfer/Hausdorff distance to the
 input (`xspecmesh.metrics.evaluate`). Writes out/demo.blend, out/demo_retopo.obj (the XSpecMesh result), out/demo.png
 (input and result side by side, result edges drawn by a Wireframe-modifier copy) and out/demo.json.
@@ -61,12 +61,8 @@ def start_blender(package: Path, checkpoint: Path, device: str):
 
 
 def make_sample(bpy):
-    """A chamfered box with a cylinder boss: boolean union, then Simple subdivision to make it dense (high-poly)."""
-    bpy.ops.mesh.primitive_cylinder_add(vertices=16, radius=0.45, depth=0.9, location=(0.35, 0.0, 0.55))
-    boss = bpy.context.active_object
-    boss.name = "Boss"
-    boss.hide_set(True)
-    boss.hide_render = True
+    """A chamfered block (the hard-surface kind the shipped model was trained on), made dense (high-poly) by Simple
+    subdivision, as a sculpt or scan of it would be."""
     bpy.ops.mesh.primitive_cube_add(size=1.0, location=(0.0, 0.0, 0.0))
     part = bpy.context.active_object
     part.name = "Part"
@@ -74,8 +70,6 @@ def make_sample(bpy):
     bpy.ops.object.transform_apply(scale=True)
     bevel = part.modifiers.new("Chamfer", "BEVEL")
     bevel.width, bevel.segments = 0.12, 1
-    union = part.modifiers.new("Union", "BOOLEAN")
-    union.operation, union.object, union.solver = "UNION", boss, "EXACT"
     dense = part.modifiers.new("Dense", "SUBSURF")
     dense.subdivision_type, dense.levels, dense.render_levels = "SIMPLE", 3, 3
     return part
