@@ -78,12 +78,21 @@ def variants(heads=(4,), deltas=(0.5,), accepts=("threshold",), naive: bool = Fa
 # ---------------------------------------------------------------------------------------------------------- inputs
 
 
-def procedural_inputs(count: int, num_points: int, seed: int = 12345) -> list[BenchInput]:
+def shape_config_for(engine: Engine, args):
+    """The procedural distribution to test on: the options given, else the one the checkpoint was trained on."""
+    from xspecmesh.data import ShapeConfig
+
+    families = args.families or engine.ckpt.meta.get("families")
+    max_faces = args.max_faces or engine.ckpt.meta.get("max_faces") or ShapeConfig.max_faces
+    return ShapeConfig(max_faces=int(max_faces), families=tuple(families.split(",")) if families else None)
+
+
+def procedural_inputs(count: int, num_points: int, seed: int = 12345, shapes=None) -> list[BenchInput]:
     """Held-out procedural shapes (data.validation_pairs): the reference is the mesh their tokens describe."""
     from xspecmesh.data import validation_pairs
 
     out = []
-    for i, pair in enumerate(validation_pairs(count, seed=seed, num_points=num_points)):
+    for i, pair in enumerate(validation_pairs(count, seed=seed, config=shapes, num_points=num_points)):
         verts, faces = tokenizer.decode_mesh(pair.tokens)
         out.append(BenchInput(f"{i:03d}-{pair.family}", pair.points, trimesh.Trimesh(verts, faces, process=False)))
     return out

@@ -31,6 +31,10 @@ def register(sub) -> None:
                         "checkpoint; its speed is real, its quality numbers are meaningless")
     p.add_argument("--meshes", default=None, help="directory of mesh files to use as inputs (default: procedural "
                    "held-out shapes)")
+    p.add_argument("--families", default=None,
+                   help="procedural inputs: comma-separated families (default: those the checkpoint was trained on)")
+    p.add_argument("--max-faces", type=int, default=None,
+                   help="procedural inputs: face cap (default: the checkpoint's training cap)")
     p.add_argument("--count", type=int, default=8, help="number of inputs (default 8; with --meshes: the first N)")
     p.add_argument("--heads", type=_list(int), default=[4], help="comma-separated D values (default 4)")
     p.add_argument("--delta", type=_list(float), default=[0.5], help="comma-separated δ values (default 0.5)")
@@ -96,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     if args.meshes:
         inputs, skipped = bench.mesh_inputs(args.meshes, args.count, num_points)
     else:
-        inputs = bench.procedural_inputs(args.count, num_points)
+        inputs = bench.procedural_inputs(args.count, num_points, shapes=bench.shape_config_for(engine, args))
     for line in skipped:
         print(f"skipped {line}", file=sys.stderr)
     sampling = {} if args.temperature is None else {"temperature": args.temperature}
