@@ -67,7 +67,7 @@ class DecodeSettings:
             (self.accept in RULES, f"accept must be one of {', '.join(RULES)}"),
             (1 <= self.heads <= 8, "heads must be between 1 and 8"),
             (0.0 <= self.delta <= 1.0, "delta must be between 0 and 1"),
-            (self.topk_accept >= 1, "topk_accept must be at least 1"),
+            (1 <= self.topk_accept <= 1000, "topk_accept must be between 1 and 1000"),
             (0.0 <= self.temperature <= 10.0, "temperature must be between 0 and 10"),
             (self.top_k >= 0, "top_k must be >= 0"),
             (0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]"),

@@ -19,12 +19,21 @@ from xspecmesh.model import MeshTransformer
 from xspecmesh.sampling import Grammar, SamplingConfig, distribution, draw
 
 
+MAX_DRAFT = 8  # the most drafting heads a decoder uses: its verification needs that many positions past the tokens
+
+
+def token_limit(model: MeshTransformer, max_tokens: int) -> int:
+    """One cap for every decoder, so AR and speculative decoding stop at the same length."""
+    return min(max_tokens, model.cfg.max_seq_len - MAX_DRAFT - 1)
+
+
 @dataclass
 class DecodeStats:
     """Returned (never logged) by every decoder; speculative decoding fills the extra fields."""
 
-    steps: int = 0  # backbone forwards after the prefill
+    steps: int = 0  # backbone forwards (the prefill included)
     tokens: int = 0  # accepted tokens over all sequences (EOS excluded)
+    seq_steps: int = 0  # steps summed over the sequences still running in them (= steps for one sequence)
     seconds: float = 0.0
     accept_hist: list[int] = field(default_factory=list)  # accept_hist[a] = steps that accepted a drafts
     head_accepts: list[int] = field(default_factory=list)  # per head: drafts accepted
@@ -35,8 +44,8 @@ class DecodeStats:
 
     @property
     def scr(self) -> float:
-        """Step compression ratio: tokens per decoding step (1 for AR)."""
-        return self.tokens / self.steps if self.steps else 0.0
+        """Step compression ratio: tokens per decoding step of a sequence (at most 1 for AR)."""
+        return self.tokens / self.seq_steps if self.seq_steps else 0.0
 
     def as_dict(self) -> dict:
         d = {"steps": self.steps, "tokens": self.tokens, "seconds": round(self.seconds, 4), "scr": round(self.scr, 4),
@@ -79,11 +88,12 @@ def decode_ar(
     grammar = Grammar(cond.device)
     state = grammar.start(b)
     finished = torch.zeros(b, dtype=torch.bool, device=cond.device)
-    max_tokens = min(max_tokens, model.cfg.max_seq_len)
+    max_tokens = token_limit(model, max_tokens)
     cache = model.new_cache(cond, max_tokens + 1)
     inp = torch.zeros(b, 1, dtype=torch.long, device=cond.device)  # input position 0 is BOS
     for _ in range(max_tokens):
         logits, _ = model(inp, cache=cache)
+        stats.seq_steps += int((~finished).sum())
         nxt, state, accepted = _sample_step(logits[:, -1], sampling, grammar, state, finished, generator)
         stats.steps += 1
         stats.tokens += sum(len(a) for a in accepted)
@@ -113,7 +123,7 @@ def decode_naive(
     finished = torch.zeros(b, dtype=torch.bool, device=cond.device)
     seq = torch.zeros(b, 1, dtype=torch.long, device=cond.device)  # position 0: BOS
     past: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(model.layers)
-    for _ in range(min(max_tokens, model.cfg.max_seq_len)):
+    for _ in range(token_limit(model, max_tokens)):
         n = seq.shape[1]
         x = model.embed(seq, torch.arange(n, device=seq.device).expand(b, n))[:, -1:]  # prefix re-embedded
         for i, layer in enumerate(model.layers):
@@ -129,6 +139,7 @@ def decode_naive(
             x = x + ca.attend(ca.split(ca.to_q(layer.cross_norm(x))), *ca.context_kv(cond))
             x = x + layer.ff(layer.ff_norm(x))
         logits = model.to_logits(model.final_norm(x))
+        stats.seq_steps += int((~finished).sum())
         nxt, state, accepted = _sample_step(logits[:, -1], sampling, grammar, state, finished, generator)
         stats.steps += 1
         stats.tokens += sum(len(a) for a in accepted)

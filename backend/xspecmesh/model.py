@@ -191,7 +191,8 @@ class MeshTransformer(nn.Module):
         self.layers = nn.ModuleList(DecoderBlock(cfg) for _ in range(cfg.depth))
         self.final_norm = nn.LayerNorm(cfg.dim)
         self.to_logits = nn.Linear(cfg.dim, cfg.vocab_size)
-        self.register_buffer("token_type", token_types(cfg.vocab_size), persistent=False)
+        # plain block, offset, special block or EOS: selects the type vector (EOS gets none)
+        self.register_buffer("token_type", torch.from_numpy(tok.token_classes(cfg.vocab_size)), persistent=False)
         self.apply(_init_weights)
 
     # -- condition ---------------------------------------------------------------------------------------------
@@ -254,16 +255,6 @@ class MeshTransformer(nn.Module):
             cache.lengths += n
         hidden = self.final_norm(x)
         return self.to_logits(hidden), hidden
-
-
-def token_types(vocab_size: int) -> torch.Tensor:
-    """0 plain block, 1 offset, 2 special block, 3 none (EOS)."""
-    ids = torch.arange(vocab_size)
-    kind = torch.full((vocab_size,), 3, dtype=torch.long)
-    kind[ids < tok.OFFSET_BASE] = 0
-    kind[(ids >= tok.OFFSET_BASE) & (ids < tok.SPECIAL_BASE)] = 1
-    kind[(ids >= tok.SPECIAL_BASE) & (ids < tok.EOS)] = 2
-    return kind
 
 
 def _init_weights(m: nn.Module) -> None:

@@ -63,7 +63,7 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor
 # A tiny state machine over token classes keeps every sampled sequence decodable: an offset must follow a block
 # token; the first token is a plain block; a patch needs three vertices before another patch or EOS may start; after
 # a patch centre the next vertex re-emits its plain block (as BPT's serializer always does).
-PLAIN, OFFSET, SPECIAL, END = range(4)
+PLAIN, OFFSET, SPECIAL, END = tok.PLAIN, tok.OFFSET, tok.SPECIAL, tok.END
 (START, NEED_FIRST, NEED_CENTRE, NEED_1, NEED_2, NEED_3, HAVE_1_FIRST, HAVE_1, HAVE_2, HAVE_3, DONE) = range(11)
 NUM_STATES = 11
 _X = -1  # forbidden
@@ -83,15 +83,6 @@ _NEXT = {
 }
 
 
-def token_classes(vocab_size: int = tok.VOCAB_SIZE) -> torch.Tensor:
-    ids = torch.arange(vocab_size)
-    cls = torch.full((vocab_size,), END, dtype=torch.long)
-    cls[ids < tok.OFFSET_BASE] = PLAIN
-    cls[(ids >= tok.OFFSET_BASE) & (ids < tok.SPECIAL_BASE)] = OFFSET
-    cls[(ids >= tok.SPECIAL_BASE) & (ids < tok.EOS)] = SPECIAL
-    return cls
-
-
 class Grammar:
     """Vectorised grammar: `mask(state)` -> allowed tokens (B, V); `advance(state, tokens)` -> next state."""
 
@@ -101,7 +92,7 @@ class Grammar:
             for c, t in row.items():
                 nxt[s, c] = t
         self.next = nxt.to(device)
-        self.cls = token_classes(vocab_size).to(device)
+        self.cls = torch.from_numpy(tok.token_classes(vocab_size)).to(device)
         self.allowed = (self.next >= 0)[:, self.cls]  # (states, V)
 
     def start(self, batch: int) -> torch.Tensor:

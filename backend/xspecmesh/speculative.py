@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from xspecmesh import tokenizer as tok
-from xspecmesh.generate import DecodeStats
+from xspecmesh.generate import MAX_DRAFT, DecodeStats, token_limit
 from xspecmesh.heads import DraftHeads
 from xspecmesh.kv_cache import KVCache
 from xspecmesh.model import MeshTransformer
@@ -91,6 +91,8 @@ def decode_speculative(
     (from `model.new_cache`) lets tests inspect it between steps."""
     stats = stats if stats is not None else DecodeStats()
     dev, b, d = cond.device, cond.shape[0], num_heads
+    if not 1 <= d <= min(MAX_DRAFT, heads.num_heads):
+        raise ValueError(f"num_heads must be between 1 and {min(MAX_DRAFT, heads.num_heads)}, got {d}")
     stats.accept_hist = [0] * (d + 1)
     stats.head_accepts, stats.head_trials = [0] * d, [0] * d
     start = time.perf_counter()
@@ -98,7 +100,7 @@ def decode_speculative(
         sampling = SamplingConfig(temperature=0.0, top_k=sampling.top_k, top_p=sampling.top_p)
     grammar = Grammar(dev)
     rows = torch.arange(b, device=dev)
-    max_tokens = min(max_tokens, model.cfg.max_seq_len - d - 1)
+    max_tokens = token_limit(model, max_tokens)
     cache = cache if cache is not None else model.new_cache(cond, max_tokens + d + 3)
     head_ctx = heads.context(cond)
     emitted = torch.zeros(b, dtype=torch.long, device=dev)
@@ -111,6 +113,7 @@ def decode_speculative(
     state = grammar.advance(state, r)
     h = hidden[:, -1]
     stats.steps += 1
+    stats.seq_steps += b
     out = _commit(r[:, None], torch.ones(b, dtype=torch.long, device=dev), emitted, finished, max_tokens, stats)
     stats.seconds = time.perf_counter() - start
     yield out
@@ -156,6 +159,7 @@ def decode_speculative(
                 stats.head_trials[k] += 1
                 stats.head_accepts[k] += int(k < a)
         stats.steps += 1
+        stats.seq_steps += int(live.sum())
         out = _commit(new, n_acc + 1, emitted, finished, max_tokens, stats)
         t3 = time.perf_counter()
         stats.time_draft += t1 - t0

@@ -38,6 +38,15 @@ def is_special(t):
     return (t >= SPECIAL_BASE) & (t < EOS)
 
 
+PLAIN, OFFSET, SPECIAL, END = range(4)  # token classes: plain block, offset, special (patch-start) block, EOS
+
+
+def token_classes(vocab_size: int = VOCAB_SIZE) -> np.ndarray:
+    """The class of every token id (ids past the vocabulary's blocks and offsets count as END)."""
+    ids = np.arange(vocab_size)
+    return np.select([ids < OFFSET_BASE, ids < SPECIAL_BASE, ids < EOS], [PLAIN, OFFSET, SPECIAL], END)
+
+
 def quantize(x) -> np.ndarray:
     """Coordinates in [-1, 1] to integer levels 0..127 (round half to even, as the reference)."""
     t = (np.asarray(x, dtype=np.float64) + 1.0) / 2.0 * NUM_LEVELS - 0.5

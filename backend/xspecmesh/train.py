@@ -64,7 +64,7 @@ class TrainConfig:
     gen_count: int = 4  # AR generations scored with Chamfer distance at each evaluation
     # heads / lora
     num_heads: int = 6
-    head_kind: str = "cross"
+    head_type: str = "cross"  # cross (the paper's cross-attention heads) | mlp (the ablation)
     head_decay: float = 0.8  # head k's loss weight is decay**(k-1)
     ce_weight: float = 0.1  # plus cross-entropy to the true token (0 = pure distillation)
     lora_rank: int = 16
@@ -113,9 +113,10 @@ def shape_config(cfg: TrainConfig) -> ShapeConfig:
     return ShapeConfig(max_faces=cfg.max_faces, families=families)
 
 
-def training_pairs(cfg: TrainConfig, num_points: int, rank: int):
+def training_pairs(cfg: TrainConfig, num_points: int, rank: int, start_step: int = 0):
+    """Endless pairs for one rank; a resumed run draws a new stream (seeded by its start step), not a replay."""
     shape_cfg = shape_config(cfg)
-    procedural = iter_pairs(cfg.seed, shape_cfg, num_points=num_points, augment=True, worker=rank)
+    procedural = iter_pairs(cfg.seed + 7919 * start_step, shape_cfg, num_points=num_points, augment=True, worker=rank)
     if not cfg.meshes:
         yield from procedural
         return
@@ -217,8 +218,12 @@ class Trainer:
                 raise SettingsError(f"stage {cfg.stage} needs --init CHECKPOINT (a trained backbone)")
             ckpt = load_checkpoint(cfg.init)
             self.model, self.preset_name = ckpt.model, ckpt.meta.get("preset")
-            hcfg = HeadsConfig(num_heads=cfg.num_heads, kind=cfg.head_kind)
+            hcfg = HeadsConfig(num_heads=cfg.num_heads, kind=cfg.head_type)
             keep = ckpt.heads is not None and ckpt.heads.cfg == hcfg
+            if cfg.stage == "lora" and not keep:
+                found = ckpt.heads.cfg if ckpt.heads is not None else "no heads"
+                raise SettingsError(f"stage lora continues the stage-1 heads, but {cfg.init} has {found}; "
+                                    f"pass the heads checkpoint and the same --num-heads/--head-type")
             self.heads = ckpt.heads if keep else DraftHeads(self.model.cfg, hcfg)
         self.model.to(self.device)
         if self.heads is not None:
@@ -294,7 +299,7 @@ class Trainer:
             step = load_state(state_path, self.modules(), self.optimizer)
         self.start_step = step
         num_points = self.model.cfg.encoder.num_points
-        stream = batches(training_pairs(cfg, num_points, self.rank), cfg.token_budget)
+        stream = batches(training_pairs(cfg, num_points, self.rank, step), cfg.token_budget)
         log = (self.out / "log.jsonl").open("a") if self.rank == 0 else None
         bar = tqdm(total=cfg.steps, initial=step, disable=self.rank != 0, desc=f"train {cfg.stage}")
         last: dict = {}

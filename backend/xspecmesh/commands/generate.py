@@ -45,6 +45,7 @@ def load_input(path: str, count: int, seed: int):
 
 def run(args) -> int:
     from xspecmesh.engine import DecodeSettings, Engine
+    from xspecmesh.errors import SettingsError
     from xspecmesh.mesh import weld, write_mesh
 
     settings = DecodeSettings(mode=args.mode, heads=args.heads, delta=args.delta, accept=args.accept,
@@ -52,6 +53,8 @@ def run(args) -> int:
                               top_p=args.top_p, max_tokens=args.max_tokens, max_faces=args.max_faces, seed=args.seed)
     settings.validate()
     engine = Engine.load(args.checkpoint, args.device)
+    if settings.mode == "spec" and engine.max_heads == 0:
+        raise SettingsError("this checkpoint has no drafting heads; use --mode ar")
     if settings.mode == "spec" and settings.heads > engine.max_heads:
         print(f"xspecmesh: note: the checkpoint has {engine.max_heads} heads; using {engine.max_heads}", file=sys.stderr)
         settings.heads = engine.max_heads

@@ -33,7 +33,7 @@ def run(args) -> int:
     values = dict(STAGE_DEFAULTS[args.stage])
     for f in dataclasses.fields(TrainConfig):
         v = getattr(args, f.name, None)
-        if f.name != "stage" and v not in (None, False):
+        if f.name != "stage" and v is not None and v is not False:
             values[f.name] = v
     cfg = TrainConfig(stage=args.stage, **values)
     last = Trainer(cfg).run()
