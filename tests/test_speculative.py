@@ -153,3 +153,43 @@ def test_exact_rule_preserves_the_sampling_distribution():
     noise = total_variation(plain, plain2)
     assert total_variation(plain, exact) < max(0.06, 2.5 * noise)
     assert total_variation(plain, wrong) > 0.2
+
+
+def test_adaptive_draft_length_keeps_every_guarantee():
+    """Adaptive D changes only how many drafts a step verifies: greedy stays token-identical to AR, δ = 1 stays
+    AR sampling, and oracle drafts keep the draft length at its maximum."""
+    model = tiny_model(sharpen=30.0)
+    cond = condition(model, b=2)
+    heads = tiny_heads(model, d=6)
+    greedy = decode_speculative(model, heads, cond, GREEDY, AcceptConfig("greedy"), 6, 150, None, adaptive=True)
+    assert run_to_end(greedy, 2) == ar(model, cond, GREEDY, 150)
+    sampling = SamplingConfig(0.8, 20, 1.0)
+    stats = DecodeStats()
+    steps = decode_speculative(model, heads, cond, sampling, AcceptConfig("threshold", 1.0), 6, 150,
+                               torch.Generator().manual_seed(4), stats, adaptive=True)
+    assert run_to_end(steps, 2) == ar(model, cond, sampling, 150, seed=4)
+    assert stats.draft_hist[0] > sum(stats.draft_hist) / 2  # useless heads: mostly plain AR steps
+
+    single = condition(model)
+    want = ar(model, single, GREEDY, 200)[0]
+    oracle, got, stats = OracleHeads(want), [], DecodeStats()
+    for accepted in decode_speculative(model, oracle, single, GREEDY, AcceptConfig("greedy"), 4, 200, None, stats,
+                                       adaptive=True):
+        got.extend(accepted[0])
+        oracle.pos = len(got)
+    assert got == want and stats.draft_hist[4] > 0.8 * sum(stats.draft_hist)
+
+
+def test_draft_length_choice():
+    from xspecmesh.adaptive import DraftLength
+
+    bad = DraftLength(4)
+    for _ in range(40):
+        d = bad.choose()
+        bad.update(d, [0, 0], 1.0 + 0.3 * d)
+    assert bad.choose() == 0 or bad.steps % bad.probe_every == 1
+    good = DraftLength(4)
+    for _ in range(40):
+        d = good.choose()
+        good.update(d, [d, d], 1.0 + 0.3 * d)
+    assert good.choose() == 4

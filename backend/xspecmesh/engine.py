@@ -26,6 +26,7 @@ MIN_POINTS = 16
 class DecodeSettings:
     mode: str = "spec"  # "ar" (plain), "spec" (XSpecMesh), "naive" (the published-code-style AR loop)
     heads: int = 4  # D drafting heads (the first D of the checkpoint's)
+    adaptive: bool = False  # choose each step's draft length in 0..heads from running estimates (ours)
     delta: float = 0.5  # threshold rule: accept while p(x) > delta
     accept: str = "threshold"  # threshold | exact | greedy | topk
     topk_accept: int = 5  # K of the topk rule
@@ -49,6 +50,9 @@ class DecodeSettings:
             default = getattr(out, k)
             if k == "max_faces" and v is None:
                 pass
+            elif isinstance(default, bool):
+                if not isinstance(v, bool):
+                    raise SettingsError(f"setting {k} must be true or false")
             elif isinstance(default, str) or k in ("mode", "accept"):
                 if not isinstance(v, str):
                     raise SettingsError(f"setting {k} must be a string")
@@ -56,8 +60,9 @@ class DecodeSettings:
                 raise SettingsError(f"setting {k} must be a number")
             elif (isinstance(default, int) or k == "max_faces") and float(v) != int(v):
                 raise SettingsError(f"setting {k} must be an integer")
-            setattr(out, k, int(v) if isinstance(default, int) or k == "max_faces" else
-                    float(v) if isinstance(default, float) else v)
+            if v is not None and not isinstance(default, (bool, str)):
+                v = int(v) if isinstance(default, int) or k == "max_faces" else float(v)
+            setattr(out, k, v)
         out.validate()
         return out
 
@@ -165,7 +170,7 @@ class Engine:
                 raise SettingsError("this checkpoint has no drafting heads; use mode ar")
             accept = AcceptConfig(settings.accept, settings.delta, settings.topk_accept)
             return decode_speculative(self.model, self.ckpt.heads, cond, accept=accept, num_heads=settings.heads,
-                                      **common)
+                                      adaptive=settings.adaptive, **common)
         if settings.mode == "naive":
             return decode_naive(self.model, cond, **common)
         return decode_ar(self.model, cond, **common)
@@ -189,6 +194,7 @@ class Engine:
             summary = stats.as_dict() | {"faces": faces, "seconds": round(time.perf_counter() - start, 4),
                                          "decode_seconds": round(stats.seconds, 4), "mode": settings.mode,
                                          "heads": settings.heads if settings.mode == "spec" else 0,
+                                         "adaptive": settings.adaptive and settings.mode == "spec",
                                          "delta": settings.delta, "accept": settings.accept,
                                          "device": str(self.device)}
             yield StepUpdate(accepted[0], tok.dequantize(tris).astype(np.float32), summary, done=full)

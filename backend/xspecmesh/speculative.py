@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from xspecmesh import tokenizer as tok
+from xspecmesh.adaptive import DraftLength
 from xspecmesh.generate import MAX_DRAFT, DecodeStats, token_limit
 from xspecmesh.heads import DraftHeads
 from xspecmesh.kv_cache import KVCache
@@ -65,7 +66,7 @@ def accept_drafts(rule: AcceptConfig, logits, probs, drafts, generator):
         nxt = torch.nn.functional.one_hot(logits[rows, n_acc].argmax(-1), logits.shape[-1]).to(probs.dtype)
     else:
         nxt = probs[rows, n_acc]
-    if rule.rule == "exact":  # a rejected draft is removed from the residual distribution
+    if rule.rule == "exact" and d > 0:  # a rejected draft is removed from the residual distribution
         rejected = n_acc < d
         x = drafts[rows, n_acc.clamp(max=d - 1)]
         removed = nxt.scatter(-1, x[:, None], 0.0)
@@ -85,16 +86,20 @@ def decode_speculative(
     generator: torch.Generator | None = None,
     stats: DecodeStats | None = None,
     cache: KVCache | None = None,
+    adaptive: bool = False,
 ) -> Iterator[list[list[int]]]:
     """Speculative decoding of B sequences with D = num_heads drafts per step; yields per step, per sequence, the
     tokens accepted in that step (r, d1..da or the resampled/bonus token), like `decode_ar`. A caller-made `cache`
-    (from `model.new_cache`) lets tests inspect it between steps."""
+    (from `model.new_cache`) lets tests inspect it between steps. `adaptive` picks each step's draft length in
+    0..num_heads from running acceptance and cost estimates (`xspecmesh.adaptive`)."""
     stats = stats if stats is not None else DecodeStats()
     dev, b, d = cond.device, cond.shape[0], num_heads
     if not 1 <= d <= min(MAX_DRAFT, heads.num_heads):
         raise ValueError(f"num_heads must be between 1 and {min(MAX_DRAFT, heads.num_heads)}, got {d}")
     stats.accept_hist = [0] * (d + 1)
     stats.head_accepts, stats.head_trials = [0] * d, [0] * d
+    stats.draft_hist = [0] * (d + 1)
+    chooser = DraftLength(d) if adaptive else None
     start = time.perf_counter()
     if accept.rule == "greedy":
         sampling = SamplingConfig(temperature=0.0, top_k=sampling.top_k, top_p=sampling.top_p)
@@ -121,14 +126,16 @@ def decode_speculative(
     while not bool(finished.all()):
         # 1. Draft: all D heads in one batched call, then greedy tokens under the grammar along the chain.
         t0 = time.perf_counter()
-        draft_logits = heads(h[:, None], head_ctx, model.to_logits, heads=d)[:, 0].float()  # (B, D, V)
+        dk = chooser.choose() if chooser else d
         states = [state]
         drafts = []
-        for k in range(d):
-            x = draft_logits[:, k].masked_fill(~grammar.mask(states[-1]), float("-inf")).argmax(-1)
-            drafts.append(x)
-            states.append(grammar.advance(states[-1], x))
-        drafts = torch.stack(drafts, 1)
+        if dk:
+            draft_logits = heads(h[:, None], head_ctx, model.to_logits, heads=dk)[:, 0].float()  # (B, D, V)
+            for k in range(dk):
+                x = draft_logits[:, k].masked_fill(~grammar.mask(states[-1]), float("-inf")).argmax(-1)
+                drafts.append(x)
+                states.append(grammar.advance(states[-1], x))
+        drafts = torch.stack(drafts, 1) if drafts else r.new_zeros(b, 0)
         states = torch.stack(states, 1)  # (B, D+1): grammar state before each verified position's next token
         _sync(dev)
         t1 = time.perf_counter()
@@ -153,9 +160,11 @@ def decode_speculative(
         new = torch.cat([drafts, torch.zeros_like(r)[:, None]], 1)
         new[rows, n_acc] = r
         live = ~finished
-        for a in n_acc[live].tolist():
+        accepted = n_acc[live].tolist()
+        stats.draft_hist[dk] += 1
+        for a in accepted:
             stats.accept_hist[a] += 1
-            for k in range(min(a + 1, d)):
+            for k in range(min(a + 1, dk)):
                 stats.head_trials[k] += 1
                 stats.head_accepts[k] += int(k < a)
         stats.steps += 1
@@ -166,6 +175,8 @@ def decode_speculative(
         stats.time_verify += t2 - t1
         stats.time_other += t3 - t2
         stats.seconds = t3 - start
+        if chooser:
+            chooser.update(dk, accepted, t3 - t0)
         yield out
 
 

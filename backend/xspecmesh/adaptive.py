@@ -1,0 +1,69 @@
+"""Adaptive draft length (ours, beyond the paper): pick D for every speculative step from running estimates.
+
+A step with D drafts yields 1 + a1 + a1*a2 + ... tokens on average (a_k: how often head k is accepted when the heads
+before it were) and costs t(D) seconds. Weak heads make long drafts a loss — a rejected draft still pays for its
+verification — so we choose the D in 0..D_max with the most expected tokens per second; D = 0 is a plain AR step.
+Both estimates are exponential moving averages measured on the mesh being decoded (so the hardware's real cost of
+verifying D+1 positions is what counts), and every `probe_every` steps the full D_max is tried again so that
+acceptance estimates of far heads, and the cost of long drafts, stay fresh.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+class DraftLength:
+    def __init__(self, max_heads: int, decay: float = 0.9, probe_every: int = 16, prior_accept: float = 0.5,
+                 prior_cost_per_draft: float = 0.25, min_cost_per_draft: float = 0.05):
+        self.max_heads, self.decay, self.probe_every = max_heads, decay, probe_every
+        self.accept = np.full(max_heads, prior_accept)  # P(head k accepted | heads < k accepted)
+        self.observed = np.zeros(max_heads)  # steps that verified head k's draft
+        self.seconds = np.full(max_heads + 1, np.nan)  # EMA of a step's wall time, per D
+        self.prior_cost = prior_cost_per_draft  # relative cost of one more draft, until measured
+        self.min_cost = min_cost_per_draft  # a draft is never free: keeps timing noise from favouring long drafts
+        self.steps = 0
+
+    def cost(self) -> np.ndarray:
+        """Estimated seconds per step for every D: measured where known, a line through the measurements (or the
+        prior slope) elsewhere."""
+        d = np.arange(self.max_heads + 1)
+        known = ~np.isnan(self.seconds)
+        if not known.any():
+            return 1.0 + self.prior_cost * d
+        if known.sum() >= 2:
+            slope, base = np.polyfit(d[known], self.seconds[known], 1)
+            base = max(base, 1e-9)
+            slope = max(slope, self.min_cost * base)
+            return base + slope * d  # the fitted line everywhere: smoother than noisy single measurements
+        else:
+            (k,) = np.flatnonzero(known)
+            base = self.seconds[k] / (1.0 + self.prior_cost * k)
+            slope = base * self.prior_cost
+        return base + slope * d
+
+    def choose(self) -> int:
+        self.steps += 1
+        if self.steps % self.probe_every == 1:
+            return self.max_heads
+        return int(np.argmax(self.expected_tokens() / self.cost()))
+
+    def update(self, drafts: int, accepted: list[int], seconds: float) -> None:
+        """After a step with `drafts` drafts: `accepted` drafts per live sequence and the step's wall time."""
+        for k in range(drafts):
+            reached = [a for a in accepted if a >= k]  # sequences whose head k+1 draft was verified
+            if reached:
+                rate = sum(a > k for a in reached) / len(reached)
+                self.observed[k] += 1
+                w = max(1 - self.decay, 1 / self.observed[k])  # a running mean at first, then an EMA
+                self.accept[k] = (1 - w) * self.accept[k] + w * rate
+        old = self.seconds[drafts]
+        self.seconds[drafts] = seconds if np.isnan(old) else self.decay * old + (1 - self.decay) * seconds
+
+    def expected_tokens(self) -> np.ndarray:
+        """E[tokens] of a step with D = 0..max drafts; a head never verified yet is assumed as good as the one
+        before it (heads further out are rarely better)."""
+        a = self.accept.copy()
+        for k in range(1, len(a)):
+            if not self.observed[k]:
+                a[k] = a[k - 1]
+        return 1.0 + np.concatenate([[0.0], np.cumsum(np.cumprod(a))])
