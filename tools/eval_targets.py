@@ -15,18 +15,35 @@ import statistics
 import sys
 
 import numpy as np
+import torch
 import trimesh
 from tqdm import tqdm
 
 from xspecmesh import tokenizer
 from xspecmesh.bench import shape_config_for
+from xspecmesh.checkpoint import load_checkpoint
 from xspecmesh.data import validation_pairs
 from xspecmesh.engine import DecodeSettings, Engine
 from xspecmesh.metrics import bbox_mesh, evaluate
+from xspecmesh.train import collate
 
 
 def as_mesh(triangles: np.ndarray) -> trimesh.Trimesh:
     return trimesh.Trimesh(triangles.reshape(-1, 3), np.arange(len(triangles) * 3).reshape(-1, 3), process=True)
+
+
+@torch.no_grad()
+def backbone_kl(reference, model, pairs, batch: int = 8) -> float:
+    """Mean per-token KL(reference || model) of the next-token distributions, teacher-forced on the pairs."""
+    total, count = 0.0, 0
+    for i in range(0, len(pairs), batch):
+        inputs, targets, points = collate(pairs[i : i + batch])
+        valid = targets >= 0
+        p = reference(inputs, cond=reference.encode(points))[0][valid].log_softmax(-1)
+        q = model(inputs, cond=model.encode(points))[0][valid].log_softmax(-1)
+        total += torch.nn.functional.kl_div(q, p, log_target=True, reduction="sum").item()
+        count += int(valid.sum())
+    return total / count
 
 
 def main(argv=None) -> int:
@@ -36,7 +53,10 @@ def main(argv=None) -> int:
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--delta", type=float, default=0.5)
     p.add_argument("--max-tokens", type=int, default=600)
+    p.add_argument("--adaptive", action="store_true", help="adaptive draft length for the speculative runs")
     p.add_argument("--device", default="auto")
+    p.add_argument("--reference", default=None,
+                   help="the backbone before stage 2: also report KL(reference || checkpoint) on validation sequences")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     args.families = args.max_faces = None
@@ -53,7 +73,7 @@ def main(argv=None) -> int:
             ok += 1
             cds.append(evaluate(as_mesh(ar.triangles), ref, seed=i)["cd_10k"])
         spec = engine.generate(pair.points, DecodeSettings(mode="spec", heads=args.heads, delta=args.delta, seed=i,
-                                                           max_tokens=args.max_tokens))
+                                                           max_tokens=args.max_tokens, adaptive=args.adaptive))
         tokens, steps = tokens + spec.stats["tokens"], steps + spec.stats["steps"]
         rates = spec.stats["head_accept_rates"]
         hist = spec.stats["accept_hist"]
@@ -69,6 +89,8 @@ def main(argv=None) -> int:
         "spec_heads": args.heads, "spec_delta": args.delta, "spec_scr": tokens / steps if steps else None,
         "head_acceptance": [round(a / t, 4) if t else 0.0 for a, t in zip(accepts, trials)],
     }
+    if args.reference:
+        result["kl_reference_vs_checkpoint"] = backbone_kl(load_checkpoint(args.reference).model, engine.model, pairs)
     if args.json:
         print(json.dumps(result))
     else:
