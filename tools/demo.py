@@ -95,7 +95,8 @@ def retopologize(bpy, source, label: str, **settings) -> tuple[object, dict]:
     for key, value in settings.items():
         setattr(s, key, value)
     for obj in bpy.context.view_layer.objects:
-        obj.select_set(False)
+        if obj is not None:  # a just-removed object may linger as None until the view layer updates
+            obj.select_set(False)
     source.select_set(True)
     bpy.context.view_layer.objects.active = source
     t = time.perf_counter()
@@ -232,6 +233,7 @@ def run(args) -> int:
     common = dict(max_faces=args.max_faces, seed=args.seed, temperature=args.temperature, hide_source=False)
     warm, _ = retopologize(bpy, source, "warmup", mode="spec", **{**common, "max_faces": 8})
     bpy.data.objects.remove(warm)  # first-call costs (thread pools, allocator) out of the timings
+    bpy.context.view_layer.update()
     ar, ar_row = retopologize(bpy, source, "AR", mode="ar", **common)
     spec, spec_row = retopologize(bpy, source, "XSpecMesh", mode="spec", heads=args.heads, delta=args.delta,
                                   accept="threshold", **common)
@@ -242,7 +244,8 @@ def run(args) -> int:
     print_table(rows)
 
     for obj in bpy.context.view_layer.objects:
-        obj.select_set(obj == spec)
+        if obj is not None:
+            obj.select_set(obj == spec)
     bpy.ops.wm.obj_export(filepath=str(out / "demo_retopo.obj"), export_selected_objects=True,
                           export_materials=False, apply_modifiers=True)
     bpy.ops.wm.save_as_mainfile(filepath=str(out / "demo.blend"), copy=True)
