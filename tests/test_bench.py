@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import trimesh
 
-from xspecmesh import bench
+from xspecmesh import bench, step_cost
 from xspecmesh.checkpoint import write_random_checkpoint
 from xspecmesh.cli import main
 from xspecmesh.engine import Engine
@@ -116,14 +116,32 @@ def test_cli_json(checkpoint):
     assert all(ROW_FIELDS <= set(r) for r in data["rows"])
 
 
+def test_cli_compare_runs_the_same_trials_on_another_checkpoint(checkpoint, tmp_path):
+    other = write_random_checkpoint(tmp_path / "other.safetensors", heads=1, seed=3)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = main(["bench", "--checkpoint", checkpoint, "--compare", str(other), "--device", "cpu", "--count", "2",
+                   "--max-tokens", "16", "--heads", "1,2", "--json", "--no-progress"])
+    assert rc == 0
+    data = json.loads(out.getvalue())
+    # D=2 is skipped on the one-head checkpoint; every row ran on the same two inputs
+    assert [(r["mode"], r["heads"], r["model"]) for r in data["rows"]] == [
+        ("ar", None, ""), ("spec", 1, ""), ("spec", 2, ""), ("ar", None, "other"), ("spec", 1, "other")]
+    assert all(r["runs"] == 2 for r in data["rows"])
+    assert data["compare"] == {"other": str(other)}
+    runs = {(r["input"], r["model"]) for r in data["runs"] if r["mode"] == "ar"}
+    assert len(runs) == 4
+    assert "| ar @other |" in bench.markdown(data)
+
+
 def test_step_cost_gives_a_ratio_per_d(engine):
-    out = bench.step_cost(engine, range(1, 7), cache_lengths=(24,), repeats=2, warmup=1, progress=False)
+    out = step_cost.step_cost(engine, range(1, 7), cache_lengths=(24,), repeats=2, warmup=1, progress=False)
     rows = out["rows"]
     assert [r["heads"] for r in rows] == [1, 2, 3, 4]  # limited to the checkpoint's heads
     for r in rows:
         assert r["cache_length"] == 24 and r["ratio"] > 0
         assert r["oracle_speedup"] == pytest.approx((r["heads"] + 1) / r["ratio"])
-    assert "oracle speedup" in bench.step_cost_markdown(out)
+    assert "oracle speedup" in step_cost.step_cost_markdown(out)
 
 
 def test_cli_step_cost_json(checkpoint):

@@ -6,10 +6,6 @@ from one trial to the next, after a short warm-up of each. Speedup is the median
 ratio AR seconds / variant seconds, so slow inputs and machine drift do not bias it. Quality is each output against
 its input (`metrics.evaluate`: CD/HD at BPT's 1024 samples and at 10k); an exception or an empty generation is a
 failure, counted in its row and never dropped from the speed numbers.
-
-`step_cost` isolates the price of one speculative step: drafting D tokens with the heads plus verifying D+1 positions
-in one backbone forward, against one AR forward, at a fixed cache length. With every draft accepted ("oracle") a step
-yields D+1 tokens, so (D+1) / cost ratio bounds the wall-clock speedup that acceptance could ever buy.
 """
 from __future__ import annotations
 
@@ -19,7 +15,7 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -48,12 +44,14 @@ class Variant:
     heads: int | None = None
     delta: float | None = None  # threshold rule only
     accept: str | None = None
+    model: str = ""  # "" is the main checkpoint; else the name of a --compare checkpoint
 
     @property
     def label(self) -> str:
+        at = f" @{self.model}" if self.model else ""
         if self.mode != "spec":
-            return self.mode
-        return f"spec D={self.heads} {self.accept}" + (f" δ={self.delta:g}" if self.delta is not None else "")
+            return self.mode + at
+        return f"spec D={self.heads} {self.accept}" + (f" δ={self.delta:g}" if self.delta is not None else "") + at
 
     def settings(self, seed: int, max_tokens: int, **sampling) -> DecodeSettings:
         s = DecodeSettings(mode=self.mode, seed=seed, max_tokens=max_tokens, **sampling)
@@ -73,6 +71,12 @@ def variants(heads=(4,), deltas=(0.5,), accepts=("threshold",), naive: bool = Fa
             if v not in out:
                 out.append(v)
     return out + ([Variant("naive")] if naive else [])
+
+
+def on_model(variant_list: list[Variant], name: str) -> list[Variant]:
+    """The same AR and speculative variants run on another checkpoint (e.g. the pre-LoRA backbone, or MLP heads),
+    in the same interleaved trials, so checkpoints compare side by side; speedups stay relative to the main AR."""
+    return [replace(v, model=name) for v in variant_list if v.mode != "naive"]
 
 
 # ---------------------------------------------------------------------------------------------------------- inputs
@@ -152,37 +156,44 @@ def _run_once(engine: Engine, inp: BenchInput, variant: Variant, seed: int, max_
 
 
 def run_bench(engine: Engine, inputs: list[BenchInput], variant_list: list[Variant], seeds: int = 1,
-              max_tokens: int = 10000, sampling: dict | None = None, progress: bool = True) -> dict:
-    """Every input × seed × variant, interleaved; returns {device, checkpoint, ..., rows, runs}."""
+              max_tokens: int = 10000, sampling: dict | None = None, progress: bool = True,
+              others: dict[str, Engine] | None = None) -> dict:
+    """Every input × seed × variant, interleaved; returns {device, checkpoint, ..., rows, runs}. Variants with a
+    `model` name run on `others[name]` (same inputs, seeds and sampling)."""
     from tqdm import tqdm
 
     if not inputs:
         raise SettingsError("nothing to benchmark: no inputs")
     if seeds < 1:
         raise SettingsError("--seeds must be at least 1")
-    if variant_list[0].mode != "ar":
-        raise SettingsError("the first variant must be AR (speedups are relative to it)")
+    if variant_list[0].mode != "ar" or variant_list[0].model:
+        raise SettingsError("the first variant must be AR on the main checkpoint (speedups are relative to it)")
+    engines = {"": engine, **(others or {})}
     for v in variant_list:
-        v.settings(0, max_tokens, **(sampling or {})).validate(engine.max_heads)
+        if v.model not in engines:
+            raise SettingsError(f"no checkpoint named {v.model!r} to compare with")
+        v.settings(0, max_tokens, **(sampling or {})).validate(engines[v.model].max_heads)
     sampling = sampling or {}
     trials = [(inp, seed) for inp in inputs for seed in range(seeds)]
     bar = tqdm(total=len(variant_list) * (1 + len(trials)), desc="bench", unit="run", disable=not progress,
                file=sys.stderr, dynamic_ncols=True)
     for v in variant_list:  # warm-up: allocator, kernels, lazy initialisation; results discarded
         bar.set_postfix_str(f"warm-up {v.label}")
-        _run_once(engine, inputs[0], v, 0, min(max_tokens, WARMUP_TOKENS), sampling, evaluate_quality=False)
+        _run_once(engines[v.model], inputs[0], v, 0, min(max_tokens, WARMUP_TOKENS), sampling, evaluate_quality=False)
         bar.update()
     runs = []
     for t, (inp, seed) in enumerate(trials):
         k = t % len(variant_list)
         for v in variant_list[k:] + variant_list[:k]:  # A B C, B C A, ...: no variant always runs first
             bar.set_postfix_str(f"{inp.name} seed {seed} {v.label}")
-            runs.append({"variant": v, **_run_once(engine, inp, v, seed, max_tokens, sampling)})
+            runs.append({"variant": v, **_run_once(engines[v.model], inp, v, seed, max_tokens, sampling)})
             bar.update()
     bar.close()
     rows = [_summarize(v, runs, variant_list[0], seeds) for v in variant_list]
     out = {**machine_info(engine), "checkpoint": engine.ckpt.path, "inputs": len(inputs), "seeds": seeds,
            "max_tokens": max_tokens, "sampling": DecodeSettings(**sampling).sampling().__dict__, "rows": rows}
+    if others:
+        out["compare"] = {name: e.ckpt.path for name, e in others.items()}
     naive = next((r for r in rows if r["mode"] == "naive"), None)
     if naive is not None and naive["speedup"] is not None:
         out["ar_vs_naive"] = 1.0 / naive["speedup"]  # how much faster our AR loop is than the reference loop
@@ -191,7 +202,7 @@ def run_bench(engine: Engine, inputs: list[BenchInput], variant_list: list[Varia
 
 
 def _variant_fields(v: Variant) -> dict:
-    return {"mode": v.mode, "heads": v.heads, "delta": v.delta, "accept": v.accept}
+    return {"mode": v.mode, "heads": v.heads, "delta": v.delta, "accept": v.accept, "model": v.model}
 
 
 def _mean(xs) -> float | None:
@@ -269,100 +280,15 @@ def machine_info(engine: Engine) -> dict:
     return info
 
 
-# ------------------------------------------------------------------------------------------------------ step cost
-
-
-def _timed(fn, device: torch.device) -> tuple[float, float]:
-    """(wall seconds, process CPU seconds) of fn(), device work included."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start, cpu_start = time.perf_counter(), time.process_time()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start, time.process_time() - cpu_start
-
-
-@torch.no_grad()
-def step_cost(engine: Engine, depths=range(1, 7), cache_lengths=(500, 1500), repeats: int = 50, warmup: int = 5,
-              progress: bool = True) -> dict:
-    """Median wall time of one speculative step (heads draft D tokens, backbone verifies D+1 positions) over one
-    AR step (backbone on 1 position), same model and cache, interleaved, per cache length and D."""
-    from tqdm import tqdm
-
-    model, heads, dev = engine.model, engine.ckpt.heads, engine.device
-    if heads is None:
-        raise SettingsError("this checkpoint has no drafting heads")
-    depths = [d for d in depths if 1 <= d <= heads.num_heads]
-    if not depths:
-        raise SettingsError(f"no D in range: the checkpoint has {heads.num_heads} head(s)")
-    rng = np.random.default_rng(0)
-    xyz = rng.normal(size=(4096, 3))
-    xyz /= np.linalg.norm(xyz, axis=1, keepdims=True)
-    cond = engine.condition(np.concatenate([xyz * 0.9, xyz], 1), seed=0)  # a sphere: the content does not matter
-    ctx = heads.context(cond)
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    rows, lengths = [], []
-    bar = tqdm(total=len(cache_lengths) * (warmup + repeats), desc="step cost", unit="rep", disable=not progress,
-               file=sys.stderr, dynamic_ncols=True)
-    for want in cache_lengths:
-        length = max(1, min(int(want), model.cfg.max_seq_len - max(depths) - 2))  # the model's position table
-        lengths.append(length)
-        cache = model.new_cache(cond, length + max(depths) + 2)
-        prefix = torch.randint(0, tokenizer.EOS, (1, length), generator=gen).to(dev)  # position 0 reads as BOS
-        _, hidden = model(prefix, cache=cache)
-        h = hidden[:, -1:]
-        start_len = cache.lengths.clone()
-        last = prefix[:, -1:]
-
-        def ar():
-            model(last, cache=cache)
-            cache.rollback(start_len)
-
-        def draft(d):
-            return heads(h, ctx, model.to_logits, heads=d)[:, 0].argmax(-1)  # (1, D) greedy drafts
-
-        def verify(drafts):
-            model(torch.cat([last, drafts], 1), cache=cache)
-            cache.rollback(start_len)
-
-        samples = {item: [] for item in ["ar", *depths]}  # per repetition: (wall, cpu) of draft and verify
-        order = ["ar", *depths]
-        for rep in range(warmup + repeats):
-            k = rep % len(order)
-            for item in order[k:] + order[:k]:
-                if item == "ar":
-                    t = (_timed(ar, dev), (0.0, 0.0))
-                else:
-                    box = {}
-                    t = (_timed(lambda: box.setdefault("d", draft(item)), dev), _timed(lambda: verify(box["d"]), dev))
-                if rep >= warmup:
-                    samples[item].append(t)
-            bar.update()
-
-        def med(item, part, clock):  # part: 0 draft (the AR forward for "ar"), 1 verify, None both
-            return statistics.median(sum(t[p][clock] for p in ((0, 1) if part is None else (part,)))
-                                     for t in samples[item])
-
-        ar_s, ar_cpu = med("ar", None, 0), med("ar", None, 1)
-        for d in depths:
-            step, step_cpu = med(d, None, 0), med(d, None, 1)
-            rows.append({"cache_length": length, "heads": d, "ar_ms": 1e3 * ar_s, "draft_ms": 1e3 * med(d, 0, 0),
-                         "verify_ms": 1e3 * med(d, 1, 0), "step_ms": 1e3 * step, "ratio": step / ar_s,
-                         "oracle_speedup": (d + 1) * ar_s / step, "ratio_cpu": step_cpu / max(ar_cpu, 1e-9),
-                         "oracle_speedup_cpu": (d + 1) * ar_cpu / max(step_cpu, 1e-9)})
-    bar.close()
-    cfg = model.cfg
-    return _clean({**machine_info(engine), "checkpoint": engine.ckpt.path, "repeats": repeats,
-                   "model": {"dim": cfg.dim, "depth": cfg.depth, "heads": cfg.heads, "max_seq_len": cfg.max_seq_len},
-                   "cache_lengths": lengths, "rows": rows})
-
-
 # ------------------------------------------------------------------------------------------------------ reporting
 
 
 def _fmt(x, spec: str = ".3f") -> str:
     return "–" if x is None else format(x, spec)
+
+
+def _mode(row: dict) -> str:
+    return row["mode"] + (f" @{row['model']}" if row.get("model") else "")
 
 
 def markdown(result: dict) -> str:
@@ -373,35 +299,23 @@ def markdown(result: dict) -> str:
              "| faces | failed |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        lines.append(f"| {r['mode']} | {r['heads'] or '–'} | {_fmt(r['delta'], 'g')} | {r['accept'] or '–'} | "
+        lines.append(f"| {_mode(r)} | {r['heads'] or '–'} | {_fmt(r['delta'], 'g')} | {r['accept'] or '–'} | "
                      f"{_fmt(r['seconds'])} | {_fmt(r['speedup'], '.2f')}× | {_fmt(r['speedup_cpu'], '.2f')}× | "
                      f"{_fmt(r['scr'], '.2f')} | "
                      f"{_fmt(r['tokens_per_second'], '.0f')} | {_fmt(r['cd'], '.4f')} | {_fmt(r['hd'], '.4f')} | "
                      f"{_fmt(r['cd_10k'], '.4f')} | {_fmt(r['hd_10k'], '.4f')} | {_fmt(r['faces'], '.0f')} | "
                      f"{r['failures']}/{r['runs']} |")
+    for name, path in result.get("compare", {}).items():
+        lines += ["", f"@{name}: {path}"]
     if "ar_vs_naive" in result:
         lines += ["", f"our AR loop vs the naive reference loop: {result['ar_vs_naive']:.2f}× faster"]
     if result["seeds"] >= 3:
         lines += ["", f"quality over {result['seeds']} seeds (mean ± std of per-seed mean):", "",
                   "| mode | D | δ | accept | CD | HD |", "|---|---|---|---|---|---|"]
         for r in result["rows"]:
-            lines.append(f"| {r['mode']} | {r['heads'] or '–'} | {_fmt(r['delta'], 'g')} | {r['accept'] or '–'} | "
+            lines.append(f"| {_mode(r)} | {r['heads'] or '–'} | {_fmt(r['delta'], 'g')} | {r['accept'] or '–'} | "
                          f"{_fmt(r['cd_seed_mean'], '.4f')} ± {_fmt(r['cd_seed_std'], '.4f')} | "
                          f"{_fmt(r['hd_seed_mean'], '.4f')} ± {_fmt(r['hd_seed_std'], '.4f')} |")
-    return "\n".join(lines)
-
-
-def step_cost_markdown(result: dict) -> str:
-    m = result["model"]
-    lines = [f"device {result['device']} ({result['cpu']}, {result['threads']} threads), checkpoint "
-             f"{result['checkpoint']} (dim {m['dim']}, depth {m['depth']}), medians of {result['repeats']}", "",
-             "| cache | D | AR step ms | draft ms | verify ms | spec step ms | cost ratio | oracle speedup | "
-             "CPU-time ratio | oracle speedup (CPU time) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in result["rows"]:
-        lines.append(f"| {r['cache_length']} | {r['heads']} | {r['ar_ms']:.2f} | {r['draft_ms']:.2f} | "
-                     f"{r['verify_ms']:.2f} | {r['step_ms']:.2f} | {r['ratio']:.2f} | {r['oracle_speedup']:.2f}× | "
-                     f"{_fmt(r['ratio_cpu'], '.2f')} | {_fmt(r['oracle_speedup_cpu'], '.2f')}× |")
     return "\n".join(lines)
 
 
@@ -412,8 +326,8 @@ def plot(result: dict, path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    spec = [r for r in result["rows"] if r["mode"] == "spec" and r["accept"] == "threshold"]
-    ar = next(r for r in result["rows"] if r["mode"] == "ar")
+    spec = [r for r in result["rows"] if r["mode"] == "spec" and r["accept"] == "threshold" and not r.get("model")]
+    ar = next(r for r in result["rows"] if r["mode"] == "ar" and not r.get("model"))
     fig, axes = plt.subplots(2, 3, figsize=(13, 7), constrained_layout=True)
     for row_axes, (x_key, line_key, x_label) in zip(axes, (("delta", "heads", "δ"), ("heads", "delta", "D"))):
         for ax, (key, name) in zip(row_axes, (("speedup", "speedup over AR"), ("scr", "SCR"), ("cd", "CD (1024)"))):

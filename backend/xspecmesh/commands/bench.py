@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 
 def _list(kind):
@@ -44,6 +45,9 @@ def register(sub) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     p.add_argument("--max-tokens", type=int, default=10000, help="token cap per mesh (default 10000)")
     p.add_argument("--temperature", type=float, default=None, help="sampling temperature (default 0.5)")
+    p.add_argument("--compare", type=_list(str), default=[], metavar="CKPT[,CKPT]",
+                   help="also run the AR and speculative variants on these checkpoints in the same interleaved trials "
+                        "(e.g. the pre-LoRA model, or one with MLP heads); rows are marked @<file name>")
     p.add_argument("--naive", action="store_true", help="also run the naive reference loop (our AR vs naive)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of Markdown tables")
     p.add_argument("--plot", default=None, metavar="PNG", help="draw speedup/SCR/CD against δ and D to this PNG")
@@ -76,7 +80,8 @@ def _engine(args):
 
 
 def run(args: argparse.Namespace) -> int:
-    from xspecmesh import bench
+    from xspecmesh import bench, step_cost
+    from xspecmesh.engine import Engine
     from xspecmesh.errors import SettingsError
 
     if args.count < 1:
@@ -91,9 +96,9 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     engine = _engine(args)
     if args.step_cost:
-        result = bench.step_cost(engine, range(1, 7), args.cache_lengths, args.repeats,
+        result = step_cost.step_cost(engine, range(1, 7), args.cache_lengths, args.repeats,
                                  progress=not args.no_progress)
-        print(json.dumps(result) if args.json else bench.step_cost_markdown(result))
+        print(json.dumps(result) if args.json else step_cost.step_cost_markdown(result))
         return 0
     num_points = engine.model.cfg.encoder.num_points
     skipped = []
@@ -105,8 +110,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"skipped {line}", file=sys.stderr)
     sampling = {} if args.temperature is None else {"temperature": args.temperature}
     variants = bench.variants(args.heads, args.delta, args.accept, args.naive)
+    others = {}
+    for path in args.compare:
+        name = Path(path).stem if Path(path).stem not in others else path
+        others[name] = Engine.load(path, args.device)
+        variants += bench.on_model([v for v in variants if not v.model and (v.mode != "spec" or v.heads <= others[name]
+                                                                           .max_heads)], name)
     result = bench.run_bench(engine, inputs, variants, args.seeds, args.max_tokens, sampling,
-                             progress=not args.no_progress)
+                             progress=not args.no_progress, others=others)
     result["source"] = args.meshes or "procedural validation shapes"
     result["skipped"] = skipped
     if args.plot:
