@@ -31,11 +31,16 @@ def test_request_defaults_are_the_papers():
 
 
 def test_request_settings_are_what_the_backend_accepts():
-    settings = request.DecodeRequest.build(mode="ar", heads=3, delta=0.25, accept="exact", seed=9).settings()
-    assert set(settings) == {"mode", "heads", "delta", "accept", "temperature", "top_k", "top_p", "max_tokens",
-                             "max_faces", "seed"}
+    from xspecmesh.engine import DecodeSettings
+
+    settings = request.DecodeRequest.build(mode="ar", heads=3, delta=0.25, accept="exact", seed=9,
+                                           adaptive=1).settings()
+    assert set(settings) == {"mode", "heads", "adaptive", "delta", "accept", "temperature", "top_k", "top_p",
+                             "max_tokens", "max_faces", "seed"}
     assert settings["mode"] == "ar" and settings["heads"] == 3 and settings["delta"] == 0.25
+    assert settings["adaptive"] is True
     json.dumps(settings, allow_nan=False)
+    assert DecodeSettings.from_dict(settings).adaptive  # the backend takes every field as sent
 
 
 def test_request_clamps_and_caps_heads():

@@ -48,6 +48,9 @@ def test_variants_cover_every_configuration_once():
     assert len(spec) == 2 * 2 + 2  # δ only varies the threshold rule
     assert all(v.delta is None for v in spec if v.accept == "exact")
     assert len(set(vs)) == len(vs)
+    twins = bench.variants(heads=(2,), adaptive=True)
+    assert [(v.mode, v.adaptive) for v in twins] == [("ar", False), ("spec", False), ("spec", True)]
+    assert twins[2].settings(0, 10).adaptive and twins[2].label == "spec D=2* threshold δ=0.5"
 
 
 def test_bench_rows_have_the_documented_fields(result):

@@ -38,6 +38,11 @@ def test_generate_mesh_json_and_determinism(ckpt, tmp_path):
                 "delta", "accept", "device", "sequence_sha256"):
         assert key in runs[0]
     assert runs[0]["sequence_sha256"] == runs[1]["sequence_sha256"] == runs[2]["sequence_sha256"]  # greedy == AR
+    r = cli("generate", REF / "box.obj", "-o", tmp_path / "a.obj", "--checkpoint", ckpt, "--max-tokens", "150",
+            "--json", "--accept", "greedy", "--temperature", "0", "--adaptive")
+    assert r.returncode == 0, r.stderr
+    adaptive = json.loads(r.stdout)
+    assert adaptive["adaptive"] is True and adaptive["sequence_sha256"] == runs[2]["sequence_sha256"]
     mesh = trimesh.load(out, force="mesh")
     box = trimesh.load(REF / "box.obj", force="mesh")
     # back in the input's frame: inside the cube that the normalization maps to [-1, 1]^3

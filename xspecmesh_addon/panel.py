@@ -38,6 +38,7 @@ class XSPECMESH_PT_main(bpy.types.Panel):
         cap = service.heads_cap()
         if cap is not None and cap < 8:
             spec.label(text=f"Checkpoint has {cap} heads", icon="INFO")
+        spec.prop(settings, "adaptive")
         spec.prop(settings, "accept")
         delta = spec.row()
         delta.active = settings.accept == "threshold"

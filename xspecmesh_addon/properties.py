@@ -29,6 +29,9 @@ class XSpecMeshSettings(bpy.types.PropertyGroup):
     heads: IntProperty(
         name="Heads", description="Drafting heads D (tokens proposed per step), capped by the checkpoint's heads",
         default=4, min=1, max=MAX_HEADS, get_transform=_heads_capped)
+    adaptive: BoolProperty(
+        name="Adaptive Heads", description="Choose each step's number of drafts (0 up to Heads) from the acceptance "
+        "and step cost measured so far, so weak heads never make decoding much slower than AR", default=False)
     accept: EnumProperty(
         name="Acceptance",
         items=(
@@ -48,7 +51,7 @@ class XSpecMeshSettings(bpy.types.PropertyGroup):
                               default=False)
 
     def to_request(self) -> DecodeRequest:
-        return DecodeRequest.build(mode=self.mode, heads=self.heads, delta=self.delta, accept=self.accept,
+        return DecodeRequest.build(mode=self.mode, heads=self.heads, adaptive=self.adaptive, delta=self.delta, accept=self.accept,
                                    temperature=self.temperature, max_faces=self.max_faces, seed=self.seed,
                                    heads_cap=service.heads_cap())
 

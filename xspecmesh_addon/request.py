@@ -20,6 +20,7 @@ def _clamp(value, lo, hi):
 class DecodeRequest:
     mode: str = "spec"  # "ar": plain auto-regressive decoding; "spec": XSpecMesh speculative decoding
     heads: int = 4  # D drafting heads (the paper's best speed at D = 4)
+    adaptive: bool = False  # let the backend pick each step's D in 0..heads from measured acceptance and cost
     delta: float = 0.5  # threshold acceptance: keep a drafted token while p_backbone > delta
     accept: str = "threshold"  # threshold | exact | greedy | topk
     temperature: float = 0.5  # BPT's default
@@ -41,6 +42,7 @@ class DecodeRequest:
         v = {**asdict(cls()), **values}
         cap = MAX_HEADS if not heads_cap else _clamp(int(heads_cap), 1, MAX_HEADS)
         v["heads"] = _clamp(int(v["heads"]), 1, cap)
+        v["adaptive"] = bool(v["adaptive"])
         v["delta"] = _clamp(float(v["delta"]), 0.0, 1.0)
         v["temperature"] = _clamp(float(v["temperature"]), 0.0, 10.0)
         v["top_k"] = max(0, int(v["top_k"]))

@@ -45,31 +45,36 @@ class Variant:
     delta: float | None = None  # threshold rule only
     accept: str | None = None
     model: str = ""  # "" is the main checkpoint; else the name of a --compare checkpoint
+    adaptive: bool = False  # speculative: draft length chosen per step (xspecmesh.adaptive)
 
     @property
     def label(self) -> str:
         at = f" @{self.model}" if self.model else ""
         if self.mode != "spec":
             return self.mode + at
-        return f"spec D={self.heads} {self.accept}" + (f" δ={self.delta:g}" if self.delta is not None else "") + at
+        return (f"spec D={self.heads}{'*' if self.adaptive else ''} {self.accept}"
+                + (f" δ={self.delta:g}" if self.delta is not None else "") + at)
 
     def settings(self, seed: int, max_tokens: int, **sampling) -> DecodeSettings:
         s = DecodeSettings(mode=self.mode, seed=seed, max_tokens=max_tokens, **sampling)
         if self.mode == "spec":
-            s.heads, s.accept = self.heads, self.accept
+            s.heads, s.accept, s.adaptive = self.heads, self.accept, self.adaptive
             if self.delta is not None:
                 s.delta = self.delta
         return s
 
 
-def variants(heads=(4,), deltas=(0.5,), accepts=("threshold",), naive: bool = False) -> list[Variant]:
-    """AR first, then every speculative configuration (δ only varies the threshold rule), then naive if asked."""
+def variants(heads=(4,), deltas=(0.5,), accepts=("threshold",), naive: bool = False,
+             adaptive: bool = False) -> list[Variant]:
+    """AR first, then every speculative configuration (δ only varies the threshold rule), each also with an
+    adaptive draft length if asked, then naive if asked."""
     out = [Variant("ar")]
     for d, rule in itertools.product(heads, accepts):
         for delta in (deltas if rule == "threshold" else (None,)):
-            v = Variant("spec", int(d), None if delta is None else float(delta), rule)
-            if v not in out:
-                out.append(v)
+            for adapt in ((False, True) if adaptive else (False,)):
+                v = Variant("spec", int(d), None if delta is None else float(delta), rule, adaptive=adapt)
+                if v not in out:
+                    out.append(v)
     return out + ([Variant("naive")] if naive else [])
 
 
@@ -202,7 +207,8 @@ def run_bench(engine: Engine, inputs: list[BenchInput], variant_list: list[Varia
 
 
 def _variant_fields(v: Variant) -> dict:
-    return {"mode": v.mode, "heads": v.heads, "delta": v.delta, "accept": v.accept, "model": v.model}
+    return {"mode": v.mode, "heads": v.heads, "delta": v.delta, "accept": v.accept, "model": v.model,
+            "adaptive": v.adaptive}
 
 
 def _mean(xs) -> float | None:
@@ -288,7 +294,8 @@ def _fmt(x, spec: str = ".3f") -> str:
 
 
 def _mode(row: dict) -> str:
-    return row["mode"] + (f" @{row['model']}" if row.get("model") else "")
+    return row["mode"] + (" adaptive" if row.get("adaptive") else "") + (f" @{row['model']}" if row.get("model")
+                                                                         else "")
 
 
 def markdown(result: dict) -> str:
@@ -326,7 +333,8 @@ def plot(result: dict, path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    spec = [r for r in result["rows"] if r["mode"] == "spec" and r["accept"] == "threshold" and not r.get("model")]
+    spec = [r for r in result["rows"] if r["mode"] == "spec" and r["accept"] == "threshold" and not r.get("model")
+            and not r.get("adaptive")]
     ar = next(r for r in result["rows"] if r["mode"] == "ar" and not r.get("model"))
     fig, axes = plt.subplots(2, 3, figsize=(13, 7), constrained_layout=True)
     for row_axes, (x_key, line_key, x_label) in zip(axes, (("delta", "heads", "δ"), ("heads", "delta", "D"))):

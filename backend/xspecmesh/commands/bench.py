@@ -48,6 +48,8 @@ def register(sub) -> None:
     p.add_argument("--compare", type=_list(str), default=[], metavar="CKPT[,CKPT]",
                    help="also run the AR and speculative variants on these checkpoints in the same interleaved trials "
                         "(e.g. the pre-LoRA model, or one with MLP heads); rows are marked @<file name>")
+    p.add_argument("--adaptive", action="store_true",
+                   help="also run every speculative configuration with an adaptive draft length (rows 'spec adaptive')")
     p.add_argument("--naive", action="store_true", help="also run the naive reference loop (our AR vs naive)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of Markdown tables")
     p.add_argument("--plot", default=None, metavar="PNG", help="draw speedup/SCR/CD against δ and D to this PNG")
@@ -109,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     for line in skipped:
         print(f"skipped {line}", file=sys.stderr)
     sampling = {} if args.temperature is None else {"temperature": args.temperature}
-    variants = bench.variants(args.heads, args.delta, args.accept, args.naive)
+    variants = bench.variants(args.heads, args.delta, args.accept, args.naive, args.adaptive)
     others = {}
     for path in args.compare:
         name = Path(path).stem if Path(path).stem not in others else path

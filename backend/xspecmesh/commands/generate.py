@@ -14,6 +14,8 @@ def register(sub) -> None:
     p.add_argument("-o", "--output", required=True, help="output mesh file (format from the extension)")
     p.add_argument("--mode", choices=["ar", "spec", "naive"], default="spec")
     p.add_argument("--heads", type=int, default=4, help="drafting heads D (capped by the checkpoint's)")
+    p.add_argument("--adaptive", action="store_true",
+                   help="choose each step's number of drafts (0..heads) from measured acceptance and step cost")
     p.add_argument("--delta", type=float, default=0.5, help="threshold rule: accept while p(x) > delta")
     p.add_argument("--accept", choices=["threshold", "exact", "greedy", "topk"], default="threshold")
     p.add_argument("--topk-accept", type=int, default=5, help="K of the topk rule")
@@ -48,7 +50,7 @@ def run(args) -> int:
     from xspecmesh.errors import SettingsError
     from xspecmesh.mesh import weld, write_mesh
 
-    settings = DecodeSettings(mode=args.mode, heads=args.heads, delta=args.delta, accept=args.accept,
+    settings = DecodeSettings(mode=args.mode, heads=args.heads, adaptive=args.adaptive, delta=args.delta, accept=args.accept,
                               topk_accept=args.topk_accept, temperature=args.temperature, top_k=args.top_k,
                               top_p=args.top_p, max_tokens=args.max_tokens, max_faces=args.max_faces, seed=args.seed)
     settings.validate()
