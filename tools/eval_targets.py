@@ -63,7 +63,7 @@ def main(argv=None) -> int:
     engine = Engine.load(args.checkpoint, args.device)
     shapes = shape_config_for(engine, args)
     pairs = validation_pairs(args.count, config=shapes, num_points=engine.model.cfg.encoder.num_points)
-    ok, cds, box_cds, tokens, steps = 0, [], [], 0, 0
+    ok, cds, spec_cds, box_cds, tokens, steps = 0, [], [], [], 0, 0
     accepts, trials = np.zeros(args.heads), np.zeros(args.heads)
     for i, pair in enumerate(tqdm(pairs, desc="eval", file=sys.stderr)):
         ref = trimesh.Trimesh(*tokenizer.decode_mesh(pair.tokens), process=False)
@@ -74,6 +74,8 @@ def main(argv=None) -> int:
             cds.append(evaluate(as_mesh(ar.triangles), ref, seed=i)["cd_10k"])
         spec = engine.generate(pair.points, DecodeSettings(mode="spec", heads=args.heads, delta=args.delta, seed=i,
                                                            max_tokens=args.max_tokens, adaptive=args.adaptive))
+        if len(spec.triangles):
+            spec_cds.append(evaluate(as_mesh(spec.triangles), ref, seed=i)["cd_10k"])
         tokens, steps = tokens + spec.stats["tokens"], steps + spec.stats["steps"]
         rates = spec.stats["head_accept_rates"]
         hist = spec.stats["accept_hist"]
@@ -87,6 +89,8 @@ def main(argv=None) -> int:
         "ar_cd_10k_median": statistics.median(cds) if cds else None,
         "bbox_cd_10k_median": statistics.median(box_cds),
         "spec_heads": args.heads, "spec_delta": args.delta, "spec_scr": tokens / steps if steps else None,
+        "spec_nonempty_share": len(spec_cds) / len(pairs),
+        "spec_cd_10k_median": statistics.median(spec_cds) if spec_cds else None,
         "head_acceptance": [round(a / t, 4) if t else 0.0 for a, t in zip(accepts, trials)],
     }
     if args.reference:
