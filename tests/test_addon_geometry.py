@@ -1,23 +1,14 @@
 """Bpy-free add-on geometry: triangle buffers and welding, surface sampling and normalization (no Blender needed)."""
 from __future__ import annotations
 
-import sys
-import types
 from pathlib import Path
 
 import numpy as np
 import pytest
+from addon_modules import addon_module
 
-ADDON = Path(__file__).resolve().parents[1] / "xspecmesh_addon"
 
 
-def addon_module(name: str):
-    """xspecmesh_addon/<name>.py with its relative imports, without the add-on's bpy-needing __init__."""
-    if "_xsm_addon" not in sys.modules:
-        pkg = types.ModuleType("_xsm_addon")
-        pkg.__path__ = [str(ADDON)]
-        sys.modules["_xsm_addon"] = pkg
-    return __import__(f"_xsm_addon.{name}", fromlist=["_"])
 
 
 buffers = addon_module("buffers")

@@ -12,11 +12,11 @@ import subprocess
 import sys
 import textwrap
 import time
-import types
 from pathlib import Path
 
 import numpy as np
 import pytest
+from addon_modules import addon_module
 
 ROOT = Path(__file__).resolve().parents[1]
 ADDON = ROOT / "xspecmesh_addon"
@@ -24,13 +24,6 @@ HAVE_ENGINE = importlib.util.find_spec("xspecmesh.engine") is not None
 needs_engine = pytest.mark.skipif(not HAVE_ENGINE, reason="xspecmesh/engine.py has not landed yet")
 
 
-def addon_module(name: str):
-    """Import xspecmesh_addon/<name>.py with its relative imports, without the add-on's bpy-needing __init__."""
-    if "_xsm_addon" not in sys.modules:
-        pkg = types.ModuleType("_xsm_addon")
-        pkg.__path__ = [str(ADDON)]
-        sys.modules["_xsm_addon"] = pkg
-    return __import__(f"_xsm_addon.{name}", fromlist=["_"])
 
 
 client_mod = addon_module("client")
