@@ -1,7 +1,6 @@
 """Bpy-free add-on geometry: triangle buffers and welding, surface sampling and normalization (no Blender needed)."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
