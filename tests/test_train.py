@@ -60,6 +60,18 @@ def test_stage1_changes_only_heads(tmp_path, batch):
     assert ck.max_heads == 3
 
 
+def test_own_output_heads_start_from_the_backbones_projection(tmp_path, batch):
+    init = write_random_checkpoint(tmp_path / "bb.safetensors", "tiny", heads=0)
+    tr = Trainer(TrainConfig(stage="heads", init=str(init), out=str(tmp_path / "h"), steps=2, lr=3e-3, num_heads=2,
+                             head_own_output=True, **FAST))
+    assert not tr.heads.cfg.shared_output
+    assert torch.equal(tr.heads.to_logits.weight, tr.model.to_logits.weight)
+    tr.run()
+    ck = load_checkpoint(tmp_path / "h" / "model.safetensors")
+    assert not ck.heads.cfg.shared_output
+    assert not torch.equal(ck.heads.to_logits.weight, ck.model.to_logits.weight)  # trained apart from the backbone
+
+
 def test_stage2_changes_only_lora_and_heads_and_merges_exactly(tmp_path, batch):
     init = write_random_checkpoint(tmp_path / "bb.safetensors", "tiny", heads=2)
     tr = Trainer(TrainConfig(stage="lora", init=str(init), out=str(tmp_path / "l"), steps=6, lr=5e-3, num_heads=2,

@@ -65,6 +65,7 @@ class TrainConfig:
     # heads / lora
     num_heads: int = 6
     head_type: str = "cross"  # cross (the paper's cross-attention heads) | mlp (the ablation)
+    head_own_output: bool = False  # heads get their own output projection (started as a copy of the backbone's)
     head_decay: float = 0.8  # head k's loss weight is decay**(k-1)
     ce_weight: float = 0.1  # plus cross-entropy to the true token (0 = pure distillation)
     lora_rank: int = 16
@@ -218,13 +219,15 @@ class Trainer:
                 raise SettingsError(f"stage {cfg.stage} needs --init CHECKPOINT (a trained backbone)")
             ckpt = load_checkpoint(cfg.init)
             self.model, self.preset_name = ckpt.model, ckpt.meta.get("preset")
-            hcfg = HeadsConfig(num_heads=cfg.num_heads, kind=cfg.head_type)
+            hcfg = HeadsConfig(num_heads=cfg.num_heads, kind=cfg.head_type, shared_output=not cfg.head_own_output)
             keep = ckpt.heads is not None and ckpt.heads.cfg == hcfg
             if cfg.stage == "lora" and not keep:
                 found = ckpt.heads.cfg if ckpt.heads is not None else "no heads"
                 raise SettingsError(f"stage lora continues the stage-1 heads, but {cfg.init} has {found}; "
                                     f"pass the heads checkpoint and the same --num-heads/--head-type")
             self.heads = ckpt.heads if keep else DraftHeads(self.model.cfg, hcfg)
+            if not keep and not hcfg.shared_output:  # an own projection starts as the backbone's: harmless
+                self.heads.to_logits.load_state_dict(self.model.to_logits.state_dict())
         self.model.to(self.device)
         if self.heads is not None:
             self.heads.to(self.device)
