@@ -114,7 +114,8 @@ def run(args: argparse.Namespace) -> int:
     variants = bench.variants(args.heads, args.delta, args.accept, args.naive, args.adaptive)
     others = {}
     for path in args.compare:
-        name = Path(path).stem if Path(path).stem not in others else path
+        name = Path(path).stem if Path(path).stem != "model" else Path(path).parent.name  # runs/heads/model...
+        name = name if name and name not in others else path
         others[name] = Engine.load(path, args.device)
         variants += bench.on_model([v for v in variants if not v.model and (v.mode != "spec" or v.heads <= others[name]
                                                                            .max_heads)], name)
