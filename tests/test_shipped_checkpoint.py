@@ -1,0 +1,39 @@
+"""The shipped default checkpoint: present, small enough to commit, the documented shape, and what every command
+loads when none is named."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from safetensors import safe_open
+
+from xspecmesh.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
+
+BOX = Path(__file__).parent / "data" / "reference" / "meshes" / "box.obj"
+
+
+def test_it_is_committed_fp16_and_at_most_25_mb():
+    assert DEFAULT_CHECKPOINT.is_file(), "backend/xspecmesh/weights/default.safetensors is missing"
+    assert DEFAULT_CHECKPOINT.stat().st_size <= 25 * 2**20
+    with safe_open(str(DEFAULT_CHECKPOINT), "pt") as f:
+        assert f.metadata()["dtype"] == "float16"
+        assert all(f.get_slice(k).get_dtype() in ("F16", "I64") for k in f.keys())
+
+
+def test_it_is_the_small_preset_with_four_cross_attention_heads():
+    ck = load_checkpoint(DEFAULT_CHECKPOINT)
+    assert ck.meta["preset"] == "small" and ck.model.cfg.dim == 256 and ck.model.cfg.depth == 6
+    assert ck.heads is not None and ck.heads.num_heads == 4 and ck.heads.cfg.kind == "cross"
+    assert ck.meta.get("families") and ck.meta.get("max_faces")  # what it was trained on, for the benchmarks
+
+
+def test_generate_uses_it_by_default(tmp_path):
+    out = tmp_path / "o.obj"
+    r = subprocess.run([sys.executable, "-m", "xspecmesh", "generate", str(BOX), "-o", str(out), "--max-tokens", "40",
+                        "--json"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    stats = json.loads(r.stdout)
+    assert Path(stats["checkpoint"]).resolve() == DEFAULT_CHECKPOINT.resolve()
+    assert stats["faces"] >= 1 and out.exists()
