@@ -43,12 +43,13 @@ def test_demo_pipeline_with_a_tiny_checkpoint(tmp_path):
     assert "speedup" in proc.stdout and "XSpecMesh D=4" in proc.stdout
 
     report = json.loads((out / "demo.json").read_text())
-    ar, spec = report["rows"]
-    assert (ar["mode"], spec["mode"]) == ("AR", "XSpecMesh")
-    for row in (ar, spec):
+    ar, spec, adaptive = report["rows"]
+    assert (ar["mode"], spec["mode"], adaptive["mode"]) == ("AR", "XSpecMesh", "XSpecMesh adaptive")
+    for row in (ar, spec, adaptive):
         assert 0 < row["faces"] <= 6 and row["seconds"] > 0 and row["scr"] >= 1.0
         assert row["cd"] > 0 and not row["failed"]
     assert spec["heads"] == 4 and spec["delta"] == 0.5 and ar["speedup"] == 1.0
+    assert adaptive["adaptive"] is True and spec["adaptive"] is False
     assert report["input_triangles"] > 1000  # a high-poly input
 
     png = (out / "demo.png").read_bytes()

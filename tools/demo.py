@@ -111,7 +111,8 @@ def retopologize(bpy, source, label: str, **settings) -> tuple[object, dict]:
     row = {"mode": label, "faces": len(result.data.polygons), "seconds": float(stats.get("seconds", wall)),
            "wall_seconds": wall, "tokens": stats.get("tokens"), "steps": stats.get("steps"), "scr": stats.get("scr"),
            "tokens_per_second": stats.get("tokens_per_second"), "heads": info["request"]["heads"] if label != "AR"
-           else None, "delta": info["request"]["delta"] if label != "AR" else None}
+           else None, "delta": info["request"]["delta"] if label != "AR" else None,
+           "adaptive": bool(info["request"].get("adaptive")) if label != "AR" else None}
     return result, row
 
 
@@ -204,13 +205,13 @@ def render(bpy, source, result, path: Path, width: int) -> None:
 
 
 def print_table(rows: list) -> None:
-    head = f"{'mode':<22}{'faces':>7}{'seconds':>9}{'SCR':>7}{'tok/s':>8}{'speedup':>9}{'CD':>8}{'HD':>8}"
+    head = f"{'mode':<30}{'faces':>7}{'seconds':>9}{'SCR':>7}{'tok/s':>8}{'speedup':>9}{'CD':>8}{'HD':>8}"
     print("\n" + head + "\n" + "-" * len(head))
     for r in rows:
         name = r["mode"] if r["heads"] is None else f"{r['mode']} D={r['heads']} δ={r['delta']:.2g}"
         scr = f"{r['scr']:.2f}" if isinstance(r.get("scr"), (int, float)) else "–"
         tps = f"{r['tokens_per_second']:.0f}" if isinstance(r.get("tokens_per_second"), (int, float)) else "–"
-        print(f"{name:<22}{r['faces']:>7}{r['seconds']:>9.2f}{scr:>7}{tps:>8}{r['speedup']:>8.2f}×"
+        print(f"{name:<30}{r['faces']:>7}{r['seconds']:>9.2f}{scr:>7}{tps:>8}{r['speedup']:>8.2f}×"
               f"{r.get('cd', float('nan')):>8.4f}{r.get('hd', float('nan')):>8.4f}")
     print()
 
@@ -236,11 +237,13 @@ def run(args) -> int:
     bpy.context.view_layer.update()
     ar, ar_row = retopologize(bpy, source, "AR", mode="ar", **common)
     spec, spec_row = retopologize(bpy, source, "XSpecMesh", mode="spec", heads=args.heads, delta=args.delta,
-                                  accept="threshold", **common)
-    rows = [ar_row, spec_row]
+                                  accept="threshold", adaptive=False, **common)
+    adaptive, adaptive_row = retopologize(bpy, source, "XSpecMesh adaptive", mode="spec", heads=args.heads,
+                                          delta=args.delta, accept="threshold", adaptive=True, **common)
+    rows = [ar_row, spec_row, adaptive_row]
     for r in rows:
         r["speedup"] = ar_row["seconds"] / r["seconds"] if r["seconds"] > 0 else float("nan")
-    add_metrics(bpy, source, [ar, spec], rows)
+    add_metrics(bpy, source, [ar, spec, adaptive], rows)
     print_table(rows)
 
     for obj in bpy.context.view_layer.objects:
