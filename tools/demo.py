@@ -90,14 +90,17 @@ def evaluated_arrays(bpy, obj) -> tuple[np.ndarray, np.ndarray]:
     return co.reshape(-1, 3) @ m[:3, :3].T + m[:3, 3], tri.reshape(-1, 3)
 
 
+def select_only(bpy, target) -> None:
+    for obj in bpy.context.view_layer.objects:
+        if obj is not None:  # a just-removed object may linger as None until the view layer updates
+            obj.select_set(obj == target)
+
+
 def retopologize(bpy, source, label: str, **settings) -> tuple[object, dict]:
     s = bpy.context.scene.xspecmesh
     for key, value in settings.items():
         setattr(s, key, value)
-    for obj in bpy.context.view_layer.objects:
-        if obj is not None:  # a just-removed object may linger as None until the view layer updates
-            obj.select_set(False)
-    source.select_set(True)
+    select_only(bpy, source)
     bpy.context.view_layer.objects.active = source
     t = time.perf_counter()
     bpy.ops.xspecmesh.retopologize()
@@ -107,12 +110,11 @@ def retopologize(bpy, source, label: str, **settings) -> tuple[object, dict]:
         raise DemoError(f"{label}: Retopologize made no object")
     result.name = f"{source.name}_retopo_{label}"
     info = result["xspecmesh"].to_dict()
-    stats = info["stats"]
+    stats, request = info["stats"], info["request"] if settings.get("mode") != "ar" else {}
     row = {"mode": label, "faces": len(result.data.polygons), "seconds": float(stats.get("seconds", wall)),
            "wall_seconds": wall, "tokens": stats.get("tokens"), "steps": stats.get("steps"), "scr": stats.get("scr"),
-           "tokens_per_second": stats.get("tokens_per_second"), "heads": info["request"]["heads"] if label != "AR"
-           else None, "delta": info["request"]["delta"] if label != "AR" else None,
-           "adaptive": bool(info["request"].get("adaptive")) if label != "AR" else None}
+           "tokens_per_second": stats.get("tokens_per_second"), "heads": request.get("heads"),
+           "delta": request.get("delta"), "adaptive": request.get("adaptive")}
     return result, row
 
 
@@ -246,9 +248,7 @@ def run(args) -> int:
     add_metrics(bpy, source, [ar, spec, adaptive], rows)
     print_table(rows)
 
-    for obj in bpy.context.view_layer.objects:
-        if obj is not None:
-            obj.select_set(obj == spec)
+    select_only(bpy, spec)
     bpy.ops.wm.obj_export(filepath=str(out / "demo_retopo.obj"), export_selected_objects=True,
                           export_materials=False, apply_modifiers=True)
     bpy.ops.wm.save_as_mainfile(filepath=str(out / "demo.blend"), copy=True)

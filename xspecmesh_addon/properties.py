@@ -51,9 +51,9 @@ class XSpecMeshSettings(bpy.types.PropertyGroup):
                               default=False)
 
     def to_request(self) -> DecodeRequest:
-        return DecodeRequest.build(mode=self.mode, heads=self.heads, adaptive=self.adaptive, delta=self.delta, accept=self.accept,
-                                   temperature=self.temperature, max_faces=self.max_faces, seed=self.seed,
-                                   heads_cap=service.heads_cap())
+        return DecodeRequest.build(mode=self.mode, heads=self.heads, adaptive=self.adaptive, delta=self.delta,
+                                   accept=self.accept, temperature=self.temperature, max_faces=self.max_faces,
+                                   seed=self.seed, heads_cap=service.heads_cap())
 
 
 def register_scene_property() -> None:

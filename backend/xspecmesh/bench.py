@@ -78,10 +78,12 @@ def variants(heads=(4,), deltas=(0.5,), accepts=("threshold",), naive: bool = Fa
     return out + ([Variant("naive")] if naive else [])
 
 
-def on_model(variant_list: list[Variant], name: str) -> list[Variant]:
+def on_model(variant_list: list[Variant], name: str, max_heads: int) -> list[Variant]:
     """The same AR and speculative variants run on another checkpoint (e.g. the pre-LoRA backbone, or MLP heads),
-    in the same interleaved trials, so checkpoints compare side by side; speedups stay relative to the main AR."""
-    return [replace(v, model=name) for v in variant_list if v.mode != "naive"]
+    in the same interleaved trials, so checkpoints compare side by side; speedups stay relative to the main AR.
+    Speculative variants with more heads than that checkpoint has are left out."""
+    return [replace(v, model=name) for v in variant_list
+            if v.mode == "ar" or (v.mode == "spec" and v.heads <= max_heads)]
 
 
 # ---------------------------------------------------------------------------------------------------------- inputs

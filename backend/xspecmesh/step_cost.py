@@ -18,7 +18,6 @@ from xspecmesh.engine import Engine
 from xspecmesh.errors import SettingsError
 
 
-
 def _timed(fn, device: torch.device) -> tuple[float, float]:
     """(wall seconds, process CPU seconds) of fn(), device work included."""
     if device.type == "cuda":

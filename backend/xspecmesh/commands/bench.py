@@ -81,6 +81,12 @@ def _engine(args):
     return engine
 
 
+def _compare_name(path: Path, taken) -> str:
+    """A --compare checkpoint's row label: its file name, or its folder's for a run's model.safetensors."""
+    name = path.parent.name if path.stem == "model" else path.stem
+    return name if name and name not in taken else str(path)
+
+
 def run(args: argparse.Namespace) -> int:
     from xspecmesh import bench, step_cost
     from xspecmesh.engine import Engine
@@ -111,14 +117,12 @@ def run(args: argparse.Namespace) -> int:
     for line in skipped:
         print(f"skipped {line}", file=sys.stderr)
     sampling = {} if args.temperature is None else {"temperature": args.temperature}
-    variants = bench.variants(args.heads, args.delta, args.accept, args.naive, args.adaptive)
-    others = {}
+    main = bench.variants(args.heads, args.delta, args.accept, args.naive, args.adaptive)
+    variants, others = list(main), {}
     for path in args.compare:
-        name = Path(path).stem if Path(path).stem != "model" else Path(path).parent.name  # runs/heads/model...
-        name = name if name and name not in others else path
+        name = _compare_name(Path(path), others)
         others[name] = Engine.load(path, args.device)
-        variants += bench.on_model([v for v in variants if not v.model and (v.mode != "spec" or v.heads <= others[name]
-                                                                           .max_heads)], name)
+        variants += bench.on_model(main, name, others[name].max_heads)
     result = bench.run_bench(engine, inputs, variants, args.seeds, args.max_tokens, sampling,
                              progress=not args.no_progress, others=others)
     result["source"] = args.meshes or "procedural validation shapes"

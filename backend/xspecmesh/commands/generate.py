@@ -50,9 +50,10 @@ def run(args) -> int:
     from xspecmesh.errors import SettingsError
     from xspecmesh.mesh import weld, write_mesh
 
-    settings = DecodeSettings(mode=args.mode, heads=args.heads, adaptive=args.adaptive, delta=args.delta, accept=args.accept,
-                              topk_accept=args.topk_accept, temperature=args.temperature, top_k=args.top_k,
-                              top_p=args.top_p, max_tokens=args.max_tokens, max_faces=args.max_faces, seed=args.seed)
+    settings = DecodeSettings(mode=args.mode, heads=args.heads, adaptive=args.adaptive, delta=args.delta,
+                              accept=args.accept, topk_accept=args.topk_accept, temperature=args.temperature,
+                              top_k=args.top_k, top_p=args.top_p, max_tokens=args.max_tokens, max_faces=args.max_faces,
+                              seed=args.seed)
     settings.validate()
     engine = Engine.load(args.checkpoint, args.device)
     if settings.mode == "spec" and engine.max_heads == 0:
