@@ -69,3 +69,15 @@ def test_console_entry_point():
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert json.loads(run.stdout)["tokens"] == expected("box")["tokens"]
+
+
+def test_a_closed_pipe_ends_quietly():
+    """`xspecmesh tokenize ... | head`: the reader leaves early; no traceback, exit code 141 as `yes | head`."""
+    paths = [str(REF / "meshes" / f"{name}.obj") for name in NAMES] * 40
+    proc = subprocess.Popen([sys.executable, "-m", "xspecmesh", "tokenize", "--json", *paths],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.read(100)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141, err
+    assert "Traceback" not in err

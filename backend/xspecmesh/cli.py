@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pkgutil
 import sys
 
@@ -32,3 +33,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("xspecmesh: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`xspecmesh tokenize ... | head`): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit-time flush cannot raise again
+        return 141
