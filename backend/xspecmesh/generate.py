@@ -115,8 +115,10 @@ def decode_naive(
     generator: torch.Generator | None = None,
     stats: DecodeStats | None = None,
 ) -> Iterator[list[list[int]]]:
-    """The published-code-style loop: every step re-embeds the whole prefix, recomputes every layer's cross-attention
-    keys/values over the condition and appends the new self-attention keys/values with torch.cat."""
+    """The published-code-style loop (BPT's `generate` on x-transformers 1.26.6, the version it pins): every step
+    re-embeds the whole prefix, recomputes every layer's cross-attention keys/values over the condition, appends the
+    new self-attention keys/values with torch.cat, and, because the cache holds keys from before the qk-norm,
+    L2-normalises every cached key again."""
     stats = stats if stats is not None else DecodeStats()
     start = time.perf_counter()
     b = cond.shape[0]
@@ -131,12 +133,11 @@ def decode_naive(
         for i, layer in enumerate(model.layers):
             attn = layer.self_attn
             h = layer.self_norm(x)
-            k = F.normalize(attn.split(attn.to_k(h)), dim=-1)
-            v = attn.split(attn.to_v(h))
+            k, v = attn.split(attn.to_k(h)), attn.split(attn.to_v(h))
             if past[i] is not None:
                 k, v = torch.cat([past[i][0], k], dim=2), torch.cat([past[i][1], v], dim=2)
             past[i] = (k, v)
-            x = x + attn.attend(attn.split(attn.to_q(h)), k, v)
+            x = x + attn.attend(attn.split(attn.to_q(h)), F.normalize(k, dim=-1), v)
             ca = layer.cross_attn
             x = x + ca.attend(ca.split(ca.to_q(layer.cross_norm(x))), *ca.context_kv(cond))
             x = x + layer.ff(layer.ff_norm(x))
