@@ -6,7 +6,8 @@ preferences at this Python and a tiny random checkpoint, runs each `scenario_*` 
 pass/fail with the traceback to a JSON file; each pytest test reports one scenario. Generations are capped at a few
 faces so the whole module stays well under a minute.
 
-Not covered here (no window in background mode): the modal timer path and undo; both run the same `Run.step`.
+Not covered here (no window in background mode): the modal timer's own events; it runs the same `Run.step`. Undo
+is covered: background Blender keeps a global undo stack when operators are called with undo on, as the UI calls them.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ SCENARIOS = (
     "batch",
     "cancel",
     "batch_cancel",
+    "undo_redo",
     "abort_on_file_load",
     "panel_draws",
     "modal_path",
@@ -292,6 +294,36 @@ def scenario_batch(s: Session):
         assert "faces in" in o.summary() and "SCR" in o.summary()
     assert {o.name: s.snapshot(o) for o in (a, b, empty)} == before
     assert "Camera_retopo" not in bpy.data.objects
+
+
+def scenario_undo_redo(s: Session):
+    """One undo removes a retopology (single or batch) and leaves the sources as they were; redo brings it back."""
+    bpy = s.bpy
+    parts = bpy.data.collections.new("Parts")
+    bpy.context.scene.collection.children.link(parts)
+    s.cube("A", (0, 0, 0), parts)
+    s.cube("B", (3, 0, 0), parts, levels=1)
+    bpy.ops.ed.undo_push(message="scene ready")
+    names = {o.name for o in bpy.data.objects}
+    before = {name: s.snapshot(bpy.data.objects[name]) for name in names}
+
+    def scene():  # undo reloads the data: look everything up by name again
+        return {o.name for o in bpy.data.objects}, {c.name for c in bpy.data.collections}
+
+    assert bpy.ops.xspecmesh.retopologize("EXEC_DEFAULT", True) == {"FINISHED"}  # True: push undo, as the UI does
+    assert scene()[0] == names | {"B_retopo"}
+    bpy.ops.ed.undo()
+    assert scene() == (names, {"Parts"})
+    assert {name: s.snapshot(bpy.data.objects[name]) for name in names} == before
+    bpy.ops.ed.redo()
+    assert len(bpy.data.objects["B_retopo"].data.polygons) > 0
+    bpy.ops.ed.undo()
+
+    assert bpy.ops.xspecmesh.retopologize_collection("EXEC_DEFAULT", True, collection="Parts") == {"FINISHED"}
+    assert scene() == (names | {"A_retopo", "B_retopo"}, {"Parts", "Parts (retopo)"})
+    bpy.ops.ed.undo()
+    assert scene() == (names, {"Parts"})
+    assert {name: s.snapshot(bpy.data.objects[name]) for name in names} == before
 
 
 def scenario_cancel(s: Session):
