@@ -51,6 +51,18 @@ def test_face_cap_is_respected():
     assert all(len(data.random_shape(rng, config)[0].faces) <= 40 for _ in range(8))
 
 
+@pytest.mark.parametrize("axis_aligned", [True, False])
+def test_axis_aligned_boxes_stay_on_the_axes(axis_aligned):
+    """Boxes (plain: 2 coordinates per axis, chamfered: 4) keep that count only when turned by quarter turns."""
+    config = data.ShapeConfig(max_faces=60, families=("box",), axis_aligned=axis_aligned)
+    it = data.iter_pairs(3, config, num_points=64)  # augmented, as in training
+    counts = []
+    for _ in range(12):
+        verts, _ = tokenizer.decode_mesh(next(it).tokens)
+        counts += [len(np.unique(np.round(verts[:, axis], 4))) for axis in range(3)]
+    assert (max(counts) <= 4) == axis_aligned
+
+
 def test_same_seed_same_pairs_other_seed_other_pairs():
     def first(seed):
         it = data.iter_pairs(seed, num_points=256)

@@ -56,6 +56,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     max_faces: int = 400
     families: str | None = None  # comma-separated procedural families (default: all)
+    axis_aligned: bool = False  # shapes upright and turned by multiples of 90 degrees only (data.ShapeConfig)
     meshes: str | None = None  # an optional directory of the user's own meshes, mixed in
     seed: int = 0
     eval_every: int = 500
@@ -111,7 +112,7 @@ def batches(pairs, token_budget: int, pool: int = 64):
 
 def shape_config(cfg: TrainConfig) -> ShapeConfig:
     families = tuple(f.strip() for f in cfg.families.split(",")) if cfg.families else None
-    return ShapeConfig(max_faces=cfg.max_faces, families=families)
+    return ShapeConfig(max_faces=cfg.max_faces, families=families, axis_aligned=cfg.axis_aligned)
 
 
 def training_pairs(cfg: TrainConfig, num_points: int, rank: int, start_step: int = 0):
@@ -354,7 +355,8 @@ class Trainer:
         model, heads = self.inference_modules()
         save_checkpoint(self.out / "model.safetensors", model, heads, dtype="float32",
                         meta={"preset": self.preset_name, "stage": self.cfg.stage, "step": step,
-                              "families": self.cfg.families, "max_faces": self.cfg.max_faces})
+                              "families": self.cfg.families, "max_faces": self.cfg.max_faces,
+                              "axis_aligned": self.cfg.axis_aligned})
 
     @torch.no_grad()
     def evaluate(self) -> dict:
