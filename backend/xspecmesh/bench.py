@@ -206,7 +206,7 @@ def run_bench(engine: Engine, inputs: list[BenchInput], variant_list: list[Varia
     if naive is not None and naive["speedup"] is not None:
         out["ar_vs_naive"] = 1.0 / naive["speedup"]  # how much faster our AR loop is than the reference loop
     out["runs"] = [{**{k: v for k, v in r.items() if k != "variant"}, **_variant_fields(r["variant"])} for r in runs]
-    return _clean(out)
+    return json_safe(out)
 
 
 def _variant_fields(v: Variant) -> dict:
@@ -261,12 +261,12 @@ def _summarize(v: Variant, runs: list[dict], ar: Variant, seeds: int) -> dict:
     return row
 
 
-def _clean(x):
+def json_safe(x):
     """JSON-safe: NaN/inf become None, numpy scalars plain numbers."""
     if isinstance(x, dict):
-        return {k: _clean(v) for k, v in x.items()}
+        return {k: json_safe(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_clean(v) for v in x]
+        return [json_safe(v) for v in x]
     if isinstance(x, (np.floating, float)):
         return None if not math.isfinite(float(x)) else float(x)
     if isinstance(x, np.integer):
@@ -292,7 +292,8 @@ def machine_info(engine: Engine) -> dict:
 # ------------------------------------------------------------------------------------------------------ reporting
 
 
-def _fmt(x, spec: str = ".3f") -> str:
+def cell(x, spec: str = ".3f") -> str:
+    """A table cell: a dash for a missing value."""
     return "–" if x is None else format(x, spec)
 
 
@@ -309,11 +310,11 @@ def markdown(result: dict) -> str:
              "| faces | failed |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        lines.append(f"| {_mode(r)} | {r['heads'] or '–'} | {_fmt(r['delta'], 'g')} | {r['accept'] or '–'} | "
-                     f"{_fmt(r['seconds'])} | {_fmt(r['speedup'], '.2f')}× | {_fmt(r['speedup_cpu'], '.2f')}× | "
-                     f"{_fmt(r['scr'], '.2f')} | "
-                     f"{_fmt(r['tokens_per_second'], '.0f')} | {_fmt(r['cd'], '.4f')} | {_fmt(r['hd'], '.4f')} | "
-                     f"{_fmt(r['cd_10k'], '.4f')} | {_fmt(r['hd_10k'], '.4f')} | {_fmt(r['faces'], '.0f')} | "
+        lines.append(f"| {_mode(r)} | {r['heads'] or '–'} | {cell(r['delta'], 'g')} | {r['accept'] or '–'} | "
+                     f"{cell(r['seconds'])} | {cell(r['speedup'], '.2f')}× | {cell(r['speedup_cpu'], '.2f')}× | "
+                     f"{cell(r['scr'], '.2f')} | "
+                     f"{cell(r['tokens_per_second'], '.0f')} | {cell(r['cd'], '.4f')} | {cell(r['hd'], '.4f')} | "
+                     f"{cell(r['cd_10k'], '.4f')} | {cell(r['hd_10k'], '.4f')} | {cell(r['faces'], '.0f')} | "
                      f"{r['failures']}/{r['runs']} |")
     for name, path in result.get("compare", {}).items():
         lines += ["", f"@{name}: {path}"]
@@ -323,9 +324,9 @@ def markdown(result: dict) -> str:
         lines += ["", f"quality over {result['seeds']} seeds (mean ± std of per-seed mean):", "",
                   "| mode | D | δ | accept | CD | HD |", "|---|---|---|---|---|---|"]
         for r in result["rows"]:
-            lines.append(f"| {_mode(r)} | {r['heads'] or '–'} | {_fmt(r['delta'], 'g')} | {r['accept'] or '–'} | "
-                         f"{_fmt(r['cd_seed_mean'], '.4f')} ± {_fmt(r['cd_seed_std'], '.4f')} | "
-                         f"{_fmt(r['hd_seed_mean'], '.4f')} ± {_fmt(r['hd_seed_std'], '.4f')} |")
+            lines.append(f"| {_mode(r)} | {r['heads'] or '–'} | {cell(r['delta'], 'g')} | {r['accept'] or '–'} | "
+                         f"{cell(r['cd_seed_mean'], '.4f')} ± {cell(r['cd_seed_std'], '.4f')} | "
+                         f"{cell(r['hd_seed_mean'], '.4f')} ± {cell(r['hd_seed_std'], '.4f')} |")
     return "\n".join(lines)
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from xspecmesh import tokenizer
-from xspecmesh.bench import _clean, _fmt, machine_info
+from xspecmesh.bench import json_safe, cell, machine_info
 from xspecmesh.engine import Engine
 from xspecmesh.errors import SettingsError
 
@@ -99,7 +99,7 @@ def step_cost(engine: Engine, depths=range(1, 7), cache_lengths=(500, 1500), rep
                          "oracle_speedup_cpu": (d + 1) * ar_cpu / max(step_cpu, 1e-9)})
     bar.close()
     cfg = model.cfg
-    return _clean({**machine_info(engine), "checkpoint": engine.ckpt.path, "repeats": repeats,
+    return json_safe({**machine_info(engine), "checkpoint": engine.ckpt.path, "repeats": repeats,
                    "model": {"dim": cfg.dim, "depth": cfg.depth, "heads": cfg.heads, "max_seq_len": cfg.max_seq_len},
                    "cache_lengths": lengths, "rows": rows})
 
@@ -114,5 +114,5 @@ def step_cost_markdown(result: dict) -> str:
     for r in result["rows"]:
         lines.append(f"| {r['cache_length']} | {r['heads']} | {r['ar_ms']:.2f} | {r['draft_ms']:.2f} | "
                      f"{r['verify_ms']:.2f} | {r['step_ms']:.2f} | {r['ratio']:.2f} | {r['oracle_speedup']:.2f}× | "
-                     f"{_fmt(r['ratio_cpu'], '.2f')} | {_fmt(r['oracle_speedup_cpu'], '.2f')}× |")
+                     f"{cell(r['ratio_cpu'], '.2f')} | {cell(r['oracle_speedup_cpu'], '.2f')}× |")
     return "\n".join(lines)
