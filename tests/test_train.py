@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from xspecmesh.checkpoint import load_checkpoint, write_random_checkpoint
-from xspecmesh.train import TrainConfig, Trainer, collate
+from xspecmesh.train import TrainConfig, Trainer, collate, shape_config
 from xspecmesh.data import ShapeConfig, validation_pairs
 
 FAST = dict(preset="tiny", token_budget=600, max_faces=40, eval_every=0, gen_count=0, save_every=1000, log_every=1,
@@ -58,6 +58,15 @@ def test_stage1_changes_only_heads(tmp_path, batch):
     assert tr.loss(*batch)[0].item() < first
     ck = load_checkpoint(tmp_path / "h" / "model.safetensors")
     assert ck.max_heads == 3
+    assert (ck.meta["families"], ck.meta["max_faces"], ck.meta["axis_aligned"]) == (None, 40, False)
+
+
+def test_training_distribution_is_configured_and_recorded(tmp_path):
+    cfg = TrainConfig(stage="backbone", out=str(tmp_path), steps=1, families="box, cone", axis_aligned=True, **FAST)
+    assert shape_config(cfg) == ShapeConfig(max_faces=40, families=("box", "cone"), axis_aligned=True)
+    Trainer(cfg).run()
+    meta = load_checkpoint(tmp_path / "model.safetensors").meta
+    assert (meta["families"], meta["axis_aligned"]) == ("box, cone", True)
 
 
 def test_own_output_heads_start_from_the_backbones_projection(tmp_path, batch):
