@@ -39,8 +39,9 @@ def resolve_checkpoint(arg: str | None, default: Path = DEFAULT_CHECKPOINT) -> P
             raise DemoError(f"checkpoint {path} does not exist")
         return path
     if not default.is_file():
-        raise DemoError(f"no checkpoint is installed ({default.relative_to(ROOT) if default.is_relative_to(ROOT) else default} "
-                        "does not exist): train the shipped model first (see the README), or pass --checkpoint PATH")
+        shown = default.relative_to(ROOT) if default.is_relative_to(ROOT) else default
+        raise DemoError(f"no checkpoint is installed ({shown} does not exist): train the shipped model first (see the "
+                        "README), or pass --checkpoint PATH")
     return default
 
 
@@ -110,7 +111,8 @@ def retopologize(bpy, source, label: str, **settings) -> tuple[object, dict]:
         raise DemoError(f"{label}: Retopologize made no object")
     result.name = f"{source.name}_retopo_{label}"
     info = result["xspecmesh"].to_dict()
-    stats, request = info["stats"], info["request"] if settings.get("mode") != "ar" else {}
+    stats = info["stats"]
+    request = info["request"] if settings.get("mode") != "ar" else {}  # AR rows have no heads, δ or adaptive
     row = {"mode": label, "faces": len(result.data.polygons), "seconds": float(stats.get("seconds", wall)),
            "wall_seconds": wall, "tokens": stats.get("tokens"), "steps": stats.get("steps"), "scr": stats.get("scr"),
            "tokens_per_second": stats.get("tokens_per_second"), "heads": request.get("heads"),

@@ -95,8 +95,8 @@ def shape_config_for(engine: Engine, args):
 
     families = args.families or engine.ckpt.meta.get("families")
     max_faces = args.max_faces or engine.ckpt.meta.get("max_faces") or ShapeConfig.max_faces
-    return ShapeConfig(max_faces=int(max_faces), families=tuple(families.split(",")) if families else None,
-                       axis_aligned=bool(engine.ckpt.meta.get("axis_aligned", False)))
+    return ShapeConfig.parse(families, max_faces=int(max_faces),
+                             axis_aligned=bool(engine.ckpt.meta.get("axis_aligned", False)))
 
 
 def procedural_inputs(count: int, num_points: int, seed: int = 12345, shapes=None) -> list[BenchInput]:

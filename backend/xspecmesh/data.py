@@ -54,6 +54,11 @@ class ShapeConfig:
         if unknown or (self.families is not None and not self.families):
             raise SettingsError(f"unknown or no shape families {sorted(unknown)}; known: {', '.join(FAMILIES)}")
 
+    @classmethod
+    def parse(cls, families: str | None, **options) -> "ShapeConfig":
+        """From a comma-separated family list, as options and checkpoint metadata carry it (None or "": all)."""
+        return cls(families=tuple(f.strip() for f in families.split(",")) if families else None, **options)
+
     @property
     def names(self) -> tuple[str, ...]:
         return tuple(self.families) if self.families else tuple(FAMILIES)
@@ -209,6 +214,7 @@ def _posed(mesh: trimesh.Trimesh, rng: np.random.Generator, config: ShapeConfig)
     if not config.axis_aligned and rng.random() < config.tilt_prob:
         rot = Rotation.from_quat(rng.normal(size=4))  # a normalized Gaussian quaternion: uniform over SO(3)
     else:
+        # (axis-aligned shapes draw no coin here, so the default stream is the same as before the option existed)
         rot = _yaw(rng, quarter_turns=config.axis_aligned or rng.random() < 0.5)
     return trimesh.Trimesh(normalize(rot.apply(v))[0], np.asarray(mesh.faces), process=False)
 

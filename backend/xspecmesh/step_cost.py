@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from xspecmesh import tokenizer
-from xspecmesh.bench import json_safe, cell, machine_info
+from xspecmesh.bench import cell, json_safe, machine_info
 from xspecmesh.engine import Engine
 from xspecmesh.errors import SettingsError
 
@@ -100,8 +100,8 @@ def step_cost(engine: Engine, depths=range(1, 7), cache_lengths=(500, 1500), rep
     bar.close()
     cfg = model.cfg
     return json_safe({**machine_info(engine), "checkpoint": engine.ckpt.path, "repeats": repeats,
-                   "model": {"dim": cfg.dim, "depth": cfg.depth, "heads": cfg.heads, "max_seq_len": cfg.max_seq_len},
-                   "cache_lengths": lengths, "rows": rows})
+                      "model": {"dim": cfg.dim, "depth": cfg.depth, "heads": cfg.heads, "max_seq_len": cfg.max_seq_len},
+                      "cache_lengths": lengths, "rows": rows})
 
 
 def step_cost_markdown(result: dict) -> str:

@@ -111,8 +111,7 @@ def batches(pairs, token_budget: int, pool: int = 64):
 
 
 def shape_config(cfg: TrainConfig) -> ShapeConfig:
-    families = tuple(f.strip() for f in cfg.families.split(",")) if cfg.families else None
-    return ShapeConfig(max_faces=cfg.max_faces, families=families, axis_aligned=cfg.axis_aligned)
+    return ShapeConfig.parse(cfg.families, max_faces=cfg.max_faces, axis_aligned=cfg.axis_aligned)
 
 
 def training_pairs(cfg: TrainConfig, num_points: int, rank: int, start_step: int = 0):

@@ -32,8 +32,7 @@ def register(sub) -> None:
 def _config(args):
     from xspecmesh.data import ShapeConfig
 
-    families = tuple(f.strip() for f in args.families.split(",")) if args.families else None
-    return ShapeConfig(max_faces=args.max_faces, families=families)
+    return ShapeConfig.parse(args.families, max_faces=args.max_faces)
 
 
 def _shapes(args):
