@@ -6,7 +6,9 @@ import collections
 import pytest
 import torch
 
+from xspecmesh.config import HeadsConfig
 from xspecmesh.generate import DecodeStats, decode_ar, run_to_end
+from xspecmesh.heads import DraftHeads
 from xspecmesh.sampling import Grammar, SamplingConfig
 from xspecmesh.speculative import AcceptConfig, decode_speculative
 
@@ -56,6 +58,17 @@ def test_greedy_speculative_equals_greedy_ar_with_untrained_heads(d):
     got = spec(model, tiny_heads(model, d=6), cond, GREEDY, AcceptConfig("greedy"), 150, d=d, stats=stats)
     assert got == want
     assert sum(stats.accept_hist) > 0 and stats.scr >= 1.0
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_untrained_heads_predict_what_the_backbone_predicts_next(shared):
+    model = tiny_model()
+    heads = DraftHeads.for_backbone(model, HeadsConfig(num_heads=3, shared_output=shared)).eval()
+    cond = condition(model)
+    with torch.no_grad():
+        logits, hidden = model(torch.zeros(1, 1, dtype=torch.long), cond=cond)
+        drafts = heads(hidden, heads.context(cond), model.to_logits)
+    assert torch.allclose(drafts, logits[:, :, None].expand_as(drafts), atol=1e-5)
 
 
 def test_oracle_heads_reach_scr_near_d_plus_one():

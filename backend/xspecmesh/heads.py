@@ -39,6 +39,15 @@ class DraftHeads(nn.Module):
         if not cfg.shared_output:
             self.to_logits = nn.Linear(dim, model_cfg.vocab_size)
 
+    @classmethod
+    def for_backbone(cls, model: nn.Module, cfg: HeadsConfig) -> "DraftHeads":
+        """Untrained heads for `model`; an own output projection starts as a copy of the backbone's, so that even
+        then an untrained head predicts what the backbone predicts next."""
+        heads = cls(model.cfg, cfg)
+        if not cfg.shared_output:
+            heads.to_logits.load_state_dict(model.to_logits.state_dict())
+        return heads
+
     @property
     def num_heads(self) -> int:
         return self.cfg.num_heads

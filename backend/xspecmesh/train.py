@@ -225,9 +225,7 @@ class Trainer:
                 found = ckpt.heads.cfg if ckpt.heads is not None else "no heads"
                 raise SettingsError(f"stage lora continues the stage-1 heads, but {cfg.init} has {found}; "
                                     f"pass the heads checkpoint and the same --num-heads/--head-type")
-            self.heads = ckpt.heads if keep else DraftHeads(self.model.cfg, hcfg)
-            if not keep and not hcfg.shared_output:  # an own projection starts as the backbone's: harmless
-                self.heads.to_logits.load_state_dict(self.model.to_logits.state_dict())
+            self.heads = ckpt.heads if keep else DraftHeads.for_backbone(self.model, hcfg)
         self.model.to(self.device)
         if self.heads is not None:
             self.heads.to(self.device)
