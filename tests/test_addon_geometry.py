@@ -208,3 +208,43 @@ def test_world_triangles_reads_the_evaluated_mesh_in_world_space():
     empty = _FakeObject(_FakeMesh(np.zeros((0, 3)), np.zeros((0, 3))), np.eye(4).tolist())
     with pytest.raises(sampling.SamplingError, match="'Fake' cannot be retopologized: the mesh has no faces"):
         sampling.condition_from_object(empty, depsgraph=None)
+
+
+def _rotation_z(degrees: float) -> np.ndarray:
+    a = np.radians(degrees)
+    return np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+
+
+def _world(rotation, scale, location) -> np.ndarray:
+    w = np.eye(4)
+    w[:3, :3], w[:3, 3] = rotation @ np.diag(scale), location
+    return w
+
+
+@pytest.mark.parametrize("scale", [(2.0, 1.0, 0.5), (-2.0, 1.0, 0.5)])  # plain and mirrored
+def test_axes_frame_splits_off_rotation_and_location_keeping_scale(scale):
+    w = _world(_rotation_z(30), scale, (4, -1, 2))
+    f, g = sampling.axes_frame(w)
+    np.testing.assert_allclose(g @ f, w, atol=1e-12)
+    np.testing.assert_allclose(f, np.diag([*scale, 1.0]), atol=1e-12)  # the object's axes, its scale kept
+    np.testing.assert_allclose(g[:3, :3], _rotation_z(30), atol=1e-12)  # a proper rotation, even when mirrored
+    np.testing.assert_allclose(g[:3, 3], (4, -1, 2))
+
+
+def test_object_axes_send_a_rotated_part_upright_and_bring_the_result_back():
+    tris = cube_triangles(size=1.0)
+    verts, faces = tris.reshape(-1, 3), np.arange(36).reshape(12, 3)
+    w = _world(_rotation_z(30), (2.0, 1.0, 0.5), (4, -1, 2))
+    obj = _FakeObject(_FakeMesh(verts, faces), w.tolist())
+
+    def normals(cloud):
+        return np.frombuffer(cloud.data, dtype="<f4").reshape(-1, 6)[:, 3:]
+
+    upright = sampling.condition_from_object(obj, depsgraph=None, count=512, object_axes=True)
+    world = sampling.condition_from_object(obj, depsgraph=None, count=512)
+    assert np.allclose(np.abs(normals(upright)).max(axis=1), 1.0, atol=1e-6)  # every face along an axis
+    assert not np.allclose(np.abs(normals(world)).max(axis=1), 1.0, atol=1e-3)  # turned by 30 degrees
+    for cloud in (upright, world):  # either way, to_world takes the model's frame onto the object's surface
+        pts = np.frombuffer(cloud.data, dtype="<f4").reshape(-1, 6)[:, :3].astype(np.float64)
+        back = np.c_[pts, np.ones(len(pts))] @ cloud.to_world.T @ np.linalg.inv(w).T
+        np.testing.assert_allclose(np.abs(back[:, :3]).max(axis=1), 0.5, atol=1e-5)

@@ -32,6 +32,7 @@ SCENARIOS = (
     "cancel",
     "batch_cancel",
     "undo_redo",
+    "object_axes",
     "abort_on_file_load",
     "panel_draws",
     "modal_path",
@@ -125,7 +126,7 @@ class Session:
         self.prefs.checkpoint = self.args.checkpoint
         self.prefs.device = "cpu"
         s = self.settings
-        for name in ("mode", "delta", "heads", "accept", "temperature", "seed", "hide_source"):
+        for name in ("mode", "delta", "heads", "accept", "temperature", "seed", "hide_source", "object_axes"):
             s.property_unset(name)
         s.max_faces = 4
 
@@ -324,6 +325,30 @@ def scenario_undo_redo(s: Session):
     bpy.ops.ed.undo()
     assert scene() == (names, {"Parts"})
     assert {name: s.snapshot(bpy.data.objects[name]) for name in names} == before
+
+
+def scenario_object_axes(s: Session):
+    import numpy as np
+
+    bpy = s.bpy
+    src = s.cube(location=(2.0, 1.0, 0.5), levels=0)
+    src.rotation_euler = (0.0, 0.0, 0.5)  # turned about Blender's up axis, as a part placed in a scene would be
+    src.scale = (1.5, 1.0, 0.8)
+    bpy.context.view_layer.update()
+    before = s.snapshot(src)
+    for object_axes in (False, True):  # the model sees the block turned, or upright in its own axes
+        cloud = s.job.sample_ahead(src, 0, object_axes)[src.name]
+        normals = np.frombuffer(cloud.data, dtype="<f4").reshape(-1, 6)[:, 3:]
+        assert np.allclose(np.abs(normals).max(axis=1), 1.0, atol=1e-5) == object_axes
+    s.settings.object_axes = True
+    bpy.ops.xspecmesh.retopologize()
+    out = bpy.data.objects["Cube_retopo"]
+    assert s.stats(out)["object_axes"]
+    assert all(abs(a - b) < 1e-5 for ra, rb in zip(out.matrix_world, src.matrix_world) for a, b in zip(ra, rb))
+    # In the source's own (scaled) axes the backend's [-1, 1] cube is the box centre ± longest side / 1.9.
+    local = np.array([v.co[:] for v in out.data.vertices]) * np.array(src.scale)
+    assert len(local) and (np.abs(local) <= 3.0 / 1.9 + 1e-4).all(), "result outside the object's frame"
+    assert s.snapshot(src) == before, "the source changed"
 
 
 def scenario_cancel(s: Session):

@@ -58,11 +58,12 @@ class Job:
     """One object through the backend. `handle(msg)` takes its replies; `finish()` returns the Outcome."""
 
     def __init__(self, source, request: DecodeRequest, client, collections, hide_source: bool = False,
-                 cloud: sampling.PointCloud | None = None):
+                 cloud: sampling.PointCloud | None = None, object_axes: bool = False):
         self.source_name = source.name
         self.request = request
         self.client = client
         self.hide_source = hide_source
+        self.object_axes = object_axes
         self.id = f"job{next(_ids)}"
         self.state = "running"
         self.message = ""
@@ -71,8 +72,9 @@ class Job:
         self.triangles = TriangleBuffer()
         self.started = time.perf_counter()
         if cloud is None:  # SamplingError (nothing to sample): the job never starts
-            cloud = sampling.condition_from_object(source, bpy.context.evaluated_depsgraph_get(), seed=request.seed)
-        self.result = ResultObject(source, collections, cloud.normalization.matrix())
+            cloud = sampling.condition_from_object(source, bpy.context.evaluated_depsgraph_get(), seed=request.seed,
+                                                   object_axes=object_axes)
+        self.result = ResultObject(source, collections, cloud.to_world)
         try:
             client.generate(self.id, cloud.data, cloud.count, request.settings())
         except Exception as exc:
@@ -135,7 +137,8 @@ class Job:
         stats = self.stats or {k: v for k, v in self.progress.items() if k not in ("type", "id")}
         seconds = stats.get("seconds")
         seconds = float(seconds) if isinstance(seconds, (int, float)) else time.perf_counter() - self.started
-        info = {"request": self.request.settings(), "stats": stats, "state": self.state}
+        info = {"request": self.request.settings(), "object_axes": self.object_axes, "stats": stats,
+                "state": self.state}
         name = self.result.finish(self.triangles.triangles, partial=self.state != "done", info=info)
         if self.state == "done" and name is None:
             self.state, self.message = "failed", "the model produced no faces"
@@ -158,7 +161,8 @@ class Run:
     """
 
     def __init__(self, sources: list[str], request: DecodeRequest, startup, collections_for, *,
-                 hide_source: bool = False, batch: bool = False, prepared: dict | None = None):
+                 hide_source: bool = False, object_axes: bool = False, batch: bool = False,
+                 prepared: dict | None = None):
         self.sources = list(sources)
         self.prepared = dict(prepared or {})  # source name → PointCloud sampled ahead (see `sample_ahead`)
         self.request = request
@@ -166,6 +170,7 @@ class Run:
         self.client = None  # set once the backend said hello
         self.collections_for = collections_for  # source object → collections to put its result in
         self.hide_source = hide_source
+        self.object_axes = object_axes  # sample each object in its own axes (see `sampling.axes_frame`)
         self.batch = batch
         self.index = 0
         self.job: Job | None = None
@@ -241,7 +246,7 @@ class Run:
                 if source is None:
                     raise sampling.SamplingError(f"'{name}' no longer exists")
                 self.job = Job(source, self.request, self.client, self.collections_for(source), self.hide_source,
-                               self.prepared.pop(name, None))
+                               self.prepared.pop(name, None), self.object_axes)
             except sampling.SamplingError as exc:
                 self.outcomes.append(Outcome(name, "skipped", message=str(exc)))
                 self.index += 1
@@ -284,9 +289,10 @@ class Run:
                 self.step(timeout=tick)
 
 
-def sample_ahead(source, seed: int) -> dict:
+def sample_ahead(source, seed: int, object_axes: bool = False) -> dict:
     """Sample an object before the backend starts, so an object with nothing to sample fails at once."""
-    return {source.name: sampling.condition_from_object(source, bpy.context.evaluated_depsgraph_get(), seed=seed)}
+    depsgraph = bpy.context.evaluated_depsgraph_get()
+    return {source.name: sampling.condition_from_object(source, depsgraph, seed=seed, object_axes=object_axes)}
 
 
 def _first_line(text: str) -> str:

@@ -138,13 +138,13 @@ class XSPECMESH_OT_retopologize(_RunOperator, bpy.types.Operator):
         source = _active_source(context)
         settings = context.scene.xspecmesh
         try:
-            prepared = job.sample_ahead(source, settings.seed)
+            prepared = job.sample_ahead(source, settings.seed, settings.object_axes)
         except SamplingError as exc:
             self.report({"ERROR"}, str(exc))
             return None
         startup = preferences.begin_backend(context)
         return job.Run([source.name], settings.to_request(), startup, lambda src: list(src.users_collection),
-                       hide_source=settings.hide_source, prepared=prepared)
+                       hide_source=settings.hide_source, object_axes=settings.object_axes, prepared=prepared)
 
     def conclude(self, context, run):
         if not run.outcomes:  # aborted from outside (another file was loaded)
@@ -204,7 +204,7 @@ class XSPECMESH_OT_retopologize_collection(_RunOperator, bpy.types.Operator):
         self._target = target.name
         settings = context.scene.xspecmesh
         return job.Run(objects, settings.to_request(), startup, lambda src: [target],
-                       hide_source=settings.hide_source, batch=True)
+                       hide_source=settings.hide_source, object_axes=settings.object_axes, batch=True)
 
     def conclude(self, context, run):
         for outcome in run.outcomes:

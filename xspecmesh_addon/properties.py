@@ -47,6 +47,9 @@ class XSpecMeshSettings(bpy.types.PropertyGroup):
     temperature: FloatProperty(name="Temperature", description="Sampling temperature (0: always the likeliest "
                                "token)", default=0.5, min=0.0, soft_max=2.0)
     seed: IntProperty(name="Seed", description="Random seed for sampling the surface and decoding", default=0, min=0)
+    object_axes: BoolProperty(
+        name="Object Axes", description="Read the object in its own axes, leaving out its rotation (the result still "
+        "lands where the object is): the shipped model was trained on upright, axis-aligned parts", default=False)
     hide_source: BoolProperty(name="Hide Source", description="Hide the source object once its result is ready",
                               default=False)
 

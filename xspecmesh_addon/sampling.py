@@ -1,8 +1,9 @@
 """Evaluated Blender object → the backend's conditioning point cloud.
 
-The mesh (modifiers applied) is read into numpy in world space, sampled uniformly by area with geometric normals, and
+The mesh (modifiers applied) is read into numpy in world space — or, with "object axes", in the object's own axes
+(its scale kept, its rotation and location left out) — sampled uniformly by area with geometric normals, and
 normalized the way the model was trained: turned from Blender's z-up to the model's y-up, bbox centre to the origin,
-longest side to [-0.95, 0.95]. `Normalization` remembers all of it so the generated faces go back to the source.
+longest side to [-0.95, 0.95]. `PointCloud.to_world` remembers all of it so the generated faces go back to the source.
 
 No `import bpy` here: `world_triangles` only calls methods on the object it is given, and everything else is plain
 numpy, so the math is tested without Blender.
@@ -103,8 +104,29 @@ def pack_points(points: np.ndarray, normals: np.ndarray) -> bytes:
     return np.ascontiguousarray(data, dtype="<f4").tobytes()
 
 
+def axes_frame(matrix_world) -> tuple[np.ndarray, np.ndarray]:
+    """Split an object's world matrix W into F (local → its own axes: scale kept, rotation and location removed) and
+    G (those axes → world: a rotation and the location), W = G · F, by polar decomposition of W's 3×3 part. A mirror
+    stays in F (as a negative x scale), so G is always a proper rotation."""
+    w = np.asarray(matrix_world, dtype=np.float64)
+    mirror = np.diag([-1.0 if np.linalg.det(w[:3, :3]) < 0 else 1.0, 1.0, 1.0])
+    u, _, vt = np.linalg.svd(w[:3, :3] @ mirror)
+    rotation = u @ vt
+    f, g = np.eye(4), np.eye(4)
+    f[:3, :3] = rotation.T @ w[:3, :3]
+    g[:3, :3], g[:3, 3] = rotation, w[:3, 3]
+    return f, g
+
+
 def world_triangles(obj, depsgraph) -> np.ndarray:
     """Triangles (T, 3, 3) of the evaluated object (modifiers applied) in world space."""
+    tris, _ = object_triangles(obj, depsgraph)
+    return tris
+
+
+def object_triangles(obj, depsgraph, object_axes: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Triangles (T, 3, 3) of the evaluated object (modifiers applied) in world space, or in the object's own axes
+    (`axes_frame`), and the 4×4 matrix from that frame to world space."""
     evaluated = obj.evaluated_get(depsgraph)
     mesh = evaluated.to_mesh()
     try:
@@ -117,9 +139,11 @@ def world_triangles(obj, depsgraph) -> np.ndarray:
         mesh.loop_triangles.foreach_get("vertices", tri_index)
     finally:
         evaluated.to_mesh_clear()
-    matrix = np.array(evaluated.matrix_world, dtype=np.float64)
-    world = verts.reshape(-1, 3).astype(np.float64) @ matrix[:3, :3].T + matrix[:3, 3]
-    return world[tri_index.reshape(-1, 3)]
+    matrix, to_world = np.array(evaluated.matrix_world, dtype=np.float64), np.eye(4)
+    if object_axes:
+        matrix, to_world = axes_frame(matrix)
+    frame = verts.reshape(-1, 3).astype(np.float64) @ matrix[:3, :3].T + matrix[:3, 3]
+    return frame[tri_index.reshape(-1, 3)], to_world
 
 
 @dataclass
@@ -128,18 +152,25 @@ class PointCloud:
 
     data: bytes
     count: int
-    normalization: Normalization
+    normalization: Normalization  # the sampled frame ↔ the model's normalized frame
+    to_world: np.ndarray  # 4×4: the model's normalized frame → Blender world space
 
 
-def condition_from_triangles(tris: np.ndarray, count: int = POINT_COUNT, seed: int = 0) -> PointCloud:
+def condition_from_triangles(tris: np.ndarray, count: int = POINT_COUNT, seed: int = 0,
+                             frame_to_world: np.ndarray | None = None) -> PointCloud:
+    """Sample triangles given in some frame (world space unless `frame_to_world` says otherwise)."""
     points, normals = sample_surface(tris, count, seed)
     norm = Normalization.fit(np.asarray(tris).reshape(-1, 3))
-    return PointCloud(pack_points(norm.apply(points), norm.apply_to_normals(normals)), count, norm)
+    to_world = (np.eye(4) if frame_to_world is None else np.asarray(frame_to_world)) @ norm.matrix()
+    return PointCloud(pack_points(norm.apply(points), norm.apply_to_normals(normals)), count, norm, to_world)
 
 
-def condition_from_object(obj, depsgraph, count: int = POINT_COUNT, seed: int = 0) -> PointCloud:
-    """Sample an object for a request; raises `SamplingError` with a readable reason when it has no surface."""
+def condition_from_object(obj, depsgraph, count: int = POINT_COUNT, seed: int = 0,
+                          object_axes: bool = False) -> PointCloud:
+    """Sample an object for a request; raises `SamplingError` with a readable reason when it has no surface.
+    `object_axes`: read it in its own axes (`axes_frame`), so a rotated part reaches the model upright."""
     try:
-        return condition_from_triangles(world_triangles(obj, depsgraph), count, seed)
+        tris, frame_to_world = object_triangles(obj, depsgraph, object_axes)
+        return condition_from_triangles(tris, count, seed, frame_to_world)
     except SamplingError as exc:
         raise SamplingError(f"'{obj.name}' cannot be retopologized: {exc}") from None
