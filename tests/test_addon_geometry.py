@@ -161,7 +161,7 @@ def test_condition_packs_normalized_float32_points():
 
 
 class _FakeMesh:
-    """The slice of bpy.types.Mesh that `world_triangles` reads."""
+    """The slice of bpy.types.Mesh that `object_triangles` reads."""
 
     def __init__(self, verts, tris):
         self.vertices = _Seq(np.asarray(verts, np.float32), "co")
@@ -202,7 +202,7 @@ def test_world_triangles_reads_the_evaluated_mesh_in_world_space():
     m[:3, 3] = [10, 0, 0]
     m[0, 0] = 2
     obj = _FakeObject(_FakeMesh([[0, 0, 0], [1, 0, 0], [0, 1, 0]], [[0, 1, 2]]), m.tolist())
-    tris = sampling.world_triangles(obj, depsgraph=None)
+    tris, _ = sampling.object_triangles(obj, depsgraph=None)
     np.testing.assert_allclose(tris, [[[10, 0, 0], [12, 0, 0], [10, 1, 0]]])
     assert obj.cleared  # the temporary mesh is always freed
     empty = _FakeObject(_FakeMesh(np.zeros((0, 3)), np.zeros((0, 3))), np.eye(4).tolist())

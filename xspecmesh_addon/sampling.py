@@ -5,7 +5,7 @@ The mesh (modifiers applied) is read into numpy in world space — or, with "obj
 normalized the way the model was trained: turned from Blender's z-up to the model's y-up, bbox centre to the origin,
 longest side to [-0.95, 0.95]. `PointCloud.to_world` remembers all of it so the generated faces go back to the source.
 
-No `import bpy` here: `world_triangles` only calls methods on the object it is given, and everything else is plain
+No `import bpy` here: `object_triangles` only calls methods on the object it is given, and everything else is plain
 numpy, so the math is tested without Blender.
 """
 from __future__ import annotations
@@ -118,12 +118,6 @@ def axes_frame(matrix_world) -> tuple[np.ndarray, np.ndarray]:
     return f, g
 
 
-def world_triangles(obj, depsgraph) -> np.ndarray:
-    """Triangles (T, 3, 3) of the evaluated object (modifiers applied) in world space."""
-    tris, _ = object_triangles(obj, depsgraph)
-    return tris
-
-
 def object_triangles(obj, depsgraph, object_axes: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Triangles (T, 3, 3) of the evaluated object (modifiers applied) in world space, or in the object's own axes
     (`axes_frame`), and the 4×4 matrix from that frame to world space."""
@@ -139,11 +133,11 @@ def object_triangles(obj, depsgraph, object_axes: bool = False) -> tuple[np.ndar
         mesh.loop_triangles.foreach_get("vertices", tri_index)
     finally:
         evaluated.to_mesh_clear()
-    matrix, to_world = np.array(evaluated.matrix_world, dtype=np.float64), np.eye(4)
+    matrix, frame_to_world = np.array(evaluated.matrix_world, dtype=np.float64), np.eye(4)
     if object_axes:
-        matrix, to_world = axes_frame(matrix)
+        matrix, frame_to_world = axes_frame(matrix)
     frame = verts.reshape(-1, 3).astype(np.float64) @ matrix[:3, :3].T + matrix[:3, 3]
-    return frame[tri_index.reshape(-1, 3)], to_world
+    return frame[tri_index.reshape(-1, 3)], frame_to_world
 
 
 @dataclass
@@ -153,7 +147,12 @@ class PointCloud:
     data: bytes
     count: int
     normalization: Normalization  # the sampled frame ↔ the model's normalized frame
-    to_world: np.ndarray  # 4×4: the model's normalized frame → Blender world space
+    frame_to_world: np.ndarray  # 4×4: the sampled frame → Blender world space
+
+    @property
+    def to_world(self) -> np.ndarray:
+        """4×4: the model's normalized frame → Blender world space."""
+        return self.frame_to_world @ self.normalization.matrix()
 
 
 def condition_from_triangles(tris: np.ndarray, count: int = POINT_COUNT, seed: int = 0,
@@ -161,8 +160,8 @@ def condition_from_triangles(tris: np.ndarray, count: int = POINT_COUNT, seed: i
     """Sample triangles given in some frame (world space unless `frame_to_world` says otherwise)."""
     points, normals = sample_surface(tris, count, seed)
     norm = Normalization.fit(np.asarray(tris).reshape(-1, 3))
-    to_world = (np.eye(4) if frame_to_world is None else np.asarray(frame_to_world)) @ norm.matrix()
-    return PointCloud(pack_points(norm.apply(points), norm.apply_to_normals(normals)), count, norm, to_world)
+    frame_to_world = np.eye(4) if frame_to_world is None else np.asarray(frame_to_world, dtype=np.float64)
+    return PointCloud(pack_points(norm.apply(points), norm.apply_to_normals(normals)), count, norm, frame_to_world)
 
 
 def condition_from_object(obj, depsgraph, count: int = POINT_COUNT, seed: int = 0,
