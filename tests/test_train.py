@@ -7,11 +7,13 @@ import sys
 import textwrap
 
 import pytest
+import numpy as np
 import torch
 
 from xspecmesh.checkpoint import load_checkpoint, write_random_checkpoint
 from xspecmesh.train import TrainConfig, Trainer, collate, shape_config
 from xspecmesh.data import ShapeConfig, validation_pairs
+from xspecmesh.errors import SettingsError
 
 FAST = dict(preset="tiny", token_budget=600, max_faces=40, eval_every=0, gen_count=0, save_every=1000, log_every=1,
             warmup=1)
@@ -126,3 +128,45 @@ def test_ddp_two_cpu_processes_end_identical(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     fresh = write_random_checkpoint(tmp_path / "fresh.safetensors", "tiny", heads=0)
     assert not torch.equal(a["to_logits.weight"], load_checkpoint(fresh).model.to_logits.weight)
+
+
+def test_axis_rows_name_each_tokens_axis_values():
+    from xspecmesh import tokenizer as tok
+    from xspecmesh.axis_factors import BLOCK_ROWS, NULL_ROW, axis_rows
+
+    rows = axis_rows(tok.VOCAB_SIZE)
+    block, offset = tok.block_offset(np.array([[5, 70, 127], [5, 71, 0]]))
+    assert rows[block[0]].tolist() == [0, 8 + 4, 16 + 7]  # levels 5, 70, 127 lie in blocks 0, 4, 7
+    assert rows[offset[0]].tolist() == [BLOCK_ROWS + 5, BLOCK_ROWS + 16 + 6, BLOCK_ROWS + 32 + 15]
+    assert rows[offset[1]][0] == rows[offset[0]][0] and rows[offset[1]][1] != rows[offset[0]][1]  # same x offset
+    assert rows[tok.SPECIAL_BASE + block[0]].tolist() == rows[block[0]].tolist()  # patch starts share block rows
+    assert rows[tok.EOS].tolist() == [NULL_ROW] * 3
+
+
+def test_axis_factors_start_neutral_train_and_save_merged(tmp_path, batch):
+    init = write_random_checkpoint(tmp_path / "bb.safetensors", "tiny", heads=0)
+    inputs, _, points = batch
+    plain = load_checkpoint(init).model.eval()
+    cfg = dict(stage="backbone", init=str(init), out=str(tmp_path / "f"), lr=3e-3, axis_factors=True, **FAST)
+    tr = Trainer(TrainConfig(steps=4, **cfg))
+    tr.model.eval()
+    with torch.no_grad():
+        start, _ = tr.model(inputs, cond=tr.model.encode(points))
+        assert torch.equal(start, plain(inputs, cond=plain.encode(points))[0])  # factors start at zero
+    tables = [n for n, _ in tr.model.named_parameters() if n.endswith(".table")]
+    assert len(tables) == 3
+    tr.model.train()
+    tr.run()
+    assert all(p.abs().sum() > 0 for n, p in tr.model.named_parameters() if n.endswith(".table"))
+    tr.model.eval()
+    ck = load_checkpoint(tmp_path / "f" / "model.safetensors")  # plain layout, factors summed in
+    assert set(ck.model.state_dict()) == set(plain.state_dict())
+    with torch.no_grad():
+        a, _ = tr.model(inputs, cond=tr.model.encode(points))
+        b, _ = ck.model(inputs, cond=ck.model.encode(points))
+    assert torch.allclose(a, b, atol=1e-4) and not torch.allclose(a, start, atol=1e-3)
+    resumed = Trainer(TrainConfig(steps=6, resume=True, **cfg))
+    resumed.run()
+    assert resumed.start_step == 4 and resumed.step == 6
+    with pytest.raises(SettingsError, match="backbone stage"):
+        Trainer(TrainConfig(stage="heads", init=str(init), out=str(tmp_path / "h"), axis_factors=True, **FAST))

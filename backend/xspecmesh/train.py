@@ -29,6 +29,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from xspecmesh import tokenizer as tok
+from xspecmesh.axis_factors import add_axis_factors, merged
 from xspecmesh.checkpoint import load_checkpoint, save_checkpoint
 from xspecmesh.config import HeadsConfig, preset
 from xspecmesh.data import ShapeConfig, TrainingPair, iter_pairs, load_mesh_dir, validation_pairs
@@ -57,6 +58,7 @@ class TrainConfig:
     max_faces: int = 400
     families: str | None = None  # comma-separated procedural families (default: all)
     axis_aligned: bool = False  # shapes upright and turned by multiples of 90 degrees only (data.ShapeConfig)
+    axis_factors: bool = False  # backbone: token rows get shared per-axis rows while training (axis_factors.py)
     meshes: str | None = None  # an optional directory of the user's own meshes, mixed in
     seed: int = 0
     eval_every: int = 500
@@ -192,6 +194,8 @@ class Trainer:
     def __init__(self, cfg: TrainConfig):
         if cfg.stage not in ("backbone", "heads", "lora"):
             raise SettingsError(f"unknown stage {cfg.stage!r}")
+        if cfg.axis_factors and cfg.stage != "backbone":
+            raise SettingsError("--axis-factors is for the backbone stage (the heads read the merged rows)")
         self.cfg = cfg
         self.distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
         if self.distributed and not dist.is_initialized():
@@ -226,6 +230,8 @@ class Trainer:
                 raise SettingsError(f"stage lora continues the stage-1 heads, but {cfg.init} has {found}; "
                                     f"pass the heads checkpoint and the same --num-heads/--head-type")
             self.heads = ckpt.heads if keep else DraftHeads.for_backbone(self.model, hcfg)
+        if cfg.axis_factors:
+            add_axis_factors(self.model)
         self.model.to(self.device)
         if self.heads is not None:
             self.heads.to(self.device)
@@ -340,7 +346,10 @@ class Trainer:
 
     # -- saving and evaluation ---------------------------------------------------------------------------------
     def inference_modules(self):
-        """The backbone with any LoRA merged in (a merged copy; training continues on the adapters)."""
+        """The backbone with any LoRA or axis factors merged in (a merged copy; training continues on the
+        adapters or factors)."""
+        if self.cfg.axis_factors:
+            return merged(self.model), self.heads
         if self.peft is None:
             return self.model, self.heads
         import copy
