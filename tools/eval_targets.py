@@ -3,9 +3,11 @@
 
 - share of AR generations that give a non-empty, decodable mesh;
 - median Chamfer distance (10k samples) of AR outputs against the input, and of the input's bounding box as a mesh;
+- how far the AR output's bounding box is from the input's, per axis, in quantization levels (128 across the frame):
+  the box task's plainest error, readable without a Chamfer baseline;
 - per-head acceptance and SCR of XSpecMesh decoding (threshold δ, D heads) on the same inputs.
 
-    python tools/eval_targets.py [--checkpoint PATH] [--count 100] [--heads 4] [--delta 0.5] [--json]
+    python tools/eval_targets.py [--checkpoint PATH] [--count 100] [--heads 4] [--delta 0.5] [--temperature T] [--json]
 """
 from __future__ import annotations
 
@@ -46,6 +48,12 @@ def backbone_kl(reference, model, pairs, batch: int = 8) -> float:
     return total / count
 
 
+def extent_error_levels(triangles: np.ndarray, reference_vertices: np.ndarray) -> np.ndarray:
+    """Per axis, |extent of the output - extent of the reference| in quantization levels (both in the token frame)."""
+    extent = lambda v: np.ptp(np.asarray(v).reshape(-1, 3), axis=0)
+    return np.abs(extent(triangles) - extent(reference_vertices)) * tokenizer.NUM_LEVELS / 2
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", default=None)
@@ -53,6 +61,7 @@ def main(argv=None) -> int:
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--delta", type=float, default=0.5)
     p.add_argument("--max-tokens", type=int, default=600)
+    p.add_argument("--temperature", type=float, default=DecodeSettings.temperature, help="0: greedy")
     p.add_argument("--adaptive", action="store_true", help="adaptive draft length for the speculative runs")
     p.add_argument("--device", default="auto")
     p.add_argument("--reference", default=None,
@@ -63,17 +72,20 @@ def main(argv=None) -> int:
     engine = Engine.load(args.checkpoint, args.device)
     shapes = shape_config_for(engine, args)
     pairs = validation_pairs(args.count, config=shapes, num_points=engine.model.cfg.encoder.num_points)
-    ok, cds, spec_cds, box_cds, tokens, steps = 0, [], [], [], 0, 0
+    ok, cds, spec_cds, box_cds, extent_errors, tokens, steps = 0, [], [], [], [], 0, 0
     accepts, trials = np.zeros(args.heads), np.zeros(args.heads)
     for i, pair in enumerate(tqdm(pairs, desc="eval", file=sys.stderr)):
         ref = trimesh.Trimesh(*tokenizer.decode_mesh(pair.tokens), process=False)
         box_cds.append(evaluate(bbox_mesh(ref), ref, seed=i)["cd_10k"])
-        ar = engine.generate(pair.points, DecodeSettings(mode="ar", seed=i, max_tokens=args.max_tokens))
+        ar = engine.generate(pair.points, DecodeSettings(mode="ar", seed=i, max_tokens=args.max_tokens,
+                                                         temperature=args.temperature))
         if len(ar.triangles):
             ok += 1
             cds.append(evaluate(as_mesh(ar.triangles), ref, seed=i)["cd_10k"])
+            extent_errors.append(extent_error_levels(ar.triangles, ref.vertices))
         spec = engine.generate(pair.points, DecodeSettings(mode="spec", heads=args.heads, delta=args.delta, seed=i,
-                                                           max_tokens=args.max_tokens, adaptive=args.adaptive))
+                                                           max_tokens=args.max_tokens, adaptive=args.adaptive,
+                                                           temperature=args.temperature))
         if len(spec.triangles):
             spec_cds.append(evaluate(as_mesh(spec.triangles), ref, seed=i)["cd_10k"])
         tokens, steps = tokens + spec.stats["tokens"], steps + spec.stats["steps"]
@@ -88,7 +100,10 @@ def main(argv=None) -> int:
         "ar_nonempty_share": ok / len(pairs),
         "ar_cd_10k_median": statistics.median(cds) if cds else None,
         "bbox_cd_10k_median": statistics.median(box_cds),
-        "spec_heads": args.heads, "spec_delta": args.delta, "spec_scr": tokens / steps if steps else None,
+        "ar_extent_error_levels_median": statistics.median(np.concatenate(extent_errors)) if extent_errors else None,
+        "ar_extent_within_1_level_share": (float(np.mean([e.max() <= 1 for e in extent_errors]))
+                                           if extent_errors else None),
+        "temperature": args.temperature, "spec_heads": args.heads, "spec_delta": args.delta, "spec_scr": tokens / steps if steps else None,
         "spec_nonempty_share": len(spec_cds) / len(pairs),
         "spec_cd_10k_median": statistics.median(spec_cds) if spec_cds else None,
         "head_acceptance": [round(a / t, 4) if t else 0.0 for a, t in zip(accepts, trials)],
@@ -99,7 +114,7 @@ def main(argv=None) -> int:
         print(json.dumps(result))
     else:
         for k, v in result.items():
-            print(f"{k:>20}: {v}")
+            print(f"{k:>30}: {v}")
     return 0
 
 
