@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", default=None)
     p.add_argument("--count", type=int, default=100)
-    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4, help="0: no speculative runs (a backbone-only checkpoint)")
     p.add_argument("--delta", type=float, default=0.5)
     p.add_argument("--max-tokens", type=int, default=600)
     p.add_argument("--temperature", type=float, default=DecodeSettings.temperature, help="0: greedy")
@@ -83,6 +83,8 @@ def main(argv=None) -> int:
             ok += 1
             cds.append(evaluate(as_mesh(ar.triangles), ref, seed=i)["cd_10k"])
             extent_errors.append(extent_error_levels(ar.triangles, ref.vertices))
+        if not args.heads:  # a backbone without heads: the AR figures only
+            continue
         spec = engine.generate(pair.points, DecodeSettings(mode="spec", heads=args.heads, delta=args.delta, seed=i,
                                                            max_tokens=args.max_tokens, adaptive=args.adaptive,
                                                            temperature=args.temperature))
