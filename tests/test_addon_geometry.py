@@ -208,6 +208,9 @@ def test_world_triangles_reads_the_evaluated_mesh_in_world_space():
     empty = _FakeObject(_FakeMesh(np.zeros((0, 3)), np.zeros((0, 3))), np.eye(4).tolist())
     with pytest.raises(sampling.SamplingError, match="'Fake' cannot be retopologized: the mesh has no faces"):
         sampling.condition_from_object(empty, depsgraph=None)
+    no_mesh = _FakeObject(None, np.eye(4).tolist())  # to_mesh() gives None for objects with no mesh form
+    with pytest.raises(sampling.SamplingError, match="'Fake' cannot be retopologized: the mesh has no faces"):
+        sampling.condition_from_object(no_mesh, depsgraph=None)
 
 
 def _rotation_z(degrees: float) -> np.ndarray:

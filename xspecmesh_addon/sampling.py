@@ -124,8 +124,8 @@ def object_triangles(obj, depsgraph, object_axes: bool = False) -> tuple[np.ndar
     evaluated = obj.evaluated_get(depsgraph)
     mesh = evaluated.to_mesh()
     try:
-        if mesh is None:
-            return np.zeros((0, 3, 3))
+        if mesh is None:  # an object with no mesh form: no triangles (callers say "no faces")
+            return np.zeros((0, 3, 3)), np.eye(4)
         mesh.calc_loop_triangles()
         verts = np.empty(len(mesh.vertices) * 3, dtype=np.float32)
         mesh.vertices.foreach_get("co", verts)
