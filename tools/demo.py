@@ -76,19 +76,12 @@ def make_sample(bpy):
     return part
 
 
-def evaluated_arrays(bpy, obj) -> tuple[np.ndarray, np.ndarray]:
-    """World-space vertices and triangles of the evaluated object."""
-    depsgraph = bpy.context.evaluated_depsgraph_get()
-    ev = obj.evaluated_get(depsgraph)
-    mesh = ev.to_mesh()
-    mesh.calc_loop_triangles()
-    co = np.empty(len(mesh.vertices) * 3, np.float64)
-    mesh.vertices.foreach_get("co", co)
-    tri = np.empty(len(mesh.loop_triangles) * 3, np.int64)
-    mesh.loop_triangles.foreach_get("vertices", tri)
-    ev.to_mesh_clear()
-    m = np.array(obj.matrix_world)
-    return co.reshape(-1, 3) @ m[:3, :3].T + m[:3, 3], tri.reshape(-1, 3)
+def world_mesh(bpy, obj):
+    """The evaluated object in world space as a trimesh (read by the add-on's own sampling code)."""
+    import trimesh
+
+    tris, _ = sys.modules[f"{MODULE}.sampling"].object_triangles(obj, bpy.context.evaluated_depsgraph_get())
+    return trimesh.Trimesh(tris.reshape(-1, 3), np.arange(len(tris) * 3).reshape(-1, 3), process=True)
 
 
 def select_only(bpy, target) -> None:
@@ -121,13 +114,11 @@ def retopologize(bpy, source, label: str, **settings) -> tuple[object, dict]:
 
 
 def add_metrics(bpy, source, results: list, rows: list) -> None:
-    import trimesh
-
     from xspecmesh.metrics import evaluate, topology
 
-    ref = trimesh.Trimesh(*evaluated_arrays(bpy, source), process=False)
+    ref = world_mesh(bpy, source)
     for obj, row in zip(results, rows):
-        pred = trimesh.Trimesh(*evaluated_arrays(bpy, obj), process=False)
+        pred = world_mesh(bpy, obj)
         row.update({k: v for k, v in evaluate(pred, ref, seed=0).items() if k in ("cd", "hd", "cd_10k", "failed")})
         topo = topology(pred)
         row["boundary_edges"] = topo.get("boundary_edges")
@@ -154,7 +145,8 @@ def _wire_copy(scene, obj, name: str, thickness: float, color) -> object:
 def render(bpy, source, result, path: Path, width: int) -> None:
     """Input (left) and result (right) side by side with their edges: Workbench, orthographic, object colours."""
     scene = bpy.context.scene
-    verts, tris = evaluated_arrays(bpy, source)
+    source_mesh = world_mesh(bpy, source)
+    verts = source_mesh.vertices
     lo, hi = verts.min(axis=0), verts.max(axis=0)
     size = hi - lo
     longest = float(size.max())
@@ -170,7 +162,7 @@ def render(bpy, source, result, path: Path, width: int) -> None:
     keep = {source, shown, *edges}
     for obj in scene.objects:
         obj.hide_render = obj.type == "MESH" and obj not in keep
-    for text, x in ((f"input: {len(tris)} triangles", 0.0), (f"XSpecMesh: {len(result.data.polygons)} faces", gap)):
+    for text, x in ((f"input: {len(source_mesh.faces)} triangles", 0.0), (f"XSpecMesh: {len(result.data.polygons)} faces", gap)):
         curve = bpy.data.curves.new(text, "FONT")
         curve.body, curve.align_x, curve.size = text, "CENTER", 0.09 * longest
         label = bpy.data.objects.new(text, curve)
@@ -233,7 +225,7 @@ def run(args) -> int:
 
     bpy = start_blender(package, checkpoint, args.device)
     source = make_sample(bpy)
-    n_in = len(evaluated_arrays(bpy, source)[1])
+    n_in = len(world_mesh(bpy, source).faces)
     print(f"input: '{source.name}', {n_in} triangles after modifiers", flush=True)
     common = dict(max_faces=args.max_faces, seed=args.seed, temperature=args.temperature, hide_source=False)
     warm, _ = retopologize(bpy, source, "warmup", mode="spec", **{**common, "max_faces": 8})
