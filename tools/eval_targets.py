@@ -5,6 +5,8 @@
 - median Chamfer distance (10k samples) of AR outputs against the input, and of the input's bounding box as a mesh;
 - how far the AR output's bounding box is from the input's, per axis, in quantization levels (128 across the frame):
   the box task's plainest error, readable without a Chamfer baseline;
+- teacher forced, how often the most likely offset token gets each axis right where that axis value is a copy of an
+  earlier vertex's and where it is new (must come from the point cloud);
 - per-head acceptance and SCR of XSpecMesh decoding (threshold δ, D heads) on the same inputs.
 
     python tools/eval_targets.py [--checkpoint PATH] [--count 100] [--heads 4] [--delta 0.5] [--temperature T] [--json]
@@ -46,6 +48,39 @@ def backbone_kl(reference, model, pairs, batch: int = 8) -> float:
         total += torch.nn.functional.kl_div(q, p, log_target=True, reduction="sum").item()
         count += int(valid.sum())
     return total / count
+
+
+@torch.no_grad()
+def offset_axis_accuracy(model, pairs, batch: int = 8) -> dict:
+    """Teacher-forced: how often the model's most likely offset gets each axis right, split by whether that axis's
+    full level (block and offset) already occurred among the sequence's earlier vertices (a copy) or is new (must
+    be read from the point cloud). The block before each offset is the true one (teacher forcing)."""
+    hits = {"repeat": [0, 0], "new": [0, 0]}  # [right, total]
+    for i in range(0, len(pairs), batch):
+        chunk = pairs[i : i + batch]
+        inputs, targets, points = collate(chunk)
+        logits = model(inputs, cond=model.encode(points))[0][..., tokenizer.OFFSET_BASE : tokenizer.SPECIAL_BASE]
+        guesses = logits.argmax(-1) + tokenizer.OFFSET_BASE
+        for pair, guess in zip(chunk, guesses):
+            seen: list[set] = [set(), set(), set()]
+            block = None
+            for j, t in enumerate(pair.tokens.tolist()):
+                if tokenizer.is_block(t) or tokenizer.is_special(t):
+                    block = t if tokenizer.is_block(t) else t - tokenizer.SPECIAL_BASE
+                    continue
+                if not tokenizer.is_offset(t) or block is None:
+                    continue
+                true_levels = tokenizer._levels([block], [t])[0]
+                guess_levels = tokenizer._levels([block], [int(guess[j])])[0]
+                for axis in range(3):
+                    kind = "repeat" if true_levels[axis] in seen[axis] else "new"
+                    hits[kind][0] += int(guess_levels[axis] == true_levels[axis])
+                    hits[kind][1] += 1
+                    seen[axis].add(int(true_levels[axis]))
+    total = hits["repeat"][1] + hits["new"][1]
+    return {"tf_offset_axis_acc_repeat": hits["repeat"][0] / max(1, hits["repeat"][1]),
+            "tf_offset_axis_acc_new": hits["new"][0] / max(1, hits["new"][1]),
+            "tf_offset_axis_repeat_share": hits["repeat"][1] / max(1, total)}
 
 
 def extent_error_levels(triangles: np.ndarray, reference_vertices: np.ndarray) -> np.ndarray:
@@ -110,6 +145,7 @@ def main(argv=None) -> int:
         "spec_cd_10k_median": statistics.median(spec_cds) if spec_cds else None,
         "head_acceptance": [round(a / t, 4) if t else 0.0 for a, t in zip(accepts, trials)],
     }
+    result |= offset_axis_accuracy(engine.model, pairs)
     if args.reference:
         result["kl_reference_vs_checkpoint"] = backbone_kl(load_checkpoint(args.reference).model, engine.model, pairs)
     if args.json:
