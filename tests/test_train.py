@@ -160,7 +160,7 @@ def test_axis_factors_start_neutral_train_and_save_merged(tmp_path, batch):
     assert all(p.abs().sum() > 0 for n, p in tr.model.named_parameters() if n.endswith(".table"))
     tr.model.eval()
     ck = load_checkpoint(tmp_path / "f" / "model.safetensors")  # plain layout, factors summed in
-    assert set(ck.model.state_dict()) == set(plain.state_dict())
+    assert set(ck.model.state_dict()) == set(plain.state_dict()) and ck.meta["axis_factors"] is True
     with torch.no_grad():
         a, _ = tr.model(inputs, cond=tr.model.encode(points))
         b, _ = ck.model(inputs, cond=ck.model.encode(points))

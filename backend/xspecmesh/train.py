@@ -362,7 +362,7 @@ class Trainer:
         save_checkpoint(self.out / "model.safetensors", model, heads, dtype="float32",
                         meta={"preset": self.preset_name, "stage": self.cfg.stage, "step": step,
                               "families": self.cfg.families, "max_faces": self.cfg.max_faces,
-                              "axis_aligned": self.cfg.axis_aligned})
+                              "axis_aligned": self.cfg.axis_aligned, "axis_factors": self.cfg.axis_factors})
 
     @torch.no_grad()
     def evaluate(self) -> dict:
