@@ -113,10 +113,10 @@ def retopologize(bpy, source, label: str, **settings) -> tuple[object, dict]:
     return result, row
 
 
-def add_metrics(bpy, source, results: list, rows: list) -> None:
+def add_metrics(bpy, ref, results: list, rows: list) -> None:
+    """CD/HD and topology of each result against `ref`, the source as `world_mesh` reads it."""
     from xspecmesh.metrics import evaluate, topology
 
-    ref = world_mesh(bpy, source)
     for obj, row in zip(results, rows):
         pred = world_mesh(bpy, obj)
         row.update({k: v for k, v in evaluate(pred, ref, seed=0).items() if k in ("cd", "hd", "cd_10k", "failed")})
@@ -142,10 +142,10 @@ def _wire_copy(scene, obj, name: str, thickness: float, color) -> object:
     return wire
 
 
-def render(bpy, source, result, path: Path, width: int) -> None:
-    """Input (left) and result (right) side by side with their edges: Workbench, orthographic, object colours."""
+def render(bpy, source, source_mesh, result, path: Path, width: int) -> None:
+    """Input (left) and result (right) side by side with their edges: Workbench, orthographic, object colours.
+    `source_mesh`: the source as `world_mesh` reads it."""
     scene = bpy.context.scene
-    source_mesh = world_mesh(bpy, source)
     verts = source_mesh.vertices
     lo, hi = verts.min(axis=0), verts.max(axis=0)
     size = hi - lo
@@ -162,7 +162,8 @@ def render(bpy, source, result, path: Path, width: int) -> None:
     keep = {source, shown, *edges}
     for obj in scene.objects:
         obj.hide_render = obj.type == "MESH" and obj not in keep
-    for text, x in ((f"input: {len(source_mesh.faces)} triangles", 0.0), (f"XSpecMesh: {len(result.data.polygons)} faces", gap)):
+    labels = (f"input: {len(source_mesh.faces)} triangles", f"XSpecMesh: {len(result.data.polygons)} faces")
+    for text, x in zip(labels, (0.0, gap)):
         curve = bpy.data.curves.new(text, "FONT")
         curve.body, curve.align_x, curve.size = text, "CENTER", 0.09 * longest
         label = bpy.data.objects.new(text, curve)
@@ -225,7 +226,8 @@ def run(args) -> int:
 
     bpy = start_blender(package, checkpoint, args.device)
     source = make_sample(bpy)
-    n_in = len(world_mesh(bpy, source).faces)
+    source_mesh = world_mesh(bpy, source)  # read once: triangle count, metrics, picture
+    n_in = len(source_mesh.faces)
     print(f"input: '{source.name}', {n_in} triangles after modifiers", flush=True)
     common = dict(max_faces=args.max_faces, seed=args.seed, temperature=args.temperature, hide_source=False)
     warm, _ = retopologize(bpy, source, "warmup", mode="spec", **{**common, "max_faces": 8})
@@ -239,14 +241,14 @@ def run(args) -> int:
     rows = [ar_row, spec_row, adaptive_row]
     for r in rows:
         r["speedup"] = ar_row["seconds"] / r["seconds"] if r["seconds"] > 0 else float("nan")
-    add_metrics(bpy, source, [ar, spec, adaptive], rows)
+    add_metrics(bpy, source_mesh, [ar, spec, adaptive], rows)
     print_table(rows)
 
     select_only(bpy, spec)
     bpy.ops.wm.obj_export(filepath=str(out / "demo_retopo.obj"), export_selected_objects=True,
                           export_materials=False, apply_modifiers=True)
     bpy.ops.wm.save_as_mainfile(filepath=str(out / "demo.blend"), copy=True)
-    render(bpy, source, spec, out / "demo.png", args.width)
+    render(bpy, source, source_mesh, spec, out / "demo.png", args.width)
     report = {"checkpoint": str(checkpoint), "input_triangles": n_in, "rows": rows,
               "backend": bpy.context.preferences.addons[MODULE].preferences.device}
     (out / "demo.json").write_text(json.dumps(report, indent=1, default=str) + "\n")

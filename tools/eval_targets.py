@@ -60,23 +60,18 @@ def offset_axis_accuracy(model, pairs, batch: int = 8) -> dict:
         chunk = pairs[i : i + batch]
         inputs, targets, points = collate(chunk)
         logits = model(inputs, cond=model.encode(points))[0][..., tokenizer.OFFSET_BASE : tokenizer.SPECIAL_BASE]
-        guesses = logits.argmax(-1) + tokenizer.OFFSET_BASE
+        guesses = (logits.argmax(-1) + tokenizer.OFFSET_BASE).numpy()
         for pair, guess in zip(chunk, guesses):
-            seen: list[set] = [set(), set(), set()]
-            block = None
-            for j, t in enumerate(pair.tokens.tolist()):
-                if tokenizer.is_block(t) or tokenizer.is_special(t):
-                    block = t if tokenizer.is_block(t) else t - tokenizer.SPECIAL_BASE
-                    continue
-                if not tokenizer.is_offset(t) or block is None:
-                    continue
-                true_levels = tokenizer._levels([block], [t])[0]
-                guess_levels = tokenizer._levels([block], [int(guess[j])])[0]
-                for axis in range(3):
-                    kind = "repeat" if true_levels[axis] in seen[axis] else "new"
-                    hits[kind][0] += int(guess_levels[axis] == true_levels[axis])
-                    hits[kind][1] += 1
-                    seen[axis].add(int(true_levels[axis]))
+            t = pair.tokens
+            off = tokenizer.is_offset(t)
+            blocks = tokenizer.current_blocks(t)[off]
+            truth = tokenizer.vertex_levels(blocks, t[off])
+            right = tokenizer.vertex_levels(blocks, guess[: len(t)][off]) == truth
+            for axis in range(3):
+                repeat = np.array([v in truth[:k, axis] for k, v in enumerate(truth[:, axis])], dtype=bool)
+                for kind, where in (("repeat", repeat), ("new", ~repeat)):
+                    hits[kind][0] += int(right[where, axis].sum())
+                    hits[kind][1] += int(where.sum())
     total = hits["repeat"][1] + hits["new"][1]
     return {"tf_offset_axis_acc_repeat": hits["repeat"][0] / max(1, hits["repeat"][1]),
             "tf_offset_axis_acc_new": hits["new"][0] / max(1, hits["new"][1]),
@@ -140,7 +135,8 @@ def main(argv=None) -> int:
         "ar_extent_error_levels_median": statistics.median(np.concatenate(extent_errors)) if extent_errors else None,
         "ar_extent_within_1_level_share": (float(np.mean([e.max() <= 1 for e in extent_errors]))
                                            if extent_errors else None),
-        "temperature": args.temperature, "spec_heads": args.heads, "spec_delta": args.delta, "spec_scr": tokens / steps if steps else None,
+        "temperature": args.temperature, "spec_heads": args.heads, "spec_delta": args.delta,
+        "spec_scr": tokens / steps if steps else None,
         "spec_nonempty_share": len(spec_cds) / len(pairs),
         "spec_cd_10k_median": statistics.median(spec_cds) if spec_cds else None,
         "head_acceptance": [round(a / t, 4) if t else 0.0 for a, t in zip(accepts, trials)],

@@ -31,15 +31,9 @@ def axis_rows(vocab_size: int) -> np.ndarray:
     """(vocab_size, 3): for every token id, its factor-table row on each axis (NULL_ROW where it has none)."""
     rows = np.full((vocab_size, 3), NULL_ROW, dtype=np.int64)
     ids = np.arange(vocab_size)
-    blocks = np.where(tok.is_block(ids), ids, np.where(tok.is_special(ids), ids - tok.SPECIAL_BASE, -1))
-    has_block = blocks >= 0
-    b = blocks[has_block]
-    per_axis = np.stack([b // tok.BLOCK_SIZE**2, b // tok.BLOCK_SIZE % tok.BLOCK_SIZE, b % tok.BLOCK_SIZE], axis=1)
-    rows[has_block] = per_axis + np.arange(3) * tok.BLOCK_SIZE
-    has_offset = tok.is_offset(ids)
-    o = ids[has_offset] - tok.OFFSET_BASE
-    per_axis = np.stack([o // tok.OFFSET_SIZE**2, o // tok.OFFSET_SIZE % tok.OFFSET_SIZE, o % tok.OFFSET_SIZE], 1)
-    rows[has_offset] = BLOCK_ROWS + per_axis + np.arange(3) * tok.OFFSET_SIZE
+    blocks, offsets = tok.is_block(ids) | tok.is_special(ids), tok.is_offset(ids)
+    rows[blocks] = tok.block_axes(ids[blocks] % tok.SPECIAL_BASE) + np.arange(3) * tok.BLOCK_SIZE
+    rows[offsets] = BLOCK_ROWS + tok.offset_axes(ids[offsets]) + np.arange(3) * tok.OFFSET_SIZE
     return rows
 
 

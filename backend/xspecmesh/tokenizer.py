@@ -66,12 +66,29 @@ def block_offset(q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return block, offset
 
 
-def _levels(block, offset) -> np.ndarray:
+def block_axes(block) -> np.ndarray:
+    """Block ids (0..511) -> (N, 3) block indices per axis (0..7)."""
+    b = np.asarray(block, np.int64)
+    return np.stack([b // BLOCK_SIZE**2, b // BLOCK_SIZE % BLOCK_SIZE, b % BLOCK_SIZE], axis=-1)
+
+
+def offset_axes(offset) -> np.ndarray:
+    """Offset tokens (512..4607) -> (N, 3) offsets per axis inside the block (0..15)."""
+    o = np.asarray(offset, np.int64) - OFFSET_BASE
+    return np.stack([o // OFFSET_SIZE**2, o // OFFSET_SIZE % OFFSET_SIZE, o % OFFSET_SIZE], axis=-1)
+
+
+def vertex_levels(block, offset) -> np.ndarray:
     """Inverse of block_offset: block ids and offset tokens -> (N, 3) integer levels."""
-    block, o = np.asarray(block, np.int64), np.asarray(offset, np.int64) - OFFSET_BASE
-    bx, by, bz = block // BLOCK_SIZE**2, block // BLOCK_SIZE % BLOCK_SIZE, block % BLOCK_SIZE
-    ox, oy, oz = o // OFFSET_SIZE**2, o // OFFSET_SIZE % OFFSET_SIZE, o % OFFSET_SIZE
-    return np.stack([bx * OFFSET_SIZE + ox, by * OFFSET_SIZE + oy, bz * OFFSET_SIZE + oz], axis=-1)
+    return block_axes(block) * OFFSET_SIZE + offset_axes(offset)
+
+
+def current_blocks(t: np.ndarray) -> np.ndarray:
+    """For every position of a valid token sequence (no EOS), the block its offset belongs to: the last block or
+    special (patch-start) token at or before it, 0 before any."""
+    sets = is_special(t) | is_block(t)
+    last = np.maximum.accumulate(np.where(sets, np.arange(len(t)), -1)) if len(t) else np.zeros(0, np.int64)
+    return np.where(last >= 0, t[np.maximum(last, 0)] % SPECIAL_BASE, 0)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -228,12 +245,8 @@ def decode(tokens) -> np.ndarray:
     t = t[(t >= 0) & (t < EOS)]
     special = is_special(t)
     patch = np.cumsum(special)
-    # Current block: the last block or special token at or before each position (0 before any).
-    sets = special | is_block(t)
-    last = np.maximum.accumulate(np.where(sets, np.arange(len(t)), -1)) if len(t) else np.zeros(0, np.int64)
-    cur = np.where(last >= 0, t[np.maximum(last, 0)] % SPECIAL_BASE, 0)
     off = is_offset(t)
-    verts, vpatch = _levels(cur[off], t[off]), patch[off]
+    verts, vpatch = vertex_levels(current_blocks(t)[off], t[off]), patch[off]
     if len(verts) < 3:
         return np.zeros((0, 3, 3), np.int64)
     start = np.r_[True, vpatch[1:] != vpatch[:-1]]
