@@ -49,6 +49,20 @@ def test_buffer_drops_non_finite_triangles():
     assert buf.extend(bad) == 2 and len(buf) == 2
 
 
+def test_buffer_replace_takes_a_matching_fitted_mesh_only():
+    buf = buffers.TriangleBuffer(capacity=2)
+    tris = cube_triangles()
+    buf.extend(tris)
+    buf.mark_shown()
+    assert not buf.replace(tris[:5] * 1.1)  # wrong count: nothing changes
+    wrong = tris * 1.1
+    wrong[0, 0, 0] = np.inf
+    assert not buf.replace(wrong) and not buf.dirty
+    np.testing.assert_allclose(buf.triangles, tris)
+    assert buf.replace((tris * 1.1).tolist()) and buf.dirty and len(buf) == 12
+    np.testing.assert_allclose(buf.triangles, tris * 1.1, rtol=1e-6)
+
+
 def test_soup_gives_every_face_its_own_vertices():
     verts, faces = buffers.soup(cube_triangles())
     assert verts.shape == (36, 3) and faces.shape == (12, 3)

@@ -126,7 +126,7 @@ class Session:
         self.prefs.checkpoint = self.args.checkpoint
         self.prefs.device = "cpu"
         s = self.settings
-        for name in ("mode", "delta", "heads", "accept", "temperature", "seed", "hide_source", "object_axes"):
+        for name in ("mode", "delta", "heads", "accept", "temperature", "seed", "hide_source", "object_axes", "fit"):
             s.property_unset(name)
         s.max_faces = 4
 
@@ -242,21 +242,25 @@ def scenario_settings_reach_backend(s: Session):
     bpy = s.bpy
     src = s.cube()
     st = s.settings
+    assert st.fit  # on by default
     st.heads, st.delta, st.accept, st.temperature, st.seed, st.max_faces = 2, 1.0, "threshold", 0.7, 7, 6
+    st.fit = False
     bpy.ops.xspecmesh.retopologize()
     info = s.stats(bpy.data.objects["Cube_retopo"])
     req = info["request"]
-    assert (req["mode"], req["heads"], req["delta"], req["accept"], req["seed"], req["max_faces"]) == \
-        ("spec", 2, 1.0, "threshold", 7, 6), req
+    assert (req["mode"], req["heads"], req["delta"], req["accept"], req["seed"], req["max_faces"], req["fit"]) == \
+        ("spec", 2, 1.0, "threshold", 7, 6, False), req
     assert abs(req["temperature"] - 0.7) < 1e-6
     stats = info["stats"]
+    assert "fit_seconds" not in stats, stats
     assert len(stats["accept_hist"]) == 3, stats  # 0..D accepted drafts per step: D = 2 reached the backend
     assert stats["scr"] == 1.0, stats  # δ = 1 reached it too: p > 1 never holds, every draft is rejected
-    st.delta = 0.0  # now every draft the backbone does not rule out is kept
+    st.delta, st.fit = 0.0, True  # now every draft the backbone does not rule out is kept; and fit to the source
     s.activate(src)
     bpy.ops.xspecmesh.retopologize()
     stats = s.stats(bpy.data.objects["Cube_retopo.001"])["stats"]
     assert stats["scr"] > 1.0 and sum(stats["accept_hist"][1:]) > 0, stats
+    assert stats["fit_distance_after"] <= stats["fit_distance_before"], stats  # the backend fitted it
 
 
 def scenario_ar_mode_and_hide_source(s: Session):

@@ -51,6 +51,20 @@ def test_generate_mesh_json_and_determinism(ckpt, tmp_path):
     assert np.abs(mesh.vertices - centre).max() > 0.1 * half
 
 
+def test_fit_moves_vertices_and_keeps_the_faces(ckpt, tmp_path):
+    runs = {}
+    for fit in ("", "--fit"):
+        out = tmp_path / f"o{fit}.obj"
+        r = cli("generate", REF / "box.obj", "-o", out, "--checkpoint", ckpt, "--max-tokens", "150", "--json",
+                "--mode", "ar", "--seed", "2", *([fit] if fit else []))
+        assert r.returncode == 0, r.stderr
+        runs[fit] = json.loads(r.stdout), trimesh.load(out, force="mesh", process=False)
+    (plain, a), (fitted, b) = runs[""], runs["--fit"]
+    assert plain["sequence_sha256"] == fitted["sequence_sha256"] and "fit_seconds" not in plain
+    assert fitted["fit_distance_after"] <= fitted["fit_distance_before"]
+    assert np.array_equal(a.faces, b.faces) and not np.allclose(a.vertices, b.vertices)
+
+
 def test_generate_from_point_cloud(ckpt, tmp_path):
     pts = np.random.default_rng(0).normal(size=(300, 6)).astype(np.float32) * 5 + 10
     np.save(tmp_path / "p.npy", pts)

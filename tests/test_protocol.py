@@ -120,6 +120,7 @@ def test_replies_are_plain_json_and_validate():
         protocol.progress("a", stats),
         protocol.faces("a", np.zeros((2, 3, 3), np.float32).tolist()),
         protocol.done("a", stats, cancelled=True),
+        protocol.done("a", stats, fitted=np.ones((2, 3, 3), np.float32).tolist()),
         protocol.error(None, "boom"),
     ]
     for msg in msgs:
@@ -127,7 +128,8 @@ def test_replies_are_plain_json_and_validate():
         assert protocol.validate_reply(again) == again
     assert msgs[0]["type"] == "hello" and msgs[0]["protocol"] == protocol.PROTOCOL_VERSION
     assert msgs[1]["tokens"] == 12 and msgs[1]["scr"] == 1.5 and msgs[1]["seconds"] is None
-    assert msgs[3]["stats"]["list"] == [1, 2] and msgs[3]["cancelled"] is True
+    assert msgs[3]["stats"]["list"] == [1, 2] and msgs[3]["cancelled"] is True and "fitted" not in msgs[3]
+    assert len(msgs[4]["fitted"]) == 2
 
 
 @pytest.mark.parametrize("msg", [
@@ -135,6 +137,7 @@ def test_replies_are_plain_json_and_validate():
     {"type": "faces", "id": "a", "triangles": [[[0, 0], [0, 0, 0], [0, 0, 0]]]},
     {"type": "faces", "id": None, "triangles": []},
     {"type": "done", "id": "a", "stats": {}},
+    {"type": "done", "id": "a", "cancelled": False, "stats": {}, "fitted": [[1, 2, 3]]},
     {"type": "error", "id": 3, "message": "x"},
     {"type": "what", "id": None},
 ])

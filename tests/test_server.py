@@ -341,7 +341,7 @@ JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st
                     lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c, max_size=3),
                     max_leaves=8)
 SETTING_KEYS = ["mode", "heads", "delta", "accept", "topk_accept", "temperature", "top_k", "top_p", "max_tokens",
-                "max_faces", "seed", "bogus"]
+                "max_faces", "seed", "fit", "bogus"]
 
 
 @st.composite
@@ -407,3 +407,34 @@ def test_fuzzed_lines_never_break_the_server(checkpoint, tmp_path):
             srv.proc.kill()
         srv.proc.wait()
         print("server stderr (tail):", log.read_text(errors="replace")[-3000:])  # shown when the test fails
+
+
+@needs_engine
+def test_fit_setting_sends_the_fitted_mesh_with_done(checkpoint, tmp_path):
+    """With {"fit": true} the done line carries every streamed triangle, in order, moved but still connected the same
+    way (corners that coincided still coincide); without it there is no "fitted"."""
+    srv = RawServer(checkpoint, stderr=open(tmp_path / "stderr.txt", "wb"))
+    try:
+        srv.wait_for(lambda m: m["type"] == "hello")
+        for rid, fit in (("plain", False), ("fit", True)):
+            srv.send(generate_line(rid, {"mode": "ar", "max_tokens": 90, "seed": 3, "fit": fit}))
+            done = srv.wait_for(lambda m: m["id"] == rid and m["type"] in ("done", "error"), timeout=60)
+            assert done["type"] == "done", done
+            streamed = np.array([t for line in srv.lines for m in [json.loads(line)]
+                                 if m["id"] == rid and m["type"] == "faces" for t in m["triangles"]]).reshape(-1, 3)
+            if not fit:
+                assert "fitted" not in done
+                continue
+            assert len(streamed) > 0 and "fit_distance_after" in done["stats"]
+            fitted = np.array(done["fitted"]).reshape(-1, 3)
+            assert fitted.shape == streamed.shape and not np.allclose(fitted, streamed)
+            _, before = np.unique(streamed, axis=0, return_inverse=True)
+            _, after = np.unique(fitted, axis=0, return_inverse=True)
+            pairs = set(zip(before.ravel(), after.ravel()))
+            assert len(pairs) == len(set(before.ravel())) == len(set(after.ravel()))  # same corners coincide
+        srv.send(protocol.encode(protocol.shutdown()))
+        assert srv.proc.wait(timeout=30) == 0
+    finally:
+        if srv.proc.poll() is None:
+            srv.proc.kill()
+        srv.proc.wait()

@@ -48,6 +48,16 @@ class TriangleBuffer:
         self._count = need
         return len(tris)
 
+    def replace(self, triangles) -> bool:
+        """Overwrite every triangle received so far with new positions (same count and order, all finite), e.g. the
+        backend's fitted mesh. Returns False, changing nothing, when they do not match."""
+        tris = np.asarray(triangles, dtype=np.float32)
+        if tris.shape != (self._count, 3, 3) or not np.isfinite(tris).all():
+            return False
+        self._data[: self._count] = tris
+        self._shown = 0  # everything changed: the next refresh rebuilds
+        return True
+
     @property
     def dirty(self) -> bool:
         """True when triangles arrived since the last `mark_shown`."""

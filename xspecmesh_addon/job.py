@@ -111,6 +111,8 @@ class Job:
             self.progress = msg
         elif kind == "done":
             self.stats = dict(msg.get("stats") or {})
+            if "fitted" in msg and not self.triangles.replace(msg["fitted"]):
+                print("XSpecMesh: the fitted mesh does not match the faces received; keeping them as generated")
             self.state = "cancelled" if msg.get("cancelled") else "done"
             if self.state == "cancelled":
                 self.message = self.message or "cancelled"

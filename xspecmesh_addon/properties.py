@@ -47,6 +47,10 @@ class XSpecMeshSettings(bpy.types.PropertyGroup):
     temperature: FloatProperty(name="Temperature", description="Sampling temperature (0: always the likeliest "
                                "token)", default=0.5, min=0.0, soft_max=2.0)
     seed: IntProperty(name="Seed", description="Random seed for sampling the surface and decoding", default=0, min=0)
+    fit: BoolProperty(
+        name="Fit to Source", description="Once the mesh is complete, move its vertices onto the source surface "
+        "(faces and connectivity stay as generated), as Shrinkwrap would; the model places vertices on a coarse grid",
+        default=True)
     object_axes: BoolProperty(
         name="Object Axes", description="Read the object in its own axes, leaving out its rotation (the result still "
         "lands where the object is): the shipped model was trained on upright, axis-aligned parts", default=False)
@@ -56,7 +60,7 @@ class XSpecMeshSettings(bpy.types.PropertyGroup):
     def to_request(self) -> DecodeRequest:
         return DecodeRequest.build(mode=self.mode, heads=self.heads, adaptive=self.adaptive, delta=self.delta,
                                    accept=self.accept, temperature=self.temperature, max_faces=self.max_faces,
-                                   seed=self.seed, heads_cap=service.heads_cap())
+                                   seed=self.seed, fit=self.fit, heads_cap=service.heads_cap())
 
 
 def register_scene_property() -> None:

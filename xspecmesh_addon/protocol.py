@@ -16,6 +16,8 @@ Replies (backend → add-on); every reply carries "id" (null when no request is 
     {"type": "progress", "id": "a1", "tokens": ..., "steps": ..., "scr": ..., "faces": ..., "tokens_per_second": ...}
     {"type": "faces", "id": "a1", "triangles": [[[x, y, z], [x, y, z], [x, y, z]], ...]}   normalized frame
     {"type": "done", "id": "a1", "cancelled": false, "stats": {...}}
+        with settings {"fit": true} and not cancelled, also "fitted": every triangle sent, in the same order, moved
+        onto the input surface (xspecmesh/fit.py); the add-on builds its final mesh from those
     {"type": "error", "id": "a1" or null, "message": "..."}
 
 A request is answered by zero or more progress/faces lines and then exactly one `done` or `error`. Requests run in
@@ -191,8 +193,9 @@ def faces(request_id: str, triangles: list) -> dict:
     return {"type": "faces", "id": request_id, "triangles": triangles}
 
 
-def done(request_id: str, stats: dict, cancelled: bool = False) -> dict:
-    return {"type": "done", "id": request_id, "cancelled": bool(cancelled), "stats": _plain(stats)}
+def done(request_id: str, stats: dict, cancelled: bool = False, fitted: list | None = None) -> dict:
+    msg = {"type": "done", "id": request_id, "cancelled": bool(cancelled), "stats": _plain(stats)}
+    return msg if fitted is None else msg | {"fitted": fitted}
 
 
 def error(request_id: str | None, message: str) -> dict:
@@ -211,12 +214,10 @@ def validate_reply(msg: dict) -> dict:
         raise ProtocolError(f"backend speaks protocol {msg.get('protocol')!r}, this add-on {PROTOCOL_VERSION}")
     if kind in ("progress", "faces", "done") and not isinstance(rid, str):
         raise ProtocolError(f'a {kind} reply needs the request "id"')
-    if kind == "faces":
-        tris = msg.get("triangles")
-        if not isinstance(tris, list) or not all(
-            isinstance(t, list) and len(t) == 3 and all(
-                isinstance(v, list) and len(v) == 3 and all(_is_number(c) for c in v) for v in t) for t in tris):
-            raise ProtocolError('"triangles" must be a list of [[x, y, z], [x, y, z], [x, y, z]]')
+    if kind == "faces" and not _is_triangle_list(msg.get("triangles")):
+        raise ProtocolError('"triangles" must be a list of [[x, y, z], [x, y, z], [x, y, z]]')
+    if kind == "done" and "fitted" in msg and not _is_triangle_list(msg["fitted"]):
+        raise ProtocolError('"fitted" must be a list of [[x, y, z], [x, y, z], [x, y, z]]')
     if kind == "done" and not (isinstance(msg.get("cancelled"), bool) and isinstance(msg.get("stats"), dict)):
         raise ProtocolError('a done reply needs a boolean "cancelled" and a "stats" object')
     if kind == "error" and not isinstance(msg.get("message"), str):
@@ -229,6 +230,12 @@ def validate_reply(msg: dict) -> dict:
 
 def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_triangle_list(tris) -> bool:
+    return isinstance(tris, list) and all(
+        isinstance(t, list) and len(t) == 3 and all(
+            isinstance(v, list) and len(v) == 3 and all(_is_number(c) for c in v) for v in t) for t in tris)
 
 
 def _is_number(x) -> bool:

@@ -29,6 +29,7 @@ class DecodeRequest:
     max_tokens: int = 10000
     max_faces: int = 5000
     seed: int = 0
+    fit: bool = True  # move the finished mesh's vertices onto the source surface (backend: xspecmesh/fit.py)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -42,7 +43,7 @@ class DecodeRequest:
         v = {**asdict(cls()), **values}
         cap = MAX_HEADS if not heads_cap else _clamp(int(heads_cap), 1, MAX_HEADS)
         v["heads"] = _clamp(int(v["heads"]), 1, cap)
-        v["adaptive"] = bool(v["adaptive"])
+        v["adaptive"], v["fit"] = bool(v["adaptive"]), bool(v["fit"])
         v["delta"] = _clamp(float(v["delta"]), 0.0, 1.0)
         v["temperature"] = _clamp(float(v["temperature"]), 0.0, 10.0)
         v["top_k"] = max(0, int(v["top_k"]))

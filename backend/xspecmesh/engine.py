@@ -36,6 +36,7 @@ class DecodeSettings:
     max_tokens: int = 10000
     max_faces: int | None = None  # stop once this many faces are complete
     seed: int = 0
+    fit: bool = False  # after decoding, move the vertices onto the input surface (xspecmesh.fit); callers apply it
 
     @classmethod
     def from_dict(cls, d: dict) -> "DecodeSettings":

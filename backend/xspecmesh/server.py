@@ -3,7 +3,8 @@
 Two threads. The reader thread parses every stdin line at once: bad lines get an `error` reply, `generate` requests
 are checked (points, settings) and queued, `cancel` and `shutdown` act immediately, even while a mesh decodes. The
 main thread takes queued requests in order and streams them: `faces` (triangles batched since the last faces line)
-and `progress`, each at most every `interval` seconds, then `done`. A cancel is seen after the current decoding step.
+and `progress`, each at most every `interval` seconds, then `done` (with the fitted triangles when the request's
+settings ask for `fit`). A cancel is seen after the current decoding step.
 Only protocol lines reach the real stdout; stray prints (Python or C level) are redirected to stderr.
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ import numpy as np
 
 from xspecmesh import __version__, protocol
 from xspecmesh.errors import MeshError, XSpecMeshError
+from xspecmesh.fit import fit_triangles
 
 MAX_LINE_BYTES = 32 << 20  # 200k points are 6.4 MB of base64; anything far longer is refused, not buffered
 ZERO_STATS = {"tokens": 0, "steps": 0, "scr": 0.0, "faces": 0, "seconds": 0.0, "tokens_per_second": 0.0}
@@ -181,7 +183,8 @@ class Server:
 
     def decode(self, job: Job) -> None:
         stats: dict = {}
-        pending: list[np.ndarray] = []
+        pending: list[np.ndarray] = []  # not yet sent
+        every: list[np.ndarray] = []  # all of this request's triangles, for the fit
         last_faces = last_progress = -float("inf")
         cancelled = self._cancel.is_set()  # cancelled before it started: nothing to decode
         try:
@@ -191,6 +194,7 @@ class Server:
                     stats = upd.stats
                     if len(upd.triangles):
                         pending.append(upd.triangles)
+                        every.append(upd.triangles)
                     if self._cancel.is_set():
                         cancelled = True
                         break
@@ -203,8 +207,13 @@ class Server:
                         last_progress = now
             finally:
                 stream.close()
+            fitted = None
+            if getattr(job.settings, "fit", False) and not cancelled and every:
+                fitted, fit_stats = fit_triangles(np.concatenate(every), job.points)
+                stats = stats | fit_stats
             self._flush(job.id, pending)
-            self.send(protocol.done(job.id, stats or ZERO_STATS, cancelled=cancelled))
+            self.send(protocol.done(job.id, stats or ZERO_STATS, cancelled=cancelled,
+                                    fitted=None if fitted is None else fitted.tolist()))
         except OutputClosed:
             raise
         except XSpecMeshError as exc:

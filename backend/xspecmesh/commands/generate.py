@@ -27,6 +27,8 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--checkpoint", default=None, help="safetensors checkpoint (default: the shipped model)")
+    p.add_argument("--fit", action="store_true",
+                   help="move the result's vertices onto the input surface (connectivity unchanged; xspecmesh.fit)")
     p.add_argument("--json", action="store_true", help="print one JSON object with the statistics")
     p.set_defaults(func=run)
 
@@ -53,7 +55,7 @@ def run(args) -> int:
     settings = DecodeSettings(mode=args.mode, heads=args.heads, adaptive=args.adaptive, delta=args.delta,
                               accept=args.accept, topk_accept=args.topk_accept, temperature=args.temperature,
                               top_k=args.top_k, top_p=args.top_p, max_tokens=args.max_tokens, max_faces=args.max_faces,
-                              seed=args.seed)
+                              seed=args.seed, fit=args.fit)
     settings.validate()
     engine = Engine.load(args.checkpoint, args.device)
     if settings.mode == "spec" and engine.max_heads == 0:
@@ -63,14 +65,19 @@ def run(args) -> int:
         settings.heads = engine.max_heads
     points, norm = load_input(args.input, engine.model.cfg.encoder.num_points, args.seed)
     result = engine.generate(points, settings)
-    tris = result.triangles.reshape(-1, 3)
+    tris, fit_stats = result.triangles, {}
+    if settings.fit:
+        from xspecmesh.fit import fit_triangles
+
+        tris, fit_stats = fit_triangles(tris, points)
+    tris = tris.reshape(-1, 3)
     vertices, faces = weld(norm.invert(tris), np.arange(len(tris)).reshape(-1, 3))
     if len(faces) == 0:
         from xspecmesh.errors import XSpecMeshError
 
         raise XSpecMeshError(f"the model produced no faces for {args.input} ({result.stats['tokens']} tokens)")
     write_mesh(args.output, vertices, faces)
-    stats = result.stats | {"faces": int(len(faces)), "vertices": int(len(vertices)),
+    stats = result.stats | fit_stats | {"faces": int(len(faces)), "vertices": int(len(vertices)),
                             "sequence_sha256": hashlib.sha256(",".join(map(str, result.tokens)).encode()).hexdigest(),
                             "checkpoint": engine.ckpt.path, "output": args.output}
     if args.json:
