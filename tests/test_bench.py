@@ -175,3 +175,18 @@ def replace_engine_ckpt(engine, ckpt):
     other = copy.copy(engine)
     other.ckpt = ckpt
     return other
+
+
+def test_ar_vs_naive_per_batch_same_tokens(checkpoint):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = main(["bench", "--checkpoint", checkpoint, "--device", "cpu", "--ar-vs-naive", "--batch", "1,3",
+                   "--max-tokens", "25", "--seeds", "2", "--json", "--no-progress"])
+    assert rc == 0
+    data = json.loads(out.getvalue())
+    assert [r["batch"] for r in data["rows"]] == [1, 3] and data["trials"] == 2
+    for r in data["rows"]:
+        assert r["same_tokens"] is True and 0 < r["tokens"] <= 25 * r["batch"]
+        assert r["ar_vs_naive"] == pytest.approx(r["ar_tokens_per_second"] / r["naive_tokens_per_second"])
+    from xspecmesh.loop_bench import ar_vs_naive_markdown
+    assert "| 3 |" in ar_vs_naive_markdown(data)

@@ -60,6 +60,11 @@ def register(sub) -> None:
     p.add_argument("--cache-lengths", type=_list(int), default=[500, 1500],
                    help="--step-cost: cache lengths to time at (default 500,1500)")
     p.add_argument("--repeats", type=int, default=50, help="--step-cost: timed repetitions (default 50)")
+    p.add_argument("--ar-vs-naive", action="store_true",
+                   help="instead: tokens/s of our AR loop against the naive published-code-style loop on the same "
+                        "batch of inputs, per batch size (--batch; trials: --seeds; length: --max-tokens)")
+    p.add_argument("--batch", type=_list(int), default=[1, 8, 16],
+                   help="--ar-vs-naive: comma-separated batch sizes B (default 1,8,16)")
     p.set_defaults(func=run)
 
 
@@ -88,7 +93,7 @@ def _compare_name(path: Path, taken) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from xspecmesh import bench, step_cost
+    from xspecmesh import bench, loop_bench, step_cost
     from xspecmesh.engine import Engine
     from xspecmesh.errors import SettingsError
 
@@ -107,6 +112,12 @@ def run(args: argparse.Namespace) -> int:
         result = step_cost.step_cost(engine, range(1, 7), args.cache_lengths, args.repeats,
                                  progress=not args.no_progress)
         print(json.dumps(result) if args.json else step_cost.step_cost_markdown(result))
+        return 0
+    if args.ar_vs_naive:
+        result = loop_bench.ar_vs_naive(engine, args.batch, args.max_tokens, args.seeds,
+                                        temperature=0.5 if args.temperature is None else args.temperature,
+                                        progress=not args.no_progress)
+        print(json.dumps(result) if args.json else loop_bench.ar_vs_naive_markdown(result))
         return 0
     num_points = engine.model.cfg.encoder.num_points
     skipped = []
