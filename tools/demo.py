@@ -109,7 +109,8 @@ def retopologize(bpy, source, label: str, **settings) -> tuple[object, dict]:
     row = {"mode": label, "faces": len(result.data.polygons), "seconds": float(stats.get("seconds", wall)),
            "wall_seconds": wall, "tokens": stats.get("tokens"), "steps": stats.get("steps"), "scr": stats.get("scr"),
            "tokens_per_second": stats.get("tokens_per_second"), "heads": request.get("heads"),
-           "delta": request.get("delta"), "adaptive": request.get("adaptive")}
+           "delta": request.get("delta"), "adaptive": request.get("adaptive"),
+           "fit_distance_before": stats.get("fit_distance_before"), "fit_distance_after": stats.get("fit_distance_after")}
     return result, row
 
 
@@ -202,15 +203,24 @@ def render(bpy, source, source_mesh, result, path: Path, width: int) -> None:
 
 
 def print_table(rows: list) -> None:
-    head = f"{'mode':<30}{'faces':>7}{'seconds':>9}{'SCR':>7}{'tok/s':>8}{'speedup':>9}{'CD':>8}{'HD':>8}"
+    head = (f"{'mode':<30}{'faces':>7}{'seconds':>9}{'SCR':>7}{'tok/s':>8}{'speedup':>9}{'CD':>8}{'HD':>8}"
+            f"{'open edges':>12}{'fit: distance':>17}")
     print("\n" + head + "\n" + "-" * len(head))
     for r in rows:
         name = r["mode"] if r["heads"] is None else f"{r['mode']} D={r['heads']} δ={r['delta']:.2g}"
         scr = f"{r['scr']:.2f}" if isinstance(r.get("scr"), (int, float)) else "–"
         tps = f"{r['tokens_per_second']:.0f}" if isinstance(r.get("tokens_per_second"), (int, float)) else "–"
         print(f"{name:<30}{r['faces']:>7}{r['seconds']:>9.2f}{scr:>7}{tps:>8}{r['speedup']:>8.2f}×"
-              f"{r.get('cd', float('nan')):>8.4f}{r.get('hd', float('nan')):>8.4f}")
+              f"{r.get('cd', float('nan')):>8.4f}{r.get('hd', float('nan')):>8.4f}{r.get('boundary_edges', '–'):>12}"
+              f"{_fit_cell(r):>17}")
+    print("open edges: boundary edges of the result (0: closed). fit: mean distance between the result's surface and "
+          "the input points (normalized units) as decoded → after Fit to Source")
     print()
+
+
+def _fit_cell(row: dict) -> str:
+    before, after = row.get("fit_distance_before"), row.get("fit_distance_after")
+    return f"{before:.4f} → {after:.4f}" if isinstance(before, float) and isinstance(after, float) else "off"
 
 
 def run(args) -> int:
@@ -229,7 +239,8 @@ def run(args) -> int:
     source_mesh = world_mesh(bpy, source)  # read once: triangle count, metrics, picture
     n_in = len(source_mesh.faces)
     print(f"input: '{source.name}', {n_in} triangles after modifiers", flush=True)
-    common = dict(max_faces=args.max_faces, seed=args.seed, temperature=args.temperature, hide_source=False)
+    common = dict(max_faces=args.max_faces, seed=args.seed, temperature=args.temperature, hide_source=False,
+                  fit=args.fit)
     warm, _ = retopologize(bpy, source, "warmup", mode="spec", **{**common, "max_faces": 8})
     bpy.data.objects.remove(warm)  # first-call costs (thread pools, allocator) out of the timings
     bpy.context.view_layer.update()
@@ -268,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-faces", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--no-fit", dest="fit", action="store_false",
+                        help="keep the vertices where the model put them (Fit to Source off)")
     parser.add_argument("--width", type=int, default=1280, help="picture width in pixels (height is half)")
     args = parser.parse_args(argv)
     try:
