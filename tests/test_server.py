@@ -336,6 +336,21 @@ class RawServer:
                 assert self.cond.wait(max(0.0, deadline - time.monotonic())), self.lines[-5:]
 
 
+@contextmanager
+def raw_server(checkpoint: str, log):
+    """A real server process; shut down cleanly (exit code 0) at the end, killed if a test failed first."""
+    srv = RawServer(checkpoint, stderr=open(log, "wb"))
+    try:
+        yield srv
+        srv.send(protocol.encode(protocol.shutdown()))
+        assert srv.proc.wait(timeout=30) == 0
+    finally:
+        if srv.proc.poll() is None:
+            srv.proc.kill()
+        srv.proc.wait()
+        print("server stderr (tail):", log.read_text(errors="replace")[-3000:])  # shown when the test fails
+
+
 SMALL = {"mode": "spec", "heads": 2, "max_tokens": 12, "seed": 1}
 JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12),
                     lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c, max_size=3),
@@ -371,10 +386,8 @@ def fuzz_lines(draw) -> bytes:
 
 @needs_engine
 def test_fuzzed_lines_never_break_the_server(checkpoint, tmp_path):
-    log = tmp_path / "stderr.txt"
-    srv = RawServer(checkpoint, stderr=open(log, "wb"))
     sent: list[bytes] = []
-    try:
+    with raw_server(checkpoint, tmp_path / "stderr.txt") as srv:
         hello = srv.wait_for(lambda m: m["type"] == "hello")
         assert hello["protocol"] == 1 and hello["heads"] == 4
 
@@ -400,21 +413,13 @@ def test_fuzzed_lines_never_break_the_server(checkpoint, tmp_path):
         tally = {k: sum(m["type"] == k for m in msgs) for k in protocol.REPLY_TYPES}
         print(f"{len(sent)} fuzzed lines -> replies {tally}")
         assert tally["error"] >= len(sent) // 2
-        srv.send(protocol.encode(protocol.shutdown()))
-        assert srv.proc.wait(timeout=30) == 0
-    finally:
-        if srv.proc.poll() is None:
-            srv.proc.kill()
-        srv.proc.wait()
-        print("server stderr (tail):", log.read_text(errors="replace")[-3000:])  # shown when the test fails
 
 
 @needs_engine
 def test_fit_setting_sends_the_fitted_mesh_with_done(checkpoint, tmp_path):
     """With {"fit": true} the done line carries every streamed triangle, in order, moved but still connected the same
     way (corners that coincided still coincide); without it there is no "fitted"."""
-    srv = RawServer(checkpoint, stderr=open(tmp_path / "stderr.txt", "wb"))
-    try:
+    with raw_server(checkpoint, tmp_path / "stderr.txt") as srv:
         srv.wait_for(lambda m: m["type"] == "hello")
         for rid, fit in (("plain", False), ("fit", True)):
             srv.send(generate_line(rid, {"mode": "ar", "max_tokens": 90, "seed": 3, "fit": fit}))
@@ -432,9 +437,3 @@ def test_fit_setting_sends_the_fitted_mesh_with_done(checkpoint, tmp_path):
             _, after = np.unique(fitted, axis=0, return_inverse=True)
             pairs = set(zip(before.ravel(), after.ravel()))
             assert len(pairs) == len(set(before.ravel())) == len(set(after.ravel()))  # same corners coincide
-        srv.send(protocol.encode(protocol.shutdown()))
-        assert srv.proc.wait(timeout=30) == 0
-    finally:
-        if srv.proc.poll() is None:
-            srv.proc.kill()
-        srv.proc.wait()
