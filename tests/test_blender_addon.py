@@ -220,7 +220,7 @@ def scenario_retopologize(s: Session):
     out = bpy.data.objects["Cube_retopo"]
     mesh = out.data
     assert 0 < len(mesh.polygons) <= s.settings.max_faces
-    assert all(p.loop_total == 3 for p in mesh.polygons)
+    assert all(p.loop_total == 3 and not p.use_smooth for p in mesh.polygons)  # triangles, flat shaded
     assert len({v for p in mesh.polygons for v in p.vertices}) == len(mesh.vertices), "unreferenced vertices"
     assert set(out.users_collection) == set(src.users_collection)
     assert all(abs(a - b) < 1e-5 for ra, rb in zip(out.matrix_world, src.matrix_world) for a, b in zip(ra, rb))

@@ -61,18 +61,32 @@ def start_blender(package: Path, checkpoint: Path, device: str):
     return bpy
 
 
-def make_sample(bpy):
-    """A chamfered block (the hard-surface kind the shipped model was trained on), made dense (high-poly) by Simple
-    subdivision, as a sculpt or scan of it would be."""
+SAMPLES = ("scan", "chamfered")
+
+
+def make_sample(bpy, kind: str = "scan"):
+    """A block of the kind the shipped model was trained on (axis-aligned plain and chamfered boxes), made high-poly.
+
+    scan: a plain block as a 3D scan would give it: densely subdivided (Simple) and its surface made slightly uneven
+    by a Displace modifier (cloud noise, ±0.015 on a 2 m block). chamfered: a block with 45° chamfers on every edge,
+    densified by Simple subdivision (the shipped model gets its faces but not yet their connectivity right)."""
     bpy.ops.mesh.primitive_cube_add(size=1.0, location=(0.0, 0.0, 0.0))
     part = bpy.context.active_object
     part.name = "Part"
     part.scale = (2.0, 1.3, 0.6)
     bpy.ops.object.transform_apply(scale=True)
-    bevel = part.modifiers.new("Chamfer", "BEVEL")
-    bevel.width, bevel.segments = 0.12, 1
+    if kind == "chamfered":
+        bevel = part.modifiers.new("Chamfer", "BEVEL")
+        bevel.width, bevel.segments = 0.12, 1
     dense = part.modifiers.new("Dense", "SUBSURF")
-    dense.subdivision_type, dense.levels, dense.render_levels = "SIMPLE", 3, 3
+    dense.subdivision_type = "SIMPLE"
+    dense.levels = dense.render_levels = 3 if kind == "chamfered" else 4
+    if kind == "scan":
+        noise = bpy.data.textures.new("ScanNoise", "CLOUDS")
+        noise.noise_scale = 0.4
+        uneven = part.modifiers.new("Uneven", "DISPLACE")
+        uneven.texture, uneven.strength, uneven.mid_level = noise, 0.03, 0.5
+        uneven.texture_coords = "GLOBAL"  # the noise does not stretch with the block's proportions
     return part
 
 
@@ -163,18 +177,18 @@ def render(bpy, source, source_mesh, result, path: Path, width: int) -> None:
     keep = {source, shown, *edges}
     for obj in scene.objects:
         obj.hide_render = obj.type == "MESH" and obj not in keep
+    direction = np.array([0.35, -1.0, 0.6])  # three-quarter view from the front right, above
     labels = (f"input: {len(source_mesh.faces)} triangles", f"XSpecMesh: {len(result.data.polygons)} faces")
     for text, x in zip(labels, (0.0, gap)):
         curve = bpy.data.curves.new(text, "FONT")
         curve.body, curve.align_x, curve.size = text, "CENTER", 0.09 * longest
         label = bpy.data.objects.new(text, curve)
         label.location = ((lo[0] + hi[0]) / 2 + x, lo[1], lo[2] - 0.3 * longest)
-        label.rotation_euler = (math.radians(57), 0, 0)  # faces the camera
+        label.rotation_euler = (math.radians(57), 0, math.atan2(direction[0], -direction[1]))  # faces the camera
         label.color = (0.1, 0.1, 0.1, 1)
         scene.collection.objects.link(label)
 
     centre = np.array([(lo[0] + hi[0] + gap) / 2, (lo[1] + hi[1]) / 2, (lo[2] + hi[2]) / 2 - 0.1 * longest])
-    direction = np.array([0.0, -1.0, 0.65])
     direction /= np.linalg.norm(direction)
     cam = bpy.data.objects.new("Camera", bpy.data.cameras.new("Camera"))
     scene.collection.objects.link(cam)
@@ -235,7 +249,7 @@ def run(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
 
     bpy = start_blender(package, checkpoint, args.device)
-    source = make_sample(bpy)
+    source = make_sample(bpy, args.sample)
     source_mesh = world_mesh(bpy, source)  # read once: triangle count, metrics, picture
     n_in = len(source_mesh.faces)
     print(f"input: '{source.name}', {n_in} triangles after modifiers", flush=True)
@@ -279,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-faces", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--sample", choices=SAMPLES, default="scan",
+                        help="the object to retopologize: a scanned block (default) or a chamfered block")
     parser.add_argument("--no-fit", dest="fit", action="store_false",
                         help="keep the vertices where the model put them (Fit to Source off)")
     parser.add_argument("--width", type=int, default=1280, help="picture width in pixels (height is half)")

@@ -31,6 +31,7 @@ def write_mesh(mesh, verts: np.ndarray, faces: np.ndarray) -> None:
     mesh.attributes[".corner_vert"].data.foreach_set("value", np.ascontiguousarray(faces, np.int32).ravel())
     mesh.polygons.foreach_set("loop_start", np.arange(0, faces.size, 3, dtype=np.int32))
     mesh.update(calc_edges=True)
+    mesh.shade_flat()  # low-poly hard-surface: faceted (without the sharp_face attribute Blender shades smooth)
 
 
 class ResultObject:
