@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.sparse import coo_matrix, diags, identity
+from scipy.sparse import block_diag, coo_matrix, diags, hstack, identity
 from scipy.sparse.linalg import spsolve
 from scipy.spatial import cKDTree
 
@@ -123,11 +123,9 @@ def _barycentric_samples(v: np.ndarray, faces: np.ndarray, count: int) -> tuple[
 
 def _plane_rows(A, normals: np.ndarray):
     """Rows r with r · [vx; vy; vz] = n · (A v)."""
-    from scipy.sparse import hstack
     return hstack([diags(normals[:, k]) @ A for k in range(3)]).tocsr()
 
 
 def _point_rows(A):
     """Rows r with r · [vx; vy; vz] = [A vx; A vy; A vz] (the three coordinates stacked)."""
-    from scipy.sparse import block_diag
     return block_diag([A, A, A]).tocsr()
