@@ -71,10 +71,15 @@ class ScriptedEngine:
             yield Update([i], tris, stats, i == steps - 1)
 
 
+class FitSettings(dict):
+    """Settings that ask for the fit, as the engine's DecodeSettings(fit=True) does."""
+    fit = True
+
+
 def parse_settings(d: dict) -> dict:
     if d.get("heads", 1) > 4:
         raise SettingsError(f"heads {d['heads']} > 4, the checkpoint's heads")
-    return d
+    return FitSettings(d) if d.get("fit") else d
 
 
 class Sink:
@@ -145,6 +150,32 @@ def test_faces_and_progress_are_rate_limited_and_flushed_before_done():
     kinds = [m["type"] for m in of(sink, "a")]
     assert kinds == ["faces", "progress", "faces", "done"]  # first step at once, the rest in one final batch
     assert sum(len(m["triangles"]) for m in of(sink, "a") if m["type"] == "faces") == 40
+
+
+def test_fit_goes_with_done_and_a_failing_fit_keeps_the_mesh(monkeypatch):
+    calls = []
+
+    def fake_fit(tris, points):
+        calls.append(len(tris))
+        return tris + 0.5, {"fit_seconds": 0.0}
+
+    monkeypatch.setattr(server, "fit_triangles", fake_fit)
+    with serving() as (srv, sink):
+        srv.handle_line(generate_line("a", {"steps": 3, "fit": True}))
+        sink.wait_for(lambda m: m["id"] == "a" and m["type"] == "done")
+    done = of(sink, "a")[-1]
+    assert calls == [6] and np.array(done["fitted"]).shape == (6, 3, 3) and done["fitted"][0][0][0] == 0.5
+
+    def broken_fit(tris, points):
+        raise np.linalg.LinAlgError("singular")
+
+    monkeypatch.setattr(server, "fit_triangles", broken_fit)
+    with serving() as (srv, sink):
+        srv.handle_line(generate_line("b", {"steps": 3, "fit": True}))
+        sink.wait_for(lambda m: m["id"] == "b" and m["type"] == "done")
+    done = of(sink, "b")[-1]
+    assert "fitted" not in done and "singular" in done["stats"]["fit_error"] and done["cancelled"] is False
+    assert sum(len(m["triangles"]) for m in of(sink, "b") if m["type"] == "faces") == 6  # the mesh itself arrived
 
 
 def test_queue_order_and_cancel_of_running_and_queued():

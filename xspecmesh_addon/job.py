@@ -113,6 +113,8 @@ class Job:
             self.stats = dict(msg.get("stats") or {})
             if "fitted" in msg and not self.triangles.replace(msg["fitted"]):
                 print("XSpecMesh: the fitted mesh does not match the faces received; keeping them as generated")
+            if "fit_error" in self.stats:
+                print(f"XSpecMesh: Fit to Source failed ({self.stats['fit_error']}); keeping the mesh as generated")
             self.state = "cancelled" if msg.get("cancelled") else "done"
             if self.state == "cancelled":
                 self.message = self.message or "cancelled"

@@ -209,8 +209,13 @@ class Server:
                 stream.close()
             fitted = None
             if getattr(job.settings, "fit", False) and not cancelled and every:
-                fitted, fit_stats = fit_triangles(np.concatenate(every), job.points)
-                stats = stats | fit_stats
+                try:
+                    fitted, fit_stats = fit_triangles(np.concatenate(every), job.points)
+                    stats = stats | fit_stats
+                except Exception as exc:  # the decoded mesh is still good: send it unfitted, say why
+                    print(f"xspecmesh serve: request {job.id!r}: fit failed:", file=sys.stderr)
+                    traceback.print_exc(file=sys.stderr)
+                    stats = stats | {"fit_error": f"{type(exc).__name__}: {exc}"}
             self._flush(job.id, pending)
             self.send(protocol.done(job.id, stats or ZERO_STATS, cancelled=cancelled,
                                     fitted=None if fitted is None else fitted.tolist()))
