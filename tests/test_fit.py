@@ -44,6 +44,9 @@ def test_unused_and_far_vertices_stay_and_empty_input_is_returned():
     assert np.array_equal(out[3], verts[3])  # used by no face
     assert np.abs(out[:3, 2] - 0.05).max() < 0.01  # the triangle moved onto the points' plane
     far = fit_to_points(verts, faces, pts + np.array([0, 0, 3.0, 0, 0, 0], np.float32), FitConfig(max_move=0.25))
-    assert np.array_equal(far, verts)  # would have to move further than max_move: left as generated
+    np.testing.assert_allclose(np.linalg.norm(far[:3] - verts[:3], axis=1), 0.25)  # clamped at max_move
+    assert (far[:3, 2] > 0.2).all() and np.array_equal(far[3], verts[3])
+    half = fit_to_points(verts, faces, np.concatenate([pts[:, :3], pts[:, 3:] * 7.0], 1))  # normals of any length
+    np.testing.assert_allclose(half, out, atol=1e-9)
     empty, stats = fit_triangles(np.zeros((0, 3, 3)), pts)
     assert empty.shape == (0, 3, 3) and stats["fit_seconds"] == 0.0

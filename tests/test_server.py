@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from xspecmesh import protocol, server
+from xspecmesh import fit, protocol, server
 from xspecmesh.errors import SettingsError
 
 HAVE_ENGINE = importlib.util.find_spec("xspecmesh.engine") is not None
@@ -67,7 +67,7 @@ class ScriptedEngine:
                 raise RuntimeError("kaboom")
             tris = np.full((s.get("tris", 2), 3, 3), i, np.float32)
             stats = {"tokens": i + 1, "steps": i + 1, "scr": 1.0, "faces": (i + 1) * len(tris), "seconds": 0.1,
-                     "tokens_per_second": np.float32(10.0)}
+                     "tokens_per_second": np.float32(10.0), "complete": not s.get("cut", False)}
             yield Update([i], tris, stats, i == steps - 1)
 
 
@@ -155,21 +155,25 @@ def test_faces_and_progress_are_rate_limited_and_flushed_before_done():
 def test_fit_goes_with_done_and_a_failing_fit_keeps_the_mesh(monkeypatch):
     calls = []
 
-    def fake_fit(tris, points):
+    def fake_fit(tris, points, config=None):
         calls.append(len(tris))
         return tris + 0.5, {"fit_seconds": 0.0}
 
-    monkeypatch.setattr(server, "fit_triangles", fake_fit)
+    monkeypatch.setattr(fit, "fit_triangles", fake_fit)
     with serving() as (srv, sink):
         srv.handle_line(generate_line("a", {"steps": 3, "fit": True}))
-        sink.wait_for(lambda m: m["id"] == "a" and m["type"] == "done")
+        srv.handle_line(generate_line("cut", {"steps": 3, "fit": True, "cut": True}))  # stopped at a limit
+        sink.wait_for(lambda m: m["id"] == "cut" and m["type"] == "done")
     done = of(sink, "a")[-1]
-    assert calls == [6] and np.array(done["fitted"]).shape == (6, 3, 3) and done["fitted"][0][0][0] == 0.5
+    streamed = [t for m in of(sink, "a") if m["type"] == "faces" for t in m["triangles"]]
+    assert calls == [6] and np.array_equal(done["fitted"], np.array(streamed) + 0.5)  # every triangle, in order
+    cut = of(sink, "cut")[-1]
+    assert "fitted" not in cut and "limit" in cut["stats"]["fit_skipped"]
 
-    def broken_fit(tris, points):
+    def broken_fit(tris, points, config=None):
         raise np.linalg.LinAlgError("singular")
 
-    monkeypatch.setattr(server, "fit_triangles", broken_fit)
+    monkeypatch.setattr(fit, "fit_triangles", broken_fit)
     with serving() as (srv, sink):
         srv.handle_line(generate_line("b", {"steps": 3, "fit": True}))
         sink.wait_for(lambda m: m["id"] == "b" and m["type"] == "done")
@@ -447,13 +451,22 @@ def test_fuzzed_lines_never_break_the_server(checkpoint, tmp_path):
 
 
 @needs_engine
-def test_fit_setting_sends_the_fitted_mesh_with_done(checkpoint, tmp_path):
-    """With {"fit": true} the done line carries every streamed triangle, in order, moved but still connected the same
-    way (corners that coincided still coincide); without it there is no "fitted"."""
-    with raw_server(checkpoint, tmp_path / "stderr.txt") as srv:
+def test_fit_setting_sends_the_fitted_mesh_with_done(tmp_path):
+    """The shipped model on a box's points: with {"fit": true} the done line carries every streamed triangle, in order,
+    moved but still connected the same way (corners that coincided still coincide); without it, no "fitted"."""
+    import trimesh
+
+    from xspecmesh.checkpoint import DEFAULT_CHECKPOINT
+    from xspecmesh.mesh import normalize, sample_surface
+
+    box = trimesh.creation.box((2.0, 0.6, 1.3))
+    box.vertices = normalize(box.vertices)[0]
+    pts = sample_surface(box, 4096).astype("<f4")
+    with raw_server(str(DEFAULT_CHECKPOINT), tmp_path / "stderr.txt") as srv:
         srv.wait_for(lambda m: m["type"] == "hello")
         for rid, fit in (("plain", False), ("fit", True)):
-            srv.send(generate_line(rid, {"mode": "ar", "max_tokens": 90, "seed": 3, "fit": fit}))
+            settings_ = {"mode": "ar", "seed": 0, "fit": fit}
+            srv.send(protocol.encode(protocol.generate(rid, pts.tobytes(), len(pts), settings_)))
             done = srv.wait_for(lambda m: m["id"] == rid and m["type"] in ("done", "error"), timeout=60)
             assert done["type"] == "done", done
             streamed = np.array([t for line in srv.lines for m in [json.loads(line)]

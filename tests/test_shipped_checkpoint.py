@@ -37,3 +37,24 @@ def test_generate_uses_it_by_default(tmp_path):
     stats = json.loads(r.stdout)
     assert Path(stats["checkpoint"]).resolve() == DEFAULT_CHECKPOINT.resolve()
     assert stats["faces"] >= 1 and out.exists()
+
+
+def test_fit_puts_the_shipped_models_box_on_the_input_box(tmp_path):
+    """End to end: the shipped model closes a box (EOS), and --fit moves its vertices onto the input's surface."""
+    import numpy as np
+    import trimesh
+
+    box = trimesh.load(BOX, force="mesh")
+    results = {}
+    for fit in ("", "--fit"):
+        out = tmp_path / f"o{fit}.obj"
+        r = subprocess.run([sys.executable, "-m", "xspecmesh", "generate", str(BOX), "-o", str(out), "--mode", "ar",
+                            "--json", *([fit] if fit else [])], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        results[fit] = json.loads(r.stdout), trimesh.load(out, force="mesh", process=False)
+    (plain, raw), (stats, fitted) = results[""], results["--fit"]
+    assert stats["complete"] and stats["sequence_sha256"] == plain["sequence_sha256"]
+    assert stats["fit_distance_after"] < stats["fit_distance_before"]
+    assert np.array_equal(raw.faces, fitted.faces)
+    err = np.abs(fitted.bounds - box.bounds).max() / box.extents.max()
+    assert err < 0.01, (fitted.bounds, box.bounds)  # within 1% of the box's size

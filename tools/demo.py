@@ -124,7 +124,8 @@ def retopologize(bpy, source, label: str, **settings) -> tuple[object, dict]:
            "wall_seconds": wall, "tokens": stats.get("tokens"), "steps": stats.get("steps"), "scr": stats.get("scr"),
            "tokens_per_second": stats.get("tokens_per_second"), "heads": request.get("heads"),
            "delta": request.get("delta"), "adaptive": request.get("adaptive"),
-           "fit_distance_before": stats.get("fit_distance_before"), "fit_distance_after": stats.get("fit_distance_after")}
+           "fit_distance_before": stats.get("fit_distance_before"), "fit_distance_after": stats.get("fit_distance_after"),
+           "fit_skipped": stats.get("fit_skipped"), "fit_error": stats.get("fit_error")}
     return result, row
 
 
@@ -234,7 +235,9 @@ def print_table(rows: list) -> None:
 
 def _fit_cell(row: dict) -> str:
     before, after = row.get("fit_distance_before"), row.get("fit_distance_after")
-    return f"{before:.4f} → {after:.4f}" if isinstance(before, float) and isinstance(after, float) else "off"
+    if isinstance(before, float) and isinstance(after, float):
+        return f"{before:.4f} → {after:.4f}"
+    return "failed" if row.get("fit_error") else "skipped (limit)" if row.get("fit_skipped") else "off"
 
 
 def run(args) -> int:

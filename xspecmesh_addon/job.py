@@ -48,6 +48,9 @@ class Outcome:
         scr = f"{self.scr:.2f}" if self.scr is not None else "n/a"
         tps = f", {self.tokens_per_second:.0f} tokens/s" if self.tokens_per_second else ""
         text = f"{self.source}: {self.faces} faces in {self.seconds:.1f} s, SCR {scr}{tps}"
+        if self.state == "done" and ("fit_error" in self.stats or "fit_skipped" in self.stats):
+            why = "the fit failed" if "fit_error" in self.stats else "cut at the face or token limit"
+            text += f", not fitted to the source ({why})"
         if self.state != "done":
             text += f" — {self.state}" + (f": {self.message}" if self.message else "")
             text += f", partial result kept as '{self.result}'" if self.result else ""
@@ -113,7 +116,7 @@ class Job:
             self.stats = dict(msg.get("stats") or {})
             if "fitted" in msg and not self.triangles.replace(msg["fitted"]):
                 print("XSpecMesh: the fitted mesh does not match the faces received; keeping them as generated")
-            if "fit_error" in self.stats:
+            if "fit_error" in self.stats:  # the report says "not fitted"; the console has the reason
                 print(f"XSpecMesh: Fit to Source failed ({self.stats['fit_error']}); keeping the mesh as generated")
             self.state = "cancelled" if msg.get("cancelled") else "done"
             if self.state == "cancelled":

@@ -14,7 +14,7 @@ from xspecmesh import __version__
 from xspecmesh import tokenizer as tok
 from xspecmesh.checkpoint import Checkpoint, load_checkpoint
 from xspecmesh.errors import MeshError, SettingsError
-from xspecmesh.generate import DecodeStats, decode_ar, decode_naive
+from xspecmesh.generate import DecodeStats, decode_ar, decode_naive, token_limit
 from xspecmesh.sampling import SamplingConfig
 from xspecmesh.speculative import RULES, AcceptConfig, decode_speculative
 
@@ -36,7 +36,8 @@ class DecodeSettings:
     max_tokens: int = 10000
     max_faces: int | None = None  # stop once this many faces are complete
     seed: int = 0
-    fit: bool = False  # after decoding, move the vertices onto the input surface (xspecmesh.fit); callers apply it
+    fit: bool = False  # after decoding, move the vertices onto the input surface: not done here, but by the callers
+    # that hold the whole mesh (serve, generate) through xspecmesh.fit.fit_result
 
     @classmethod
     def from_dict(cls, d: dict) -> "DecodeSettings":
@@ -198,10 +199,13 @@ class Engine:
                                          "adaptive": settings.adaptive and settings.mode == "spec",
                                          "delta": settings.delta, "accept": settings.accept,
                                          "device": str(self.device)}
+            if full:
+                summary["complete"] = False  # cut at max_faces
             yield StepUpdate(accepted[0], tok.dequantize(tris).astype(np.float32), summary, done=full)
             if full:
                 return
-        # the decoder ended (EOS or max_tokens): the last update above already carried the final stats
+        # The decoder ended: at EOS (a whole mesh) or at the token limit (a cut one).
+        summary = summary | {"complete": stats.tokens < token_limit(self.model, settings.max_tokens)}
         yield StepUpdate([], np.zeros((0, 3, 3), dtype=np.float32), summary, done=True)
 
     def generate(self, points, settings: DecodeSettings) -> GenerationResult:

@@ -28,8 +28,9 @@ class FitConfig:
     iterations: int = 20
     samples: int = 4000  # barycentric samples over the result (area-weighted, at least a few per face)
     point_share: float = 0.1  # weight of the point-to-point residual next to the point-to-plane one
-    damping: float = 1e-3  # pull towards the previous iterate, per vertex (keeps the solve well posed)
-    max_move: float = 0.25  # a vertex farther than this from where the model put it is left there (normalized units)
+    damping: float = 0.02  # pull towards the previous iterate, relative to the data term's mean diagonal (any size)
+    max_move: float = 0.25  # no vertex moves farther than this from where the model put it (normalized units)
+    max_points: int = 8192  # a larger cloud is subsampled (evenly, deterministically)
 
 
 def fit_to_points(vertices: np.ndarray, faces: np.ndarray, points: np.ndarray,
@@ -41,7 +42,9 @@ def fit_to_points(vertices: np.ndarray, faces: np.ndarray, points: np.ndarray,
     cfg = config or FitConfig()
     v0 = np.asarray(vertices, dtype=np.float64)
     faces = np.asarray(faces, dtype=np.int64)
-    pts, nrm = np.asarray(points[:, :3], np.float64), np.asarray(points[:, 3:6], np.float64)
+    points = np.asarray(points, dtype=np.float64)[:: max(1, -(-len(points) // cfg.max_points))]
+    pts, nrm = points[:, :3], points[:, 3:6]
+    nrm = nrm / np.maximum(np.linalg.norm(nrm, axis=1, keepdims=True), 1e-12)  # every plane row weighs the same
     if len(faces) == 0 or len(pts) == 0:
         return v0.copy()
     tree = cKDTree(pts)
@@ -67,14 +70,15 @@ def fit_to_points(vertices: np.ndarray, faces: np.ndarray, points: np.ndarray,
             point = _point_rows(A)
             blocks.append((point.T @ point) * w * cfg.point_share)
             rhs.append(point.T @ p.T.ravel() * w * cfg.point_share)
-        lhs = sum(blocks) + identity(3 * n) * cfg.damping
-        b = sum(rhs) + cfg.damping * v.T.ravel()
-        v = spsolve(lhs.tocsc(), b).reshape(3, n).T
-    moved = np.linalg.norm(v - v0, axis=1)
-    unused = np.setdiff1d(np.arange(n), faces.ravel())
-    v[unused] = v0[unused]
-    v[moved > cfg.max_move] = v0[moved > cfg.max_move]
-    return v
+        data = sum(blocks)
+        damping = cfg.damping * float(data.diagonal().mean())
+        v = spsolve((data + identity(3 * n) * damping).tocsc(), sum(rhs) + damping * v.T.ravel()).reshape(3, n).T
+    step = v - v0
+    step[~np.isfinite(step).all(axis=1)] = 0.0
+    length = np.linalg.norm(step, axis=1, keepdims=True)
+    step *= np.minimum(1.0, cfg.max_move / np.maximum(length, 1e-12))  # clamped, not undone: no spikes
+    step[np.setdiff1d(np.arange(n), faces.ravel())] = 0.0
+    return v0 + step
 
 
 def fit_triangles(triangles: np.ndarray, points: np.ndarray,
@@ -90,35 +94,54 @@ def fit_triangles(triangles: np.ndarray, points: np.ndarray,
     faces = corner.reshape(-1, 3)
     proper = faces[(faces[:, 0] != faces[:, 1]) & (faces[:, 1] != faces[:, 2]) & (faces[:, 0] != faces[:, 2])]
     fitted = fit_to_points(vertices, proper, points, config)
-    stats = {"fit_seconds": round(time.perf_counter() - start, 4),
-             "fit_distance_before": round(surface_distance(vertices, proper, points), 5),
-             "fit_distance_after": round(surface_distance(fitted, proper, points), 5)}
+    stats = {"fit_distance_before": surface_distance(vertices, proper, points),
+             "fit_distance_after": surface_distance(fitted, proper, points),
+             "fit_seconds": round(time.perf_counter() - start, 4)}
     return fitted[faces].astype(np.float32), stats
 
 
-def surface_distance(vertices: np.ndarray, faces: np.ndarray, points: np.ndarray, samples: int = 4000) -> float:
-    """Mean of the two one-sided mean nearest-neighbour distances between surface samples and the points."""
+def fit_result(triangles: np.ndarray, points: np.ndarray, stats: dict,
+               config: FitConfig | None = None) -> tuple[np.ndarray | None, dict]:
+    """The fit as the server and the CLI apply it to a finished decode: (fitted soup or None, stats to add).
+
+    Not for a mesh cut at the face or token limit (`stats["complete"]` False): the part of the surface it does not
+    cover would pull its open border outwards. A fit that fails or gives non-finite positions leaves the mesh as
+    decoded; the stats say why."""
+    if not stats.get("complete", True):
+        return None, {"fit_skipped": "the mesh stopped at the face or token limit, so it is left as decoded"}
+    if len(triangles) == 0:
+        return None, {}
+    try:
+        fitted, fit_stats = fit_triangles(triangles, points, config)
+        if not np.isfinite(fitted).all():
+            raise FloatingPointError("non-finite vertex positions")
+    except Exception as exc:  # the decoded mesh is still good
+        return None, {"fit_error": f"{type(exc).__name__}: {exc}"}
+    return fitted, fit_stats
+
+
+def surface_distance(vertices: np.ndarray, faces: np.ndarray, points: np.ndarray,
+                     samples: int = 4000) -> float | None:
+    """Mean of the two one-sided mean nearest-neighbour distances between surface samples and the points, rounded to
+    5 decimals; None without faces."""
     if len(faces) == 0:
-        return float("nan")
+        return None
     weights, owner = _barycentric_samples(vertices, faces, samples)
     s = np.einsum("sk,skd->sd", weights, vertices[faces[owner]])
     pts = np.asarray(points[:, :3], np.float64)
-    return 0.5 * float(cKDTree(pts).query(s)[0].mean() + cKDTree(s).query(pts)[0].mean())
+    return round(0.5 * float(cKDTree(pts).query(s)[0].mean() + cKDTree(s).query(pts)[0].mean()), 5)
 
 
 def _barycentric_samples(v: np.ndarray, faces: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
     """Fixed (deterministic) barycentric weights: faces get samples in proportion to area, at least 3 each."""
     area = 0.5 * np.linalg.norm(np.cross(v[faces[:, 1]] - v[faces[:, 0]], v[faces[:, 2]] - v[faces[:, 0]]), axis=1)
     per_face = np.maximum(3, np.round(count * area / max(area.sum(), 1e-12))).astype(int)
-    weights, owner = [], []
-    for f, k in enumerate(per_face):
-        i = np.arange(k) + 0.5  # a low-discrepancy (Kronecker) sequence folded into the triangle
-        a, b = (i * 0.7548776662) % 1.0, (i * 0.5698402910) % 1.0
-        flip = a + b > 1
-        a[flip], b[flip] = 1 - a[flip], 1 - b[flip]
-        weights.append(np.stack([1 - a - b, a, b], 1))
-        owner.append(np.full(k, f))
-    return np.concatenate(weights), np.concatenate(owner)
+    owner = np.repeat(np.arange(len(faces)), per_face)
+    i = np.arange(len(owner)) - np.repeat(np.cumsum(per_face) - per_face, per_face) + 0.5  # index within its face
+    a, b = (i * 0.7548776662) % 1.0, (i * 0.5698402910) % 1.0  # a low-discrepancy (Kronecker) sequence
+    flip = a + b > 1  # folded into the triangle
+    a[flip], b[flip] = 1 - a[flip], 1 - b[flip]
+    return np.stack([1 - a - b, a, b], 1), owner
 
 
 def _plane_rows(A, normals: np.ndarray):

@@ -16,8 +16,10 @@ Replies (backend → add-on); every reply carries "id" (null when no request is 
     {"type": "progress", "id": "a1", "tokens": ..., "steps": ..., "scr": ..., "faces": ..., "tokens_per_second": ...}
     {"type": "faces", "id": "a1", "triangles": [[[x, y, z], [x, y, z], [x, y, z]], ...]}   normalized frame
     {"type": "done", "id": "a1", "cancelled": false, "stats": {...}}
-        with settings {"fit": true} and not cancelled, also "fitted": every triangle sent, in the same order, moved
-        onto the input surface (xspecmesh/fit.py); the add-on builds its final mesh from those
+        with settings {"fit": true}, when the mesh ended at EOS (not cut at a limit, not cancelled) and the fit
+        worked, also "fitted": every triangle sent, in the same order and frame (normalized), moved onto the input
+        surface (xspecmesh/fit.py); the add-on builds its final mesh from those. Otherwise the stats say why not
+        ("fit_skipped" or "fit_error") and the triangles sent stand
     {"type": "error", "id": "a1" or null, "message": "..."}
 
 A request is answered by zero or more progress/faces lines and then exactly one `done` or `error`. Requests run in

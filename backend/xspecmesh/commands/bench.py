@@ -43,7 +43,8 @@ def register(sub) -> None:
                    help="comma-separated acceptance rules: threshold, exact, greedy, topk (default threshold)")
     p.add_argument("--seeds", type=int, default=1, help="seeds per input (default 1; >= 3 adds quality mean ± std)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
-    p.add_argument("--max-tokens", type=int, default=10000, help="token cap per mesh (default 10000)")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="token cap per mesh (default 10000; --ar-vs-naive: per sequence, default 1500)")
     p.add_argument("--temperature", type=float, default=None, help="sampling temperature (default 0.5)")
     p.add_argument("--compare", type=_list(str), default=[], metavar="CKPT[,CKPT]",
                    help="also run the AR and speculative variants on these checkpoints in the same interleaved trials "
@@ -114,7 +115,9 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(result) if args.json else step_cost.step_cost_markdown(result))
         return 0
     if args.ar_vs_naive:
-        result = loop_bench.ar_vs_naive(engine, args.batch, args.max_tokens, args.seeds,
+        if args.seeds < 1:
+            raise SettingsError("--seeds (trials) must be at least 1")
+        result = loop_bench.ar_vs_naive(engine, args.batch, args.max_tokens or 1500, args.seeds,
                                         temperature=0.5 if args.temperature is None else args.temperature,
                                         progress=not args.no_progress)
         print(json.dumps(result) if args.json else loop_bench.ar_vs_naive_markdown(result))
@@ -134,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
         name = _compare_name(Path(path), others)
         others[name] = Engine.load(path, args.device)
         variants += bench.on_model(main, name, others[name].max_heads)
-    result = bench.run_bench(engine, inputs, variants, args.seeds, args.max_tokens, sampling,
+    result = bench.run_bench(engine, inputs, variants, args.seeds, args.max_tokens or 10000, sampling,
                              progress=not args.no_progress, others=others)
     result["source"] = args.meshes or "procedural validation shapes"
     result["skipped"] = skipped

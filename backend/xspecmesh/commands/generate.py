@@ -67,9 +67,10 @@ def run(args) -> int:
     result = engine.generate(points, settings)
     tris, fit_stats = result.triangles, {}
     if settings.fit:
-        from xspecmesh.fit import fit_triangles
+        from xspecmesh.fit import fit_result
 
-        tris, fit_stats = fit_triangles(tris, points)
+        fitted, fit_stats = fit_result(tris, points, result.stats)
+        tris = tris if fitted is None else fitted
     tris = tris.reshape(-1, 3)
     vertices, faces = weld(norm.invert(tris), np.arange(len(tris)).reshape(-1, 3))
     if len(faces) == 0:
