@@ -36,7 +36,7 @@ def test_soup_order_shape_and_connectivity_kept_and_distance_falls():
     assert stats["fit_distance_after"] < 0.5 * stats["fit_distance_before"]
 
 
-def test_unused_and_far_vertices_stay_and_empty_input_is_returned():
+def test_unused_vertices_stay_far_moves_are_clamped_and_empty_input_is_returned():
     verts = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0], [5, 5, 5.0]])
     faces = np.array([[0, 1, 2]])
     pts = M.sample_surface(trimesh.Trimesh(verts[:3] + [0, 0, 0.05], faces), 500)
@@ -46,7 +46,7 @@ def test_unused_and_far_vertices_stay_and_empty_input_is_returned():
     far = fit_to_points(verts, faces, pts + np.array([0, 0, 3.0, 0, 0, 0], np.float32), FitConfig(max_move=0.25))
     np.testing.assert_allclose(np.linalg.norm(far[:3] - verts[:3], axis=1), 0.25)  # clamped at max_move
     assert (far[:3, 2] > 0.2).all() and np.array_equal(far[3], verts[3])
-    half = fit_to_points(verts, faces, np.concatenate([pts[:, :3], pts[:, 3:] * 7.0], 1))  # normals of any length
-    np.testing.assert_allclose(half, out, atol=1e-9)
+    long_normals = fit_to_points(verts, faces, np.concatenate([pts[:, :3], pts[:, 3:] * 7.0], 1))
+    np.testing.assert_allclose(long_normals, out, atol=1e-9)  # normals of any length count the same
     empty, stats = fit_triangles(np.zeros((0, 3, 3)), pts)
     assert empty.shape == (0, 3, 3) and stats["fit_seconds"] == 0.0

@@ -157,6 +157,8 @@ def test_fit_goes_with_done_and_a_failing_fit_keeps_the_mesh(monkeypatch):
 
     def fake_fit(tris, points, config=None):
         calls.append(len(tris))
+        sent = [t for m in sink.messages() if m["type"] == "faces" and m["id"] == "a" for t in m["triangles"]]
+        assert len(sent) == len(tris)  # every face is out before the fit starts
         return tris + 0.5, {"fit_seconds": 0.0}
 
     monkeypatch.setattr(fit, "fit_triangles", fake_fit)
@@ -180,6 +182,18 @@ def test_fit_goes_with_done_and_a_failing_fit_keeps_the_mesh(monkeypatch):
     done = of(sink, "b")[-1]
     assert "fitted" not in done and "singular" in done["stats"]["fit_error"] and done["cancelled"] is False
     assert sum(len(m["triangles"]) for m in of(sink, "b") if m["type"] == "faces") == 6  # the mesh itself arrived
+
+    def cancelled_during_fit(tris, points, config=None):
+        srv.handle_line(protocol.encode(protocol.cancel("c")))
+        return tris + 0.5, {"fit_seconds": 0.0, "fit_distance_after": 0.1}
+
+    monkeypatch.setattr(fit, "fit_triangles", cancelled_during_fit)
+    with serving() as (srv, sink):
+        srv.handle_line(generate_line("c", {"steps": 3, "fit": True}))
+        sink.wait_for(lambda m: m["id"] == "c" and m["type"] == "done")
+    done = of(sink, "c")[-1]
+    assert done["cancelled"] is True and "fitted" not in done
+    assert done["stats"]["fit_skipped"] == "cancelled" and "fit_distance_after" not in done["stats"]
 
 
 def test_queue_order_and_cancel_of_running_and_queued():

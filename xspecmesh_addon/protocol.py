@@ -19,7 +19,8 @@ Replies (backend → add-on); every reply carries "id" (null when no request is 
         with settings {"fit": true}, when the mesh ended at EOS (not cut at a limit, not cancelled) and the fit
         worked, also "fitted": every triangle sent, in the same order and frame (normalized), moved onto the input
         surface (xspecmesh/fit.py); the add-on builds its final mesh from those. Otherwise the stats say why not
-        ("fit_skipped" or "fit_error") and the triangles sent stand
+        ("fit_skipped" or "fit_error") and the triangles sent stand. stats["complete"]: the decoder ended at EOS,
+        not at a face or token limit
     {"type": "error", "id": "a1" or null, "message": "..."}
 
 A request is answered by zero or more progress/faces lines and then exactly one `done` or `error`. Requests run in

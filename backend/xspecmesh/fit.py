@@ -73,6 +73,8 @@ def fit_to_points(vertices: np.ndarray, faces: np.ndarray, points: np.ndarray,
         data = sum(blocks)
         damping = cfg.damping * float(data.diagonal().mean())
         v = spsolve((data + identity(3 * n) * damping).tocsc(), sum(rhs) + damping * v.T.ravel()).reshape(3, n).T
+        if not np.isfinite(v).all():
+            raise FloatingPointError("the least-squares solve gave non-finite positions")
     step = v - v0
     step[~np.isfinite(step).all(axis=1)] = 0.0
     length = np.linalg.norm(step, axis=1, keepdims=True)
@@ -107,14 +109,12 @@ def fit_result(triangles: np.ndarray, points: np.ndarray, stats: dict,
     Not for a mesh cut at the face or token limit (`stats["complete"]` False): the part of the surface it does not
     cover would pull its open border outwards. A fit that fails or gives non-finite positions leaves the mesh as
     decoded; the stats say why."""
-    if not stats.get("complete", True):
+    if not stats.get("complete", False):
         return None, {"fit_skipped": "the mesh stopped at the face or token limit, so it is left as decoded"}
     if len(triangles) == 0:
         return None, {}
     try:
         fitted, fit_stats = fit_triangles(triangles, points, config)
-        if not np.isfinite(fitted).all():
-            raise FloatingPointError("non-finite vertex positions")
     except Exception as exc:  # the decoded mesh is still good
         return None, {"fit_error": f"{type(exc).__name__}: {exc}"}
     return fitted, fit_stats

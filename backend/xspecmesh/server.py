@@ -215,8 +215,9 @@ class Server:
                 stats = stats | fit_stats
                 if "fit_error" in fit_stats:
                     log(f"request {job.id!r}: fit failed, sending the mesh as decoded: {fit_stats['fit_error']}")
-                cancelled = self._cancel.is_set()  # a cancel that came in during the fit still counts
-                fitted = None if cancelled else fitted
+                if self._cancel.is_set():  # a cancel that came in during the fit still counts
+                    cancelled, fitted = True, None
+                    stats = {k: v for k, v in stats.items() if not k.startswith("fit_")} | {"fit_skipped": "cancelled"}
             self.send(protocol.done(job.id, stats or ZERO_STATS, cancelled=cancelled,
                                     fitted=None if fitted is None else fitted.tolist()))
         except OutputClosed:

@@ -117,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
     if args.ar_vs_naive:
         if args.seeds < 1:
             raise SettingsError("--seeds (trials) must be at least 1")
-        result = loop_bench.ar_vs_naive(engine, args.batch, args.max_tokens or 1500, args.seeds,
+        result = loop_bench.ar_vs_naive(engine, args.batch, 1500 if args.max_tokens is None else args.max_tokens, args.seeds,
                                         temperature=0.5 if args.temperature is None else args.temperature,
                                         progress=not args.no_progress)
         print(json.dumps(result) if args.json else loop_bench.ar_vs_naive_markdown(result))
@@ -137,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
         name = _compare_name(Path(path), others)
         others[name] = Engine.load(path, args.device)
         variants += bench.on_model(main, name, others[name].max_heads)
-    result = bench.run_bench(engine, inputs, variants, args.seeds, args.max_tokens or 10000, sampling,
+    result = bench.run_bench(engine, inputs, variants, args.seeds, 10000 if args.max_tokens is None else args.max_tokens, sampling,
                              progress=not args.no_progress, others=others)
     result["source"] = args.meshes or "procedural validation shapes"
     result["skipped"] = skipped
