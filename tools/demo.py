@@ -124,8 +124,7 @@ def retopologize(bpy, source, label: str, **settings) -> tuple[object, dict]:
            "wall_seconds": wall, "tokens": stats.get("tokens"), "steps": stats.get("steps"), "scr": stats.get("scr"),
            "tokens_per_second": stats.get("tokens_per_second"), "heads": request.get("heads"),
            "delta": request.get("delta"), "adaptive": request.get("adaptive"),
-           "fit_distance_before": stats.get("fit_distance_before"), "fit_distance_after": stats.get("fit_distance_after"),
-           "fit_skipped": stats.get("fit_skipped"), "fit_error": stats.get("fit_error")}
+           **{k: stats.get(k) for k in ("fit_distance_before", "fit_distance_after", "fit_skipped", "fit_error")}}
     return result, row
 
 

@@ -76,7 +76,6 @@ def fit_to_points(vertices: np.ndarray, faces: np.ndarray, points: np.ndarray,
         if not np.isfinite(v).all():
             raise FloatingPointError("the least-squares solve gave non-finite positions")
     step = v - v0
-    step[~np.isfinite(step).all(axis=1)] = 0.0
     length = np.linalg.norm(step, axis=1, keepdims=True)
     step *= np.minimum(1.0, cfg.max_move / np.maximum(length, 1e-12))  # clamped, not undone: no spikes
     step[np.setdiff1d(np.arange(n), faces.ravel())] = 0.0

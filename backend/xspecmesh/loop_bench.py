@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import statistics
 import sys
-import time
 
 import torch
 
@@ -17,6 +16,7 @@ from xspecmesh.bench import json_safe, machine_info, procedural_inputs
 from xspecmesh.engine import Engine
 from xspecmesh.errors import SettingsError
 from xspecmesh.generate import decode_ar, decode_naive, run_to_end
+from xspecmesh.step_cost import timed
 
 LOOPS = {"ar": decode_ar, "naive": decode_naive}
 
@@ -38,14 +38,10 @@ def ar_vs_naive(engine: Engine, batches=(1, 8, 16), max_tokens: int = 1500, tria
     sampling = SamplingConfig(temperature, 50, 0.95)
 
     def decode(loop: str, b: int, tokens: int, seed: int) -> tuple[float, list[list[int]]]:
-        gen = torch.Generator(device=dev).manual_seed(seed)
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        start = time.perf_counter()
-        out = run_to_end(LOOPS[loop](model, conds[:b], sampling, tokens, generator=gen), b)
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        return time.perf_counter() - start, out
+        gen, out = torch.Generator(device=dev).manual_seed(seed), []
+        seconds, _ = timed(lambda: out.extend(run_to_end(LOOPS[loop](model, conds[:b], sampling, tokens,
+                                                                     generator=gen), b)), dev)
+        return seconds, out
 
     rows = []
     bar = tqdm(total=len(batches) * trials * 2, desc="ar vs naive", unit="run", disable=not progress,
@@ -81,6 +77,7 @@ def ar_vs_naive_markdown(result: dict) -> str:
              "| batch B | tokens (all B) | our AR tok/s | naive tok/s | ours vs naive | same tokens |",
              "|---|---|---|---|---|---|"]
     for r in result["rows"]:
+        same = "yes" if r["same_tokens"] else "NO"
         lines.append(f"| {r['batch']} | {r['tokens']} | {r['ar_tokens_per_second']:.0f} | "
-                     f"{r['naive_tokens_per_second']:.0f} | {r['ar_vs_naive']:.2f}× | {'yes' if r['same_tokens'] else 'NO'} |")
+                     f"{r['naive_tokens_per_second']:.0f} | {r['ar_vs_naive']:.2f}× | {same} |")
     return "\n".join(lines)

@@ -22,7 +22,6 @@ import numpy as np
 
 from xspecmesh import __version__, protocol
 from xspecmesh.errors import MeshError, XSpecMeshError
-from xspecmesh.fit import fit_result
 
 MAX_LINE_BYTES = 32 << 20  # 200k points are 6.4 MB of base64; anything far longer is refused, not buffered
 ZERO_STATS = {"tokens": 0, "steps": 0, "scr": 0.0, "faces": 0, "seconds": 0.0, "tokens_per_second": 0.0}
@@ -183,8 +182,8 @@ class Server:
 
     def decode(self, job: Job) -> None:
         stats: dict = {}
-        pending: list[np.ndarray] = []  # not yet sent
-        every: list[np.ndarray] = []  # all of this request's triangles, for the fit
+        tris: list[np.ndarray] = []  # this request's triangles so far (the fit needs them all); tris[sent:] unsent
+        sent = 0
         last_faces = last_progress = -float("inf")
         cancelled = self._cancel.is_set()  # cancelled before it started: nothing to decode
         try:
@@ -193,25 +192,26 @@ class Server:
                 for upd in stream:
                     stats = upd.stats
                     if len(upd.triangles):
-                        pending.append(upd.triangles)
-                        every.append(upd.triangles)
+                        tris.append(upd.triangles)
                     if self._cancel.is_set():
                         cancelled = True
                         break
                     now = time.monotonic()
-                    if pending and now - last_faces >= self.interval:
-                        self._flush(job.id, pending)
+                    if sent < len(tris) and now - last_faces >= self.interval:
+                        sent = self._flush(job.id, tris, sent)
                         last_faces = now
                     if not upd.done and now - last_progress >= self.interval:
                         self.send(protocol.progress(job.id, stats))
                         last_progress = now
             finally:
                 stream.close()
-            self._flush(job.id, pending)
+            self._flush(job.id, tris, sent)
             fitted = None
             # (getattr: the tests' scripted engines take plain dicts as settings)
-            if getattr(job.settings, "fit", False) and not cancelled and every:
-                fitted, fit_stats = fit_result(np.concatenate(every), job.points, stats)
+            if getattr(job.settings, "fit", False) and not cancelled and tris:
+                from xspecmesh.fit import fit_result  # scipy's sparse solvers: loaded only when a fit is asked for
+
+                fitted, fit_stats = fit_result(np.concatenate(tris), job.points, stats)
                 stats = stats | fit_stats
                 if "fit_error" in fit_stats:
                     log(f"request {job.id!r}: fit failed, sending the mesh as decoded: {fit_stats['fit_error']}")
@@ -229,11 +229,12 @@ class Server:
             traceback.print_exc(file=sys.stderr)
             self.send(protocol.error(job.id, f"decoding failed: {type(exc).__name__}: {exc}"))
 
-    def _flush(self, rid: str, pending: list[np.ndarray]) -> None:
-        if pending:
-            tris = np.concatenate(pending).astype(np.float32).reshape(-1, 3, 3)
-            pending.clear()
-            self.send(protocol.faces(rid, tris.tolist()))
+    def _flush(self, rid: str, tris: list[np.ndarray], sent: int) -> int:
+        """Send tris[sent:] as one faces line (if any); returns how many chunks are now sent."""
+        if sent < len(tris):
+            batch = np.concatenate(tris[sent:]).astype(np.float32).reshape(-1, 3, 3)
+            self.send(protocol.faces(rid, batch.tolist()))
+        return len(tris)
 
 
 def _engine_settings(engine) -> Callable[[dict], Any]:

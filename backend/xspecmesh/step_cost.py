@@ -18,7 +18,7 @@ from xspecmesh.engine import Engine
 from xspecmesh.errors import SettingsError
 
 
-def _timed(fn, device: torch.device) -> tuple[float, float]:
+def timed(fn, device: torch.device) -> tuple[float, float]:
     """(wall seconds, process CPU seconds) of fn(), device work included."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -78,10 +78,10 @@ def step_cost(engine: Engine, depths=range(1, 7), cache_lengths=(500, 1500), rep
             k = rep % len(order)
             for item in order[k:] + order[:k]:
                 if item == "ar":
-                    t = (_timed(ar, dev), (0.0, 0.0))
+                    t = (timed(ar, dev), (0.0, 0.0))
                 else:
                     box = {}
-                    t = (_timed(lambda: box.setdefault("d", draft(item)), dev), _timed(lambda: verify(box["d"]), dev))
+                    t = (timed(lambda: box.setdefault("d", draft(item)), dev), timed(lambda: verify(box["d"]), dev))
                 if rep >= warmup:
                     samples[item].append(t)
             bar.update()

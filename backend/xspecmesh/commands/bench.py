@@ -117,7 +117,8 @@ def run(args: argparse.Namespace) -> int:
     if args.ar_vs_naive:
         if args.seeds < 1:
             raise SettingsError("--seeds (trials) must be at least 1")
-        result = loop_bench.ar_vs_naive(engine, args.batch, 1500 if args.max_tokens is None else args.max_tokens, args.seeds,
+        max_tokens = 1500 if args.max_tokens is None else args.max_tokens
+        result = loop_bench.ar_vs_naive(engine, args.batch, max_tokens, args.seeds,
                                         temperature=0.5 if args.temperature is None else args.temperature,
                                         progress=not args.no_progress)
         print(json.dumps(result) if args.json else loop_bench.ar_vs_naive_markdown(result))
@@ -137,7 +138,8 @@ def run(args: argparse.Namespace) -> int:
         name = _compare_name(Path(path), others)
         others[name] = Engine.load(path, args.device)
         variants += bench.on_model(main, name, others[name].max_heads)
-    result = bench.run_bench(engine, inputs, variants, args.seeds, 10000 if args.max_tokens is None else args.max_tokens, sampling,
+    max_tokens = 10000 if args.max_tokens is None else args.max_tokens
+    result = bench.run_bench(engine, inputs, variants, args.seeds, max_tokens, sampling,
                              progress=not args.no_progress, others=others)
     result["source"] = args.meshes or "procedural validation shapes"
     result["skipped"] = skipped
