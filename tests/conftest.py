@@ -8,9 +8,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # also for the servers and CLIs t
 import pytest
 import torch
 
-from xspecmesh.config import HeadsConfig, preset
-from xspecmesh.heads import DraftHeads
-from xspecmesh.model import MeshTransformer
+from xspecmesh.model.config import HeadsConfig, preset
+from xspecmesh.model.heads import DraftHeads
+from xspecmesh.model.transformer import MeshTransformer
 
 torch.set_num_threads(1)  # tiny models: threads only add synchronisation (and CI has 2 cores)
 

@@ -22,7 +22,7 @@ def test_request_defaults_are_the_papers():
 
 
 def test_request_settings_are_what_the_backend_accepts():
-    from xspecmesh.engine import DecodeSettings
+    from xspecmesh.decoding.engine import DecodeSettings
 
     settings = request.DecodeRequest.build(mode="ar", heads=3, delta=0.25, accept="exact", seed=9,
                                            adaptive=1, fit=0).settings()

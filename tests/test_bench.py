@@ -1,4 +1,4 @@
-"""Benchmarks (xspecmesh/bench.py, `xspecmesh bench`): structure of the results on a tiny random checkpoint.
+"""Benchmarks (xspecmesh/benchmarks/bench.py, `xspecmesh bench`): structure of the results on a tiny random checkpoint.
 Nothing here asserts a timing."""
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import trimesh
 
-from xspecmesh import bench, step_cost
-from xspecmesh.checkpoint import write_random_checkpoint
+from xspecmesh.benchmarks import bench, step_cost
+from xspecmesh.model.checkpoint import write_random_checkpoint
 from xspecmesh.cli import main
-from xspecmesh.engine import Engine
+from xspecmesh.decoding.engine import Engine
 
 ROW_FIELDS = {"mode", "heads", "delta", "accept", "seconds", "speedup", "scr", "cd", "hd", "faces", "failures", "runs",
               "tokens_per_second", "cd_10k", "hd_10k", "cpu_seconds", "speedup_cpu"}
@@ -188,5 +188,5 @@ def test_ar_vs_naive_per_batch_same_tokens(checkpoint):
     for r in data["rows"]:
         assert r["same_tokens"] is True and 0 < r["tokens"] <= 25 * r["batch"]
         assert r["ar_vs_naive"] == pytest.approx(r["ar_tokens_per_second"] / r["naive_tokens_per_second"])
-    from xspecmesh.loop_bench import ar_vs_naive_markdown
+    from xspecmesh.benchmarks.loop_bench import ar_vs_naive_markdown
     assert "| 3 |" in ar_vs_naive_markdown(data)

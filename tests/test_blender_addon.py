@@ -66,7 +66,7 @@ if __name__ != "__main__":
             sys.path.pop(0)
         package = zip_tool.build(tmp / "dist", with_checkpoint=False)
         zip_tool.validate(package)
-        from xspecmesh.checkpoint import write_random_checkpoint
+        from xspecmesh.model.checkpoint import write_random_checkpoint
 
         checkpoint = tmp / "tiny.safetensors"
         write_random_checkpoint(checkpoint, heads=4, seed=0)

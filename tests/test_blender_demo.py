@@ -30,7 +30,7 @@ def test_demo_without_a_checkpoint_says_so(tmp_path, capsys):
 @pytest.mark.blender
 @pytest.mark.skipif(importlib.util.find_spec("bpy") is None, reason="bpy is not installed")
 def test_demo_pipeline_with_a_tiny_checkpoint(tmp_path):
-    from xspecmesh.checkpoint import write_random_checkpoint
+    from xspecmesh.model.checkpoint import write_random_checkpoint
 
     checkpoint = tmp_path / "tiny.safetensors"
     write_random_checkpoint(checkpoint, heads=4, seed=0)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from xspecmesh.checkpoint import load_checkpoint, save_checkpoint, write_random_checkpoint
+from xspecmesh.model.checkpoint import load_checkpoint, save_checkpoint, write_random_checkpoint
 from xspecmesh.errors import CheckpointError
 
 from conftest import tiny_heads, tiny_model

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import trimesh
 
-from xspecmesh.checkpoint import write_random_checkpoint
+from xspecmesh.model.checkpoint import write_random_checkpoint
 
 REF = Path(__file__).parent / "data" / "reference" / "meshes"
 

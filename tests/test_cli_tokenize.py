@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from xspecmesh import cli
-from xspecmesh.mesh import load_mesh
-from xspecmesh.tokenizer import decode
+from xspecmesh.geometry.mesh import load_mesh
+from xspecmesh.geometry.tokenizer import decode
 
 REF = Path(__file__).parent / "data" / "reference"
 NAMES = sorted(p.stem for p in (REF / "bpt_tokens").glob("*.json"))

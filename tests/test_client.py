@@ -20,7 +20,7 @@ from addon_modules import addon_module
 
 ROOT = Path(__file__).resolve().parents[1]
 ADDON = ROOT / "xspecmesh_addon"
-HAVE_ENGINE = importlib.util.find_spec("xspecmesh.engine") is not None
+HAVE_ENGINE = importlib.util.find_spec("xspecmesh.decoding.engine") is not None
 needs_engine = pytest.mark.skipif(not HAVE_ENGINE, reason="xspecmesh/engine.py has not landed yet")
 
 
@@ -177,7 +177,7 @@ def test_close_terminates_a_backend_that_ignores_shutdown(fake_backend, monkeypa
 def checkpoint(tmp_path_factory):
     if not HAVE_ENGINE:
         pytest.skip("xspecmesh/engine.py has not landed yet")
-    from xspecmesh.checkpoint import write_random_checkpoint
+    from xspecmesh.model.checkpoint import write_random_checkpoint
 
     path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
     write_random_checkpoint(str(path), "tiny", heads=4, seed=0)

@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from xspecmesh import cli
-from xspecmesh.checkpoint import load_checkpoint
-from xspecmesh.config import preset
-from xspecmesh.convert_bpt import Foreign, convert_bpt, layout, read_pickled_checkpoint
+from xspecmesh.model.checkpoint import load_checkpoint
+from xspecmesh.model.config import preset
+from xspecmesh.model.convert_bpt import Foreign, convert_bpt, layout, read_pickled_checkpoint
 from xspecmesh.errors import CheckpointError
-from xspecmesh.model import MeshTransformer
+from xspecmesh.model.transformer import MeshTransformer
 
 REFERENCE_KEYS = Path(__file__).parent / "data" / "reference" / "bpt_state_dict_keys.txt"
 PERCEIVER = "conditioner.point_encoder.model.shape_model.encoder."

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import trimesh
 
-from xspecmesh import data, tokenizer
+from xspecmesh.training import data
+from xspecmesh.geometry import tokenizer
 from xspecmesh.cli import main
 from xspecmesh.errors import SettingsError
 

@@ -1,11 +1,11 @@
-"""xspecmesh.fit: moving a generated mesh's vertices onto the input surface, connectivity unchanged."""
+"""xspecmesh.geometry.fit: moving a generated mesh's vertices onto the input surface, connectivity unchanged."""
 from __future__ import annotations
 
 import numpy as np
 import trimesh
 
-from xspecmesh import mesh as M
-from xspecmesh.fit import FitConfig, fit_to_points, fit_triangles
+from xspecmesh.geometry import mesh as M
+from xspecmesh.geometry.fit import FitConfig, fit_to_points, fit_triangles
 
 
 def box_points(extents, count=2048, seed=0):

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from xspecmesh.generate import DecodeStats, decode_ar, decode_naive, run_to_end
-from xspecmesh.sampling import SamplingConfig
+from xspecmesh.decoding.autoregressive import DecodeStats, decode_ar, decode_naive, run_to_end
+from xspecmesh.decoding.token_sampling import SamplingConfig
 
 from conftest import tiny_model
 

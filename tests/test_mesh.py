@@ -8,7 +8,7 @@ import pytest
 import trimesh
 
 from xspecmesh.errors import MeshError
-from xspecmesh.mesh import load_mesh, load_points, normalize, sample_surface, weld, write_mesh
+from xspecmesh.geometry.mesh import load_mesh, load_points, normalize, sample_surface, weld, write_mesh
 
 REF = Path(__file__).parent / "data" / "reference" / "meshes"
 

@@ -6,7 +6,7 @@ import pytest
 import trimesh
 
 from xspecmesh.errors import MeshError
-from xspecmesh.metrics import GEOMETRY_KEYS, bbox_mesh, chamfer_hausdorff, evaluate, topology
+from xspecmesh.geometry.metrics import GEOMETRY_KEYS, bbox_mesh, chamfer_hausdorff, evaluate, topology
 
 
 @pytest.fixture(scope="module")

@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from xspecmesh.config import ModelConfig, preset
+from xspecmesh.model.config import ModelConfig, preset
 from xspecmesh.errors import SettingsError
-from xspecmesh.model import MeshTransformer
+from xspecmesh.model.transformer import MeshTransformer
 
 ATOL = 1e-5
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from xspecmesh import protocol
+from xspecmesh.serving import protocol
 
 ROOT = Path(__file__).resolve().parents[1]
 ADDON = ROOT / "xspecmesh_addon"
@@ -35,10 +35,10 @@ def points_bytes(n: int, seed: int = 0) -> bytes:
 
 
 def test_addon_copy_is_byte_identical():
-    canonical = (ROOT / "backend/xspecmesh/protocol.py").read_bytes()
+    canonical = (ROOT / "backend/xspecmesh/serving/protocol.py").read_bytes()
     assert (ADDON / "protocol.py").read_bytes() == canonical, (
-        "xspecmesh_addon/protocol.py differs from the canonical backend/xspecmesh/protocol.py; "
-        "run: cp backend/xspecmesh/protocol.py xspecmesh_addon/protocol.py")
+        "xspecmesh_addon/protocol.py differs from the canonical backend/xspecmesh/serving/protocol.py; "
+        "run: cp backend/xspecmesh/serving/protocol.py xspecmesh_addon/protocol.py")
 
 
 @pytest.mark.parametrize("name", ["protocol.py", "client.py"])

@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from xspecmesh import tokenizer as tok
-from xspecmesh.generate import decode_ar, run_to_end
-from xspecmesh.sampling import DONE, START, Grammar, SamplingConfig, distribution, draw, filter_logits
+from xspecmesh.geometry import tokenizer as tok
+from xspecmesh.decoding.autoregressive import decode_ar, run_to_end
+from xspecmesh.decoding.token_sampling import DONE, START, Grammar, SamplingConfig, distribution, draw, filter_logits
 
 from conftest import tiny_model
 

@@ -19,10 +19,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from xspecmesh import fit, protocol, server
+from xspecmesh.geometry import fit
+from xspecmesh.serving import protocol, server
 from xspecmesh.errors import SettingsError
 
-HAVE_ENGINE = importlib.util.find_spec("xspecmesh.engine") is not None
+HAVE_ENGINE = importlib.util.find_spec("xspecmesh.decoding.engine") is not None
 needs_engine = pytest.mark.skipif(not HAVE_ENGINE, reason="xspecmesh/engine.py has not landed yet")
 
 
@@ -279,7 +280,7 @@ def test_broken_stdout_stops_the_server():
 STRAY_SCRIPT = r"""
 import os, sys, types
 import numpy as np
-fake = types.ModuleType("xspecmesh.engine")
+fake = types.ModuleType("xspecmesh.decoding.engine")
 
 class DecodeSettings(dict):
     @classmethod
@@ -308,8 +309,8 @@ class Engine:
         yield Update(True)
 
 fake.Engine, fake.DecodeSettings = Engine, DecodeSettings
-sys.modules["xspecmesh.engine"] = fake
-from xspecmesh.server import serve_main
+sys.modules["xspecmesh.decoding.engine"] = fake
+from xspecmesh.serving.server import serve_main
 sys.exit(serve_main(None, "cpu"))
 """
 
@@ -331,7 +332,7 @@ def test_stray_prints_go_to_stderr_and_end_of_input_exits():
 def checkpoint(tmp_path_factory):
     if not HAVE_ENGINE:
         pytest.skip("xspecmesh/engine.py has not landed yet")
-    from xspecmesh.checkpoint import write_random_checkpoint
+    from xspecmesh.model.checkpoint import write_random_checkpoint
 
     path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
     write_random_checkpoint(str(path), "tiny", heads=4, seed=0)
@@ -470,8 +471,8 @@ def test_fit_setting_sends_the_fitted_mesh_with_done(tmp_path):
     moved but still connected the same way (corners that coincided still coincide); without it, no "fitted"."""
     import trimesh
 
-    from xspecmesh.checkpoint import DEFAULT_CHECKPOINT
-    from xspecmesh.mesh import normalize, sample_surface
+    from xspecmesh.model.checkpoint import DEFAULT_CHECKPOINT
+    from xspecmesh.geometry.mesh import normalize, sample_surface
 
     box = trimesh.creation.box((2.0, 0.6, 1.3))
     box.vertices = normalize(box.vertices)[0]

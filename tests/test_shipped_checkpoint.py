@@ -9,7 +9,7 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from xspecmesh.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
+from xspecmesh.model.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
 
 BOX = Path(__file__).parent / "data" / "reference" / "meshes" / "box.obj"
 

@@ -6,11 +6,11 @@ import collections
 import pytest
 import torch
 
-from xspecmesh.config import HeadsConfig
-from xspecmesh.generate import DecodeStats, decode_ar, run_to_end
-from xspecmesh.heads import DraftHeads
-from xspecmesh.sampling import Grammar, SamplingConfig
-from xspecmesh.speculative import AcceptConfig, decode_speculative
+from xspecmesh.model.config import HeadsConfig
+from xspecmesh.decoding.autoregressive import DecodeStats, decode_ar, run_to_end
+from xspecmesh.model.heads import DraftHeads
+from xspecmesh.decoding.token_sampling import Grammar, SamplingConfig
+from xspecmesh.decoding.speculative import AcceptConfig, decode_speculative
 
 from conftest import tiny_heads, tiny_model
 
@@ -194,7 +194,7 @@ def test_adaptive_draft_length_keeps_every_guarantee():
 
 
 def test_draft_length_choice():
-    from xspecmesh.adaptive import DraftLength
+    from xspecmesh.decoding.adaptive import DraftLength
 
     bad = DraftLength(4)
     for _ in range(40):

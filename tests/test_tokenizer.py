@@ -10,8 +10,8 @@ import trimesh
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from xspecmesh import tokenizer as T
-from xspecmesh.mesh import load_mesh
+from xspecmesh.geometry import tokenizer as T
+from xspecmesh.geometry.mesh import load_mesh
 
 REF = Path(__file__).parent / "data" / "reference"
 NAMES = sorted(p.stem for p in (REF / "bpt_tokens").glob("*.json"))

@@ -10,9 +10,9 @@ import pytest
 import numpy as np
 import torch
 
-from xspecmesh.checkpoint import load_checkpoint, write_random_checkpoint
-from xspecmesh.train import TrainConfig, Trainer, collate, shape_config
-from xspecmesh.data import ShapeConfig, validation_pairs
+from xspecmesh.model.checkpoint import load_checkpoint, write_random_checkpoint
+from xspecmesh.training.trainer import TrainConfig, Trainer, collate, shape_config
+from xspecmesh.training.data import ShapeConfig, validation_pairs
 from xspecmesh.errors import SettingsError
 
 FAST = dict(preset="tiny", token_budget=600, max_faces=40, eval_every=0, gen_count=0, save_every=1000, log_every=1,
@@ -111,7 +111,7 @@ def test_ddp_two_cpu_processes_end_identical(tmp_path):
     script.write_text(textwrap.dedent(f"""
         import torch
         from safetensors.torch import save_file
-        from xspecmesh.train import TrainConfig, Trainer
+        from xspecmesh.training.trainer import TrainConfig, Trainer
         tr = Trainer(TrainConfig(stage="backbone", out={str(tmp_path / 'run')!r}, steps=3, **{FAST!r}))
         last = tr.run()
         assert all(torch.isfinite(torch.tensor(v)) for v in last.values())
@@ -131,8 +131,8 @@ def test_ddp_two_cpu_processes_end_identical(tmp_path):
 
 
 def test_axis_rows_name_each_tokens_axis_values():
-    from xspecmesh import tokenizer as tok
-    from xspecmesh.axis_factors import BLOCK_ROWS, NULL_ROW, axis_rows
+    from xspecmesh.geometry import tokenizer as tok
+    from xspecmesh.training.axis_factors import BLOCK_ROWS, NULL_ROW, axis_rows
 
     rows = axis_rows(tok.VOCAB_SIZE)
     block, offset = tok.block_offset(np.array([[5, 70, 127], [5, 71, 0]]))

@@ -4,7 +4,7 @@ Builds and validates the extension zip, installs it into a fresh headless Blende
 models a high-poly part of the kind the shipped model was trained on (a chamfered block, densified by a Simple
 subdivision modifier), runs Retopologize in AR mode and in
 XSpecMesh mode with the same seed, and prints faces, seconds, SCR, speedup and Chamfer/Hausdorff distance to the
-input (`xspecmesh.metrics.evaluate`). Writes out/demo.blend, out/demo_retopo.obj (the XSpecMesh result), out/demo.png
+input (`xspecmesh.geometry.metrics.evaluate`). Writes out/demo.blend, out/demo_retopo.obj (the XSpecMesh result), out/demo.png
 (input and result side by side, result edges drawn by a Wireframe-modifier copy) and out/demo.json.
 
 Without the shipped checkpoint (backend/xspecmesh/weights/default.safetensors) it stops with one message; pass
@@ -130,7 +130,7 @@ def retopologize(bpy, source, label: str, **settings) -> tuple[object, dict]:
 
 def add_metrics(bpy, ref, results: list, rows: list) -> None:
     """CD/HD and topology of each result against `ref`, the source as `world_mesh` reads it."""
-    from xspecmesh.metrics import evaluate, topology
+    from xspecmesh.geometry.metrics import evaluate, topology
 
     for obj, row in zip(results, rows):
         pred = world_mesh(bpy, obj)

@@ -23,13 +23,13 @@ import torch
 import trimesh
 from tqdm import tqdm
 
-from xspecmesh import tokenizer
-from xspecmesh.bench import shape_config_for
-from xspecmesh.checkpoint import load_checkpoint
-from xspecmesh.data import validation_pairs
-from xspecmesh.engine import DecodeSettings, Engine
-from xspecmesh.metrics import bbox_mesh, evaluate
-from xspecmesh.train import collate
+from xspecmesh.geometry import tokenizer
+from xspecmesh.benchmarks.bench import shape_config_for
+from xspecmesh.model.checkpoint import load_checkpoint
+from xspecmesh.training.data import validation_pairs
+from xspecmesh.decoding.engine import DecodeSettings, Engine
+from xspecmesh.geometry.metrics import bbox_mesh, evaluate
+from xspecmesh.training.trainer import collate
 
 
 def as_mesh(triangles: np.ndarray) -> trimesh.Trimesh:

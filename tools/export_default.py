@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from xspecmesh.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint, save_checkpoint
+from xspecmesh.model.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint, save_checkpoint
 
 
 def main(src: str, dst: str | None = None) -> None:

@@ -29,7 +29,7 @@ class DecodeRequest:
     max_tokens: int = 10000
     max_faces: int = 5000
     seed: int = 0
-    fit: bool = True  # move the finished mesh's vertices onto the source surface (backend: xspecmesh/fit.py)
+    fit: bool = True  # move the finished mesh's vertices onto the source surface (backend: xspecmesh/geometry/fit.py)
 
     def __post_init__(self):
         if self.mode not in MODES:

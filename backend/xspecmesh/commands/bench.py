@@ -72,8 +72,8 @@ def register(sub) -> None:
 def _engine(args):
     import tempfile
 
-    from xspecmesh.checkpoint import write_random_checkpoint
-    from xspecmesh.engine import Engine
+    from xspecmesh.model.checkpoint import write_random_checkpoint
+    from xspecmesh.decoding.engine import Engine
     from xspecmesh.errors import SettingsError
 
     if args.random is None:
@@ -94,8 +94,8 @@ def _compare_name(path: Path, taken) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from xspecmesh import bench, loop_bench, step_cost
-    from xspecmesh.engine import Engine
+    from xspecmesh.benchmarks import bench, loop_bench, step_cost
+    from xspecmesh.decoding.engine import Engine
     from xspecmesh.errors import SettingsError
 
     if args.count < 1:

@@ -34,7 +34,7 @@ def register(sub) -> None:
 
 
 def _config(args: argparse.Namespace):
-    from xspecmesh.config import ModelConfig, preset
+    from xspecmesh.model.config import ModelConfig, preset
     from xspecmesh.errors import SettingsError
 
     if args.config is None:
@@ -46,7 +46,7 @@ def _config(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from xspecmesh.convert_bpt import convert_bpt, expected_key_lines
+    from xspecmesh.model.convert_bpt import convert_bpt, expected_key_lines
     from xspecmesh.errors import SettingsError
 
     cfg, name = _config(args)

@@ -30,7 +30,7 @@ def register(sub) -> None:
 
 
 def _config(args):
-    from xspecmesh.data import ShapeConfig
+    from xspecmesh.training.data import ShapeConfig
 
     return ShapeConfig.parse(args.families, max_faces=args.max_faces)
 
@@ -39,7 +39,8 @@ def _shapes(args):
     """(mesh, family, tokens) from the training stream of `args.seed`, unaugmented."""
     import numpy as np
 
-    from xspecmesh import data, tokenizer
+    from xspecmesh.training import data
+    from xspecmesh.geometry import tokenizer
     from xspecmesh.errors import SettingsError
 
     if args.count < 1:
@@ -89,7 +90,8 @@ def run_preview(args: argparse.Namespace) -> int:
     import numpy as np
     from mpl_toolkits.mplot3d.art3d import Poly3DCollection
 
-    from xspecmesh import data, tokenizer
+    from xspecmesh.training import data
+    from xspecmesh.geometry import tokenizer
 
     cols = min(args.count, max(1, math.ceil(math.sqrt(args.count))))
     rows = math.ceil(args.count / cols)

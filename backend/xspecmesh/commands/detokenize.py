@@ -38,8 +38,8 @@ def read_tokens(path: str) -> list[int]:
 
 def run(args: argparse.Namespace) -> int:
     from xspecmesh.errors import MeshError
-    from xspecmesh.mesh import write_mesh
-    from xspecmesh.tokenizer import decode_mesh
+    from xspecmesh.geometry.mesh import write_mesh
+    from xspecmesh.geometry.tokenizer import decode_mesh
 
     tokens = read_tokens(args.tokens)
     vertices, faces = decode_mesh(tokens)

@@ -28,14 +28,14 @@ def register(sub) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--checkpoint", default=None, help="safetensors checkpoint (default: the shipped model)")
     p.add_argument("--fit", action="store_true",
-                   help="move the result's vertices onto the input surface (connectivity unchanged; xspecmesh.fit)")
+                   help="move the result's vertices onto the input surface (connectivity unchanged; xspecmesh.geometry.fit)")
     p.add_argument("--json", action="store_true", help="print one JSON object with the statistics")
     p.set_defaults(func=run)
 
 
 def load_input(path: str, count: int, seed: int):
     """Points (count, 6) in the normalized frame and the Normalization that maps back to the input's frame."""
-    from xspecmesh.mesh import load_mesh, load_points, normalize, sample_surface
+    from xspecmesh.geometry.mesh import load_mesh, load_points, normalize, sample_surface
 
     if str(path).lower().endswith(".npy"):
         pts = load_points(path)
@@ -48,9 +48,9 @@ def load_input(path: str, count: int, seed: int):
 
 
 def run(args) -> int:
-    from xspecmesh.engine import DecodeSettings, Engine
+    from xspecmesh.decoding.engine import DecodeSettings, Engine
     from xspecmesh.errors import SettingsError
-    from xspecmesh.mesh import weld, write_mesh
+    from xspecmesh.geometry.mesh import weld, write_mesh
 
     settings = DecodeSettings(mode=args.mode, heads=args.heads, adaptive=args.adaptive, delta=args.delta,
                               accept=args.accept, topk_accept=args.topk_accept, temperature=args.temperature,
@@ -67,7 +67,7 @@ def run(args) -> int:
     result = engine.generate(points, settings)
     tris, fit_stats = result.triangles, {}
     if settings.fit:
-        from xspecmesh.fit import fit_result
+        from xspecmesh.geometry.fit import fit_result
 
         fitted, fit_stats = fit_result(tris, points, result.stats)
         tris = tris if fitted is None else fitted

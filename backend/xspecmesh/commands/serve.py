@@ -17,6 +17,6 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from xspecmesh.server import serve_main
+    from xspecmesh.serving.server import serve_main
 
     return serve_main(args.checkpoint, args.device)

@@ -18,8 +18,8 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from xspecmesh.mesh import load_mesh
-    from xspecmesh.tokenizer import preprocess, serialize
+    from xspecmesh.geometry.mesh import load_mesh
+    from xspecmesh.geometry.tokenizer import preprocess, serialize
 
     for path in args.inputs:
         mesh = load_mesh(path, process=False)  # the tokenizer does BPT's own merging

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from xspecmesh.config import HeadsConfig, ModelConfig
+from xspecmesh.model.config import HeadsConfig, ModelConfig
 
 
 def _stacked(d: int, i: int, o: int, std: float = 0.02) -> nn.Parameter:

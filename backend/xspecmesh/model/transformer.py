@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from xspecmesh import tokenizer as tok
-from xspecmesh.config import EncoderConfig, ModelConfig
-from xspecmesh.kv_cache import KVCache
+from xspecmesh.geometry import tokenizer as tok
+from xspecmesh.model.config import EncoderConfig, ModelConfig
+from xspecmesh.model.kv_cache import KVCache
 
 # ---------------------------------------------------------------------------------------------- point encoder
 

@@ -40,7 +40,7 @@ def evaluate(pred: trimesh.Trimesh | None, ref: trimesh.Trimesh, seed: int = 0) 
     if pred_n is None:
         return {"failed": True, **{k: float("nan") for k in GEOMETRY_KEYS}}
 
-    from xspecmesh.mesh import sample_surface
+    from xspecmesh.geometry.mesh import sample_surface
 
     # Different seeds for the two meshes: a mesh compared with itself must not get identical samples.
     pa = sample_surface(pred_n, BPT_SAMPLES, seed=seed)
@@ -135,7 +135,7 @@ def _normalized(mesh: trimesh.Trimesh | None) -> trimesh.Trimesh | None:
     verts = np.asarray(mesh.vertices, dtype=np.float64)
     if not np.isfinite(verts).all() or not mesh.area > 0:
         return None
-    from xspecmesh.mesh import normalize
+    from xspecmesh.geometry.mesh import normalize
 
     try:
         normalized, _ = normalize(verts)

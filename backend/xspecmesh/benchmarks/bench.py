@@ -22,11 +22,11 @@ import numpy as np
 import torch
 import trimesh
 
-from xspecmesh import tokenizer
-from xspecmesh.engine import DecodeSettings, Engine
+from xspecmesh.geometry import tokenizer
+from xspecmesh.decoding.engine import DecodeSettings, Engine
 from xspecmesh.errors import MeshError, SettingsError
-from xspecmesh.metrics import GEOMETRY_KEYS, evaluate
-from xspecmesh.mesh import MESH_EXTENSIONS, load_mesh, normalize, sample_surface, weld
+from xspecmesh.geometry.metrics import GEOMETRY_KEYS, evaluate
+from xspecmesh.geometry.mesh import MESH_EXTENSIONS, load_mesh, normalize, sample_surface, weld
 
 WARMUP_TOKENS = 48  # warm-up decodes are cut here: enough to touch every code path
 
@@ -45,7 +45,7 @@ class Variant:
     delta: float | None = None  # threshold rule only
     accept: str | None = None
     model: str = ""  # "" is the main checkpoint; else the name of a --compare checkpoint
-    adaptive: bool = False  # speculative: draft length chosen per step (xspecmesh.adaptive)
+    adaptive: bool = False  # speculative: draft length chosen per step (xspecmesh.decoding.adaptive)
 
     @property
     def label(self) -> str:
@@ -91,7 +91,7 @@ def on_model(variant_list: list[Variant], name: str, max_heads: int) -> list[Var
 
 def shape_config_for(engine: Engine, args):
     """The procedural distribution to test on: the options given, else the one the checkpoint was trained on."""
-    from xspecmesh.data import ShapeConfig
+    from xspecmesh.training.data import ShapeConfig
 
     families = args.families or engine.ckpt.meta.get("families")
     max_faces = args.max_faces or engine.ckpt.meta.get("max_faces") or ShapeConfig.max_faces
@@ -101,7 +101,7 @@ def shape_config_for(engine: Engine, args):
 
 def procedural_inputs(count: int, num_points: int, seed: int = 12345, shapes=None) -> list[BenchInput]:
     """Held-out procedural shapes (data.validation_pairs): the reference is the mesh their tokens describe."""
-    from xspecmesh.data import validation_pairs
+    from xspecmesh.training.data import validation_pairs
 
     out = []
     for i, pair in enumerate(validation_pairs(count, seed=seed, config=shapes, num_points=num_points)):

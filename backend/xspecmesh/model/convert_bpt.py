@@ -29,10 +29,10 @@ from pathlib import Path
 
 import torch
 
-from xspecmesh.checkpoint import save_checkpoint, shape_problems
-from xspecmesh.config import ModelConfig
+from xspecmesh.model.checkpoint import save_checkpoint, shape_problems
+from xspecmesh.model.config import ModelConfig
 from xspecmesh.errors import CheckpointError
-from xspecmesh.model import FourierEmbedder, MeshTransformer, PerceiverBlock
+from xspecmesh.model.transformer import FourierEmbedder, MeshTransformer, PerceiverBlock
 
 # ---------------------------------------------------------------------------------------------- restricted reading
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from xspecmesh import tokenizer as tok
+from xspecmesh.geometry import tokenizer as tok
 
 
 @dataclass

@@ -11,12 +11,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from xspecmesh.config import HeadsConfig, ModelConfig, preset
+from xspecmesh.model.config import HeadsConfig, ModelConfig, preset
 from xspecmesh.errors import CheckpointError
-from xspecmesh.heads import DraftHeads
-from xspecmesh.model import MeshTransformer
+from xspecmesh.model.heads import DraftHeads
+from xspecmesh.model.transformer import MeshTransformer
 
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "weights" / "default.safetensors"
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "weights" / "default.safetensors"
 FORMAT = "xspecmesh/1"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

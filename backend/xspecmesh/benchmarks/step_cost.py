@@ -12,9 +12,9 @@ import time
 import numpy as np
 import torch
 
-from xspecmesh import tokenizer
-from xspecmesh.bench import cell, json_safe, machine_info
-from xspecmesh.engine import Engine
+from xspecmesh.geometry import tokenizer
+from xspecmesh.benchmarks.bench import cell, json_safe, machine_info
+from xspecmesh.decoding.engine import Engine
 from xspecmesh.errors import SettingsError
 
 

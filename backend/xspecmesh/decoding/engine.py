@@ -11,12 +11,12 @@ import numpy as np
 import torch
 
 from xspecmesh import __version__
-from xspecmesh import tokenizer as tok
-from xspecmesh.checkpoint import Checkpoint, load_checkpoint
+from xspecmesh.geometry import tokenizer as tok
+from xspecmesh.model.checkpoint import Checkpoint, load_checkpoint
 from xspecmesh.errors import MeshError, SettingsError
-from xspecmesh.generate import DecodeStats, decode_ar, decode_naive, token_limit
-from xspecmesh.sampling import SamplingConfig
-from xspecmesh.speculative import RULES, AcceptConfig, decode_speculative
+from xspecmesh.decoding.autoregressive import DecodeStats, decode_ar, decode_naive, token_limit
+from xspecmesh.decoding.token_sampling import SamplingConfig
+from xspecmesh.decoding.speculative import RULES, AcceptConfig, decode_speculative
 
 MODES = ("ar", "spec", "naive")
 MIN_POINTS = 16
@@ -37,7 +37,7 @@ class DecodeSettings:
     max_faces: int | None = None  # stop once this many faces are complete
     seed: int = 0
     fit: bool = False  # after decoding, move the vertices onto the input surface: not done here, but by the callers
-    # that hold the whole mesh (serve, generate) through xspecmesh.fit.fit_result
+    # that hold the whole mesh (serve, generate) through xspecmesh.geometry.fit.fit_result
 
     @classmethod
     def from_dict(cls, d: dict) -> "DecodeSettings":

@@ -21,13 +21,13 @@ from dataclasses import dataclass
 
 import torch
 
-from xspecmesh import tokenizer as tok
-from xspecmesh.adaptive import DraftLength
-from xspecmesh.generate import MAX_DRAFT, DecodeStats, token_limit
-from xspecmesh.heads import DraftHeads
-from xspecmesh.kv_cache import KVCache
-from xspecmesh.model import MeshTransformer
-from xspecmesh.sampling import Grammar, SamplingConfig, distribution, draw
+from xspecmesh.geometry import tokenizer as tok
+from xspecmesh.decoding.adaptive import DraftLength
+from xspecmesh.decoding.autoregressive import MAX_DRAFT, DecodeStats, token_limit
+from xspecmesh.model.heads import DraftHeads
+from xspecmesh.model.kv_cache import KVCache
+from xspecmesh.model.transformer import MeshTransformer
+from xspecmesh.decoding.token_sampling import Grammar, SamplingConfig, distribution, draw
 
 RULES = ("threshold", "exact", "greedy", "topk")
 
@@ -91,7 +91,7 @@ def decode_speculative(
     """Speculative decoding of B sequences with D = num_heads drafts per step; yields per step, per sequence, the
     tokens accepted in that step (r, d1..da or the resampled/bonus token), like `decode_ar`. A caller-made `cache`
     (from `model.new_cache`) lets tests inspect it between steps. `adaptive` picks each step's draft length in
-    0..num_heads from running acceptance and cost estimates (`xspecmesh.adaptive`)."""
+    0..num_heads from running acceptance and cost estimates (`xspecmesh.decoding.adaptive`)."""
     stats = stats if stats is not None else DecodeStats()
     dev, b, d = cond.device, cond.shape[0], num_heads
     if not 1 <= d <= min(MAX_DRAFT, heads.num_heads):

@@ -28,14 +28,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from xspecmesh import tokenizer as tok
-from xspecmesh.axis_factors import add_axis_factors, merged
-from xspecmesh.checkpoint import load_checkpoint, save_checkpoint
-from xspecmesh.config import HeadsConfig, preset
-from xspecmesh.data import ShapeConfig, TrainingPair, iter_pairs, load_mesh_dir, validation_pairs
+from xspecmesh.geometry import tokenizer as tok
+from xspecmesh.training.axis_factors import add_axis_factors, merged
+from xspecmesh.model.checkpoint import load_checkpoint, save_checkpoint
+from xspecmesh.model.config import HeadsConfig, preset
+from xspecmesh.training.data import ShapeConfig, TrainingPair, iter_pairs, load_mesh_dir, validation_pairs
 from xspecmesh.errors import CheckpointError, SettingsError
-from xspecmesh.heads import DraftHeads
-from xspecmesh.model import MeshTransformer
+from xspecmesh.model.heads import DraftHeads
+from xspecmesh.model.transformer import MeshTransformer
 
 # The decoder's attention and feed-forward projections (the point encoder keeps its weights).
 LORA_TARGETS = r"layers\.\d+\.((self_attn|cross_attn)\.(to_q|to_k|to_v|to_out)|ff\.(proj|out))"
@@ -367,9 +367,9 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict:
         """Validation loss/accuracy (teacher forced), head agreement, and a few AR generations scored by CD."""
-        from xspecmesh.engine import Engine, DecodeSettings
-        from xspecmesh.checkpoint import Checkpoint
-        from xspecmesh.metrics import evaluate as score
+        from xspecmesh.decoding.engine import Engine, DecodeSettings
+        from xspecmesh.model.checkpoint import Checkpoint
+        from xspecmesh.geometry.metrics import evaluate as score
 
         model, heads = self.inference_modules()
         model.eval()

@@ -1,4 +1,4 @@
-"""`xspecmesh serve`: the Blender add-on's backend, JSON lines on stdin/stdout (xspecmesh/protocol.py), logs on stderr.
+"""`xspecmesh serve`: the Blender add-on's backend, JSON lines on stdin/stdout (xspecmesh/serving/protocol.py), logs on stderr.
 
 Two threads. The reader thread parses every stdin line at once: bad lines get an `error` reply, `generate` requests
 are checked (points, settings) and queued, `cancel` and `shutdown` act immediately, even while a mesh decodes. The
@@ -20,7 +20,8 @@ from typing import Any, BinaryIO, Callable
 
 import numpy as np
 
-from xspecmesh import __version__, protocol
+from xspecmesh import __version__
+from xspecmesh.serving import protocol
 from xspecmesh.errors import MeshError, XSpecMeshError
 
 MAX_LINE_BYTES = 32 << 20  # 200k points are 6.4 MB of base64; anything far longer is refused, not buffered
@@ -43,7 +44,7 @@ class Job:
 
 
 class Server:
-    """Protocol dispatch around an engine with `stream(points, settings)` (see xspecmesh.engine)."""
+    """Protocol dispatch around an engine with `stream(points, settings)` (see xspecmesh.decoding.engine)."""
 
     def __init__(self, engine, out: BinaryIO, parse_settings: Callable[[dict], Any] | None = None,
                  interval: float = 0.1):
@@ -209,7 +210,7 @@ class Server:
             fitted = None
             # (getattr: the tests' scripted engines take plain dicts as settings)
             if getattr(job.settings, "fit", False) and not cancelled and tris:
-                from xspecmesh.fit import fit_result  # scipy's sparse solvers: loaded only when a fit is asked for
+                from xspecmesh.geometry.fit import fit_result  # scipy's sparse solvers: loaded only when a fit is asked for
 
                 fitted, fit_stats = fit_result(np.concatenate(tris), job.points, stats)
                 stats = stats | fit_stats
@@ -239,7 +240,7 @@ class Server:
 
 def _engine_settings(engine) -> Callable[[dict], Any]:
     def parse(d: dict):
-        from xspecmesh.engine import DecodeSettings
+        from xspecmesh.decoding.engine import DecodeSettings
 
         settings = DecodeSettings.from_dict(d)
         settings.validate(max_heads=engine.max_heads)
@@ -263,7 +264,7 @@ def serve_main(checkpoint: str | None = None, device: str = "auto") -> int:
         out.flush()
 
     try:
-        from xspecmesh.engine import Engine
+        from xspecmesh.decoding.engine import Engine
 
         engine = Engine.load(checkpoint, device=device)
     except XSpecMeshError as exc:

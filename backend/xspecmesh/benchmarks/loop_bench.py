@@ -1,4 +1,4 @@
-"""Our AR loop against the naive published-code-style loop (xspecmesh.generate), both decoding the same batch of B
+"""Our AR loop against the naive published-code-style loop (xspecmesh.decoding.autoregressive), both decoding the same batch of B
 point clouds with the same model and seed, interleaved. Run by `xspecmesh bench --ar-vs-naive`.
 
 A batch shares each weight read across its B sequences, but the naive loop's own overheads (cross-attention keys and
@@ -12,11 +12,11 @@ import sys
 
 import torch
 
-from xspecmesh.bench import json_safe, machine_info, procedural_inputs
-from xspecmesh.engine import Engine
+from xspecmesh.benchmarks.bench import json_safe, machine_info, procedural_inputs
+from xspecmesh.decoding.engine import Engine
 from xspecmesh.errors import SettingsError
-from xspecmesh.generate import decode_ar, decode_naive, run_to_end
-from xspecmesh.step_cost import timed
+from xspecmesh.decoding.autoregressive import decode_ar, decode_naive, run_to_end
+from xspecmesh.benchmarks.step_cost import timed
 
 LOOPS = {"ar": decode_ar, "naive": decode_naive}
 
@@ -28,7 +28,7 @@ def ar_vs_naive(engine: Engine, batches=(1, 8, 16), max_tokens: int = 1500, tria
     Both loops must give the same tokens for the same seed (checked per trial; `same_tokens`)."""
     from tqdm import tqdm
 
-    from xspecmesh.sampling import SamplingConfig
+    from xspecmesh.decoding.token_sampling import SamplingConfig
 
     if not batches or min(batches) < 1:
         raise SettingsError("--batch sizes must be at least 1")

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from xspecmesh import tokenizer as tok
-from xspecmesh.model import MeshTransformer
-from xspecmesh.sampling import Grammar, SamplingConfig, distribution, draw
+from xspecmesh.geometry import tokenizer as tok
+from xspecmesh.model.transformer import MeshTransformer
+from xspecmesh.decoding.token_sampling import Grammar, SamplingConfig, distribution, draw
 
 
 MAX_DRAFT = 8  # the most drafting heads a decoder uses: its verification needs that many positions past the tokens

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from xspecmesh import tokenizer as tok
+from xspecmesh.geometry import tokenizer as tok
 
 # Rows of the factor table: 3 axes x 8 block values, then 3 axes x 16 offset values, then a zero row (no axis).
 BLOCK_ROWS = 3 * tok.BLOCK_SIZE

@@ -24,10 +24,10 @@ import numpy as np
 import trimesh
 from scipy.spatial.transform import Rotation
 
-from xspecmesh import tokenizer
+from xspecmesh.geometry import tokenizer
 from xspecmesh.errors import MeshError, SettingsError
-from xspecmesh.mesh import MESH_EXTENSIONS, load_mesh, normalize, sample_surface
-from xspecmesh.shapes import FAMILIES
+from xspecmesh.geometry.mesh import MESH_EXTENSIONS, load_mesh, normalize, sample_surface
+from xspecmesh.geometry.shapes import FAMILIES
 
 UP_AXIS = 1  # BPT sorts vertices by y first: y is "up" in the token frame
 TRAIN_STREAM, VALIDATION_STREAM = 0, 1  # SeedSequence spawn keys of the two splits

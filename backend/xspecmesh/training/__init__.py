@@ -1,0 +1,1 @@
+"""Training: data pairs and the trainer for backbone, heads and LoRA. See docs/ARCHITECTURE.md."""
