@@ -1,6 +1,7 @@
 """The extension zip: layout, manifest, and Blender's own validator (`blender_ext.py validate` from the bpy package)."""
 from __future__ import annotations
 
+import ast
 import importlib.util
 import json
 import sys
@@ -41,7 +42,7 @@ def test_zip_layout(package):
     with zipfile.ZipFile(package) as zf:
         names = set(zf.namelist())
         info = json.loads(zf.read("build_info.json"))
-    assert {"blender_manifest.toml", "__init__.py", "client.py", "protocol.py", "operators.py"} <= names
+    assert {"blender_manifest.toml", "__init__.py", "core/client.py", "core/protocol.py", "blender/operators.py"} <= names
     assert {"backend/xspecmesh/__init__.py", "backend/xspecmesh/__main__.py", "backend/xspecmesh/cli.py"} <= names
     assert not any("__pycache__" in n or n.endswith(".pyc") for n in names)
     assert not any(n.startswith(("xspecmesh_addon/", "tests/", "tools/")) for n in names)
@@ -58,8 +59,16 @@ def test_zip_bundles_the_default_checkpoint_when_present(monkeypatch, tmp_path):
         [name for _, name in zip_tool.entries(with_checkpoint=False)]
 
 
+def test_add_on_core_never_imports_bpy():
+    for path in (ROOT / "xspecmesh_addon" / "core").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            assert not any(n.split(".")[0] == "bpy" for n in names), path.name
+
+
 def test_add_on_never_imports_torch():
-    for path in (ROOT / "xspecmesh_addon").glob("*.py"):
+    for path in (ROOT / "xspecmesh_addon").rglob("*.py"):
         text = path.read_text()
         assert "import torch" not in text and "from torch" not in text, path.name
 

@@ -26,7 +26,7 @@ needs_engine = pytest.mark.skipif(not HAVE_ENGINE, reason="xspecmesh/engine.py h
 
 
 
-client_mod = addon_module("client")
+client_mod = addon_module("core.client")
 BackendClient, BackendError = client_mod.BackendClient, client_mod.BackendError
 
 
@@ -248,7 +248,7 @@ def test_client_runs_on_python_313(fake_backend):
     """The client under Python 3.13 (Blender's next Python) against the stand-in backend run by this Python."""
     script = textwrap.dedent(f"""
         import array, json, sys, time, types
-        pkg = types.ModuleType("addon"); pkg.__path__ = [{str(ADDON)!r}]; sys.modules["addon"] = pkg
+        pkg = types.ModuleType("addon"); pkg.__path__ = [{str(ADDON / "core")!r}]; sys.modules["addon"] = pkg
         from addon.client import BackendClient
         pts = array.array("f", [0.5] * (512 * 6))
         with BackendClient({sys.executable!r}, backend_path={fake_backend!r}) as c:

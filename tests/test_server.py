@@ -284,7 +284,7 @@ fake = types.ModuleType("xspecmesh.decoding.engine")
 
 class DecodeSettings(dict):
     @classmethod
-    def from_dict(cls, d):
+    def from_dict(cls, d, max_heads=None):
         return cls(d)
     def validate(self, max_heads=None):
         return self

@@ -7,7 +7,8 @@ from __future__ import annotations
 import bpy
 from bpy.app.handlers import persistent
 
-from . import job, operators, panel, preferences, properties, service
+from .blender import job, operators, panel, preferences, properties
+from .core import service
 
 CLASSES = (
     properties.XSpecMeshSettings,

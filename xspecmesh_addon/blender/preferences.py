@@ -4,11 +4,12 @@ from __future__ import annotations
 import bpy
 from bpy.props import EnumProperty, StringProperty
 
-from . import locations, service
+from ..core import locations, service
+from . import ADDON_ID
 
 
 class XSpecMeshPreferences(bpy.types.AddonPreferences):
-    bl_idname = __package__
+    bl_idname = ADDON_ID
 
     backend_python: StringProperty(
         name="Backend Python",
@@ -55,7 +56,7 @@ class XSpecMeshPreferences(bpy.types.AddonPreferences):
 
 def get(context=None) -> XSpecMeshPreferences:
     context = context or bpy.context
-    return context.preferences.addons[__package__].preferences
+    return context.preferences.addons[ADDON_ID].preferences
 
 
 def ensure_backend(context=None):

@@ -1,56 +1,66 @@
-"""Scene settings (`scene.xspecmesh`): what the panel shows and what becomes the typed request."""
+"""Scene settings (`scene.xspecmesh`): what the panel shows and what becomes the typed request.
+
+Each decode setting's name, default, range and help come from core/settings_schema.py (the backend's schema); the
+panel's labels, its soft slider ranges and the three view settings (object_axes, hide_source) are its own.
+"""
 from __future__ import annotations
 
 import bpy
 from bpy.props import BoolProperty, EnumProperty, FloatProperty, IntProperty
 
-from . import service
-from .request import MAX_HEADS, DecodeRequest
+from ..core import service
+from ..core.request import DecodeRequest
+from ..core.settings_schema import SETTINGS, cap_heads
+
+PANEL_MODES = ("spec", "ar")  # naive is the backend's benchmark reference, not offered here
 
 
-def _heads_capped(self, value: int, is_set: bool) -> int:
-    """Reading `heads` never exceeds what the loaded checkpoint has (known once the backend said hello)."""
-    cap = service.heads_cap() or MAX_HEADS
-    return max(1, min(value, cap, MAX_HEADS))
+def _help(name: str) -> str:
+    text = SETTINGS[name].help
+    return text[0].upper() + text[1:]
+
+
+def _items(name: str, only=None) -> tuple:
+    return tuple((c.value, c.label, c.help) for c in SETTINGS[name].choices if only is None or c.value in only)
+
+
+def _enum(name: str, label: str, only=None) -> EnumProperty:
+    return EnumProperty(name=label, description=_help(name), items=_items(name, only), default=SETTINGS[name].default)
+
+
+def _number(name: str, label: str, **extra):
+    s = SETTINGS[name]
+    kind = IntProperty if s.type is int else FloatProperty
+    bounds = {k: v for k, v in (("min", s.min), ("max", s.max)) if v is not None}
+    return kind(name=label, description=_help(name), default=s.default, **bounds, **extra)
+
+
+def _flag(name: str, label: str) -> BoolProperty:
+    return BoolProperty(name=label, description=_help(name), default=SETTINGS[name].default)
+
+
+def _get_heads(self) -> int:
+    """Reading `heads` never exceeds what the loaded checkpoint has (known once the backend said hello). Stored as
+    an ID property through get/set, which every supported Blender has (`get_transform` exists only from 5.0)."""
+    return cap_heads(self.get("heads", SETTINGS["heads"].default), service.heads_cap())
+
+
+def _set_heads(self, value: int) -> None:
+    self["heads"] = value
 
 
 class XSpecMeshSettings(bpy.types.PropertyGroup):
-    mode: EnumProperty(
-        name="Mode",
-        items=(
-            ("spec", "XSpecMesh", "Speculative decoding: heads draft several tokens, the backbone verifies them at once"),
-            ("ar", "AR", "Plain auto-regressive decoding, one token per step (the reference for speed)"),
-        ),
-        default="spec",
-    )
-    delta: FloatProperty(
-        name="δ", description="Acceptance threshold: a drafted token is kept while the backbone's probability of it "
-        "exceeds δ (the paper uses 0.5)", default=0.5, min=0.0, max=1.0, subtype="FACTOR")
-    heads: IntProperty(
-        name="Heads", description="Drafting heads D (tokens proposed per step), capped by the checkpoint's heads",
-        default=4, min=1, max=MAX_HEADS, get_transform=_heads_capped)
-    adaptive: BoolProperty(
-        name="Adaptive Heads", description="Choose each step's number of drafts (0 up to Heads) from the acceptance "
-        "and step cost measured so far, so weak heads never make decoding much slower than AR", default=False)
-    accept: EnumProperty(
-        name="Acceptance",
-        items=(
-            ("threshold", "Threshold", "Keep drafted tokens while p > δ (the paper's rule)"),
-            ("exact", "Exact", "Accept with probability p: the same distribution as plain sampling"),
-            ("greedy", "Greedy", "Accept when the token is the backbone's argmax (deterministic)"),
-            ("topk", "Top-K", "Accept when the token is among the backbone's top-K"),
-        ),
-        default="threshold",
-    )
-    max_faces: IntProperty(name="Max Faces", description="Stop after this many faces", default=5000, min=1,
+    mode: _enum("mode", "Mode", only=PANEL_MODES)
+    delta: _number("delta", "δ", subtype="FACTOR")
+    heads: _number("heads", "Heads", get=_get_heads, set=_set_heads)
+    adaptive: _flag("adaptive", "Adaptive Heads")
+    accept: _enum("accept", "Acceptance")
+    # 0 stands for the schema's None (no limit): an IntProperty cannot hold None
+    max_faces: IntProperty(name="Max Faces", description=_help("max_faces") + " (0: no limit)", default=0, min=0,
                            soft_max=20000)
-    temperature: FloatProperty(name="Temperature", description="Sampling temperature (0: always the likeliest "
-                               "token)", default=0.5, min=0.0, soft_max=2.0)
-    seed: IntProperty(name="Seed", description="Random seed for sampling the surface and decoding", default=0, min=0)
-    fit: BoolProperty(
-        name="Fit to Source", description="Once the mesh is complete, move its vertices onto the source surface "
-        "(faces and connectivity stay as generated), as Shrinkwrap would; the model places vertices on a coarse grid",
-        default=True)
+    temperature: _number("temperature", "Temperature", soft_max=2.0)
+    seed: _number("seed", "Seed")
+    fit: _flag("fit", "Fit to Source")
     object_axes: BoolProperty(
         name="Object Axes", description="Read the object in its own axes, leaving out its rotation (the result still "
         "lands where the object is): the shipped model was trained on upright, axis-aligned parts", default=False)
@@ -58,9 +68,9 @@ class XSpecMeshSettings(bpy.types.PropertyGroup):
                               default=False)
 
     def to_request(self) -> DecodeRequest:
-        return DecodeRequest.build(mode=self.mode, heads=self.heads, adaptive=self.adaptive, delta=self.delta,
-                                   accept=self.accept, temperature=self.temperature, max_faces=self.max_faces,
-                                   seed=self.seed, fit=self.fit, heads_cap=service.heads_cap())
+        return DecodeRequest(mode=self.mode, heads=self.heads, adaptive=self.adaptive, delta=self.delta,
+                             accept=self.accept, temperature=self.temperature, max_faces=self.max_faces or None,
+                             seed=self.seed, fit=self.fit, heads_cap=service.heads_cap())
 
 
 def register_scene_property() -> None:

@@ -242,7 +242,7 @@ def _engine_settings(engine) -> Callable[[dict], Any]:
     def parse(d: dict):
         from xspecmesh.decoding.engine import DecodeSettings
 
-        settings = DecodeSettings.from_dict(d)
+        settings = DecodeSettings.from_dict(d, max_heads=engine.max_heads)
         settings.validate(max_heads=engine.max_heads)
         return settings
 
