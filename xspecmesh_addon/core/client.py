@@ -29,10 +29,12 @@ class BackendClient:
     """One backend process. `start()` → hello; `generate`/`cancel`; `poll()` → replies; `close()`."""
 
     def __init__(self, python: str, checkpoint: str | None = None, device: str = "auto",
-                 backend_path: str | None = None, on_stderr: Callable[[str], None] | None = None):
+                 backend_path: str | None = None, on_stderr: Callable[[str], None] | None = None,
+                 precision: str = "auto"):
         self.python = python
         self.checkpoint = checkpoint
         self.device = device
+        self.precision = precision
         self.backend_path = backend_path
         self.on_stderr = on_stderr  # called from a thread with each backend log line
         self.hello: dict | None = None
@@ -50,6 +52,8 @@ class BackendClient:
         cmd = [self.python, "-u", "-m", "xspecmesh", "serve", "--device", self.device]
         if self.checkpoint:
             cmd += ["--checkpoint", self.checkpoint]
+        if self.precision != "auto":  # auto is the backend's default; omitted, older backends start too
+            cmd += ["--precision", self.precision]
         return cmd
 
     def environment(self) -> dict[str, str]:
