@@ -50,6 +50,7 @@ SCENARIOS = (
     "error_backend_crash",
     "cancel_while_starting",
     "unregister_stops_backend",
+    "install_needs_online_access",
 )
 
 # ------------------------------------------------------------------------------------------------ pytest side
@@ -90,6 +91,33 @@ if __name__ != "__main__":
         if not results.exists():
             pytest.fail(f"the Blender session wrote no results (exit {proc.returncode}):\n{log}")
         return json.loads(results.read_text()), log
+
+    @pytest.mark.slow
+    def test_install_backend_end_to_end(tmp_path):
+        """Install Backend for real, headless in Blender 5.0: a venv in the extension's user directory (under this
+        test's folder), torch and the backend's packages from the registry (pip's cache and this machine's torch
+        wheel keep it to minutes), then the backend started from it answers hello and retopologizes a cube."""
+        sys.path.insert(0, str(ROOT / "tools"))
+        try:
+            import zip as zip_tool
+        finally:
+            sys.path.pop(0)
+        package = zip_tool.build(tmp_path / "dist", with_checkpoint=False)
+        from xspecmesh.model.checkpoint import write_random_checkpoint
+
+        checkpoint = tmp_path / "tiny.safetensors"
+        write_random_checkpoint(checkpoint, heads=4, seed=0)
+        results = tmp_path / "results.json"
+        cmd = [sys.executable, __file__, "--zip", str(package), "--checkpoint", str(checkpoint), "--results",
+               str(results), "--tmp", str(tmp_path), "--backend-python", sys.executable, "--blender-version", "5.0",
+               "--only", "install_backend"]
+        env = {k: v for k, v in os.environ.items() if k != "XSPECMESH_BACKEND_PYTHON"}
+        env["BLENDER_USER_RESOURCES"] = str(tmp_path / "blender_user")
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, env=env, cwd=tmp_path)
+        log = proc.stdout[-6000:] + proc.stderr[-6000:]
+        assert results.exists(), log
+        outcome = json.loads(results.read_text())["install_backend"]
+        assert outcome["ok"], outcome["error"] + log
 
     @pytest.mark.parametrize("name", SCENARIOS)
     def test_blender(blender_run, name):
@@ -132,6 +160,7 @@ class Session:
         for coll in list(bpy.data.collections):
             bpy.data.collections.remove(coll)
         self.job.listeners.clear()
+        self.prefs = bpy.context.preferences.addons[MODULE].preferences  # anew: a scenario may re-enable the add-on
         self.prefs.backend_python = self.args.backend_python
         self.prefs.checkpoint = self.args.checkpoint
         self.prefs.device = "cpu"
@@ -673,6 +702,42 @@ def scenario_unregister_stops_backend(s: Session):
     bpy.ops.preferences.addon_enable(module=MODULE)
 
 
+def _install_module(s: Session):
+    return sys.modules[f"{MODULE}.blender.install"]
+
+
+def scenario_install_needs_online_access(s: Session):
+    bpy = s.bpy
+    bpy.context.preferences.system.use_online_access = False
+    assert not bpy.app.online_access
+    folder = _install_module(s).folder(create=False)
+    s.raises(bpy.ops.xspecmesh.install_backend, "Allow Online Access")
+    assert not (folder / "env").exists() and not (folder / "env.partial").exists()
+    assert _check_draw(s, None, owner=s.prefs).count("operator") == 3
+
+
+def scenario_install_backend(s: Session):
+    """(Run by test_install_backend_end_to_end only.) The real install, from the registry, then hello."""
+    bpy = s.bpy
+    bpy.context.preferences.system.use_online_access = True
+    assert bpy.app.online_access
+    s.prefs.torch_requirement = "torch==2.13.0"  # on this machine: a CPU build on disk
+    s.prefs.torch_index_url = "https://pypi.org/simple"
+    assert bpy.ops.xspecmesh.install_backend() == {"FINISHED"}
+    run = _install_module(s).CURRENT
+    print("\n".join(list(run.log)[-10:]), f"\ninstall took {run.seconds:.0f} s", flush=True)
+    assert run.state == "done" and run.python.is_file()
+    assert Path(os.environ["BLENDER_USER_RESOURCES"]) in run.env.parents and (run.env / "xspecmesh-ready.json").is_file()
+    assert s.prefs.backend_python == str(run.python)
+    hello = s.service.hello()
+    assert hello and hello["heads"] == 4, hello
+    assert s.service.current().python == str(run.python)
+    s.cube()
+    s.settings.max_faces = 4
+    assert bpy.ops.xspecmesh.retopologize() == {"FINISHED"}
+    assert s.job.LAST.outcomes[0].state == "done" and s.job.LAST.outcomes[0].faces > 0
+
+
 def child_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--zip", required=True)
@@ -699,6 +764,8 @@ def child_main(argv: list[str]) -> int:
         t = time.perf_counter()
         try:
             session.reset()
+            if name == "install_backend":  # reset() points Backend Python at the test's; the install replaces it
+                session.prefs.backend_python = ""
             globals()[f"scenario_{name}"](session)
             results[name] = {"ok": True}
         except Exception:

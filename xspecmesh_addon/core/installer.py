@@ -193,7 +193,7 @@ class Install:
             line = line.rstrip()
             lines.append(line)
             self.log.append(line)
-            if line.strip():
+            if line.strip() and not line.startswith("WARNING"):  # pip's config warnings are no progress
                 self.status = f"{title}: {line.strip()[:120]}"
         if self._proc.wait() != 0:
             raise InstallError(explain(lines, what))
