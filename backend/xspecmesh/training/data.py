@@ -231,13 +231,16 @@ def _augmented(mesh: trimesh.Trimesh, rng: np.random.Generator, config: ShapeCon
 
 
 def _quantized_if_valid(mesh: trimesh.Trimesh, config: ShapeConfig):
-    """(qverts, qfaces) if every face survives quantization (preprocess drops collapsed and duplicated faces) and the
-    count is within the config, else None."""
+    """(qverts, qfaces) if the count is within the config and, when strict, every face survives quantization intact
+    (`preprocess` drops collapsed faces and keeps faces that quantization puts on the same three vertices), else
+    None. Non-strict (user files): the quantized mesh, repeated faces included, is the target, as in BPT."""
     n = len(mesh.faces)
     if config.strict and not config.min_faces <= n <= config.max_faces:
         return None
     qv, qf = tokenizer.preprocess(np.asarray(mesh.vertices), np.asarray(mesh.faces))
-    if (config.strict and len(qf) != n) or not config.min_faces <= len(qf) <= config.max_faces:
+    if config.strict and (len(qf) != n or len(np.unique(np.sort(qf, axis=1), axis=0)) != n):
+        return None
+    if not config.min_faces <= len(qf) <= config.max_faces:
         return None
     return qv, qf
 
