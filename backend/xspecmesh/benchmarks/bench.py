@@ -152,7 +152,7 @@ def _run_once(engine: Engine, inp: BenchInput, variant: Variant, seed: int, max_
     row |= {k: st.get(k, 0) for k in ("tokens", "steps", "scr", "tokens_per_second")}
     row["decode_seconds"] = st.get("decode_seconds", math.nan)
     row["accept_hist"] = st.get("accept_hist")
-    tris = result.triangles.reshape(-1, 3)
+    tris = result.mesh.reshape(-1, 3)
     pred = None
     if len(tris):
         verts, faces = weld(tris, np.arange(len(tris)).reshape(-1, 3))

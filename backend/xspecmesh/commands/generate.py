@@ -65,20 +65,14 @@ def run(args) -> int:
         settings.heads = engine.max_heads
     points, norm = load_input(args.input, engine.model.cfg.encoder.num_points, args.seed)
     result = engine.generate(points, settings)
-    tris, fit_stats = result.triangles, {}
-    if settings.fit:
-        from xspecmesh.geometry.fit import fit_result
-
-        fitted, fit_stats = fit_result(tris, points, result.stats)
-        tris = tris if fitted is None else fitted
-    tris = tris.reshape(-1, 3)
+    tris = result.mesh.reshape(-1, 3)
     vertices, faces = weld(norm.invert(tris), np.arange(len(tris)).reshape(-1, 3))
     if len(faces) == 0:
         from xspecmesh.errors import XSpecMeshError
 
         raise XSpecMeshError(f"the model produced no faces for {args.input} ({result.stats['tokens']} tokens)")
     write_mesh(args.output, vertices, faces)
-    stats = result.stats | fit_stats | {"faces": int(len(faces)), "vertices": int(len(vertices)),
+    stats = result.stats | {"faces": int(len(faces)), "vertices": int(len(vertices)),
                             "sequence_sha256": hashlib.sha256(",".join(map(str, result.tokens)).encode()).hexdigest(),
                             "checkpoint": engine.ckpt.path, "output": args.output}
     if args.json:
