@@ -16,13 +16,16 @@ import time
 import traceback
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Callable
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 
 from xspecmesh import __version__
 from xspecmesh.serving import protocol
 from xspecmesh.errors import MeshError, XSpecMeshError
+
+if TYPE_CHECKING:  # imported when the server starts (serve_main), so that a missing dependency is one error line
+    from xspecmesh.decoding.engine import DecodeSettings, Engine
 
 MAX_LINE_BYTES = 32 << 20  # 200k points are 6.4 MB of base64; anything far longer is refused, not buffered
 ZERO_STATS = {"tokens": 0, "steps": 0, "scr": 0.0, "faces": 0, "seconds": 0.0, "tokens_per_second": 0.0}
@@ -40,13 +43,13 @@ class OutputClosed(Exception):
 class QueuedRequest:
     id: str
     points: np.ndarray  # (N, 6) float32, normalized frame
-    settings: "DecodeSettings"
+    settings: DecodeSettings
 
 
 class Server:
     """Protocol dispatch around an `Engine` (xspecmesh.decoding.engine): requests run through its `retopologize`."""
 
-    def __init__(self, engine: "Engine", out: BinaryIO, interval: float = 0.1):
+    def __init__(self, engine: Engine, out: BinaryIO, interval: float = 0.1):
         self.engine = engine
         self.out = out
         self.interval = interval
@@ -124,9 +127,10 @@ class Server:
         if not np.isfinite(points).all():
             bad = int((~np.isfinite(points)).any(axis=1).sum())
             raise MeshError(f"points contain NaN or infinite values ({bad} of {count} points)")
-        from xspecmesh.decoding.engine import DecodeSettings  # torch: loaded by the engine the server runs anyway
+        from xspecmesh.decoding.engine import DecodeSettings  # noqa: F811 (loaded already: the engine runs)
 
-        job = QueuedRequest(rid, points, DecodeSettings.from_dict(req.get("settings", {})).validate(self.engine.max_heads))
+        settings = DecodeSettings.from_dict(req.get("settings", {})).validate(self.engine.max_heads)
+        job = QueuedRequest(rid, points, settings)
         with self._cond:
             if self._stop:
                 raise XSpecMeshError("the backend is shutting down")
