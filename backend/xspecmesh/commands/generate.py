@@ -50,7 +50,7 @@ def load_input(path: str, count: int, seed: int):
 def run(args) -> int:
     from xspecmesh.decoding.engine import DecodeSettings, Engine
     from xspecmesh.errors import SettingsError
-    from xspecmesh.geometry.mesh import weld, write_mesh
+    from xspecmesh.geometry.mesh import weld, save_mesh
 
     settings = DecodeSettings(mode=args.mode, heads=args.heads, adaptive=args.adaptive, delta=args.delta,
                               accept=args.accept, topk_accept=args.topk_accept, temperature=args.temperature,
@@ -71,7 +71,7 @@ def run(args) -> int:
         from xspecmesh.errors import XSpecMeshError
 
         raise XSpecMeshError(f"the model produced no faces for {args.input} ({result.stats['tokens']} tokens)")
-    write_mesh(args.output, vertices, faces)
+    save_mesh(args.output, vertices, faces)
     stats = result.stats | {"faces": int(len(faces)), "vertices": int(len(vertices)),
                             "sequence_sha256": hashlib.sha256(",".join(map(str, result.tokens)).encode()).hexdigest(),
                             "checkpoint": engine.ckpt.path, "output": args.output}

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from xspecmesh.geometry.faces import first_of_repeats, proper
+
 NUM_LEVELS = 128  # 7-bit quantization per axis
 BLOCK_SIZE = 8  # blocks per axis
 OFFSET_SIZE = 16  # offsets per axis inside a block (8 * 16 = 128)
@@ -115,7 +117,7 @@ def preprocess(vertices, faces) -> tuple[np.ndarray, np.ndarray]:
     rank[order] = np.arange(len(order))
     q, f = q[order], rank[f]
     # A triangle with a repeated index has no cycle of length 3: drop it. Rotate lowest index first, winding kept.
-    f = f[(f[:, 0] != f[:, 1]) & (f[:, 1] != f[:, 2]) & (f[:, 2] != f[:, 0])]
+    f = f[proper(f)]
     f = np.take_along_axis(f, (np.argmin(f, axis=1)[:, None] + np.arange(3)) % 3, axis=1)
     # Stable sort by the sorted index tuple. Faces on the same three vertices (a thin wall or coincident surfaces
     # that quantization collapses) all stay, as in the published pipeline; the detokenizer drops the repeats.
@@ -227,15 +229,10 @@ def encode(vertices, faces) -> list[int]:
 
 def _dedupe(tris: np.ndarray) -> np.ndarray:
     """Drop degenerate triangles and repeated ones (same three vertices in any order); first kept, order kept."""
-    a, b, c = tris[:, 0], tris[:, 1], tris[:, 2]
-    tris = tris[(a != b).any(1) & (b != c).any(1) & (c != a).any(1)]
-    if len(tris) == 0:
-        return tris.reshape(0, 3, 3)
     flat = tris.reshape(-1, 3)
-    key = (flat[:, 0] * NUM_LEVELS + flat[:, 1]) * NUM_LEVELS + flat[:, 2]
-    key = np.sort(key.reshape(-1, 3), axis=1)
-    _, first = np.unique(key, axis=0, return_index=True)
-    return tris[np.sort(first)]
+    key = ((flat[:, 0] * NUM_LEVELS + flat[:, 1]) * NUM_LEVELS + flat[:, 2]).reshape(-1, 3)  # one id per vertex
+    tris, key = tris[proper(key)], key[proper(key)]
+    return tris[first_of_repeats(key)]
 
 
 def decode(tokens) -> np.ndarray:
