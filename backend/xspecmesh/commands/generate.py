@@ -5,8 +5,6 @@ import hashlib
 import json
 import sys
 
-import numpy as np
-
 
 def register(sub) -> None:
     p = sub.add_parser("generate", help="generate an artist-like mesh for a mesh or point cloud")
@@ -35,6 +33,8 @@ def register(sub) -> None:
 
 def load_input(path: str, count: int, seed: int):
     """Points (count, 6) in the normalized frame and the Normalization that maps back to the input's frame."""
+    import numpy as np
+
     from xspecmesh.geometry.mesh import load_mesh, load_points, normalize, sample_surface
 
     if str(path).lower().endswith(".npy"):
@@ -48,6 +48,8 @@ def load_input(path: str, count: int, seed: int):
 
 
 def run(args) -> int:
+    import numpy as np
+
     from xspecmesh.decoding.engine import DecodeSettings, Engine
     from xspecmesh.errors import SettingsError
     from xspecmesh.geometry.mesh import weld, save_mesh
