@@ -89,12 +89,13 @@ def on_model(variant_list: list[Variant], name: str, max_heads: int) -> list[Var
 # ---------------------------------------------------------------------------------------------------------- inputs
 
 
-def shape_config_for(engine: Engine, args):
-    """The procedural distribution to test on: the options given, else the one the checkpoint was trained on."""
+def shape_config_for(engine: Engine, families: str | None = None, max_faces: int | None = None):
+    """The procedural distribution to test on: the families (comma-separated) and face cap given, else the ones the
+    checkpoint was trained on."""
     from xspecmesh.training.data import ShapeConfig
 
-    families = args.families or engine.ckpt.meta.get("families")
-    max_faces = args.max_faces or engine.ckpt.meta.get("max_faces") or ShapeConfig.max_faces
+    families = families or engine.ckpt.meta.get("families")
+    max_faces = max_faces or engine.ckpt.meta.get("max_faces") or ShapeConfig.max_faces
     return ShapeConfig.parse(families, max_faces=int(max_faces),
                              axis_aligned=bool(engine.ckpt.meta.get("axis_aligned", False)))
 

@@ -71,12 +71,6 @@ class TrainingPair:
     family: str
 
 
-SHAPE_PRESETS = {
-    "tiny": ShapeConfig(max_faces=120),  # tests and smoke training
-    "small": ShapeConfig(),  # the shipped model
-}
-
-
 # ---------------------------------------------------------------- shapes and pairs
 
 
