@@ -1,4 +1,4 @@
-"""Procedural training data (DESIGN §6): families, the quantization rule, determinism, splits, the dataset CLI."""
+"""Procedural training data: families, the quantization rule, determinism, splits, the dataset CLI."""
 import json
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""Benchmarks (DESIGN §5): plain AR against XSpecMesh speculative decoding on the same model, inputs and seeds.
+"""Benchmarks: plain AR against XSpecMesh speculative decoding on the same model, inputs and seeds.
 
 `run_bench` decodes every input with every seed under every variant (AR, each speculative configuration, optionally
 the naive reference loop), interleaved: for one input and seed all variants run back to back, in an order rotated

@@ -26,7 +26,8 @@ def register(sub) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--checkpoint", default=None, help="safetensors checkpoint (default: the shipped model)")
     p.add_argument("--fit", action="store_true",
-                   help="move the result's vertices onto the input surface (connectivity unchanged; xspecmesh.geometry.fit)")
+                   help="move the result's vertices onto the input surface (connectivity unchanged; "
+                        "xspecmesh.geometry.fit)")
     p.add_argument("--json", action="store_true", help="print one JSON object with the statistics")
     p.set_defaults(func=run)
 
@@ -63,7 +64,8 @@ def run(args) -> int:
     if settings.mode == "spec" and engine.max_heads == 0:
         raise SettingsError("this checkpoint has no drafting heads; use --mode ar")
     if settings.mode == "spec" and settings.heads > engine.max_heads:
-        print(f"xspecmesh: note: the checkpoint has {engine.max_heads} heads; using {engine.max_heads}", file=sys.stderr)
+        print(f"xspecmesh: note: the checkpoint has {engine.max_heads} heads; using {engine.max_heads}",
+              file=sys.stderr)
         settings.heads = engine.max_heads
     points, norm = load_input(args.input, engine.model.cfg.encoder.num_points, args.seed)
     result = engine.generate(points, settings)

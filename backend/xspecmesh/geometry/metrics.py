@@ -1,4 +1,4 @@
-"""Quality metrics for generated meshes (DESIGN §5).
+"""Quality metrics for generated meshes.
 
 Geometry: both meshes are normalized on their own (bbox centre, longest side to [-0.95, 0.95]) and compared through
 area-weighted surface samples. `cd`/`hd` follow BPT's protocol at 1024 samples per mesh; because its sampling floor

@@ -1,4 +1,4 @@
-"""The BPT backbone: a perceiver point encoder and a decoder of cosine-attention blocks (DESIGN §2).
+"""The BPT backbone: a perceiver point encoder and a decoder of cosine-attention blocks.
 
 The model holds no generation state. `forward` runs either the whole sequence (training, the naive oracle) or only new
 tokens against an explicit `KVCache` (decoding); both return logits and the final hidden states, which the drafting

@@ -1,10 +1,11 @@
-"""`xspecmesh serve`: the Blender add-on's backend, JSON lines on stdin/stdout (xspecmesh/serving/protocol.py), logs on stderr.
+"""`xspecmesh serve`: the Blender add-on's backend, JSON lines on stdin/stdout (serving/protocol.py), logs on stderr.
 
 Two threads. The reader thread parses every stdin line at once: bad lines get an `error` reply, `generate` requests
 are checked (points, settings) and queued, `cancel` and `shutdown` act immediately, even while a mesh decodes. The
-main thread takes queued requests in order and streams them: `faces` (triangles batched since the last faces line)
-and `progress`, each at most every `interval` seconds, then `done` (with the fitted triangles when the request's
-settings ask for `fit`). A cancel is seen after the current decoding step.
+main thread runs queued requests in order through `Engine.retopologize` and streams them: `faces` (triangles batched
+since the last faces line) and `progress`, each at most every `interval` seconds, every face before a fit starts,
+then `done` (with the fitted triangles when the request's settings ask for `fit`). A cancel is seen after the
+current decoding step, or once the fit is over.
 Only protocol lines reach the real stdout; stray prints (Python or C level) are redirected to stderr.
 """
 from __future__ import annotations

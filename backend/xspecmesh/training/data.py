@@ -1,4 +1,4 @@
-"""Training data (DESIGN §6): seeded procedural low-poly meshes paired with the point clouds a user would give us.
+"""Training data: seeded procedural low-poly meshes paired with the point clouds a user would give us.
 
 A shape comes from one of `shapes.FAMILIES` (trimesh primitives and manifold3d solids, y up as in BPT's order),
 gets a random per-axis scale and rotation, is normalized to the token frame (bbox centre, longest side to
