@@ -191,6 +191,8 @@ def test_generate_collects_the_pipeline(monkeypatch):
     assert result.stats["fit_seconds"] == 0.0 and result.tokens == [0, 1, 2]
     plain = engine.generate(pts, DecodeSettings(max_tokens=3))
     assert plain.fitted is None and plain.mesh is plain.triangles and "fit_seconds" not in plain.stats
+    last = list(engine.retopologize(pts, DecodeSettings(max_tokens=3, fit=True), cancelled=lambda: True))[-1]
+    assert last.cancelled and last.fitted is None and last.stats["fit_skipped"] == "cancelled"
 
 
 def test_queue_order_and_cancel_of_running_and_queued():

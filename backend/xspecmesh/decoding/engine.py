@@ -102,6 +102,7 @@ class StepUpdate:
     done: bool = False  # the last update of the request
     decoded: bool = False  # decoding is over: every triangle has been yielded (a fit may follow)
     fitted: np.ndarray | None = None  # the last update of a fitted request: every triangle, in order, moved
+    cancelled: bool = False  # a cancel came in during the fit, which is dropped
 
 
 @dataclass
@@ -229,7 +230,8 @@ class Engine:
         so a caller can send every face before the fit starts. When `settings.fit` asks for it and triangles came
         out, one more update follows with the fit's stats and `fitted` (None when the fit was skipped or failed:
         `fit_skipped` / `fit_error` in the stats say why). The fit cannot be interrupted: `cancelled` is asked once it
-        is over, and a cancel that came in meanwhile drops it. Stop iterating to cancel.
+        is over, and a cancel that came in meanwhile drops it (the update says `cancelled`). Stop iterating to
+        cancel the decoding.
         """
         parts = []
         for upd in self.stream(points, settings):
@@ -258,6 +260,6 @@ def _fit(triangles: np.ndarray, points, stats: dict, cancelled: Callable[[], boo
     fitted, fit_stats = fit_result(triangles, points, stats)
     stats = stats | fit_stats
     if cancelled():
-        fitted = None
         stats = {k: v for k, v in stats.items() if not k.startswith("fit_")} | {"fit_skipped": "cancelled"}
+        return StepUpdate([], np.zeros((0, 3, 3), np.float32), stats, done=True, decoded=True, cancelled=True)
     return StepUpdate([], np.zeros((0, 3, 3), np.float32), stats, done=True, decoded=True, fitted=fitted)

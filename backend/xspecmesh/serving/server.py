@@ -201,7 +201,8 @@ class Server:
                     stats, fitted = upd.stats, upd.fitted
                     if len(upd.triangles):
                         tris.append(upd.triangles)
-                    if self._cancel.is_set():
+                    # (the last update is a finished request: the engine has looked for a cancel during its fit)
+                    if upd.cancelled or (self._cancel.is_set() and not upd.done):
                         cancelled = True
                         break
                     now = time.monotonic()
