@@ -53,7 +53,7 @@ def run(args) -> int:
 
     from xspecmesh.decoding.engine import DecodeSettings, Engine
     from xspecmesh.errors import SettingsError
-    from xspecmesh.geometry.mesh import weld, save_mesh
+    from xspecmesh.geometry.mesh import save_mesh, weld
 
     settings = DecodeSettings(mode=args.mode, heads=args.heads, adaptive=args.adaptive, delta=args.delta,
                               accept=args.accept, topk_accept=args.topk_accept, temperature=args.temperature,

@@ -231,8 +231,8 @@ def _dedupe(tris: np.ndarray) -> np.ndarray:
     """Drop degenerate triangles and repeated ones (same three vertices in any order); first kept, order kept."""
     flat = tris.reshape(-1, 3)
     key = ((flat[:, 0] * NUM_LEVELS + flat[:, 1]) * NUM_LEVELS + flat[:, 2]).reshape(-1, 3)  # one id per vertex
-    tris, key = tris[proper(key)], key[proper(key)]
-    return tris[first_of_repeats(key)]
+    keep = proper(key)
+    return tris[keep][first_of_repeats(key[keep])]
 
 
 def decode(tokens) -> np.ndarray:
