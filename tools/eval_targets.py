@@ -98,9 +98,8 @@ def main(argv=None) -> int:
                    help="the backbone before stage 2: also report KL(reference || checkpoint) on validation sequences")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
-    args.families = args.max_faces = None
     engine = Engine.load(args.checkpoint, args.device)
-    shapes = shape_config_for(engine, args)
+    shapes = shape_config_for(engine)
     pairs = validation_pairs(args.count, config=shapes, num_points=engine.model.cfg.encoder.num_points)
     ok, cds, spec_cds, box_cds, extent_errors, tokens, steps = 0, [], [], [], [], 0, 0
     accepts, trials = np.zeros(args.heads), np.zeros(args.heads)
@@ -108,7 +107,7 @@ def main(argv=None) -> int:
         ref = trimesh.Trimesh(*tokenizer.decode_mesh(pair.tokens), process=False)
         box_cds.append(evaluate(bbox_mesh(ref), ref, seed=i)["cd_10k"])
         ar = engine.generate(pair.points, DecodeSettings(mode="ar", seed=i, max_tokens=args.max_tokens,
-                                                         temperature=args.temperature))
+                                                         temperature=args.temperature, fit=False))
         if len(ar.triangles):
             ok += 1
             cds.append(evaluate(as_mesh(ar.triangles), ref, seed=i)["cd_10k"])
@@ -117,7 +116,7 @@ def main(argv=None) -> int:
             continue
         spec = engine.generate(pair.points, DecodeSettings(mode="spec", heads=args.heads, delta=args.delta, seed=i,
                                                            max_tokens=args.max_tokens, adaptive=args.adaptive,
-                                                           temperature=args.temperature))
+                                                           temperature=args.temperature, fit=False))
         if len(spec.triangles):
             spec_cds.append(evaluate(as_mesh(spec.triangles), ref, seed=i)["cd_10k"])
         tokens, steps = tokens + spec.stats["tokens"], steps + spec.stats["steps"]

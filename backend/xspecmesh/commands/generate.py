@@ -6,8 +6,6 @@ import hashlib
 import json
 import sys
 
-import numpy as np
-
 from xspecmesh.decoding.settings_schema import DECODE, cap_heads
 
 
@@ -39,6 +37,8 @@ def add_decode_options(p) -> None:
 
 def load_input(path: str, count: int, seed: int):
     """Points (count, 6) in the normalized frame and the Normalization that maps back to the input's frame."""
+    import numpy as np
+
     from xspecmesh.geometry.mesh import load_mesh, load_points, normalize, sample_surface
 
     if str(path).lower().endswith(".npy"):
@@ -52,33 +52,30 @@ def load_input(path: str, count: int, seed: int):
 
 
 def run(args) -> int:
+    import numpy as np
+
     from xspecmesh.decoding.engine import DecodeSettings, Engine
     from xspecmesh.errors import SettingsError
-    from xspecmesh.geometry.mesh import weld, write_mesh
+    from xspecmesh.geometry.mesh import save_mesh, weld
 
     settings = DecodeSettings.from_dict({s.name: getattr(args, s.name) for s in DECODE})
     engine = Engine.load(args.checkpoint, args.device)
     if settings.mode == "spec" and engine.max_heads == 0:
         raise SettingsError("this checkpoint has no drafting heads; use --mode ar")
     if settings.mode == "spec" and settings.heads > engine.max_heads:
-        print(f"xspecmesh: note: the checkpoint has {engine.max_heads} heads; using {engine.max_heads}", file=sys.stderr)
+        print(f"xspecmesh: note: the checkpoint has {engine.max_heads} heads; using {engine.max_heads}",
+              file=sys.stderr)
         settings.heads = cap_heads(settings.heads, engine.max_heads)
     points, norm = load_input(args.input, engine.model.cfg.encoder.num_points, args.seed)
     result = engine.generate(points, settings)
-    tris, fit_stats = result.triangles, {}
-    if settings.fit:
-        from xspecmesh.geometry.fit import fit_result
-
-        fitted, fit_stats = fit_result(tris, points, result.stats)
-        tris = tris if fitted is None else fitted
-    tris = tris.reshape(-1, 3)
+    tris = result.mesh.reshape(-1, 3)
     vertices, faces = weld(norm.invert(tris), np.arange(len(tris)).reshape(-1, 3))
     if len(faces) == 0:
         from xspecmesh.errors import XSpecMeshError
 
         raise XSpecMeshError(f"the model produced no faces for {args.input} ({result.stats['tokens']} tokens)")
-    write_mesh(args.output, vertices, faces)
-    stats = result.stats | fit_stats | {"faces": int(len(faces)), "vertices": int(len(vertices)),
+    save_mesh(args.output, vertices, faces)
+    stats = result.stats | {"faces": int(len(faces)), "vertices": int(len(vertices)),
                             "sequence_sha256": hashlib.sha256(",".join(map(str, result.tokens)).encode()).hexdigest(),
                             "checkpoint": engine.ckpt.path, "output": args.output}
     if args.json:
