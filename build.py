@@ -26,8 +26,8 @@ TORCH_PIN = "torch==2.13.0"
 BLENDER_LTS = {"42": "bpy==4.2.23", "45": "bpy==4.5.15"}
 
 
-def venv_python() -> Path:
-    return VENV / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+def venv_python(venv: Path = VENV) -> Path:
+    return venv / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
 
 
 def run(cmd: list[str], **kw) -> None:
@@ -67,7 +67,7 @@ def setup_blender_lts() -> None:
         if stamp.exists() and stamp.read_text() == spec:
             continue
         run([sys.executable, "-m", "venv", "--clear", venv])
-        run([venv / "bin" / "python", "-m", "pip", "install", "-q", spec, "numpy<2"])
+        run([venv_python(venv), "-m", "pip", "install", "-q", spec, "numpy<2"])
         stamp.write_text(spec)
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import bpy
 
 from ..core import installer, service
-from . import ADDON_ID, job
+from . import ADDON_ID, job, preferences  # (preferences imports this module too: both only use the other later)
 
 POLL = 0.5  # seconds between progress redraws
 LOG_SHOWN = 8  # log lines the preferences show
@@ -36,10 +36,6 @@ def offline_reason() -> str | None:
             "Online Access (and do not start Blender with --offline-mode), then press Install Backend again")
 
 
-def _prefs(context):
-    return context.preferences.addons[ADDON_ID].preferences
-
-
 def _redraw_preferences() -> None:
     for window in getattr(bpy.context.window_manager, "windows", ()):
         for area in window.screen.areas:
@@ -49,12 +45,10 @@ def _redraw_preferences() -> None:
 
 def _conclude(context) -> tuple[str, str]:
     """After the install: point Backend Python at it and start the backend once. Returns (report type, message)."""
-    from . import preferences  # preferences imports this module
-
     run = CURRENT
     if run.state != "done":
         return ("WARNING" if run.state == "cancelled" else "ERROR"), run.message
-    prefs = _prefs(context)
+    prefs = preferences.get(context)
     prefs.backend_python = str(run.python)
     service.stop()
     try:
@@ -93,7 +87,7 @@ class XSPECMESH_OT_install_backend(bpy.types.Operator):
         if reason:
             self.report({"ERROR"}, reason)
             return {"CANCELLED"}
-        prefs = _prefs(context)
+        prefs = preferences.get(context)
         build, index = installer.torch_index(prefs.torch_build)
         try:
             CURRENT = installer.Install(folder(), torch_requirement=prefs.torch_requirement,

@@ -68,7 +68,7 @@ class XSpecMeshPreferences(bpy.types.AddonPreferences):
         col = layout.column()
         col.prop(self, "backend_python")
         if not self.backend_python and not locations.default_backend_python():
-            col.label(text="Set a Python that has torch (e.g. <checkout>/.venv/bin/python)", icon="ERROR")
+            col.label(text="No backend yet: press Install Backend below, or set a Python that has torch", icon="ERROR")
         col.prop(self, "checkpoint")
         if not self.checkpoint:
             bundled = locations.default_checkpoint()

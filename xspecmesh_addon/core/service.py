@@ -68,8 +68,8 @@ def configuration(python: str, checkpoint: str, device: str, precision: str = "a
     python = python.strip() or locations.default_backend_python()
     if not python:
         raise BackendUnavailable(
-            "No backend Python is set: in Preferences › Add-ons › XSpecMesh point 'Backend Python' at a Python "
-            "that has torch and the xspecmesh package (e.g. the project's .venv)")
+            "No backend Python is set: in Preferences › Add-ons › XSpecMesh press Install Backend, or point "
+            "'Backend Python' at a Python that has torch (e.g. the project's .venv)")
     return (python, checkpoint.strip() or locations.default_checkpoint() or None, device or "auto",
             locations.backend_path(), precision or "auto")
 
