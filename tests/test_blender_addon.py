@@ -728,9 +728,8 @@ def scenario_install_backend(s: Session):
     assert run.state == "done" and run.python.is_file()
     assert Path(os.environ["BLENDER_USER_RESOURCES"]) in run.env.parents and (run.env / "xspecmesh-ready.json").is_file()
     assert s.prefs.backend_python == str(run.python)
-    hello = s.service.hello()
-    assert hello and hello["heads"] == 4, hello
-    assert s.service.current().python == str(run.python)
+    client = s.service.current()
+    assert client.python == str(run.python) and client.hello["heads"] == 4, client.hello
     s.cube()
     s.settings.max_faces = 4
     assert bpy.ops.xspecmesh.retopologize() == {"FINISHED"}

@@ -64,8 +64,7 @@ def _watch():
     _redraw_preferences()
     if CURRENT is None or not CURRENT.finished:
         return POLL if CURRENT is not None else None
-    kind, message = _conclude(bpy.context)
-    print(f"XSpecMesh: {message}")
+    print(f"XSpecMesh: {_conclude(bpy.context)[1]}")
     _redraw_preferences()
     return None
 
