@@ -104,15 +104,17 @@ def _per_token_linears(model, heads) -> list:
 
 @functools.cache
 def onednn_linear_class():
-    """nn.Linear whose inference forward on CPU fp32 calls oneDNN's linear instead of aten's (BLAS) one. On our
-    CPU the BLAS path reads the weights once per row for 2-8 rows, so verifying D+1 positions cost up to 2-3x one
-    position; oneDNN reads them once (docs/BENCHMARKS.md, CPU precision and overhead). Training keeps aten's."""
+    """nn.Linear whose inference forward on CPU fp32 over a few rows calls oneDNN's linear instead of aten's (BLAS)
+    one. On our CPU the BLAS path costs 2-5x for 2-6 rows what it costs for one, so verifying D+1 positions cost
+    several AR steps; oneDNN's cost grows little with the rows (docs/BENCHMARKS.md, CPU precision and overhead).
+    One row (an AR step) and training keep aten's path."""
     import torch
     from torch import nn
 
     class OneDNNLinear(nn.Linear):
         def forward(self, x):
-            if x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled():
+            if (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
+                    and x.numel() > x.shape[-1]):
                 return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
             return super().forward(x)
 
