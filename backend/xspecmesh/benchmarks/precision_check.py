@@ -16,7 +16,7 @@ def validation_pairs_for(engine: Engine, args) -> list:
     """`--count` held-out shapes of the distribution the checkpoint was trained on (as `bench` uses)."""
     from xspecmesh.training.data import validation_pairs
 
-    return validation_pairs(args.count, config=shape_config_for(engine, args),
+    return validation_pairs(args.count, config=shape_config_for(engine, args.families, args.max_faces),
                             num_points=engine.model.cfg.encoder.num_points)
 
 
