@@ -5,8 +5,6 @@ import hashlib
 import json
 import sys
 
-import numpy as np
-
 from xspecmesh.model import precision
 
 
