@@ -86,7 +86,7 @@ def main() -> int:
             items[k]()
             if rep >= 5:
                 samples[k].append(time.perf_counter() - t0)
-    print(f"{Engine.load.__module__}: {path or 'shipped checkpoint'}, cache {args.cache_length}, "
+    print(f"checkpoint {path or 'shipped'}, cache {args.cache_length}, "
           f"{args.threads} thread(s), medians of {args.repeats}\n")
     print("| part of an AR step | ms |\n|---|---|")
     for k in keys:

@@ -1,7 +1,7 @@
 """Weight precision of the decoding path: fp32, int8 (CPU) or bf16, chosen once when a checkpoint is loaded.
 
 int8 is PyTorch's dynamic quantization (`torch.ao.quantization.quantize_dynamic`): every `nn.Linear` of the decoder
-and of the drafter keeps int8 weights with a per-row scale, and activations are quantized per call. A decoding step
+and of the drafter keeps int8 weights (one scale per layer), and its input is quantized per call. A decoding step
 of a large model is bound by reading its weights, so a quarter of the bytes is most of the gain; the point encoder
 and the condition projections run once per mesh and stay in fp32.
 
