@@ -59,9 +59,8 @@ def test_out_of_range_values_are_refused_everywhere(name, bad):
     setting = schema.SETTINGS[name]
     with pytest.raises(ValueError, match=name):
         setting.check(bad)
-    if setting in schema.DECODE:
-        with pytest.raises(SettingsError, match=name):
-            DecodeSettings.from_dict({name: bad})
+    with pytest.raises(SettingsError, match=name):
+        DecodeSettings.from_dict({name: bad})
     if name in addon_module("core.request").REQUEST_SETTINGS:
         with pytest.raises(ValueError, match=name):
             addon_module("core.request").DecodeRequest(**{name: bad})
@@ -83,7 +82,10 @@ def test_heads_cap_is_one_rule():
     assert DecodeSettings.from_dict({"heads": 8, "mode": "ar"}, max_heads=2).heads == 8  # AR uses no heads
 
 
-def test_precision_is_the_backend_option():
+def test_precision_is_the_models():
+    from xspecmesh.model import precision
+
     s = schema.SETTINGS["precision"]
-    assert s.values == ("auto", "fp32", "int8", "bf16") and s.default == "auto"
-    assert "precision" not in schema.defaults()  # fixed when the model loads, not part of a request
+    assert s.values == precision.PRECISIONS == ("auto", "fp32", "int8", "bf16") and s.default == "auto"
+    assert cli_defaults("generate", "in.obj", "-o", "out.obj")["precision"] == cli_defaults("bench")["precision"] \
+        == s.default

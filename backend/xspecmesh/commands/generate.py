@@ -7,6 +7,7 @@ import json
 import sys
 
 from xspecmesh.decoding.settings_schema import DECODE, cap_heads
+from xspecmesh.model import precision
 
 
 def register(sub) -> None:
@@ -15,6 +16,7 @@ def register(sub) -> None:
     p.add_argument("-o", "--output", required=True, help="output mesh file (format from the extension)")
     add_decode_options(p)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    precision.add_argument(p)
     p.add_argument("--checkpoint", default=None, help="safetensors checkpoint (default: the shipped model)")
     p.add_argument("--json", action="store_true", help="print one JSON object with the statistics")
     p.set_defaults(func=run)
@@ -24,6 +26,8 @@ def add_decode_options(p) -> None:
     """One option per decode setting of xspecmesh.decoding.settings_schema: `--max-faces` for max_faces, `--fit` and
     `--no-fit` for fit; its checks run on the values (DecodeSettings.from_dict), so a bad one exits with its message."""
     for s in DECODE:
+        if s.name == "precision":  # model.precision.add_argument: the same option for every command that loads one
+            continue
         flag = "--" + s.name.replace("_", "-")
         if s.type is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=s.default,
@@ -59,7 +63,7 @@ def run(args) -> int:
     from xspecmesh.geometry.mesh import save_mesh, weld
 
     settings = DecodeSettings.from_dict({s.name: getattr(args, s.name) for s in DECODE})
-    engine = Engine.load(args.checkpoint, args.device)
+    engine = Engine.load(args.checkpoint, args.device, args.precision)
     if settings.mode == "spec" and engine.max_heads == 0:
         raise SettingsError("this checkpoint has no drafting heads; use --mode ar")
     if settings.mode == "spec" and settings.heads > engine.max_heads:

@@ -14,7 +14,8 @@ Decisions, one behaviour on every path:
 - A value outside its range is refused with one message naming the setting, never silently clamped (the panel's
   fields cannot leave the range). The one adjustment: more heads than the checkpoint has are lowered to its count
   (`cap_heads`), so the same settings work with any checkpoint.
-- `precision` is a backend option fixed when the model loads (like the device), not part of a request.
+- `precision` (the weights') defaults to auto, the backend's own: the `--precision` it was started with (the
+  add-on's Precision preference); a request naming another makes the backend load the checkpoint at it too.
 """
 from __future__ import annotations
 
@@ -107,19 +108,19 @@ DECODE = (
     Setting("max_faces", int, None, "stop once this many faces are complete (default: no limit)", min=1,
             optional=True),
     Setting("seed", int, 0, "random seed for sampling the surface and decoding", min=0, max=2**31 - 1),
+    Setting("precision", str, "auto", "weight precision of the decoder and drafter; auto: the backend's own "
+            "(its --precision: bf16 on a CUDA GPU that supports it, int8 on a CPU when the checkpoint passed the int8 "
+            "quality check, else fp32)", choices=(
+                Choice("auto", "Auto", "The backend's own: bf16 on a capable CUDA GPU, int8 on a CPU for a checkpoint "
+                       "that passed the int8 check, else fp32"),
+                Choice("fp32", "FP32", "Full precision"),
+                Choice("int8", "INT8", "8-bit weights (CPU only)"),
+                Choice("bf16", "BF16", "bfloat16 weights"))),
     Setting("fit", bool, True, "once the mesh is complete, move its vertices onto the source surface (faces and "
             "connectivity stay as generated), as Shrinkwrap would; the model places vertices on a coarse grid"),
 )
 
-BACKEND = (
-    Setting("precision", str, "auto", "weight precision; auto = int8 on CPU, fp32 on CUDA", choices=(
-        Choice("auto", "Auto", "int8 on the CPU, fp32 on CUDA"),
-        Choice("fp32", "FP32", "Full precision"),
-        Choice("int8", "INT8", "8-bit weights (CPU only)"),
-        Choice("bf16", "BF16", "bfloat16 weights"))),
-)
-
-SETTINGS = {s.name: s for s in DECODE + BACKEND}
+SETTINGS = {s.name: s for s in DECODE}
 
 
 def defaults() -> dict:
