@@ -38,15 +38,17 @@ class OracleHeads:
     def __init__(self, future: list[int]):
         self.future, self.pos, self.num_heads = future, 0, 8
 
-    def context(self, cond):
+    def begin(self, model, cond, max_len):
         return None
 
-    def __call__(self, hidden, context, to_logits, heads):
-        out = torch.full((1, 1, heads, 5121), -1e4)
-        for k in range(heads):
+    def propose(self, model, ctx, feats, tokens, counts, drafts, choose):
+        out = []
+        for k in range(drafts):
+            logits = torch.full((1, 5121), -1e4)
             if self.pos + k < len(self.future):
-                out[0, 0, k, self.future[self.pos + k]] = 0.0
-        return out
+                logits[0, self.future[self.pos + k]] = 0.0
+            out.append(choose(logits))
+        return torch.stack(out, 1) if out else torch.zeros(1, 0, dtype=torch.long)
 
 
 @pytest.mark.parametrize("d", [1, 3, 6])

@@ -46,7 +46,6 @@ def step_cost(engine: Engine, depths=range(1, 7), cache_lengths=(500, 1500), rep
     xyz = rng.normal(size=(4096, 3))
     xyz /= np.linalg.norm(xyz, axis=1, keepdims=True)
     cond = engine.condition(np.concatenate([xyz * 0.9, xyz], 1), seed=0)  # a sphere: the content does not matter
-    ctx = heads.context(cond)
     gen = torch.Generator(device="cpu").manual_seed(0)
     rows, lengths = [], []
     bar = tqdm(total=len(cache_lengths) * (warmup + repeats), desc="step cost", unit="rep", disable=not progress,
@@ -58,6 +57,9 @@ def step_cost(engine: Engine, depths=range(1, 7), cache_lengths=(500, 1500), rep
         prefix = torch.randint(0, tokenizer.EOS, (1, length), generator=gen).to(dev)  # position 0 reads as BOS
         _, hidden = model(prefix, cache=cache)
         h = hidden[:, -1:]
+        # A draft decoder's own cache holds the prefix too (each timed draft then commits one more pair).
+        ctx = heads.begin(model, cond, length + (warmup + repeats) * len(depths) + max(depths) + 2)
+        heads.propose(model, ctx, hidden[:, :-1], prefix[:, 1:], torch.tensor([length - 1], device=dev), 0, None)
         start_len = cache.lengths.clone()
         last = prefix[:, -1:]
 
@@ -66,7 +68,8 @@ def step_cost(engine: Engine, depths=range(1, 7), cache_lengths=(500, 1500), rep
             cache.rollback(start_len)
 
         def draft(d):
-            return heads(h, ctx, model.to_logits, heads=d)[:, 0].argmax(-1)  # (1, D) greedy drafts
+            return heads.propose(model, ctx, h, last, torch.ones(1, dtype=torch.long, device=dev), d,
+                                 lambda logits: logits.argmax(-1))  # (1, D) greedy drafts
 
         def verify(drafts):
             model(torch.cat([last, drafts], 1), cache=cache)
