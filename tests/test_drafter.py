@@ -18,6 +18,7 @@ from test_speculative import GREEDY, ar, condition, first_tokens, spec, total_va
 from test_train import FAST, batch, changed, snapshot  # noqa: F401 (batch is a fixture)
 
 KINDS = ["eagle", "grounded"]
+DRAFTERS = [("eagle", "factored"), ("eagle", "shared"), ("grounded", "factored")]  # (kind, output)
 
 
 class Recorder:
@@ -41,14 +42,14 @@ class Recorder:
         return out
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_drafts_at_inference_are_the_teacher_forced_drafts(kind):
+@pytest.mark.parametrize("kind, output", DRAFTERS)
+def test_drafts_at_inference_are_the_teacher_forced_drafts(kind, output):
     """Every draft whose predecessors were accepted was computed from the same inputs as in training (the
     backbone's features for the committed pairs, the drafter's own for the chain): the decoder's cache bookkeeping,
     ragged catch-up over a batch of two included, matches the unrolled training forward."""
     model = tiny_model(sharpen=30.0)
     cond = condition(model, b=2)
-    drafter = tiny_heads(model, d=4, kind=kind)
+    drafter = tiny_heads(model, d=4, kind=kind, output=output)
     rec = Recorder(drafter)
     emitted = [[], []]
     starts = []  # per step: tokens emitted before it, per sequence
@@ -75,23 +76,23 @@ def test_drafts_at_inference_are_the_teacher_forced_drafts(kind):
     assert checked > 40
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind, output", DRAFTERS)
 @pytest.mark.parametrize("d", [1, 4])
-def test_greedy_speculative_equals_greedy_ar(kind, d):
+def test_greedy_speculative_equals_greedy_ar(kind, output, d):
     model = tiny_model(sharpen=30.0)
     cond = condition(model, b=3)
     stats = DecodeStats()
-    assert spec(model, tiny_heads(model, d=4, kind=kind), cond, GREEDY, AcceptConfig("greedy"), 150, d=d,
+    assert spec(model, tiny_heads(model, d=4, kind=kind, output=output), cond, GREEDY, AcceptConfig("greedy"), 150, d=d,
                 stats=stats) == ar(model, cond, GREEDY, 150)
     assert stats.scr >= 1.0
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_threshold_delta_one_reproduces_ar_sampling(kind):
+@pytest.mark.parametrize("kind, output", DRAFTERS)
+def test_threshold_delta_one_reproduces_ar_sampling(kind, output):
     model = tiny_model(sharpen=30.0)
     cond = condition(model, b=2)
     sampling = SamplingConfig(0.8, 20, 1.0)
-    got = spec(model, tiny_heads(model, kind=kind), cond, sampling, AcceptConfig("threshold", 1.0), 150, seed=11)
+    got = spec(model, tiny_heads(model, kind=kind, output=output), cond, sampling, AcceptConfig("threshold", 1.0), 150, seed=11)
     assert got == ar(model, cond, sampling, 150, seed=11)
 
 
@@ -100,7 +101,7 @@ def test_exact_rule_preserves_the_sampling_distribution_with_a_draft_decoder():
     sampling = SamplingConfig(1.0, 3, 1.0)
     n = 2000
     cond = condition(model).expand(n, -1, -1).contiguous()
-    drafter = tiny_heads(model, kind="eagle")
+    drafter = tiny_heads(model, kind="eagle", output="factored")
     plain = first_tokens(ar(model, cond, sampling, 4, seed=1), 4)
     plain2 = first_tokens(ar(model, cond, sampling, 4, seed=2), 4)
     exact = first_tokens(spec(model, drafter, cond, sampling, AcceptConfig("exact"), 4, d=3, seed=3), 4)
@@ -110,13 +111,13 @@ def test_exact_rule_preserves_the_sampling_distribution_with_a_draft_decoder():
     assert total_variation(plain, wrong) > 0.2
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_adaptive_draft_length_with_a_draft_decoder(kind):
+@pytest.mark.parametrize("kind, output", DRAFTERS)
+def test_adaptive_draft_length_with_a_draft_decoder(kind, output):
     """Steps without drafts still feed the decoder the committed pairs: greedy stays token-identical."""
     model = tiny_model(sharpen=30.0)
     cond = condition(model, b=2)
     stats = DecodeStats()
-    steps = decode_speculative(model, tiny_heads(model, d=4, kind=kind), cond, GREEDY, AcceptConfig("greedy"), 4, 150,
+    steps = decode_speculative(model, tiny_heads(model, d=4, kind=kind, output=output), cond, GREEDY, AcceptConfig("greedy"), 4, 150,
                                None, stats, adaptive=True)
     assert run_to_end(steps, 2) == ar(model, cond, GREEDY, 150)
     assert stats.draft_hist[0] > 0  # random drafts: some plain AR steps were chosen
@@ -131,6 +132,17 @@ def test_untrained_decoder_reads_only_the_backbone_state():
         first = drafter(model, hidden, torch.zeros(1, 3, dtype=torch.long), cond)[:, :, 0]
     want = model.to_logits(torch.nn.functional.layer_norm(hidden, hidden.shape[-1:]))
     assert torch.allclose(first, want, atol=1e-4)
+
+
+def test_factored_logits_sum_each_tokens_axis_and_class_logits():
+    from xspecmesh.geometry import tokenizer as tok
+    from xspecmesh.model.drafter import FACTORED_WIDTH, factored_logits
+    from xspecmesh.training.axis_factors import NULL_ROW, axis_rows
+
+    x = torch.randn(2, FACTORED_WIDTH)
+    rows, cls = torch.from_numpy(axis_rows(tok.VOCAB_SIZE)), torch.from_numpy(tok.token_classes())
+    axes = torch.cat([x[:, :NULL_ROW], torch.zeros(2, 1)], 1)  # EOS has no axis values
+    assert torch.allclose(factored_logits(x), axes[:, rows].sum(-1) + x[:, NULL_ROW:][:, cls])
 
 
 @pytest.mark.parametrize("kind", KINDS)

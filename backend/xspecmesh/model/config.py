@@ -75,8 +75,11 @@ class HeadsConfig:
     kind: str = "cross"
     ff_mult: int = 1  # feed-forward width as a multiple of the model width
     attn_dim: int = 128  # width of each head's cross-attention (0 = the model width; paper heads only)
-    # reuse the backbone's output projection (an own one costs D x dim x vocab); a draft decoder always does
+    # reuse the backbone's output projection (an own one costs D x dim x vocab); paper heads only
     shared_output: bool = True
+    # draft decoders: "factored" per-axis logits (3 x 8 block + 3 x 16 offset values + 4 classes, summed into the
+    # vocabulary: 76 outputs instead of 5121) or "shared" (the backbone's output projection)
+    output: str = "shared"
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)

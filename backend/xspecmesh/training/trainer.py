@@ -36,7 +36,7 @@ from xspecmesh.model.checkpoint import load_checkpoint, save_checkpoint
 from xspecmesh.model.config import HeadsConfig, preset
 from xspecmesh.training.data import ShapeConfig, TrainingPair, iter_pairs, load_mesh_dir, validation_pairs
 from xspecmesh.errors import CheckpointError, SettingsError
-from xspecmesh.model.drafter import KINDS, DraftDecoder, drafter_for_backbone
+from xspecmesh.model.drafter import DECODER_KINDS, KINDS, DraftDecoder, drafter_for_backbone
 from xspecmesh.model.transformer import MeshTransformer
 
 # The decoder's attention and feed-forward projections (the point encoder keeps its weights).
@@ -71,6 +71,7 @@ class TrainConfig:
     num_heads: int = 6
     head_type: str = "cross"  # cross (the paper's cross-attention heads) | mlp (the ablation) | eagle | grounded
     head_ff_mult: int = 1  # feed-forward width of the heads / the draft decoder's block, times the model width
+    head_full_vocab: bool = False  # eagle/grounded: the backbone's output projection instead of per-axis logits
     self_samples: float = 0.0  # heads/lora: share of micro-batches replaced by the backbone's own AR samples
     head_own_output: bool = False  # heads get their own output projection (started as a copy of the backbone's)
     head_decay: float = 0.8  # head k's loss weight is decay**(k-1)
@@ -231,8 +232,9 @@ class Trainer:
                 raise SettingsError(f"stage {cfg.stage} needs --init CHECKPOINT (a trained backbone)")
             ckpt = load_checkpoint(cfg.init)
             self.model, self.preset_name = ckpt.model, ckpt.meta.get("preset")
+            factored = cfg.head_type in DECODER_KINDS and not cfg.head_full_vocab
             hcfg = HeadsConfig(num_heads=cfg.num_heads, kind=cfg.head_type, ff_mult=cfg.head_ff_mult,
-                               shared_output=not cfg.head_own_output)
+                               shared_output=not cfg.head_own_output, output="factored" if factored else "shared")
             keep = ckpt.heads is not None and ckpt.heads.cfg == hcfg
             if cfg.stage == "lora" and not keep:
                 found = ckpt.heads.cfg if ckpt.heads is not None else "no heads"
