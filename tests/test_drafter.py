@@ -145,6 +145,20 @@ def test_factored_logits_sum_each_tokens_axis_and_class_logits():
     assert torch.allclose(factored_logits(x), axes[:, rows].sum(-1) + x[:, NULL_ROW:][:, cls])
 
 
+def test_factored_output_starts_as_the_least_squares_fit_of_the_backbones():
+    from xspecmesh.model.config import HeadsConfig
+    from xspecmesh.model.drafter import FACTORED_WIDTH, drafter_for_backbone, factored_logits
+
+    model = tiny_model()
+    drafter = drafter_for_backbone(model, HeadsConfig(num_heads=2, kind="eagle", output="factored"))
+    basis = factored_logits(torch.eye(FACTORED_WIDTH)).T
+    fit = torch.cat([drafter.to_axes.weight, drafter.to_axes.bias[:, None]], 1)
+    full = torch.cat([model.to_logits.weight, model.to_logits.bias[:, None]], 1)
+    residual = basis @ fit - full
+    assert (basis.T @ residual).abs().max() < 1e-3  # the normal equations: no axis or class row can do better
+    assert residual.norm() < full.norm()
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_checkpoint_records_the_drafter_kind(tmp_path, kind):
     path = write_random_checkpoint(tmp_path / "m.safetensors", "tiny", heads=3, head_kind=kind)

@@ -174,5 +174,26 @@ def build_drafter(model_cfg: ModelConfig, cfg: HeadsConfig) -> Drafter:
 
 
 def drafter_for_backbone(model: nn.Module, cfg: HeadsConfig) -> Drafter:
-    """An untrained drafter for `model` (the paper's heads copy an own output projection from the backbone's)."""
-    return DraftDecoder(model.cfg, cfg) if cfg.kind in DECODER_KINDS else DraftHeads.for_backbone(model, cfg)
+    """An untrained drafter for `model`. The paper's heads copy an own output projection from the backbone's; a
+    factored output starts as the least-squares fit of the backbone's projection by per-axis and class rows, so
+    training starts from the backbone's sense of the token space rather than from noise."""
+    if cfg.kind not in DECODER_KINDS:
+        return DraftHeads.for_backbone(model, cfg)
+    drafter = DraftDecoder(model.cfg, cfg)
+    if drafter.to_axes is not None:
+        with torch.no_grad():
+            basis = factored_logits(torch.eye(FACTORED_WIDTH)).T  # (V, FACTORED_WIDTH): token logit = basis @ y
+            full = torch.cat([model.to_logits.weight, model.to_logits.bias[:, None]], 1).float()
+            fit = torch.linalg.pinv(basis) @ full  # (FACTORED_WIDTH, dim + 1); the basis is rank-deficient
+            drafter.to_axes.weight.copy_(fit[:, :-1])
+            drafter.to_axes.bias.copy_(fit[:, -1])
+    return drafter
+
+
+def draft_logits(drafter: Drafter, model: nn.Module, hidden, inputs, cond, call: nn.Module | None = None):
+    """Teacher-forced draft logits (B, T, D, V) over whole sequences, any kind; `call` is the module to run (a DDP
+    wrapper of `drafter` while training)."""
+    call = call if call is not None else drafter
+    if isinstance(drafter, DraftDecoder):
+        return call(model, hidden, inputs, cond)
+    return call(hidden, drafter.context(cond), model.to_logits)

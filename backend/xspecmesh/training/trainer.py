@@ -4,7 +4,7 @@
     heads     stage 1: backbone frozen; head k learns the backbone's distribution k positions further on (KL), with
               loss weights decaying exponentially in k. A draft decoder (--head-type eagle|grounded) is unrolled
               over its own features while it learns (model/drafter.py), and --self-samples mixes in sequences the
-              backbone sampled itself at the add-on's default temperature (the drafts it will have to guess)
+              backbone sampled itself at the add-on's default temperature (the sequences it will have to guess)
     lora      stage 2: peft LoRA adapters on the backbone's projections trained jointly with the heads; the backbone's
               own cross-entropy weighted λ keeps its distribution in place; LoRA is merged before saving
 
@@ -36,7 +36,7 @@ from xspecmesh.model.checkpoint import load_checkpoint, save_checkpoint
 from xspecmesh.model.config import HeadsConfig, preset
 from xspecmesh.training.data import ShapeConfig, TrainingPair, iter_pairs, load_mesh_dir, validation_pairs
 from xspecmesh.errors import CheckpointError, SettingsError
-from xspecmesh.model.drafter import DECODER_KINDS, KINDS, DraftDecoder, drafter_for_backbone
+from xspecmesh.model.drafter import DECODER_KINDS, KINDS, draft_logits, drafter_for_backbone
 from xspecmesh.model.transformer import MeshTransformer
 
 # The decoder's attention and feed-forward projections (the point encoder keeps its weights).
@@ -134,6 +134,19 @@ def training_pairs(cfg: TrainConfig, num_points: int, rank: int, start_step: int
         yield pair
         if files:
             yield files[rng.integers(len(files))]
+
+
+@torch.no_grad()
+def own_samples(model, cond: torch.Tensor, max_tokens: int, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The backbone's own AR samples for these conditions at the add-on's default sampling settings, as (inputs,
+    targets) like `collate`'s: the sequences a drafter has to guess at inference."""
+    from xspecmesh.decoding.autoregressive import decode_ar, run_to_end
+    from xspecmesh.decoding.token_sampling import SamplingConfig
+
+    seqs = run_to_end(decode_ar(model, cond, SamplingConfig(), max_tokens, generator), len(cond))
+    inputs, targets, _ = collate([TrainingPair(np.asarray(s, dtype=np.int64), np.zeros((0, 6), np.float32), "sample")
+                                  for s in seqs])
+    return inputs.to(cond.device), targets.to(cond.device)
 
 
 # ---------------------------------------------------------------------------------------------- losses
@@ -296,7 +309,7 @@ class Trainer:
                 return ce, {"loss": ce.item(), "acc": acc}
             if self.cfg.stage == "heads":
                 hidden, cond = hidden.detach(), cond.detach()
-            head_logits = self.draft_logits(self.ddp.get("heads", self.heads), hidden, inputs, cond)
+            head_logits = draft_logits(self.heads, self.model, hidden, inputs, cond, self.ddp.get("heads"))
             distill, agree = head_distillation_loss(head_logits, logits.detach(), targets, self.cfg.head_decay,
                                                     self.cfg.ce_weight)
         loss = distill if self.cfg.stage == "heads" else distill + self.cfg.backbone_weight * ce
@@ -307,29 +320,15 @@ class Trainer:
     def _forward(model, inputs, cond):
         return model(inputs, cond=cond)
 
-    def draft_logits(self, heads, hidden, inputs, cond) -> torch.Tensor:
-        """(B, T, D, V) teacher-forced draft logits; `heads` is the drafter or its DDP wrapper."""
-        if isinstance(self.heads, DraftDecoder):
-            return heads(self.model, hidden, inputs, cond)
-        return heads(hidden, self.heads.context(cond), self.model.to_logits)
-
-    @torch.no_grad()
-    def own_samples(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The backbone's own AR samples for these point clouds at the add-on's default sampling settings, as
-        (inputs, targets) like `collate`'s: the sequences a drafter has to guess at inference."""
-        from xspecmesh.decoding.autoregressive import decode_ar, run_to_end
-        from xspecmesh.decoding.token_sampling import SamplingConfig
-
+    def sampled_batch(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         was_training = self.model.training
         self.model.eval()
-        cond = self.model.encode(points)
         gen = torch.Generator(device=self.device).manual_seed(self.cfg.seed + self.sample_draws)
         self.sample_draws += 1
-        seqs = run_to_end(decode_ar(self.model, cond, SamplingConfig(), 3 * self.cfg.max_faces, gen), len(points))
+        with torch.no_grad():
+            out = own_samples(self.model, self.model.encode(points), 3 * self.cfg.max_faces, gen)
         self.model.train(was_training)
-        pairs = [TrainingPair(np.asarray(s, dtype=np.int64), np.zeros((0, 6), np.float32), "sample") for s in seqs]
-        inputs, targets, _ = collate(pairs)
-        return inputs.to(self.device), targets.to(self.device)
+        return out
 
     # -- loop --------------------------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -354,7 +353,7 @@ class Trainer:
             for _ in range(cfg.grad_accum):
                 inputs, targets, points = (t.to(self.device) for t in next(stream))
                 if cfg.stage != "backbone" and sample_rng.random() < cfg.self_samples:
-                    inputs, targets = self.own_samples(points)
+                    inputs, targets = self.sampled_batch(points)
                 loss, last = self.loss(inputs, targets, points)
                 (loss / cfg.grad_accum).backward()
                 tokens_seen += int((targets >= 0).sum())
@@ -425,7 +424,7 @@ class Trainer:
             totals["acc"] = totals.get("acc", 0) + (logits.argmax(-1) == targets)[valid].sum().item()
             totals["count"] = totals.get("count", 0) + valid.sum().item()
             if heads is not None:
-                hl = self.draft_logits(heads, hidden, inputs, cond)
+                hl = draft_logits(heads, model, hidden, inputs, cond)
                 _, agree = head_distillation_loss(hl, logits, targets, 1.0, 0.0)
                 for k, a in enumerate(agree):
                     totals[f"agree{k + 1}"] = totals.get(f"agree{k + 1}", 0) + a * len(inputs)
