@@ -16,8 +16,7 @@ Two kinds share the block and differ only in what its self-attention sees:
     grounded  only the current step's chain [h_j, r], [g_1, d1], ... (Hydra-like: no cache across steps)
 
 The token embedding is the backbone's (shared, not stored). The output is either the backbone's projection onto the
-5121-token vocabulary or, cheaper by far (that projection alone costs about a sixth of a backbone step at width 256
-on a CPU), factored by axis: a BPT token names three axis values (8 per axis for a block, 16 for an offset), so the
+5121-token vocabulary (a dim x 5121 matrix read for every draft) or, far cheaper, factored by axis: a BPT token names three axis values (8 per axis for a block, 16 for an offset), so the
 drafter emits 3 x 8 + 3 x 16 axis logits and 4 class logits and a token's logit is the sum of its class's and its
 three axes' (`factored_logits`). A draft is the argmax, so only the ranking matters, and where the backbone is
 confident its top token holds the top value on every axis. Drafts are greedy, hence a deterministic function of the

@@ -72,7 +72,9 @@ class TrainConfig:
     head_type: str = "cross"  # cross (the paper's cross-attention heads) | mlp (the ablation) | eagle | grounded
     head_ff_mult: int = 1  # feed-forward width of the heads / the draft decoder's block, times the model width
     head_full_vocab: bool = False  # eagle/grounded: the backbone's output projection instead of per-axis logits
-    self_samples: float = 0.0  # heads/lora: share of micro-batches replaced by the backbone's own AR samples
+    # stage heads: share of micro-batches replaced by the backbone's own AR samples (not in stage lora, whose λ-weighted
+    # cross-entropy would then sharpen the backbone towards its own samples)
+    self_samples: float = 0.0
     head_own_output: bool = False  # heads get their own output projection (started as a copy of the backbone's)
     head_decay: float = 0.8  # head k's loss weight is decay**(k-1)
     ce_weight: float = 0.1  # plus cross-entropy to the true token (0 = pure distillation)
@@ -352,7 +354,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             for _ in range(cfg.grad_accum):
                 inputs, targets, points = (t.to(self.device) for t in next(stream))
-                if cfg.stage != "backbone" and sample_rng.random() < cfg.self_samples:
+                if cfg.stage == "heads" and sample_rng.random() < cfg.self_samples:
                     inputs, targets = self.sampled_batch(points)
                 loss, last = self.loss(inputs, targets, points)
                 (loss / cfg.grad_accum).backward()
