@@ -105,9 +105,8 @@ class DraftDecoder(nn.Module):
     def _step(self, model, ctx: DraftContext, feats, tokens) -> torch.Tensor:
         cache = ctx.cache
         seq_pos = cache.lengths[:, None] + torch.arange(tokens.shape[1], device=tokens.device)
-        mask, upto = cache.prepare(seq_pos)
-        x = self.block(self._pairs(model, feats, tokens), ctx.cross,
-                       lambda k, v: cache.write(0, seq_pos, k, v, upto), mask)
+        at = cache.prepare(seq_pos)
+        x = self.block(self._pairs(model, feats, tokens), ctx.cross, lambda k, v: cache.write(0, at, k, v), at.mask)
         cache.lengths += tokens.shape[1]
         return self.out_norm(x)
 

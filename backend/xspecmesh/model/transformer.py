@@ -1,4 +1,4 @@
-"""The BPT backbone: a perceiver point encoder and a decoder of cosine-attention blocks (DESIGN §2).
+"""The BPT backbone: a perceiver point encoder and a decoder of cosine-attention blocks.
 
 The model holds no generation state. `forward` runs either the whole sequence (training, the naive oracle) or only new
 tokens against an explicit `KVCache` (decoding); both return logits and the final hidden states, which the drafting
@@ -247,13 +247,13 @@ class MeshTransformer(nn.Module):
         else:
             seq_pos = cache.lengths[:, None] + torch.arange(n, device=tokens.device)
             cross = cache.cross
-            mask, upto = cache.prepare(seq_pos)
+            at = cache.prepare(seq_pos)
         x = self.embed(tokens, seq_pos)
         for i, layer in enumerate(self.layers):
             if cache is None:
                 x = layer(x, cross[i], lambda k, v: (k, v), causal=True)
             else:
-                x = layer(x, cross[i], lambda k, v: cache.write(i, seq_pos, k, v, upto), mask)
+                x = layer(x, cross[i], lambda k, v: cache.write(i, at, k, v), at.mask)
         if cache is not None:
             cache.lengths += n
         hidden = self.final_norm(x)
