@@ -151,6 +151,13 @@ def test_checkpoint_records_the_drafter_kind(tmp_path, kind):
     assert isinstance(ck.heads, DraftDecoder) and ck.heads.cfg.kind == kind and ck.max_heads == 3
 
 
+def test_engine_reports_the_drafter_kind(tmp_path):
+    from xspecmesh.decoding.engine import Engine
+
+    info = Engine.load(write_random_checkpoint(tmp_path / "m.safetensors", "tiny", heads=2, head_kind="eagle")).info
+    assert info["drafter"] == "eagle" and info["heads"] == 2
+
+
 def test_unknown_drafter_kind_is_a_clear_error(tmp_path):
     import json
 
