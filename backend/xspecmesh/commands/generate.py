@@ -12,6 +12,13 @@ def register(sub) -> None:
     p = sub.add_parser("generate", help="generate an artist-like mesh for a mesh or point cloud")
     p.add_argument("input", help="mesh file (obj/ply/stl/off/glb) or .npy point cloud (N x 6: xyz + normal)")
     p.add_argument("-o", "--output", required=True, help="output mesh file (format from the extension)")
+    add_decode_options(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object with the statistics")
+    p.set_defaults(func=run)
+
+
+def add_decode_options(p) -> None:
+    """The decode settings, device, checkpoint and --fit (shared with `xspecmesh batch`)."""
     p.add_argument("--mode", choices=["ar", "spec", "naive"], default="spec")
     p.add_argument("--heads", type=int, default=4, help="drafting heads D (capped by the checkpoint's)")
     p.add_argument("--adaptive", action="store_true",
@@ -29,8 +36,26 @@ def register(sub) -> None:
     p.add_argument("--checkpoint", default=None, help="safetensors checkpoint (default: the shipped model)")
     p.add_argument("--fit", action="store_true",
                    help="move the result's vertices onto the input surface (connectivity unchanged; xspecmesh.geometry.fit)")
-    p.add_argument("--json", action="store_true", help="print one JSON object with the statistics")
-    p.set_defaults(func=run)
+
+
+def settings_from_args(args):
+    from xspecmesh.decoding.engine import DecodeSettings
+
+    return DecodeSettings(mode=args.mode, heads=args.heads, adaptive=args.adaptive, delta=args.delta,
+                          accept=args.accept, topk_accept=args.topk_accept, temperature=args.temperature,
+                          top_k=args.top_k, top_p=args.top_p, max_tokens=args.max_tokens, max_faces=args.max_faces,
+                          seed=args.seed, fit=args.fit).validate()
+
+
+def fit_heads(settings, engine) -> None:
+    """Cap the settings' heads at the checkpoint's (with a note), or refuse spec without heads."""
+    from xspecmesh.errors import SettingsError
+
+    if settings.mode == "spec" and engine.max_heads == 0:
+        raise SettingsError("this checkpoint has no drafting heads; use --mode ar")
+    if settings.mode == "spec" and settings.heads > engine.max_heads:
+        print(f"xspecmesh: note: the checkpoint has {engine.max_heads} heads; using {engine.max_heads}", file=sys.stderr)
+        settings.heads = engine.max_heads
 
 
 def load_input(path: str, count: int, seed: int):
@@ -48,21 +73,12 @@ def load_input(path: str, count: int, seed: int):
 
 
 def run(args) -> int:
-    from xspecmesh.decoding.engine import DecodeSettings, Engine
-    from xspecmesh.errors import SettingsError
+    from xspecmesh.decoding.engine import Engine
     from xspecmesh.geometry.mesh import weld, write_mesh
 
-    settings = DecodeSettings(mode=args.mode, heads=args.heads, adaptive=args.adaptive, delta=args.delta,
-                              accept=args.accept, topk_accept=args.topk_accept, temperature=args.temperature,
-                              top_k=args.top_k, top_p=args.top_p, max_tokens=args.max_tokens, max_faces=args.max_faces,
-                              seed=args.seed, fit=args.fit)
-    settings.validate()
+    settings = settings_from_args(args)
     engine = Engine.load(args.checkpoint, args.device)
-    if settings.mode == "spec" and engine.max_heads == 0:
-        raise SettingsError("this checkpoint has no drafting heads; use --mode ar")
-    if settings.mode == "spec" and settings.heads > engine.max_heads:
-        print(f"xspecmesh: note: the checkpoint has {engine.max_heads} heads; using {engine.max_heads}", file=sys.stderr)
-        settings.heads = engine.max_heads
+    fit_heads(settings, engine)
     points, norm = load_input(args.input, engine.model.cfg.encoder.num_points, args.seed)
     result = engine.generate(points, settings)
     tris, fit_stats = result.triangles, {}

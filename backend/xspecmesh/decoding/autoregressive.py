@@ -82,14 +82,19 @@ def decode_ar(
     max_tokens: int,
     generator: torch.Generator | None = None,
     stats: DecodeStats | None = None,
+    finished: torch.Tensor | None = None,
 ) -> Iterator[list[list[int]]]:
-    """Plain AR decoding of B sequences (ragged stops): prefill BOS, then one cached forward per token."""
+    """Plain AR decoding of B sequences (ragged stops): prefill BOS, then one cached forward per token.
+
+    `generator`: one, or a list with one per sequence (each sequence its own seed; see token_sampling.uniform).
+    `finished`: an optional caller-owned (B,) bool tensor, updated in place as sequences end; between steps the
+    caller may set a sequence's entry to stop it (its own face or token limit, a cancel) — it then emits nothing."""
     stats = stats if stats is not None else DecodeStats()
     start = time.perf_counter()
     b = cond.shape[0]
     grammar = Grammar(cond.device)
     state = grammar.start(b)
-    finished = torch.zeros(b, dtype=torch.bool, device=cond.device)
+    finished = finished if finished is not None else torch.zeros(b, dtype=torch.bool, device=cond.device)
     max_tokens = token_limit(model, max_tokens)
     cache = model.new_cache(cond, max_tokens + 1)
     inp = torch.zeros(b, 1, dtype=torch.long, device=cond.device)  # input position 0 is BOS
@@ -114,6 +119,7 @@ def decode_naive(
     max_tokens: int,
     generator: torch.Generator | None = None,
     stats: DecodeStats | None = None,
+    finished: torch.Tensor | None = None,
 ) -> Iterator[list[list[int]]]:
     """The published-code-style loop (BPT's `generate` on x-transformers 1.26.6, the version it pins): every step
     re-embeds the whole prefix, recomputes every layer's cross-attention keys/values over the condition, appends the
@@ -124,7 +130,7 @@ def decode_naive(
     b = cond.shape[0]
     grammar = Grammar(cond.device)
     state = grammar.start(b)
-    finished = torch.zeros(b, dtype=torch.bool, device=cond.device)
+    finished = finished if finished is not None else torch.zeros(b, dtype=torch.bool, device=cond.device)
     seq = torch.zeros(b, 1, dtype=torch.long, device=cond.device)  # position 0: BOS
     past: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(model.layers)
     for _ in range(token_limit(model, max_tokens)):

@@ -164,9 +164,13 @@ class Engine:
         pts = prepare_points(points, self.model.cfg.encoder.num_points, seed)
         return self.model.encode(torch.from_numpy(pts)[None].to(self.device))
 
-    def decoder(self, cond: torch.Tensor, settings: DecodeSettings, stats: DecodeStats):
-        gen = torch.Generator(device=self.device).manual_seed(settings.seed)
-        common = dict(sampling=settings.sampling(), max_tokens=settings.max_tokens, generator=gen, stats=stats)
+    def decoder(self, cond: torch.Tensor, settings: DecodeSettings, stats: DecodeStats, generator=None,
+                max_tokens: int | None = None, finished: torch.Tensor | None = None):
+        """The decoder `settings` ask for over cond's batch; `generator` (one, or one per sequence), `max_tokens` and
+        the caller-owned `finished` mask override the settings' seed and limit (see `stream_batch`)."""
+        gen = generator if generator is not None else torch.Generator(device=self.device).manual_seed(settings.seed)
+        common = dict(sampling=settings.sampling(), max_tokens=max_tokens or settings.max_tokens, generator=gen,
+                      stats=stats, finished=finished)
         if settings.mode == "spec":
             if self.ckpt.heads is None:
                 raise SettingsError("this checkpoint has no drafting heads; use mode ar")
@@ -215,3 +219,88 @@ class Engine:
             tris.append(upd.triangles)
             stats = upd.stats
         return GenerationResult(tokens, np.concatenate(tris) if tris else np.zeros((0, 3, 3), np.float32), stats)
+
+    # ---------------------------------------------------------------------------------------------- batches
+    def stream_batch(self, conds: list[torch.Tensor], settings: list[DecodeSettings],
+                     stop: set[int] | None = None) -> Iterator[tuple[int, StepUpdate]]:
+        """Decode several objects in one batch: conds[i] from `condition(points_i, settings[i].seed)`, and
+        settings that agree but for `batch_key`'s exceptions (seed, max_tokens, max_faces, fit).
+
+        Yields (i, update) for every object still running after each step: each object's updates are those
+        `stream` gives for it alone (the last one has done=True), and it stops at its own EOS, max_faces or
+        max_tokens, then leaves the batch's work (a finished sequence emits nothing more). Each object has its own
+        random stream (seeded by its seed), so greedy decoding gives the tokens of decoding it alone, and sampling
+        is reproducible for given seeds and batch. Adding i to `stop` between steps drops object i silently (a
+        cancel). A decoding step costs one batched forward however many objects still run; the batch ends with
+        its longest object (`batch.run_batched` refills between batches)."""
+        if len({batch_key(s) for s in settings}) > 1:
+            raise SettingsError("the objects of one batch must share their decode settings (all but seed and limits)")
+        for s in settings:
+            s.validate(self.max_heads)
+        stop = stop if stop is not None else set()
+        start = time.perf_counter()
+        stats = DecodeStats()
+        gens = [torch.Generator(device=self.device).manual_seed(s.seed) for s in settings]
+        finished = torch.zeros(len(conds), dtype=torch.bool, device=self.device)
+        rows = [_Row(s, token_limit(self.model, s.max_tokens)) for s in settings]
+        steps = self.decoder(torch.cat(conds), settings[0], stats, gens, max(s.max_tokens for s in settings), finished)
+        common = {"mode": settings[0].mode, "heads": settings[0].heads if settings[0].mode == "spec" else 0,
+                  "adaptive": settings[0].adaptive and settings[0].mode == "spec", "delta": settings[0].delta,
+                  "accept": settings[0].accept, "device": str(self.device), "batch": len(conds)}
+        try:
+            for accepted in steps:
+                ended = finished.tolist()
+                for i, (row, new) in enumerate(zip(rows, accepted)):
+                    if row.done or i in stop:
+                        finished[i] = True
+                        row.done = True
+                        continue
+                    upd = row.push(new, ended[i])
+                    if upd.done:
+                        finished[i] = True
+                    seconds = time.perf_counter() - start
+                    upd.stats = upd.stats | common | {
+                        "seconds": round(seconds, 4), "tokens_per_second": round(row.tokens_count / seconds, 2),
+                        "batch_tokens_per_second": stats.as_dict()["tokens_per_second"]}
+                    yield i, upd
+        finally:
+            steps.close()
+
+
+def batch_key(settings: DecodeSettings) -> tuple:
+    """What objects decoded in one batch must share: everything but the seed, the limits and the fit."""
+    d = dataclasses.asdict(settings)
+    return tuple((k, v) for k, v in sorted(d.items()) if k not in ("seed", "max_tokens", "max_faces", "fit"))
+
+
+class _Row:
+    """One object of a batch: its tokens, faces and limits, and the updates `stream_batch` yields for it."""
+
+    def __init__(self, settings: DecodeSettings, limit: int):
+        self.settings, self.limit = settings, limit
+        self.detok = tok.IncrementalDetokenizer()
+        self.tokens: list[int] = []
+        self.faces = self.steps = 0
+        self.done = False
+
+    def push(self, new: list[int], ended: bool) -> StepUpdate:
+        """This step's accepted tokens; `ended`: the decoder finished the sequence (EOS or the batch's limit)."""
+        self.steps += 1
+        new = new[: self.limit - len(self.tokens)]
+        self.tokens.extend(new)
+        tris = [self.detok.push(t) for t in new]
+        tris = np.concatenate(tris) if tris else np.zeros((0, 3, 3), dtype=np.int64)
+        if self.settings.max_faces is not None:
+            tris = tris[: max(0, self.settings.max_faces - self.faces)]
+        self.faces += len(tris)
+        full = self.settings.max_faces is not None and self.faces >= self.settings.max_faces
+        self.done = full or ended or len(self.tokens) >= self.limit
+        n = len(self.tokens)
+        stats = {"steps": self.steps, "tokens": n, "scr": round(n / self.steps, 4), "faces": self.faces}
+        if self.done:
+            stats["complete"] = not full and n < self.limit
+        return StepUpdate(new, tok.dequantize(tris).astype(np.float32), stats, done=self.done)
+
+    @property
+    def tokens_count(self) -> int:
+        return len(self.tokens)
