@@ -5,6 +5,12 @@ are checked (points, settings) and queued, `cancel` and `shutdown` act immediate
 main thread takes queued requests in order and streams them: `faces` (triangles batched since the last faces line)
 and `progress`, each at most every `interval` seconds, then `done` (with the fitted triangles when the request's
 settings ask for `fit`). A cancel is seen after the current decoding step.
+
+Batching (`serve --batch B`, B > 1): the main thread takes the first queued request together with the next queued
+ones that share its decode settings (all but seed and limits), up to B, and decodes them in one batch
+(`Engine.stream_batch`); each keeps its own stream of lines, and a cancel drops only its request. A request marked
+`"more": true` holds the start of new work until a request without it arrives, so a client can queue a whole
+collection before the first object starts.
 Only protocol lines reach the real stdout; stray prints (Python or C level) are redirected to stderr.
 """
 from __future__ import annotations
@@ -15,6 +21,7 @@ import threading
 import time
 import traceback
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Callable
 
@@ -47,16 +54,18 @@ class Server:
     """Protocol dispatch around an engine with `stream(points, settings)` (see xspecmesh.decoding.engine)."""
 
     def __init__(self, engine, out: BinaryIO, parse_settings: Callable[[dict], Any] | None = None,
-                 interval: float = 0.1):
+                 interval: float = 0.1, batch: int = 1):
         self.engine = engine
+        self.batch = batch
         self.out = out
         self.parse_settings = parse_settings or _engine_settings(engine)
         self.interval = interval
         self._write_lock = threading.Lock()
         self._cond = threading.Condition()
         self._queue: deque[Job] = deque()
-        self._running: str | None = None
-        self._cancel = threading.Event()  # cancels the running job only
+        self._running: set[str] = set()
+        self._cancelled: set[str] = set()  # running jobs asked to stop
+        self._holding = False  # the last request said "more": wait for the rest before starting new work
         self._stop = False  # shutdown: cancel everything and leave
         self._eof = False  # end of input: finish the queue and leave
         self._broken = False  # stdout is gone
@@ -72,7 +81,6 @@ class Server:
             except (OSError, ValueError) as exc:  # broken pipe or closed file
                 with self._cond:
                     self._stop = self._broken = True
-                    self._cancel.set()
                     self._cond.notify_all()
                 raise OutputClosed(str(exc)) from None
 
@@ -130,15 +138,16 @@ class Server:
         with self._cond:
             if self._stop:
                 raise XSpecMeshError("the backend is shutting down")
-            if rid == self._running or any(j.id == rid for j in self._queue):
+            if rid in self._running or any(j.id == rid for j in self._queue):
                 raise XSpecMeshError(f"request id {rid!r} is already queued or running")
             self._queue.append(job)
+            self._holding = req.get("more") is True
             self._cond.notify_all()
 
     def cancel(self, rid: str) -> None:
         with self._cond:
-            if rid == self._running:
-                self._cancel.set()
+            if rid in self._running:
+                self._cancelled.add(rid)
                 return
             job = next((j for j in self._queue if j.id == rid), None)
             if job is not None:
@@ -151,7 +160,6 @@ class Server:
     def shutdown(self) -> None:
         with self._cond:
             self._stop = True
-            self._cancel.set()
             dropped = list(self._queue)
             self._queue.clear()
             self._cond.notify_all()
@@ -165,77 +173,165 @@ class Server:
         try:
             while True:
                 with self._cond:
-                    while not self._queue and not self._stop and not self._eof:
+                    while (not self._queue or self._holding) and not self._stop and not self._eof:
                         self._cond.wait()
                     if not self._queue:
                         return 1 if self._broken else 0
-                    job = self._queue.popleft()
-                    self._running = job.id
-                    self._cancel.clear()
+                    jobs = self._take()
+                    self._running = {j.id for j in jobs}
+                    self._cancelled.clear()
                 try:
-                    self.decode(job)
+                    if len(jobs) == 1:
+                        self.decode(jobs[0])
+                    else:
+                        self.decode_batch(jobs)
                 finally:
                     with self._cond:
-                        self._running = None
+                        self._running = set()
         except OutputClosed as exc:
             log(f"stdout closed ({exc}); exiting")
             return 1
 
+    def _take(self) -> list[Job]:
+        """The next job, and (when batching) the queued jobs that can share its batch, up to `batch` (lock held)."""
+        first = self._queue.popleft()
+        jobs = [first]
+        if self.batch > 1 and hasattr(self.engine, "stream_batch"):
+            from xspecmesh.decoding.engine import batch_key
+
+            key = batch_key(first.settings)
+            for job in [j for j in self._queue if batch_key(j.settings) == key][: self.batch - 1]:
+                self._queue.remove(job)
+                jobs.append(job)
+        return jobs
+
+    def _is_cancelled(self, rid: str) -> bool:
+        return self._stop or rid in self._cancelled
+
     def decode(self, job: Job) -> None:
-        stats: dict = {}
-        tris: list[np.ndarray] = []  # this request's triangles so far (the fit needs them all); tris[sent:] unsent
-        sent = 0
-        last_faces = last_progress = -float("inf")
-        cancelled = self._cancel.is_set()  # cancelled before it started: nothing to decode
-        try:
+        reply = Reply(self, job)
+        cancelled = self._is_cancelled(job.id)  # cancelled before it started: nothing to decode
+        with reply.failures():
             stream = (u for u in ()) if cancelled else self.engine.stream(job.points, job.settings)
             try:
                 for upd in stream:
-                    stats = upd.stats
-                    if len(upd.triangles):
-                        tris.append(upd.triangles)
-                    if self._cancel.is_set():
+                    if not reply.update(upd):
                         cancelled = True
                         break
-                    now = time.monotonic()
-                    if sent < len(tris) and now - last_faces >= self.interval:
-                        sent = self._flush(job.id, tris, sent)
-                        last_faces = now
-                    if not upd.done and now - last_progress >= self.interval:
-                        self.send(protocol.progress(job.id, stats))
-                        last_progress = now
             finally:
                 stream.close()
-            self._flush(job.id, tris, sent)
-            fitted = None
-            # (getattr: the tests' scripted engines take plain dicts as settings)
-            if getattr(job.settings, "fit", False) and not cancelled and tris:
-                from xspecmesh.geometry.fit import fit_result  # scipy's sparse solvers: loaded only when a fit is asked for
+            reply.finish(cancelled)
 
-                fitted, fit_stats = fit_result(np.concatenate(tris), job.points, stats)
-                stats = stats | fit_stats
-                if "fit_error" in fit_stats:
-                    log(f"request {job.id!r}: fit failed, sending the mesh as decoded: {fit_stats['fit_error']}")
-                if self._cancel.is_set():  # a cancel that came in during the fit still counts
-                    cancelled, fitted = True, None
-                    stats = {k: v for k, v in stats.items() if not k.startswith("fit_")} | {"fit_skipped": "cancelled"}
-            self.send(protocol.done(job.id, stats or ZERO_STATS, cancelled=cancelled,
-                                    fitted=None if fitted is None else fitted.tolist()))
+    def decode_batch(self, jobs: list[Job]) -> None:
+        """Several jobs in one batch: a job whose points the engine refuses fails alone; a cancelled one leaves the
+        batch at the next step (its `done` says cancelled), the others go on."""
+        replies, conds = [], []
+        for job in jobs:
+            reply = Reply(self, job)
+            with reply.failures():
+                conds.append(self.engine.condition(job.points, job.settings.seed))
+                replies.append(reply)
+        if not replies:
+            return
+        stop: set[int] = set()
+        open_ = set(range(len(replies)))
+        with replies[0].failures(others=replies[1:]):
+            stream = self.engine.stream_batch(conds, [r.job.settings for r in replies], stop)
+            try:
+                for i, upd in stream:
+                    reply = replies[i]
+                    if not reply.update(upd):
+                        stop.add(i)
+                    if upd.done or i in stop:
+                        open_.discard(i)
+                        with reply.failures():
+                            reply.finish(i in stop)
+                    for j in list(open_):  # cancels of jobs that had no update this step
+                        if self._is_cancelled(replies[j].job.id):
+                            stop.add(j)
+                            open_.discard(j)
+                            replies[j].finish(True)
+            finally:
+                stream.close()
+            for j in sorted(open_):  # what the stream never finished (none unless the engine stopped early)
+                replies[j].finish(self._is_cancelled(replies[j].job.id))
+
+
+class Reply:
+    """One request's answer: its triangles (the fit needs them all; tris[sent:] not yet sent), faces and progress
+    lines at most every `interval`, and the final done or error."""
+
+    def __init__(self, server: Server, job: Job):
+        self.server, self.job = server, job
+        self.stats: dict = {}
+        self.tris: list[np.ndarray] = []
+        self.sent = 0
+        self.last_faces = self.last_progress = -float("inf")
+        self.answered = False
+
+    def update(self, upd) -> bool:
+        """Take one engine update and send what is due; False when the request was cancelled."""
+        self.stats = upd.stats
+        if len(upd.triangles):
+            self.tris.append(upd.triangles)
+        if self.server._is_cancelled(self.job.id):
+            return False
+        now = time.monotonic()
+        if self.sent < len(self.tris) and now - self.last_faces >= self.server.interval:
+            self.flush()
+            self.last_faces = now
+        if not upd.done and now - self.last_progress >= self.server.interval:
+            self.server.send(protocol.progress(self.job.id, self.stats))
+            self.last_progress = now
+        return True
+
+    def flush(self) -> None:
+        """Send tris[sent:] as one faces line (if any)."""
+        if self.sent < len(self.tris):
+            batch = np.concatenate(self.tris[self.sent:]).astype(np.float32).reshape(-1, 3, 3)
+            self.server.send(protocol.faces(self.job.id, batch.tolist()))
+        self.sent = len(self.tris)
+
+    def finish(self, cancelled: bool) -> None:
+        """The remaining faces, the fit when asked for (and not cancelled), then `done`."""
+        if self.answered:
+            return
+        job, stats = self.job, self.stats
+        self.flush()
+        fitted = None
+        # (getattr: the tests' scripted engines take plain dicts as settings)
+        if getattr(job.settings, "fit", False) and not cancelled and self.tris:
+            from xspecmesh.geometry.fit import fit_result  # scipy's sparse solvers: loaded only when a fit is asked for
+
+            fitted, fit_stats = fit_result(np.concatenate(self.tris), job.points, stats)
+            stats = stats | fit_stats
+            if "fit_error" in fit_stats:
+                log(f"request {job.id!r}: fit failed, sending the mesh as decoded: {fit_stats['fit_error']}")
+            if self.server._is_cancelled(job.id):  # a cancel that came in during the fit still counts
+                cancelled, fitted = True, None
+                stats = {k: v for k, v in stats.items() if not k.startswith("fit_")} | {"fit_skipped": "cancelled"}
+        self.answered = True
+        self.server.send(protocol.done(job.id, stats or ZERO_STATS, cancelled=cancelled,
+                                       fitted=None if fitted is None else fitted.tolist()))
+
+    @contextmanager
+    def failures(self, others: list["Reply"] = ()):
+        """Turn an exception into an `error` line for this request (and `others` not yet answered)."""
+        try:
+            yield
         except OutputClosed:
             raise
-        except XSpecMeshError as exc:
-            self.send(protocol.error(job.id, str(exc)))
         except Exception as exc:
-            print(f"xspecmesh serve: request {job.id!r} failed:", file=sys.stderr)
-            traceback.print_exc(file=sys.stderr)
-            self.send(protocol.error(job.id, f"decoding failed: {type(exc).__name__}: {exc}"))
-
-    def _flush(self, rid: str, tris: list[np.ndarray], sent: int) -> int:
-        """Send tris[sent:] as one faces line (if any); returns how many chunks are now sent."""
-        if sent < len(tris):
-            batch = np.concatenate(tris[sent:]).astype(np.float32).reshape(-1, 3, 3)
-            self.send(protocol.faces(rid, batch.tolist()))
-        return len(tris)
+            if isinstance(exc, XSpecMeshError):
+                message = str(exc)
+            else:
+                print(f"xspecmesh serve: request {self.job.id!r} failed:", file=sys.stderr)
+                traceback.print_exc(file=sys.stderr)
+                message = f"decoding failed: {type(exc).__name__}: {exc}"
+            for reply in [self, *others]:
+                if not reply.answered:
+                    reply.answered = True
+                    self.server.send(protocol.error(reply.job.id, message))
 
 
 def _engine_settings(engine) -> Callable[[dict], Any]:
@@ -249,7 +345,7 @@ def _engine_settings(engine) -> Callable[[dict], Any]:
     return parse
 
 
-def serve_main(checkpoint: str | None = None, device: str = "auto") -> int:
+def serve_main(checkpoint: str | None = None, device: str = "auto", batch: int = 8) -> int:
     """Entry point of `xspecmesh serve`: guard stdout, load the model once, say hello, serve until told to stop."""
     sys.stdout.flush()
     try:
@@ -282,7 +378,7 @@ def serve_main(checkpoint: str | None = None, device: str = "auto") -> int:
 
     info = {"version": __version__, **engine.info}
     log(f"ready: {info}")
-    server = Server(engine, out)
+    server = Server(engine, out, batch=batch)
     try:
         server.send(protocol.hello(info))
     except OutputClosed:
