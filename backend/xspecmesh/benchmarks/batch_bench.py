@@ -1,15 +1,15 @@
 """Batch retopology benchmark: objects per minute and tokens/s at several batch sizes B, AR and speculative, on real
 meshes and on procedural shapes, every configuration interleaved in each repetition (the machine may be shared).
 
-    python -m xspecmesh.benchmarks.batch_bench --meshes cache/eval/meshes --count 16 --batch 1,4,8,16 \
+    python -m xspecmesh.benchmarks.batch_bench --meshes cache/eval/meshes --count 16 --batch 1,4,8,16 --rounds 8,16 \
         --max-tokens 600 --reps 2 --serve 8 --json batch_bench.json
 
 Three measurements:
   engine  each set of objects decoded B at a time through `Engine.stream_batch` (what `xspecmesh batch` and
-          `serve --batch` run); B = 1 is today's path, `Engine.stream` one object after another. Greedy decoding
-          (temperature 0), so every B must give every object the tokens it gets alone: `identical` checks it.
-          `occupancy` is the share of the batch's sequence slots that were still decoding, per step (1 - occupancy
-          is what letting queued objects join mid-batch could at most win back).
+          `serve --batch` run), a waiting object taking the slot of one that finished; with --rounds also in rounds
+          of B that each wait for their longest object. B = 1 is today's path, `Engine.stream` one object after
+          another. Greedy decoding (temperature 0), so every B must give every object the tokens it gets alone:
+          `identical` checks it. `occupancy`: the share of slot-steps that decoded a live object.
   serve   (--serve N) N objects sent at once to a `xspecmesh serve --batch B` process, as the add-on's collection
           mode sends them, B = 1 (one at a time) against B = N; seconds from the first request to the last `done`,
           and whether every object's triangles agree.
@@ -35,26 +35,27 @@ import torch
 from xspecmesh.decoding.engine import DecodeSettings, Engine
 
 
-def decode_set(engine: Engine, points: list[np.ndarray], settings: DecodeSettings, batch: int) -> tuple[dict, list]:
-    """Decode every object, `batch` at a time; (measurements, tokens per object)."""
+def decode_set(engine: Engine, points: list[np.ndarray], settings: DecodeSettings, batch: int,
+               join: bool = True) -> tuple[dict, list]:
+    """Decode every object, `batch` at a time: queued objects joining as others finish (`join`), or in rounds of
+    `batch` that each wait for their longest object; (measurements, tokens per object)."""
     tokens: list[list[int]] = [[] for _ in points]
     row_steps = slot_steps = 0
     start = time.perf_counter()
     conds = [engine.condition(p, settings.seed) for p in points]
-    for first in range(0, len(points), batch):
-        idx = list(range(first, min(len(points), first + batch)))
-        if batch == 1:
-            steps = {}
-            for upd in engine.stream(points[first], replace(settings)):
-                tokens[first] += upd.tokens
-                steps[0] = upd.stats["steps"]
-        else:
-            steps = {}
-            for i, upd in engine.stream_batch([conds[k] for k in idx], [replace(settings) for _ in idx]):
-                tokens[idx[i]] += upd.tokens
-                steps[i] = upd.stats["steps"]
+    groups = [list(range(len(points)))] if join else [list(range(f, min(len(points), f + batch)))
+                                                      for f in range(0, len(points), batch)]
+    for idx in groups if batch > 1 else []:
+        steps, batch_steps = {}, 0
+        for i, upd in engine.stream_batch([conds[k] for k in idx], [replace(settings) for _ in idx], slots=batch):
+            tokens[idx[i]] += upd.tokens
+            steps[i] = upd.stats["steps"]
+            batch_steps = max(batch_steps, upd.stats["batch_steps"])
         row_steps += sum(steps.values())
-        slot_steps += len(idx) * max(steps.values())
+        slot_steps += min(batch, len(idx)) * batch_steps
+    for k in range(len(points)) if batch == 1 else []:  # today's path: one object after another
+        for upd in engine.stream(points[k], replace(settings)):
+            tokens[k] += upd.tokens
     seconds = time.perf_counter() - start
     n_tokens = sum(map(len, tokens))
     return {"seconds": seconds, "objects": len(points), "tokens": n_tokens,
@@ -63,30 +64,33 @@ def decode_set(engine: Engine, points: list[np.ndarray], settings: DecodeSetting
 
 
 def bench_engine(engine: Engine, sets: dict[str, list[np.ndarray]], batches, modes, max_tokens: int, reps: int,
-                 log=print) -> list[dict]:
-    """Every (set, mode, B) once per repetition, interleaved; rows summed over repetitions."""
+                 log=print, rounds=()) -> list[dict]:
+    """Every (set, mode, B) once per repetition, interleaved, with joining; B in `rounds` also in rounds; rows
+    summed over repetitions."""
     rows: dict[tuple, dict] = {}
     for rep in range(reps):
         for set_name, points in sets.items():
             for mode in modes:
                 settings = DecodeSettings(mode=mode, temperature=0.0, max_tokens=max_tokens, seed=0)
                 alone = None
-                for b in batches:
-                    m, tokens = decode_set(engine, points, settings, b)
+                for b, join in [(b, True) for b in batches] + [(b, False) for b in rounds]:
+                    m, tokens = decode_set(engine, points, settings, b, join)
                     alone = tokens if alone is None else alone
-                    row = rows.setdefault((set_name, mode, b), {"set": set_name, "mode": mode, "batch": b,
-                                                                "seconds": 0.0, "tokens": 0, "objects": 0,
-                                                                "occupancy": [], "scr": 0.0, "identical": True})
+                    how = "join" if join or b == 1 else "rounds"
+                    row = rows.setdefault((set_name, mode, b, how), {
+                        "set": set_name, "mode": mode, "batch": b, "refill": how, "seconds": 0.0, "tokens": 0,
+                        "objects": 0, "occupancy": [], "scr": 0.0, "identical": True})
                     row["seconds"] += m["seconds"]
                     row["tokens"] += m["tokens"]
                     row["objects"] += m["objects"]
                     row["occupancy"].append(m["occupancy"])
                     row["scr"] = m["scr"]
                     row["identical"] &= tokens == alone
-                    log(f"rep {rep} {set_name} {mode} B={b}: {m['seconds']:.1f} s, {m['tokens']} tokens")
+                    log(f"rep {rep} {set_name} {mode} B={b} {how}: {m['seconds']:.1f} s, {m['tokens']} tokens, "
+                        f"occupancy {m['occupancy']:.2f}")
     out = []
-    for (set_name, mode, b), row in rows.items():
-        base = rows[(set_name, mode, batches[0])]
+    for (set_name, mode, b, how), row in rows.items():
+        base = rows[(set_name, mode, batches[0], "join")]
         row["objects_per_minute"] = 60 * row["objects"] / row["seconds"]
         row["tokens_per_second"] = row["tokens"] / row["seconds"]
         row["speedup"] = base["seconds"] / row["seconds"]
@@ -177,10 +181,11 @@ def bench_cli(checkpoint, files: list[Path], modes, max_tokens, reps, threads, l
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| set | mode | B | objects/min | tokens/s | × B=1 | occupancy | SCR | identical |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| set | mode | B | refill | objects/min | tokens/s | × B=1 | occupancy | SCR | identical |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['set']} | {r['mode']} | {r['batch']} | {r['objects_per_minute']:.2f} | "
+        refill = "one at a time" if r["batch"] == 1 else r["refill"]
+        lines.append(f"| {r['set']} | {r['mode']} | {r['batch']} | {refill} | {r['objects_per_minute']:.2f} | "
                      f"{r['tokens_per_second']:.0f} | {r['speedup']:.2f} | {r['occupancy']:.2f} | {r['scr']:.2f} | "
                      f"{'yes' if r['identical'] else 'NO'} |")
     return "\n".join(lines)
@@ -192,7 +197,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--meshes", default=None, help="folder of real meshes (tools/fetch_eval_meshes.py)")
     p.add_argument("--count", type=int, default=16, help="objects per set")
-    p.add_argument("--batch", default="1,4,8,16")
+    p.add_argument("--batch", default="1,4,8,16", help="batch sizes, the first the baseline (1: one at a time)")
+    p.add_argument("--rounds", default="", help="batch sizes also run in rounds (no joining), to compare")
     p.add_argument("--modes", default="ar,spec")
     p.add_argument("--max-tokens", type=int, default=600)
     p.add_argument("--reps", type=int, default=1)
@@ -204,6 +210,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     batches = [int(b) for b in args.batch.split(",")]
+    rounds = [int(b) for b in args.rounds.split(",") if b]
     modes = args.modes.split(",")
     engine = Engine.load(args.checkpoint, "cpu")
     n = engine.model.cfg.encoder.num_points
@@ -214,7 +221,7 @@ def main(argv=None) -> int:
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     result = {"threads": args.threads, "max_tokens": args.max_tokens, "reps": args.reps, "count": args.count,
               "checkpoint": engine.ckpt.path, "engine": bench_engine(engine, sets, batches, modes, args.max_tokens,
-                                                                     args.reps, log)}
+                                                                     args.reps, log, rounds)}
     if args.serve:
         pts = (sets.get("real") or sets["procedural"])[: args.serve]
         result["serve"] = bench_serve(args.checkpoint, pts, modes, args.max_tokens, args.reps, args.threads, log)

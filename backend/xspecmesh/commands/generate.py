@@ -58,6 +58,25 @@ def fit_heads(settings, engine) -> None:
         settings.heads = engine.max_heads
 
 
+def result_mesh(triangles, points, norm, stats: dict, fit: bool, what: str = ""):
+    """A decoded triangle soup (normalized frame) → welded (vertices, faces) in the input's frame, fitted to the
+    points first when asked (stats say whether); the fit's stats. No faces is an error."""
+    from xspecmesh.errors import XSpecMeshError
+    from xspecmesh.geometry.mesh import weld
+
+    fit_stats = {}
+    if fit:
+        from xspecmesh.geometry.fit import fit_result
+
+        fitted, fit_stats = fit_result(triangles, points, stats)
+        triangles = triangles if fitted is None else fitted
+    flat = triangles.reshape(-1, 3)
+    vertices, faces = weld(norm.invert(flat), np.arange(len(flat)).reshape(-1, 3))
+    if len(faces) == 0:
+        raise XSpecMeshError(f"the model produced no faces{what} ({stats['tokens']} tokens)")
+    return vertices, faces, fit_stats
+
+
 def load_input(path: str, count: int, seed: int):
     """Points (count, 6) in the normalized frame and the Normalization that maps back to the input's frame."""
     from xspecmesh.geometry.mesh import load_mesh, load_points, normalize, sample_surface
@@ -74,25 +93,15 @@ def load_input(path: str, count: int, seed: int):
 
 def run(args) -> int:
     from xspecmesh.decoding.engine import Engine
-    from xspecmesh.geometry.mesh import weld, write_mesh
+    from xspecmesh.geometry.mesh import write_mesh
 
     settings = settings_from_args(args)
     engine = Engine.load(args.checkpoint, args.device)
     fit_heads(settings, engine)
     points, norm = load_input(args.input, engine.model.cfg.encoder.num_points, args.seed)
     result = engine.generate(points, settings)
-    tris, fit_stats = result.triangles, {}
-    if settings.fit:
-        from xspecmesh.geometry.fit import fit_result
-
-        fitted, fit_stats = fit_result(tris, points, result.stats)
-        tris = tris if fitted is None else fitted
-    tris = tris.reshape(-1, 3)
-    vertices, faces = weld(norm.invert(tris), np.arange(len(tris)).reshape(-1, 3))
-    if len(faces) == 0:
-        from xspecmesh.errors import XSpecMeshError
-
-        raise XSpecMeshError(f"the model produced no faces for {args.input} ({result.stats['tokens']} tokens)")
+    vertices, faces, fit_stats = result_mesh(result.triangles, points, norm, result.stats, settings.fit,
+                                             f" for {args.input}")
     write_mesh(args.output, vertices, faces)
     stats = result.stats | fit_stats | {"faces": int(len(faces)), "vertices": int(len(vertices)),
                             "sequence_sha256": hashlib.sha256(",".join(map(str, result.tokens)).encode()).hexdigest(),

@@ -7,8 +7,9 @@ has finished), so callers stream, detokenize and cancel between steps.
 """
 from __future__ import annotations
 
+import itertools
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 
 from xspecmesh.geometry import tokenizer as tok
 from xspecmesh.model.transformer import MeshTransformer
-from xspecmesh.decoding.token_sampling import Grammar, SamplingConfig, distribution, draw
+from xspecmesh.decoding.token_sampling import START, Grammar, SamplingConfig, distribution, draw
 
 
 MAX_DRAFT = 8  # the most drafting heads a decoder uses: its verification needs that many positions past the tokens
@@ -60,6 +61,26 @@ class DecodeStats:
         return d
 
 
+# Continuous batching: after each step a decoder calls join(free slots) -> [(slot, cond (1, M, dim), generator)] for
+# the sequences that take those slots over; a new sequence starts at BOS in the next step.
+Join = Callable[[list[int]], list[tuple[int, torch.Tensor, torch.Generator]]]
+
+
+def restart_slots(model: MeshTransformer, cache, join: Join | None, finished: torch.Tensor, state: torch.Tensor,
+                  generator) -> list[tuple[int, torch.Tensor]]:
+    """Hand finished slots to joining sequences: their cache slot emptied with the new condition's cross-attention
+    keys/values, grammar state START, not finished, their own generator. Returns (slot, cond) of each."""
+    if join is None or not bool(finished.any()):
+        return []
+    joined = join(torch.nonzero(finished).flatten().tolist())
+    for slot, cond, gen in joined:
+        cache.restart(slot, [layer.cross_attn.context_kv(cond) for layer in model.layers])
+        state[slot] = START
+        finished[slot] = False
+        generator[slot] = gen
+    return [(slot, cond) for slot, cond, _ in joined]
+
+
 def _emit(tokens: torch.Tensor, finished: torch.Tensor) -> list[list[int]]:
     """Per sequence the accepted token (none once finished; EOS is not reported as a token)."""
     return [[] if f or t == tok.EOS else [t] for t, f in zip(tokens.tolist(), finished.tolist())]
@@ -83,12 +104,15 @@ def decode_ar(
     generator: torch.Generator | None = None,
     stats: DecodeStats | None = None,
     finished: torch.Tensor | None = None,
+    join: Join | None = None,
 ) -> Iterator[list[list[int]]]:
     """Plain AR decoding of B sequences (ragged stops): prefill BOS, then one cached forward per token.
 
     `generator`: one, or a list with one per sequence (each sequence its own seed; see token_sampling.uniform).
     `finished`: an optional caller-owned (B,) bool tensor, updated in place as sequences end; between steps the
-    caller may set a sequence's entry to stop it (its own face or token limit, a cancel) — it then emits nothing."""
+    caller may set a sequence's entry to stop it (its own face or token limit, a cancel) — it then emits nothing.
+    `join` (with one generator per sequence): finished slots are taken over by new sequences (see `Join`); the caller
+    then stops each sequence at its token limit, which must not exceed `max_tokens`."""
     stats = stats if stats is not None else DecodeStats()
     start = time.perf_counter()
     b = cond.shape[0]
@@ -98,17 +122,21 @@ def decode_ar(
     max_tokens = token_limit(model, max_tokens)
     cache = model.new_cache(cond, max_tokens + 1)
     inp = torch.zeros(b, 1, dtype=torch.long, device=cond.device)  # input position 0 is BOS
-    for _ in range(max_tokens):
+    for _ in itertools.count() if join else range(max_tokens):
         logits, _ = model(inp, cache=cache)
+        if join is not None:  # a finished slot waiting for no one must not outgrow the cache: it keeps its length
+            cache.rollback(torch.where(finished, cache.lengths - 1, cache.lengths))
         stats.seq_steps += int((~finished).sum())
         nxt, state, accepted = _sample_step(logits[:, -1], sampling, grammar, state, finished, generator)
         stats.steps += 1
         stats.tokens += sum(len(a) for a in accepted)
         stats.seconds = time.perf_counter() - start
         yield accepted
+        inp = nxt[:, None]
+        for slot, _ in restart_slots(model, cache, join, finished, state, generator):
+            inp[slot] = 0  # BOS
         if bool(finished.all()):
             return
-        inp = nxt[:, None]
 
 
 @torch.no_grad()

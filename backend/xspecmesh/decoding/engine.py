@@ -165,12 +165,14 @@ class Engine:
         return self.model.encode(torch.from_numpy(pts)[None].to(self.device))
 
     def decoder(self, cond: torch.Tensor, settings: DecodeSettings, stats: DecodeStats, generator=None,
-                max_tokens: int | None = None, finished: torch.Tensor | None = None):
-        """The decoder `settings` ask for over cond's batch; `generator` (one, or one per sequence), `max_tokens` and
-        the caller-owned `finished` mask override the settings' seed and limit (see `stream_batch`)."""
+                max_tokens: int | None = None, finished: torch.Tensor | None = None, join=None):
+        """The decoder `settings` ask for over cond's batch; `generator` (one, or one per sequence), `max_tokens`,
+        the caller-owned `finished` mask and `join` are for `stream_batch`."""
         gen = generator if generator is not None else torch.Generator(device=self.device).manual_seed(settings.seed)
         common = dict(sampling=settings.sampling(), max_tokens=max_tokens or settings.max_tokens, generator=gen,
                       stats=stats, finished=finished)
+        if join is not None:  # (only passed when given: the naive loop has no continuous batching)
+            common["join"] = join
         if settings.mode == "spec":
             if self.ckpt.heads is None:
                 raise SettingsError("this checkpoint has no drafting heads; use mode ar")
@@ -221,47 +223,63 @@ class Engine:
         return GenerationResult(tokens, np.concatenate(tris) if tris else np.zeros((0, 3, 3), np.float32), stats)
 
     # ---------------------------------------------------------------------------------------------- batches
-    def stream_batch(self, conds: list[torch.Tensor], settings: list[DecodeSettings],
-                     stop: set[int] | None = None) -> Iterator[tuple[int, StepUpdate]]:
-        """Decode several objects in one batch: conds[i] from `condition(points_i, settings[i].seed)`, and
-        settings that agree but for `batch_key`'s exceptions (seed, max_tokens, max_faces, fit).
+    def stream_batch(self, conds: list[torch.Tensor], settings: list[DecodeSettings], stop: set[int] | None = None,
+                     slots: int | None = None) -> Iterator[tuple[int, StepUpdate]]:
+        """Decode several objects together: conds[i] from `condition(points_i, settings[i].seed)`, and settings
+        that agree but for `batch_key`'s exceptions (seed, max_tokens, max_faces, fit).
 
-        Yields (i, update) for every object still running after each step: each object's updates are those
-        `stream` gives for it alone (the last one has done=True), and it stops at its own EOS, max_faces or
-        max_tokens, then leaves the batch's work (a finished sequence emits nothing more). Each object has its own
-        random stream (seeded by its seed), so greedy decoding gives the tokens of decoding it alone, and sampling
-        is reproducible for given seeds and batch. Adding i to `stop` between steps drops object i silently (a
-        cancel). A decoding step costs one batched forward however many objects still run; the batch ends with
-        its longest object (`batch.run_batched` refills between batches)."""
+        At most `slots` objects (default: all) decode at once; when one finishes, the next waiting object takes its
+        slot at the next step (continuous batching; not for the naive loop, which takes them all at once).
+        Yields (i, update) for every running object after each step: each object's updates are those `stream`
+        gives for it alone (the last one has done=True), and it stops at its own EOS, max_faces or max_tokens.
+        Each object has its own random stream (seeded by its seed), so greedy decoding gives the tokens of decoding
+        it alone, and sampling is reproducible for given seeds, slots and order. Adding i to `stop` between steps
+        drops object i silently (a cancel). A step costs one batched forward over the slots."""
         if len({batch_key(s) for s in settings}) > 1:
             raise SettingsError("the objects of one batch must share their decode settings (all but seed and limits)")
         for s in settings:
             s.validate(self.max_heads)
+        n = len(conds)
+        slots = n if settings[0].mode == "naive" else min(slots or n, n)
         stop = stop if stop is not None else set()
         start = time.perf_counter()
         stats = DecodeStats()
         gens = [torch.Generator(device=self.device).manual_seed(s.seed) for s in settings]
-        finished = torch.zeros(len(conds), dtype=torch.bool, device=self.device)
-        rows = [_Row(s, token_limit(self.model, s.max_tokens)) for s in settings]
-        steps = self.decoder(torch.cat(conds), settings[0], stats, gens, max(s.max_tokens for s in settings), finished)
+        finished = torch.zeros(slots, dtype=torch.bool, device=self.device)
+        rows = [_Row(s, token_limit(self.model, s.max_tokens), start) for s in settings]
+        holder = list(range(slots))  # the object in each slot
+        waiting = iter(range(slots, n))
+
+        def join(free: list[int]) -> list:
+            out = []
+            for slot, i in zip(free, waiting):
+                holder[slot] = i
+                rows[i].started = time.perf_counter()
+                out.append((slot, conds[i], gens[i]))
+            return out
+
+        steps = self.decoder(torch.cat(conds[:slots]), settings[0], stats, gens[:slots],
+                             max(s.max_tokens for s in settings), finished, join if slots < n else None)
         common = {"mode": settings[0].mode, "heads": settings[0].heads if settings[0].mode == "spec" else 0,
                   "adaptive": settings[0].adaptive and settings[0].mode == "spec", "delta": settings[0].delta,
-                  "accept": settings[0].accept, "device": str(self.device), "batch": len(conds)}
+                  "accept": settings[0].accept, "device": str(self.device), "batch": slots}
         try:
             for accepted in steps:
                 ended = finished.tolist()
-                for i, (row, new) in enumerate(zip(rows, accepted)):
+                for slot, new in enumerate(accepted):
+                    i = holder[slot]
+                    row = rows[i]
                     if row.done or i in stop:
-                        finished[i] = True
+                        finished[slot] = True
                         row.done = True
                         continue
-                    upd = row.push(new, ended[i])
+                    upd = row.push(new, ended[slot])
                     if upd.done:
-                        finished[i] = True
-                    seconds = time.perf_counter() - start
+                        finished[slot] = True
+                    seconds = time.perf_counter() - row.started
                     upd.stats = upd.stats | common | {
                         "seconds": round(seconds, 4), "tokens_per_second": round(row.tokens_count / seconds, 2),
-                        "batch_tokens_per_second": stats.as_dict()["tokens_per_second"]}
+                        "batch_steps": stats.steps, "batch_tokens_per_second": stats.as_dict()["tokens_per_second"]}
                     yield i, upd
         finally:
             steps.close()
@@ -276,8 +294,9 @@ def batch_key(settings: DecodeSettings) -> tuple:
 class _Row:
     """One object of a batch: its tokens, faces and limits, and the updates `stream_batch` yields for it."""
 
-    def __init__(self, settings: DecodeSettings, limit: int):
+    def __init__(self, settings: DecodeSettings, limit: int, started: float):
         self.settings, self.limit = settings, limit
+        self.started = started  # when it took a slot
         self.detok = tok.IncrementalDetokenizer()
         self.tokens: list[int] = []
         self.faces = self.steps = 0

@@ -23,7 +23,7 @@ import torch
 
 from xspecmesh.geometry import tokenizer as tok
 from xspecmesh.decoding.adaptive import DraftLength
-from xspecmesh.decoding.autoregressive import MAX_DRAFT, DecodeStats, token_limit
+from xspecmesh.decoding.autoregressive import MAX_DRAFT, DecodeStats, Join, restart_slots, token_limit
 from xspecmesh.model.heads import DraftHeads
 from xspecmesh.model.kv_cache import KVCache
 from xspecmesh.model.transformer import MeshTransformer
@@ -88,12 +88,14 @@ def decode_speculative(
     cache: KVCache | None = None,
     adaptive: bool = False,
     finished: torch.Tensor | None = None,
+    join: Join | None = None,
 ) -> Iterator[list[list[int]]]:
     """Speculative decoding of B sequences with D = num_heads drafts per step; yields per step, per sequence, the
     tokens accepted in that step (r, d1..da or the resampled/bonus token), like `decode_ar`. A caller-made `cache`
     (from `model.new_cache`) lets tests inspect it between steps. `adaptive` picks each step's draft length in
-    0..num_heads from running acceptance and cost estimates (`xspecmesh.decoding.adaptive`). `generator` and
-    `finished` as in `decode_ar`."""
+    0..num_heads from running acceptance and cost estimates (`xspecmesh.decoding.adaptive`). `generator`,
+    `finished` and `join` as in `decode_ar`; a joining sequence feeds BOS in place of r and accepts no draft, so its
+    first token comes from the backbone alone, as after the prefill."""
     stats = stats if stats is not None else DecodeStats()
     dev, b, d = cond.device, cond.shape[0], num_heads
     if not 1 <= d <= min(MAX_DRAFT, heads.num_heads):
@@ -111,6 +113,7 @@ def decode_speculative(
     cache = cache if cache is not None else model.new_cache(cond, max_tokens + d + 3)
     head_ctx = heads.context(cond)
     emitted = torch.zeros(b, dtype=torch.long, device=dev)
+    joining = torch.zeros(b, dtype=torch.bool, device=dev)
     finished = finished if finished is not None else torch.zeros(b, dtype=torch.bool, device=dev)
 
     # Prefill BOS; the first token comes from the backbone alone.
@@ -152,7 +155,8 @@ def decode_speculative(
         logits = logits.float().masked_fill(~grammar.allowed[states], float("-inf"))
         probs = distribution(logits, sampling)
         n_acc, nxt_probs = accept_drafts(accept, logits, probs, drafts, generator)
-        n_acc = torch.where(finished, torch.zeros_like(n_acc), n_acc)
+        n_acc = torch.where(finished | joining, torch.zeros_like(n_acc), n_acc)
+        nxt_probs = torch.where(joining[:, None], probs[:, 0], nxt_probs)  # a joining row's first token
         r = draw(nxt_probs, generator)
 
         # 5. Commit: keep r_prev, d1..da in the cache; the new r is fed next step.
@@ -162,7 +166,7 @@ def decode_speculative(
         new = torch.cat([drafts, torch.zeros_like(r)[:, None]], 1)
         new[rows, n_acc] = r
         live = ~finished
-        accepted = n_acc[live].tolist()
+        accepted = n_acc[live & ~joining].tolist()
         stats.draft_hist[dk] += 1
         for a in accepted:
             stats.accept_hist[a] += 1
@@ -179,7 +183,15 @@ def decode_speculative(
         stats.seconds = t3 - start
         if chooser:
             chooser.update(dk, accepted, t3 - t0)
+        joining[:] = False
         yield out
+        for slot, c in restart_slots(model, cache, join, finished, state, generator):
+            joining[slot] = True
+            emitted[slot] = 0
+            r[slot] = 0  # BOS
+            if head_ctx is not None:
+                for mine, new in zip(head_ctx, heads.context(c)):
+                    mine[slot] = new[0]
 
 
 def _commit(new, counts, emitted, finished, max_tokens, stats) -> list[list[int]]:

@@ -48,6 +48,13 @@ class KVCache:
             self.v[layer].transpose(1, 2)[b, seq_pos] = v.transpose(1, 2)
         return self.k[layer, :, :, :upto], self.v[layer, :, :, :upto]
 
+    def restart(self, row: int, cross: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Give one sequence's slot to a new sequence (continuous batching): length 0, and its cross-attention
+        keys/values (per layer, batch 1) in place of the old ones."""
+        self.lengths[row] = 0
+        for (k, v), (new_k, new_v) in zip(self.cross, cross):
+            k[row], v[row] = new_k[0], new_v[0]
+
     def rollback(self, lengths: torch.Tensor) -> None:
         """Forget every position at or past `lengths` (per sequence); later writes overwrite them."""
         if bool((lengths > self.lengths).any()):

@@ -2,8 +2,9 @@
 
 Each input `IN/a/b.obj` becomes `OUT/a/b_retopo.obj`, written atomically (a hidden temporary file in the same
 folder, then a rename), so an output that exists is whole and is skipped: a killed run, restarted, resumes where it
-stopped. Objects go through `Engine.stream_batch` B at a time; when a batch's objects have all finished, the next B
-start (the batch refills between rounds, see docs/BENCHMARKS.md). A file that cannot be read or decoded is logged as
+stopped. Objects go through `Engine.stream_batch`, B decoding at once; when one finishes, the next file takes its
+place in the batch (continuous batching; docs/BENCHMARKS.md measures it against refilling between rounds). Files
+are loaded CHUNK × B at a time. A file that cannot be read or decoded is logged as
 failed and the run goes on. With several processes (torchrun) each takes every WORLD_SIZE-th file of the sorted list.
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ from xspecmesh.errors import XSpecMeshError
 
 SUFFIXES = (".obj", ".ply", ".stl", ".off", ".glb")
 TAG = "_retopo"
+CHUNK = 8  # files loaded ahead per slot: the batch only drains (slots idle) at the end of each chunk
 
 
 @dataclass
@@ -131,7 +133,7 @@ class Runner:
         return self.report
 
     def _next_group(self, queue) -> list[tuple[Task, np.ndarray, object, object]]:
-        """Up to B objects that load and sample; those that do not are failed here and replaced by the next."""
+        """Up to CHUNK × B objects that load and sample; those that do not are failed here and replaced."""
         from xspecmesh.commands.generate import load_input
 
         group = []
@@ -141,7 +143,7 @@ class Runner:
                 group.append((task, points, norm, self.engine.condition(points, self.settings.seed)))
             except Exception as exc:  # a bad file never stops the run
                 self._fail(task, exc)
-            if len(group) == self.batch:
+            if len(group) == CHUNK * self.batch:
                 break
         return group
 
@@ -156,7 +158,7 @@ class Runner:
         settings = [replace(self.settings) for _ in group]
         t0, tokens0 = time.perf_counter(), self.report.tokens
         try:
-            for i, upd in self.engine.stream_batch([g[3] for g in group], settings):
+            for i, upd in self.engine.stream_batch([g[3] for g in group], settings, slots=self.batch):
                 tris[i].append(upd.triangles)
                 if upd.done:
                     self.report.tokens += upd.stats["tokens"]
@@ -172,20 +174,11 @@ class Runner:
                     self._fail(task, exc)
 
     def _finish(self, item, triangles: np.ndarray, stats: dict) -> None:
-        from xspecmesh.geometry.mesh import weld
+        from xspecmesh.commands.generate import result_mesh
 
         task, points, norm, _ = item
         try:
-            fit_stats = {}
-            if self.settings.fit:
-                from xspecmesh.geometry.fit import fit_result
-
-                fitted, fit_stats = fit_result(triangles, points, stats)
-                triangles = triangles if fitted is None else fitted
-            flat = triangles.reshape(-1, 3)
-            vertices, faces = weld(norm.invert(flat), np.arange(len(flat)).reshape(-1, 3))
-            if len(faces) == 0:
-                raise XSpecMeshError(f"the model produced no faces ({stats['tokens']} tokens)")
+            vertices, faces, fit_stats = result_mesh(triangles, points, norm, stats, self.settings.fit)
             write_atomically(task.output, vertices, faces)
         except Exception as exc:
             self._fail(task, exc)

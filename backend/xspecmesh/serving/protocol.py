@@ -26,9 +26,10 @@ Replies (backend → add-on); every reply carries "id" (null when no request is 
     {"type": "error", "id": "a1" or null, "message": "..."}
 
 A request is answered by zero or more progress/faces lines and then exactly one `done` or `error`. Requests start in
-the order they arrive. A backend started with `--batch B` (B > 1, the default 8) decodes up to B queued requests
-that share their settings (all but seed, max_tokens, max_faces and fit) in one batch: their lines interleave, each
-request's own lines keep their order, and each request gets the tokens it would get alone under greedy decoding.
+the order they arrive. A backend started with `--batch B` (B > 1, the default 8) decodes the queued requests that
+share their settings (all but seed, max_tokens, max_faces and fit) together, B at a time, a waiting one taking the
+place of one that finished: their lines interleave, each request's own lines keep their order, and each request
+gets the tokens it would get alone under greedy decoding.
 End of stdin lets the queued requests finish, then the backend exits.
 """
 from __future__ import annotations

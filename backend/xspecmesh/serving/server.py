@@ -6,9 +6,10 @@ main thread takes queued requests in order and streams them: `faces` (triangles 
 and `progress`, each at most every `interval` seconds, then `done` (with the fitted triangles when the request's
 settings ask for `fit`). A cancel is seen after the current decoding step.
 
-Batching (`serve --batch B`, B > 1): the main thread takes the first queued request together with the next queued
-ones that share its decode settings (all but seed and limits), up to B, and decodes them in one batch
-(`Engine.stream_batch`); each keeps its own stream of lines, and a cancel drops only its request. A request marked
+Batching (`serve --batch B`, B > 1): the main thread takes the first queued request together with every queued one
+that shares its decode settings (all but seed and limits) and decodes them with `Engine.stream_batch`, B at a time,
+a waiting request taking the place of one that finished; each keeps its own stream of lines, and a cancel drops
+only its request. Requests that arrive meanwhile wait for the next group. A request marked
 `"more": true` holds the start of new work until a request without it arrives, so a client can queue a whole
 collection before the first object starts.
 Only protocol lines reach the real stdout; stray prints (Python or C level) are redirected to stderr.
@@ -193,14 +194,14 @@ class Server:
             return 1
 
     def _take(self) -> list[Job]:
-        """The next job, and (when batching) the queued jobs that can share its batch, up to `batch` (lock held)."""
+        """The next job, and (when batching) every queued job that can share its batch (lock held)."""
         first = self._queue.popleft()
         jobs = [first]
         if self.batch > 1 and hasattr(self.engine, "stream_batch"):
             from xspecmesh.decoding.engine import batch_key
 
             key = batch_key(first.settings)
-            for job in [j for j in self._queue if batch_key(j.settings) == key][: self.batch - 1]:
+            for job in [j for j in self._queue if batch_key(j.settings) == key]:
                 self._queue.remove(job)
                 jobs.append(job)
         return jobs
@@ -223,7 +224,7 @@ class Server:
             reply.finish(cancelled)
 
     def decode_batch(self, jobs: list[Job]) -> None:
-        """Several jobs in one batch: a job whose points the engine refuses fails alone; a cancelled one leaves the
+        """Several jobs, `batch` at a time: a job whose points the engine refuses fails alone; a cancelled one leaves the
         batch at the next step (its `done` says cancelled), the others go on."""
         replies, conds = [], []
         for job in jobs:
@@ -236,7 +237,7 @@ class Server:
         stop: set[int] = set()
         open_ = set(range(len(replies)))
         with replies[0].failures(others=replies[1:]):
-            stream = self.engine.stream_batch(conds, [r.job.settings for r in replies], stop)
+            stream = self.engine.stream_batch(conds, [r.job.settings for r in replies], stop, self.batch)
             try:
                 for i, upd in stream:
                     reply = replies[i]
