@@ -110,3 +110,18 @@ def test_more_must_be_a_boolean():
     msg = protocol.generate("a", points_bytes(512), 512, {}) | {"more": "yes"}
     with pytest.raises(protocol.ProtocolError, match="more"):
         protocol.read_request(protocol.encode(msg))
+
+
+def test_a_refused_last_request_still_releases_the_held_ones(engine):
+    sink = Sink()
+    srv = server.Server(engine, sink, interval=0.0, batch=4)
+    worker = threading.Thread(target=srv.run, daemon=True)
+    worker.start()
+    try:
+        srv.handle_line(request("a", 1, True))
+        srv.handle_line(protocol.encode(protocol.generate("z", points_bytes(512), 512, GREEDY | {"heads": 99})))
+        sink.wait_for(lambda m: m["type"] == "done" and m["id"] == "a", timeout=60)  # no end of input needed
+    finally:
+        srv.shutdown()
+        worker.join(10)
+    assert [m["type"] for m in sink.messages() if m["id"] == "z"] == ["error"]

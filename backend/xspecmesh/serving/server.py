@@ -130,6 +130,9 @@ class Server:
             self.send(protocol.error(rid, f"internal error: {type(exc).__name__}: {exc}"))
 
     def submit(self, req: dict) -> None:
+        with self._cond:  # even a request refused below ends (or continues) a held collection
+            self._holding = req.get("more") is True
+            self._cond.notify_all()
         rid, count = req["id"], req["count"]
         points = np.frombuffer(req["points"], dtype="<f4").astype(np.float32).reshape(count, 6)
         if not np.isfinite(points).all():
@@ -142,7 +145,6 @@ class Server:
             if rid in self._running or any(j.id == rid for j in self._queue):
                 raise XSpecMeshError(f"request id {rid!r} is already queued or running")
             self._queue.append(job)
-            self._holding = req.get("more") is True
             self._cond.notify_all()
 
     def cancel(self, rid: str) -> None:
