@@ -139,3 +139,19 @@ def test_a_batch_refuses_mixed_settings(engine):
     conds = [engine.condition(p, 0) for p in clouds(2)]
     with pytest.raises(SettingsError, match="share"):
         list(engine.stream_batch(conds, [DecodeSettings(mode="ar"), DecodeSettings(mode="spec")]))
+
+
+@pytest.mark.parametrize("mode", ["ar", "spec"])
+def test_finished_objects_leave_the_batch_and_the_rest_is_unchanged(engine, mode, monkeypatch):
+    from xspecmesh.model.kv_cache import KVCache
+
+    kept = []
+    keep = KVCache.keep
+    monkeypatch.setattr(KVCache, "keep", lambda self, rows: (kept.append(rows.tolist()), keep(self, rows))[1])
+    pts = clouds(4)
+    settings = [DecodeSettings(mode=mode, temperature=0.0, max_tokens=mt, seed=s)
+                for s, mt in ((1, 20), (2, 90), (3, 30), (4, 70))]
+    got = batched(engine, pts, settings, slots=3)  # the fourth joins, then the batch drains
+    assert kept and len(kept[-1]) < 3, "no sequence left the batch"
+    for p, s, g in zip(pts, settings, got):
+        assert g["tokens"] == alone(engine, p, s)[0]

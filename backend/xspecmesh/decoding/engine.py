@@ -229,7 +229,8 @@ class Engine:
         that agree but for `batch_key`'s exceptions (seed, max_tokens, max_faces, fit).
 
         At most `slots` objects (default: all) decode at once; when one finishes, the next waiting object takes its
-        slot at the next step (continuous batching; not for the naive loop, which takes them all at once).
+        slot at the next step, and once none waits, finished ones leave the batch (continuous batching; not for the
+        naive loop, which takes them all at once).
         Yields (i, update) for every running object after each step: each object's updates are those `stream`
         gives for it alone (the last one has done=True), and it stops at its own EOS, max_faces or max_tokens.
         Each object has its own random stream (seeded by its seed), so greedy decoding gives the tokens of decoding
@@ -259,7 +260,7 @@ class Engine:
             return out
 
         steps = self.decoder(torch.cat(conds[:slots]), settings[0], stats, gens[:slots],
-                             max(s.max_tokens for s in settings), finished, join if slots < n else None)
+                             max(s.max_tokens for s in settings), finished, join if slots > 1 else None)
         common = {"mode": settings[0].mode, "heads": settings[0].heads if settings[0].mode == "spec" else 0,
                   "adaptive": settings[0].adaptive and settings[0].mode == "spec", "delta": settings[0].delta,
                   "accept": settings[0].accept, "device": str(self.device), "batch": slots}

@@ -23,7 +23,7 @@ import torch
 
 from xspecmesh.geometry import tokenizer as tok
 from xspecmesh.decoding.adaptive import DraftLength
-from xspecmesh.decoding.autoregressive import MAX_DRAFT, DecodeStats, Join, restart_slots, token_limit
+from xspecmesh.decoding.autoregressive import MAX_DRAFT, DecodeStats, Join, Leaving, restart_slots, token_limit
 from xspecmesh.model.heads import DraftHeads
 from xspecmesh.model.kv_cache import KVCache
 from xspecmesh.model.transformer import MeshTransformer
@@ -114,7 +114,8 @@ def decode_speculative(
     head_ctx = heads.context(cond)
     emitted = torch.zeros(b, dtype=torch.long, device=dev)
     joining = torch.zeros(b, dtype=torch.bool, device=dev)
-    finished = finished if finished is not None else torch.zeros(b, dtype=torch.bool, device=dev)
+    finished = outer = finished if finished is not None else torch.zeros(b, dtype=torch.bool, device=dev)
+    slots, leaving = b, Leaving(b, dev)
 
     # Prefill BOS; the first token comes from the backbone alone.
     logits, hidden = model(torch.zeros(b, 1, dtype=torch.long, device=dev), cache=cache)
@@ -128,7 +129,10 @@ def decode_speculative(
     stats.seconds = time.perf_counter() - start
     yield out
 
-    while not bool(finished.all()):
+    while not bool(outer.all()):
+        finished = leaving.rows(outer)
+        b = len(finished)
+        rows = torch.arange(b, device=dev)
         # 1. Draft: all D heads in one batched call, then greedy tokens under the grammar along the chain.
         t0 = time.perf_counter()
         dk = chooser.choose() if chooser else d
@@ -176,6 +180,7 @@ def decode_speculative(
         stats.steps += 1
         stats.seq_steps += int(live.sum())
         out = _commit(new, n_acc + 1, emitted, finished, max_tokens, stats)
+        leaving.write(outer, finished)
         t3 = time.perf_counter()
         stats.time_draft += t1 - t0
         stats.time_verify += t2 - t1
@@ -184,14 +189,21 @@ def decode_speculative(
         if chooser:
             chooser.update(dk, accepted, t3 - t0)
         joining[:] = False
-        yield out
-        for slot, c in restart_slots(model, cache, join, finished, state, generator):
-            joining[slot] = True
-            emitted[slot] = 0
-            r[slot] = 0  # BOS
-            if head_ctx is not None:
-                for mine, new in zip(head_ctx, heads.context(c)):
-                    mine[slot] = new[0]
+        yield leaving.by_slot(out, slots)
+        if join is None:
+            continue
+        if not leaving.draining:
+            for slot, c in restart_slots(model, cache, join, outer, state, generator):
+                joining[slot] = True
+                emitted[slot] = 0
+                r[slot] = 0  # BOS
+                if head_ctx is not None:
+                    for mine, new in zip(head_ctx, heads.context(c)):
+                        mine[slot] = new[0]
+            leaving.draining = bool(outer.any())
+        shrunk = leaving.shrink(leaving.rows(outer), cache, generator, r, h, state, emitted, joining, head_ctx)
+        if shrunk:
+            r, h, state, emitted, joining, head_ctx = shrunk
 
 
 def _commit(new, counts, emitted, finished, max_tokens, stats) -> list[list[int]]:

@@ -55,6 +55,11 @@ class KVCache:
         for (k, v), (new_k, new_v) in zip(self.cross, cross):
             k[row], v[row] = new_k[0], new_v[0]
 
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep only these sequences (indices), in this order: finished ones leave the batch."""
+        self.k, self.v, self.lengths = self.k[:, rows], self.v[:, rows], self.lengths[rows]
+        self.cross = [(k[rows], v[rows]) for k, v in self.cross]
+
     def rollback(self, lengths: torch.Tensor) -> None:
         """Forget every position at or past `lengths` (per sequence); later writes overwrite them."""
         if bool((lengths > self.lengths).any()):
