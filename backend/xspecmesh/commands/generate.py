@@ -5,8 +5,6 @@ import hashlib
 import json
 import sys
 
-import numpy as np
-
 
 def register(sub) -> None:
     p = sub.add_parser("generate", help="generate an artist-like mesh for a mesh or point cloud")
@@ -35,7 +33,8 @@ def add_decode_options(p) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--checkpoint", default=None, help="safetensors checkpoint (default: the shipped model)")
     p.add_argument("--fit", action="store_true",
-                   help="move the result's vertices onto the input surface (connectivity unchanged; xspecmesh.geometry.fit)")
+                   help="move the result's vertices onto the input surface (connectivity unchanged; "
+                        "xspecmesh.geometry.fit)")
 
 
 def settings_from_args(args):
@@ -54,31 +53,30 @@ def fit_heads(settings, engine) -> None:
     if settings.mode == "spec" and engine.max_heads == 0:
         raise SettingsError("this checkpoint has no drafting heads; use --mode ar")
     if settings.mode == "spec" and settings.heads > engine.max_heads:
-        print(f"xspecmesh: note: the checkpoint has {engine.max_heads} heads; using {engine.max_heads}", file=sys.stderr)
+        print(f"xspecmesh: note: the checkpoint has {engine.max_heads} heads; using {engine.max_heads}",
+              file=sys.stderr)
         settings.heads = engine.max_heads
 
 
-def result_mesh(triangles, points, norm, stats: dict, fit: bool, what: str = ""):
-    """A decoded triangle soup (normalized frame) → welded (vertices, faces) in the input's frame, fitted to the
-    points first when asked (stats say whether); the fit's stats. No faces is an error."""
+def welded(triangles, norm, tokens: int, what: str = ""):
+    """A result's triangle soup (normalized frame) → welded (vertices, faces) in the input's frame; no faces is an
+    error."""
+    import numpy as np
+
     from xspecmesh.errors import XSpecMeshError
     from xspecmesh.geometry.mesh import weld
 
-    fit_stats = {}
-    if fit:
-        from xspecmesh.geometry.fit import fit_result
-
-        fitted, fit_stats = fit_result(triangles, points, stats)
-        triangles = triangles if fitted is None else fitted
     flat = triangles.reshape(-1, 3)
     vertices, faces = weld(norm.invert(flat), np.arange(len(flat)).reshape(-1, 3))
     if len(faces) == 0:
-        raise XSpecMeshError(f"the model produced no faces{what} ({stats['tokens']} tokens)")
-    return vertices, faces, fit_stats
+        raise XSpecMeshError(f"the model produced no faces{what} ({tokens} tokens)")
+    return vertices, faces
 
 
 def load_input(path: str, count: int, seed: int):
     """Points (count, 6) in the normalized frame and the Normalization that maps back to the input's frame."""
+    import numpy as np
+
     from xspecmesh.geometry.mesh import load_mesh, load_points, normalize, sample_surface
 
     if str(path).lower().endswith(".npy"):
@@ -93,17 +91,16 @@ def load_input(path: str, count: int, seed: int):
 
 def run(args) -> int:
     from xspecmesh.decoding.engine import Engine
-    from xspecmesh.geometry.mesh import write_mesh
+    from xspecmesh.geometry.mesh import save_mesh
 
     settings = settings_from_args(args)
     engine = Engine.load(args.checkpoint, args.device)
     fit_heads(settings, engine)
     points, norm = load_input(args.input, engine.model.cfg.encoder.num_points, args.seed)
     result = engine.generate(points, settings)
-    vertices, faces, fit_stats = result_mesh(result.triangles, points, norm, result.stats, settings.fit,
-                                             f" for {args.input}")
-    write_mesh(args.output, vertices, faces)
-    stats = result.stats | fit_stats | {"faces": int(len(faces)), "vertices": int(len(vertices)),
+    vertices, faces = welded(result.mesh, norm, result.stats["tokens"], f" for {args.input}")
+    save_mesh(args.output, vertices, faces)
+    stats = result.stats | {"faces": int(len(faces)), "vertices": int(len(vertices)),
                             "sequence_sha256": hashlib.sha256(",".join(map(str, result.tokens)).encode()).hexdigest(),
                             "checkpoint": engine.ckpt.path, "output": args.output}
     if args.json:

@@ -1,10 +1,11 @@
-"""The engine the CLI, the server and the benchmarks share: a loaded checkpoint, typed decode settings, and one
-streaming entry point that turns a normalized point cloud into accepted tokens and completed triangles."""
+"""The engine the CLI, the server and the benchmarks share: a loaded checkpoint, typed decode settings, and the
+retopology pipeline's one entry point, `Engine.retopologize`: resample the points, decode, detokenize, fit (when the
+settings ask for it) and keep the stats. `Engine.generate` collects it into one result."""
 from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,7 +20,8 @@ from xspecmesh.decoding.token_sampling import SamplingConfig
 from xspecmesh.decoding.speculative import RULES, AcceptConfig, decode_speculative
 
 MODES = ("ar", "spec", "naive")
-MIN_POINTS = 16
+MIN_CLOUD_POINTS = 16  # the least a cloud may have to be resampled to the encoder's size (the add-on sends far more:
+# the protocol's MIN_POINTS)
 
 
 @dataclass
@@ -36,8 +38,7 @@ class DecodeSettings:
     max_tokens: int = 10000
     max_faces: int | None = None  # stop once this many faces are complete
     seed: int = 0
-    fit: bool = False  # after decoding, move the vertices onto the input surface: not done here, but by the callers
-    # that hold the whole mesh (serve, generate) through xspecmesh.geometry.fit.fit_result
+    fit: bool = False  # after decoding, move the vertices onto the input surface (Engine.retopologize)
 
     @classmethod
     def from_dict(cls, d: dict) -> "DecodeSettings":
@@ -98,14 +99,23 @@ class StepUpdate:
     tokens: list[int]  # accepted in this step
     triangles: np.ndarray  # (k, 3, 3) float32, completed in this step, normalized frame
     stats: dict  # cumulative
-    done: bool = False
+    done: bool = False  # the last update of the request
+    decoded: bool = False  # decoding is over: every triangle has been yielded (a fit may follow)
+    fitted: np.ndarray | None = None  # the last update of a fitted request: every triangle, in order, moved
+    cancelled: bool = False  # a cancel came in during the fit, which is dropped
 
 
 @dataclass
 class GenerationResult:
     tokens: list[int]
-    triangles: np.ndarray  # (T, 3, 3) float32, normalized frame
+    triangles: np.ndarray  # (T, 3, 3) float32, normalized frame, as decoded
     stats: dict = field(default_factory=dict)
+    fitted: np.ndarray | None = None  # the same triangles moved onto the input surface, when the fit ran
+
+    @property
+    def mesh(self) -> np.ndarray:
+        """The result's triangles: fitted when the fit ran, else as decoded."""
+        return self.triangles if self.fitted is None else self.fitted
 
 
 def resolve_device(device: str) -> torch.device:
@@ -123,8 +133,8 @@ def prepare_points(points, count: int, seed: int) -> np.ndarray:
     pts = np.asarray(points, dtype=np.float32)
     if pts.ndim != 2 or pts.shape[1] != 6:
         raise MeshError(f"point cloud must have shape (N, 6) (xyz + normal), got {tuple(pts.shape)}")
-    if len(pts) < MIN_POINTS:
-        raise MeshError(f"point cloud has {len(pts)} points; at least {MIN_POINTS} are needed")
+    if len(pts) < MIN_CLOUD_POINTS:
+        raise MeshError(f"point cloud has {len(pts)} points; at least {MIN_CLOUD_POINTS} are needed")
     if not np.isfinite(pts).all():
         raise MeshError("points contain NaN or infinite values")
     rng = np.random.default_rng(seed)
@@ -136,6 +146,9 @@ def prepare_points(points, count: int, seed: int) -> np.ndarray:
 
 
 class Engine:
+    """A loaded checkpoint on a device. `retopologize` is the pipeline every caller goes through; `stream` is its
+    decoding stage (what a test double replaces)."""
+
     def __init__(self, checkpoint: Checkpoint, device: torch.device):
         self.ckpt, self.device = checkpoint, device
 
@@ -184,7 +197,7 @@ class Engine:
         return decode_ar(self.model, cond, **common)
 
     def stream(self, points, settings: DecodeSettings) -> Iterator[StepUpdate]:
-        """One update per decoding step; stop iterating to cancel."""
+        """The decoding stage: one update per decoding step, the last one `done`; stop iterating to cancel."""
         settings.validate(self.max_heads)
         start = time.perf_counter()
         cond = self.condition(points, settings.seed)
@@ -214,17 +227,42 @@ class Engine:
         summary = summary | {"complete": stats.tokens < token_limit(self.model, settings.max_tokens)}
         yield StepUpdate([], np.zeros((0, 3, 3), dtype=np.float32), summary, done=True)
 
-    def generate(self, points, settings: DecodeSettings) -> GenerationResult:
-        tokens, tris, stats = [], [], {}
+    def retopologize(self, points, settings: DecodeSettings,
+                     cancelled: Callable[[], bool] = lambda: False) -> Iterator[StepUpdate]:
+        """The retopology pipeline, the one entry point of serve, generate and bench.
+
+        `points`: (N, 6) xyz + normal in the normalized frame (resampled to the encoder's size for decoding; the fit
+        uses them all). Yields one update per decoding step, as `stream`; the last decoding update has `decoded` set,
+        so a caller can send every face before the fit starts. When `settings.fit` asks for it and triangles came
+        out, one more update follows with the fit's stats and `fitted` (None when the fit was skipped or failed:
+        `fit_skipped` / `fit_error` in the stats say why). The fit cannot be interrupted: `cancelled` is asked once it
+        is over, and a cancel that came in meanwhile drops it (the update says `cancelled`). Stop iterating to
+        cancel the decoding.
+        """
+        parts = []
         for upd in self.stream(points, settings):
+            parts.append(upd.triangles)
+            upd.decoded = upd.done
+            fit = upd.done and settings.fit and sum(map(len, parts)) > 0
+            upd.done = upd.done and not fit
+            yield upd
+            if fit:
+                yield _fit(np.concatenate(parts), points, upd.stats, cancelled)
+
+    def generate(self, points, settings: DecodeSettings) -> GenerationResult:
+        """`retopologize` run to the end, collected."""
+        tokens, tris, stats, fitted = [], [], {}, None
+        for upd in self.retopologize(points, settings):
             tokens.extend(upd.tokens)
             tris.append(upd.triangles)
-            stats = upd.stats
-        return GenerationResult(tokens, np.concatenate(tris) if tris else np.zeros((0, 3, 3), np.float32), stats)
+            stats, fitted = upd.stats, upd.fitted
+        return GenerationResult(tokens, np.concatenate(tris) if tris else np.zeros((0, 3, 3), np.float32), stats,
+                                fitted)
 
     # ---------------------------------------------------------------------------------------------- batches
     def stream_batch(self, conds: list[torch.Tensor], settings: list[DecodeSettings], stop: set[int] | None = None,
-                     slots: int | None = None) -> Iterator[tuple[int, StepUpdate]]:
+                     slots: int | None = None, points: list | None = None,
+                     cancelled: Callable[[int], bool] = lambda i: False) -> Iterator[tuple[int, StepUpdate]]:
         """Decode several objects together: conds[i] from `condition(points_i, settings[i].seed)`, and settings
         that agree but for `batch_key`'s exceptions (seed, max_tokens, max_faces, fit).
 
@@ -235,7 +273,11 @@ class Engine:
         gives for it alone (the last one has done=True), and it stops at its own EOS, max_faces or max_tokens.
         Each object has its own random stream (seeded by its seed), so greedy decoding gives the tokens of decoding
         it alone, and sampling is reproducible for given seeds, slots and order. Adding i to `stop` between steps
-        drops object i silently (a cancel). A step costs one batched forward over the slots."""
+        drops object i silently (a cancel). A step costs one batched forward over the slots.
+
+        With `points` (each object's cloud, as for `retopologize`), an object whose settings ask for the fit gets it
+        as `retopologize` does: its last decoding update has `decoded` set and not `done`, and one more update with
+        the fit follows (`cancelled(i)` is asked once the fit is over)."""
         if len({batch_key(s) for s in settings}) > 1:
             raise SettingsError("the objects of one batch must share their decode settings (all but seed and limits)")
         for s in settings:
@@ -275,13 +317,17 @@ class Engine:
                         row.done = True
                         continue
                     upd = row.push(new, ended[slot])
-                    if upd.done:
+                    fit = upd.done and row.settings.fit and points is not None and row.faces > 0
+                    upd.done = upd.done and not fit
+                    if upd.decoded:
                         finished[slot] = True
                     seconds = time.perf_counter() - row.started
                     upd.stats = upd.stats | common | {
                         "seconds": round(seconds, 4), "tokens_per_second": round(row.tokens_count / seconds, 2),
                         "batch_steps": stats.steps, "batch_tokens_per_second": stats.as_dict()["tokens_per_second"]}
                     yield i, upd
+                    if fit:
+                        yield i, _fit(np.concatenate(row.parts), points[i], upd.stats, lambda i=i: cancelled(i))
         finally:
             steps.close()
 
@@ -300,6 +346,7 @@ class _Row:
         self.started = started  # when it took a slot
         self.detok = tok.IncrementalDetokenizer()
         self.tokens: list[int] = []
+        self.parts: list[np.ndarray] = []  # the triangles so far (a fit needs them all)
         self.faces = self.steps = 0
         self.done = False
 
@@ -319,8 +366,20 @@ class _Row:
         stats = {"steps": self.steps, "tokens": n, "scr": round(n / self.steps, 4), "faces": self.faces}
         if self.done:
             stats["complete"] = not full and n < self.limit
-        return StepUpdate(new, tok.dequantize(tris).astype(np.float32), stats, done=self.done)
+        self.parts.append(tok.dequantize(tris).astype(np.float32))
+        return StepUpdate(new, self.parts[-1], stats, done=self.done, decoded=self.done)
 
     @property
     def tokens_count(self) -> int:
         return len(self.tokens)
+
+
+def _fit(triangles: np.ndarray, points, stats: dict, cancelled: Callable[[], bool]) -> StepUpdate:
+    from xspecmesh.geometry.fit import fit_result  # scipy's sparse solvers: loaded only when a fit is asked for
+
+    fitted, fit_stats = fit_result(triangles, points, stats)
+    stats = stats | fit_stats
+    if cancelled():
+        stats = {k: v for k, v in stats.items() if not k.startswith("fit_")} | {"fit_skipped": "cancelled"}
+        return StepUpdate([], np.zeros((0, 3, 3), np.float32), stats, done=True, decoded=True, cancelled=True)
+    return StepUpdate([], np.zeros((0, 3, 3), np.float32), stats, done=True, decoded=True, fitted=fitted)

@@ -82,12 +82,12 @@ def find_tasks(inp, out) -> list[Task]:
 
 
 def write_atomically(path: Path, vertices, faces) -> None:
-    from xspecmesh.geometry.mesh import write_mesh
+    from xspecmesh.geometry.mesh import save_mesh
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.partial{path.suffix}")  # same suffix: the writer's format
     try:
-        write_mesh(tmp, vertices, faces)
+        save_mesh(tmp, vertices, faces)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -158,13 +158,15 @@ class Runner:
         settings = [replace(self.settings) for _ in group]
         t0, tokens0 = time.perf_counter(), self.report.tokens
         try:
-            for i, upd in self.engine.stream_batch([g[3] for g in group], settings, slots=self.batch):
+            for i, upd in self.engine.stream_batch([g[3] for g in group], settings, slots=self.batch,
+                                                   points=[g[1] for g in group]):
                 tris[i].append(upd.triangles)
                 if upd.done:
                     self.report.tokens += upd.stats["tokens"]
                     self.report.decode_seconds += time.perf_counter() - t0
                     t0 = time.perf_counter()
-                    self._finish(group[i], np.concatenate(tris[i]), upd.stats)
+                    mesh = upd.fitted if upd.fitted is not None else np.concatenate(tris[i])
+                    self._finish(group[i], mesh, upd.stats)
                     if self.progress is not None:
                         rate = (self.report.tokens - tokens0) / max(1e-9, upd.stats["seconds"])
                         self.progress.set_postfix(faces=upd.stats["faces"], tok_s=f"{rate:.0f}")
@@ -174,11 +176,11 @@ class Runner:
                     self._fail(task, exc)
 
     def _finish(self, item, triangles: np.ndarray, stats: dict) -> None:
-        from xspecmesh.commands.generate import result_mesh
+        from xspecmesh.commands.generate import welded
 
-        task, points, norm, _ = item
+        task, _, norm, _ = item
         try:
-            vertices, faces, fit_stats = result_mesh(triangles, points, norm, stats, self.settings.fit)
+            vertices, faces = welded(triangles, norm, stats["tokens"])
             write_atomically(task.output, vertices, faces)
         except Exception as exc:
             self._fail(task, exc)
@@ -188,6 +190,6 @@ class Runner:
         self.report.scr.append(stats["scr"])
         keep = ("tokens", "steps", "scr", "faces", "complete", "seconds", "tokens_per_second", "batch")
         self.record(task, "done", **{k: stats[k] for k in keep if k in stats}, vertices=int(len(vertices)),
-                    **fit_stats)
+                    **{k: v for k, v in stats.items() if k.startswith("fit_")})
         if self.progress is not None:
             self.progress.update(1)

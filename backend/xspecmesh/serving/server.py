@@ -1,17 +1,18 @@
-"""`xspecmesh serve`: the Blender add-on's backend, JSON lines on stdin/stdout (xspecmesh/serving/protocol.py), logs on stderr.
+"""`xspecmesh serve`: the Blender add-on's backend, JSON lines on stdin/stdout (serving/protocol.py), logs on stderr.
 
 Two threads. The reader thread parses every stdin line at once: bad lines get an `error` reply, `generate` requests
 are checked (points, settings) and queued, `cancel` and `shutdown` act immediately, even while a mesh decodes. The
-main thread takes queued requests in order and streams them: `faces` (triangles batched since the last faces line)
-and `progress`, each at most every `interval` seconds, then `done` (with the fitted triangles when the request's
-settings ask for `fit`). A cancel is seen after the current decoding step.
+main thread runs queued requests in order through `Engine.retopologize` and streams them: `faces` (triangles batched
+since the last faces line) and `progress`, each at most every `interval` seconds, every face before a fit starts,
+then `done` (with the fitted triangles when the request's settings ask for `fit`). A cancel is seen after the
+current decoding step, or once the fit is over.
 
 Batching (`serve --batch B`, B > 1): the main thread takes the first queued request together with every queued one
 that shares its decode settings (all but seed and limits) and decodes them with `Engine.stream_batch`, B at a time,
 a waiting request taking the place of one that finished; each keeps its own stream of lines, and a cancel drops
-only its request. Requests that arrive meanwhile wait for the next group. A request marked
-`"more": true` holds the start of new work until a request without it arrives, so a client can queue a whole
-collection before the first object starts.
+only its request. Requests that arrive meanwhile wait for the next group. A request marked `"more": true` holds
+the start of new work until a request without it arrives, so a client can queue a whole collection before the
+first object starts.
 Only protocol lines reach the real stdout; stray prints (Python or C level) are redirected to stderr.
 """
 from __future__ import annotations
@@ -24,13 +25,16 @@ import traceback
 from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Callable
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 
 from xspecmesh import __version__
 from xspecmesh.serving import protocol
 from xspecmesh.errors import MeshError, XSpecMeshError
+
+if TYPE_CHECKING:  # imported when the server starts (serve_main), so that a missing dependency is one error line
+    from xspecmesh.decoding.engine import DecodeSettings, Engine
 
 MAX_LINE_BYTES = 32 << 20  # 200k points are 6.4 MB of base64; anything far longer is refused, not buffered
 ZERO_STATS = {"tokens": 0, "steps": 0, "scr": 0.0, "faces": 0, "seconds": 0.0, "tokens_per_second": 0.0}
@@ -45,27 +49,25 @@ class OutputClosed(Exception):
 
 
 @dataclass
-class Job:
+class QueuedRequest:
     id: str
     points: np.ndarray  # (N, 6) float32, normalized frame
-    settings: Any  # whatever `parse_settings` returned (an engine DecodeSettings)
+    settings: DecodeSettings
 
 
 class Server:
-    """Protocol dispatch around an engine with `stream(points, settings)` (see xspecmesh.decoding.engine)."""
+    """Protocol dispatch around an `Engine` (xspecmesh.decoding.engine): requests run through its `retopologize`."""
 
-    def __init__(self, engine, out: BinaryIO, parse_settings: Callable[[dict], Any] | None = None,
-                 interval: float = 0.1, batch: int = 1):
+    def __init__(self, engine: Engine, out: BinaryIO, interval: float = 0.1, batch: int = 1):
         self.engine = engine
         self.batch = batch
         self.out = out
-        self.parse_settings = parse_settings or _engine_settings(engine)
         self.interval = interval
         self._write_lock = threading.Lock()
         self._cond = threading.Condition()
-        self._queue: deque[Job] = deque()
+        self._queue: deque[QueuedRequest] = deque()
         self._running: set[str] = set()
-        self._cancelled: set[str] = set()  # running jobs asked to stop
+        self._cancelled: set[str] = set()  # running requests asked to stop
         self._holding = False  # the last request said "more": wait for the rest before starting new work
         self._stop = False  # shutdown: cancel everything and leave
         self._eof = False  # end of input: finish the queue and leave
@@ -138,7 +140,10 @@ class Server:
         if not np.isfinite(points).all():
             bad = int((~np.isfinite(points)).any(axis=1).sum())
             raise MeshError(f"points contain NaN or infinite values ({bad} of {count} points)")
-        job = Job(rid, points, self.parse_settings(req.get("settings", {})))
+        from xspecmesh.decoding.engine import DecodeSettings  # noqa: F811 (loaded already: the engine runs)
+
+        settings = DecodeSettings.from_dict(req.get("settings", {})).validate(self.engine.max_heads)
+        job = QueuedRequest(rid, points, settings)
         with self._cond:
             if self._stop:
                 raise XSpecMeshError("the backend is shutting down")
@@ -195,13 +200,13 @@ class Server:
             log(f"stdout closed ({exc}); exiting")
             return 1
 
-    def _take(self) -> list[Job]:
-        """The next job, and (when batching) every queued job that can share its batch (lock held)."""
+    def _take(self) -> list[QueuedRequest]:
+        """The next request, and (when batching) every queued one that can share its batch (lock held)."""
+        from xspecmesh.decoding.engine import batch_key
+
         first = self._queue.popleft()
         jobs = [first]
-        if self.batch > 1 and hasattr(self.engine, "stream_batch"):
-            from xspecmesh.decoding.engine import batch_key
-
+        if self.batch > 1:
             key = batch_key(first.settings)
             for job in [j for j in self._queue if batch_key(j.settings) == key]:
                 self._queue.remove(job)
@@ -211,11 +216,12 @@ class Server:
     def _is_cancelled(self, rid: str) -> bool:
         return self._stop or rid in self._cancelled
 
-    def decode(self, job: Job) -> None:
+    def decode(self, job: QueuedRequest) -> None:
         reply = Reply(self, job)
-        cancelled = self._is_cancelled(job.id)  # cancelled before it started: nothing to decode
         with reply.failures():
-            stream = (u for u in ()) if cancelled else self.engine.stream(job.points, job.settings)
+            cancelled = self._is_cancelled(job.id)  # cancelled before it started: nothing to decode
+            stream = (u for u in ()) if cancelled else self.engine.retopologize(
+                job.points, job.settings, lambda: self._is_cancelled(job.id))
             try:
                 for upd in stream:
                     if not reply.update(upd):
@@ -225,9 +231,9 @@ class Server:
                 stream.close()
             reply.finish(cancelled)
 
-    def decode_batch(self, jobs: list[Job]) -> None:
-        """Several jobs, `batch` at a time: a job whose points the engine refuses fails alone; a cancelled one leaves the
-        batch at the next step (its `done` says cancelled), the others go on."""
+    def decode_batch(self, jobs: list[QueuedRequest]) -> None:
+        """Several requests, `batch` at a time: one whose points the engine refuses fails alone; a cancelled one
+        leaves the batch at the next step (its `done` says cancelled), the others go on."""
         replies, conds = [], []
         for job in jobs:
             reply = Reply(self, job)
@@ -237,36 +243,37 @@ class Server:
         if not replies:
             return
         stop: set[int] = set()
-        open_ = set(range(len(replies)))
+        running = set(range(len(replies)))
         with replies[0].failures(others=replies[1:]):
-            stream = self.engine.stream_batch(conds, [r.job.settings for r in replies], stop, self.batch)
+            stream = self.engine.stream_batch(conds, [r.job.settings for r in replies], stop, self.batch,
+                                              points=[r.job.points for r in replies],
+                                              cancelled=lambda i: self._is_cancelled(replies[i].job.id))
             try:
                 for i, upd in stream:
-                    reply = replies[i]
-                    if not reply.update(upd):
+                    if not replies[i].update(upd):
                         stop.add(i)
                     if upd.done or i in stop:
-                        open_.discard(i)
-                        with reply.failures():
-                            reply.finish(i in stop)
-                    for j in list(open_):  # cancels of jobs that had no update this step
-                        if self._is_cancelled(replies[j].job.id):
-                            stop.add(j)
-                            open_.discard(j)
-                            replies[j].finish(True)
+                        running.discard(i)
+                        with replies[i].failures():
+                            replies[i].finish(i in stop)
+                    for j in [j for j in running if self._is_cancelled(replies[j].job.id)]:  # waiting ones too
+                        stop.add(j)
+                        running.discard(j)
+                        replies[j].finish(True)
             finally:
                 stream.close()
-            for j in sorted(open_):  # what the stream never finished (none unless the engine stopped early)
+            for j in sorted(running):  # what the stream never finished (none unless the engine stopped early)
                 replies[j].finish(self._is_cancelled(replies[j].job.id))
 
 
 class Reply:
-    """One request's answer: its triangles (the fit needs them all; tris[sent:] not yet sent), faces and progress
-    lines at most every `interval`, and the final done or error."""
+    """One request's answer: its triangles (tris[sent:] not sent yet), faces and progress lines at most every
+    `interval` (every face before a fit starts), and the final `done` or `error`."""
 
-    def __init__(self, server: Server, job: Job):
+    def __init__(self, server: Server, job: QueuedRequest):
         self.server, self.job = server, job
         self.stats: dict = {}
+        self.fitted = None
         self.tris: list[np.ndarray] = []
         self.sent = 0
         self.last_faces = self.last_progress = -float("inf")
@@ -274,18 +281,21 @@ class Reply:
 
     def update(self, upd) -> bool:
         """Take one engine update and send what is due; False when the request was cancelled."""
-        self.stats = upd.stats
+        self.stats, self.fitted = upd.stats, upd.fitted
         if len(upd.triangles):
             self.tris.append(upd.triangles)
-        if self.server._is_cancelled(self.job.id):
+        # (the last update is a finished request: the engine has looked for a cancel during its fit)
+        if upd.cancelled or (self.server._is_cancelled(self.job.id) and not upd.done):
             return False
         now = time.monotonic()
-        if self.sent < len(self.tris) and now - self.last_faces >= self.server.interval:
-            self.flush()
+        if self.sent < len(self.tris) and (upd.decoded or now - self.last_faces >= self.server.interval):
+            self.flush()  # every face goes out before a fit starts
             self.last_faces = now
-        if not upd.done and now - self.last_progress >= self.server.interval:
+        if not upd.decoded and now - self.last_progress >= self.server.interval:
             self.server.send(protocol.progress(self.job.id, self.stats))
             self.last_progress = now
+        if "fit_error" in self.stats:
+            log(f"request {self.job.id!r}: fit failed, sending the mesh as decoded: {self.stats['fit_error']}")
         return True
 
     def flush(self) -> None:
@@ -296,26 +306,13 @@ class Reply:
         self.sent = len(self.tris)
 
     def finish(self, cancelled: bool) -> None:
-        """The remaining faces, the fit when asked for (and not cancelled), then `done`."""
+        """The remaining faces, then `done`."""
         if self.answered:
             return
-        job, stats = self.job, self.stats
         self.flush()
-        fitted = None
-        # (getattr: the tests' scripted engines take plain dicts as settings)
-        if getattr(job.settings, "fit", False) and not cancelled and self.tris:
-            from xspecmesh.geometry.fit import fit_result  # scipy's sparse solvers: loaded only when a fit is asked for
-
-            fitted, fit_stats = fit_result(np.concatenate(self.tris), job.points, stats)
-            stats = stats | fit_stats
-            if "fit_error" in fit_stats:
-                log(f"request {job.id!r}: fit failed, sending the mesh as decoded: {fit_stats['fit_error']}")
-            if self.server._is_cancelled(job.id):  # a cancel that came in during the fit still counts
-                cancelled, fitted = True, None
-                stats = {k: v for k, v in stats.items() if not k.startswith("fit_")} | {"fit_skipped": "cancelled"}
         self.answered = True
-        self.server.send(protocol.done(job.id, stats or ZERO_STATS, cancelled=cancelled,
-                                       fitted=None if fitted is None else fitted.tolist()))
+        self.server.send(protocol.done(self.job.id, self.stats or ZERO_STATS, cancelled=cancelled,
+                                       fitted=None if self.fitted is None or cancelled else self.fitted.tolist()))
 
     @contextmanager
     def failures(self, others: list["Reply"] = ()):
@@ -335,17 +332,6 @@ class Reply:
                 if not reply.answered:
                     reply.answered = True
                     self.server.send(protocol.error(reply.job.id, message))
-
-
-def _engine_settings(engine) -> Callable[[dict], Any]:
-    def parse(d: dict):
-        from xspecmesh.decoding.engine import DecodeSettings
-
-        settings = DecodeSettings.from_dict(d)
-        settings.validate(max_heads=engine.max_heads)
-        return settings
-
-    return parse
 
 
 def serve_main(checkpoint: str | None = None, device: str = "auto", batch: int = 8) -> int:
