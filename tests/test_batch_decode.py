@@ -155,3 +155,11 @@ def test_finished_objects_leave_the_batch_and_the_rest_is_unchanged(engine, mode
     assert kept and len(kept[-1]) < 3, "no sequence left the batch"
     for p, s, g in zip(pts, settings, got):
         assert g["tokens"] == alone(engine, p, s)[0]
+
+
+def test_one_slot_decodes_every_object_in_turn(engine):
+    pts = clouds(3)
+    settings = [DecodeSettings(mode="ar", temperature=0.0, max_tokens=30, seed=s) for s in (1, 2, 3)]
+    got = batched(engine, pts, settings, slots=1)
+    for p, s, g in zip(pts, settings, got):
+        assert g["stats"]["done_seen"] and g["tokens"] == alone(engine, p, s)[0]

@@ -120,3 +120,18 @@ def test_torchrun_shards_the_files_over_two_processes(ckpt, tmp_path):
     log = [json.loads(line) for line in (tmp_path / "out" / "batch_log.jsonl").read_text().splitlines()]
     assert sorted(e["input"] for e in log) == sorted(str(p) for p in tmp_path.joinpath("in").rglob("*")
                                                      if p.suffix in (".obj", ".ply", ".stl", ".off"))
+
+
+def test_fit_is_applied_per_object_as_generate_does(ckpt, tmp_path):
+    tree(tmp_path / "in", names=("box", "cone10"))
+    r = run("batch", tmp_path / "in", "-o", tmp_path / "out", "--checkpoint", ckpt, "--batch", "2", "--fit", *GREEDY)
+    assert r.returncode == 1, r.stderr  # the broken file
+    log = [json.loads(line) for line in (tmp_path / "out" / "batch_log.jsonl").read_text().splitlines()]
+    done = [e for e in log if e["status"] == "done"]
+    assert len(done) == 2 and all(any(k.startswith("fit_") for k in e) for e in done)
+    for e in done:
+        src = Path(e["input"])
+        single = tmp_path / f"single_{src.stem}{src.suffix}"
+        g = run("generate", src, "-o", single, "--checkpoint", ckpt, "--fit", *GREEDY[:-1])
+        assert g.returncode == 0, g.stderr
+        assert Path(e["output"]).read_bytes() == single.read_bytes()

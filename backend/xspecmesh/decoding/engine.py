@@ -302,7 +302,7 @@ class Engine:
             return out
 
         steps = self.decoder(torch.cat(conds[:slots]), settings[0], stats, gens[:slots],
-                             max(s.max_tokens for s in settings), finished, join if slots > 1 else None)
+                             max(s.max_tokens for s in settings), finished, join if n > 1 else None)
         common = {"mode": settings[0].mode, "heads": settings[0].heads if settings[0].mode == "spec" else 0,
                   "adaptive": settings[0].adaptive and settings[0].mode == "spec", "delta": settings[0].delta,
                   "accept": settings[0].accept, "device": str(self.device), "batch": slots}
