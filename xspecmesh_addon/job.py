@@ -3,8 +3,9 @@
 `Job` is one object: sample → send → grow the result as faces arrive → weld and name it. `Run` is one object, or
 every object of a collection, through one backend; it owns the backend's replies and hands each to its job. A
 collection is sampled first and sent all at once (each request but the last marked "more", see protocol.py), so the
-backend decodes its objects together in batches; each result grows as its faces arrive. The same `Run.step` is called from a modal timer (interactive) or from a blocking loop (headless,
-`bpy.app.background`), so both paths run exactly the same code.
+backend decodes its objects together in batches; each result grows as its faces arrive. The same `Run.step` is
+called from a modal timer (interactive) or from a blocking loop (headless, `bpy.app.background`), so both paths run
+exactly the same code.
 
 States of a job: "running" → "done" | "cancelled" | "failed". A run adds "skipped" outcomes for objects that could
 not start (e.g. an empty mesh) and "not run" for those left when the run was cancelled or the backend died.
