@@ -132,9 +132,23 @@ class Server:
             self.send(protocol.error(rid, f"internal error: {type(exc).__name__}: {exc}"))
 
     def submit(self, req: dict) -> None:
-        with self._cond:  # even a request refused below ends (or continues) a held collection
-            self._holding = req.get("more") is True
+        try:
+            job = self._checked(req)
+        except Exception:  # a refused request still ends (or continues) a held collection
+            with self._cond:
+                self._holding = req.get("more") is True
+                self._cond.notify_all()
+            raise
+        with self._cond:
+            self._holding = req.get("more") is True  # set with the append: the queue never starts half-held
+            if self._stop:
+                raise XSpecMeshError("the backend is shutting down")
+            if job.id in self._running or any(j.id == job.id for j in self._queue):
+                raise XSpecMeshError(f"request id {job.id!r} is already queued or running")
+            self._queue.append(job)
             self._cond.notify_all()
+
+    def _checked(self, req: dict) -> QueuedRequest:
         rid, count = req["id"], req["count"]
         points = np.frombuffer(req["points"], dtype="<f4").astype(np.float32).reshape(count, 6)
         if not np.isfinite(points).all():
@@ -143,14 +157,7 @@ class Server:
         from xspecmesh.decoding.engine import DecodeSettings  # noqa: F811 (loaded already: the engine runs)
 
         settings = DecodeSettings.from_dict(req.get("settings", {})).validate(self.engine.max_heads)
-        job = QueuedRequest(rid, points, settings)
-        with self._cond:
-            if self._stop:
-                raise XSpecMeshError("the backend is shutting down")
-            if rid in self._running or any(j.id == rid for j in self._queue):
-                raise XSpecMeshError(f"request id {rid!r} is already queued or running")
-            self._queue.append(job)
-            self._cond.notify_all()
+        return QueuedRequest(rid, points, settings)
 
     def cancel(self, rid: str) -> None:
         with self._cond:
