@@ -58,40 +58,9 @@ def fit_heads(settings, engine) -> None:
         settings.heads = engine.max_heads
 
 
-def welded(triangles, norm, tokens: int, what: str = ""):
-    """A result's triangle soup (normalized frame) → welded (vertices, faces) in the input's frame; no faces is an
-    error."""
-    import numpy as np
-
-    from xspecmesh.errors import XSpecMeshError
-    from xspecmesh.geometry.mesh import weld
-
-    flat = triangles.reshape(-1, 3)
-    vertices, faces = weld(norm.invert(flat), np.arange(len(flat)).reshape(-1, 3))
-    if len(faces) == 0:
-        raise XSpecMeshError(f"the model produced no faces{what} ({tokens} tokens)")
-    return vertices, faces
-
-
-def load_input(path: str, count: int, seed: int):
-    """Points (count, 6) in the normalized frame and the Normalization that maps back to the input's frame."""
-    import numpy as np
-
-    from xspecmesh.geometry.mesh import load_mesh, load_points, normalize, sample_surface
-
-    if str(path).lower().endswith(".npy"):
-        pts = load_points(path)
-        xyz, norm = normalize(pts[:, :3])
-        return np.concatenate([xyz, pts[:, 3:]], 1).astype(np.float32), norm
-    mesh = load_mesh(path)
-    xyz, norm = normalize(mesh.vertices)
-    mesh.vertices = xyz
-    return sample_surface(mesh, count, seed), norm
-
-
 def run(args) -> int:
     from xspecmesh.decoding.engine import Engine
-    from xspecmesh.geometry.mesh import save_mesh
+    from xspecmesh.geometry.mesh import load_input, save_mesh, welded
 
     settings = settings_from_args(args)
     engine = Engine.load(args.checkpoint, args.device)

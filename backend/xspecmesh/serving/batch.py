@@ -134,7 +134,7 @@ class Runner:
 
     def _next_group(self, queue) -> list[tuple[Task, np.ndarray, object, object]]:
         """Up to CHUNK × B objects that load and sample; those that do not are failed here and replaced."""
-        from xspecmesh.commands.generate import load_input
+        from xspecmesh.geometry.mesh import load_input
 
         group = []
         for task in queue:
@@ -176,7 +176,7 @@ class Runner:
                     self._fail(task, exc)
 
     def _finish(self, item, triangles: np.ndarray, stats: dict) -> None:
-        from xspecmesh.commands.generate import welded
+        from xspecmesh.geometry.mesh import welded
 
         task, _, norm, _ = item
         try:
