@@ -24,6 +24,6 @@ def test_every_batch_size_gives_the_tokens_of_one_at_a_time(engine):
                                                        ("spec", 3)]
     for r in rows:
         assert r["identical"] and r["objects"] == 3 and r["tokens"] > 0 and 0 < r["occupancy"] <= 1
-        assert r["objects_per_minute"] > 0 and r["tokens_per_second"] > 0
+        assert r["objects_per_minute"] > 0 and r["tokens_per_second"] > 0 and r["scr"] > 0
     assert all(r["speedup"] == 1.0 for r in rows if r["batch"] == 1)
     assert "| p | spec | 3 |" in batch_bench.table(rows)

@@ -56,6 +56,8 @@ def decode_set(engine: Engine, points: list[np.ndarray], settings: DecodeSetting
     for k in range(len(points)) if batch == 1 else []:  # today's path: one object after another
         for upd in engine.stream(points[k], replace(settings)):
             tokens[k] += upd.tokens
+        row_steps += upd.stats["steps"]
+        slot_steps += upd.stats["steps"]
     seconds = time.perf_counter() - start
     n_tokens = sum(map(len, tokens))
     return {"seconds": seconds, "objects": len(points), "tokens": n_tokens,
