@@ -54,11 +54,12 @@ def batched(engine, points, settings, stop_after=None, slots=None):
     return out
 
 
-GREEDY = [dict(mode="ar"), dict(mode="spec", accept="greedy"), dict(mode="spec", accept="threshold", delta=0.0)]
+GREEDY = [dict(mode="ar"), dict(mode="spec", accept="greedy"), dict(mode="spec", accept="threshold", delta=0.0),
+          dict(mode="naive")]
 
 
 @pytest.mark.parametrize("slots", [None, 2], ids=["together", "joining"])
-@pytest.mark.parametrize("kw", GREEDY, ids=["ar", "spec-greedy", "spec-threshold"])
+@pytest.mark.parametrize("kw", GREEDY, ids=["ar", "spec-greedy", "spec-threshold", "naive"])
 def test_greedy_batch_gives_each_objects_tokens_alone(engine, kw, slots):
     pts = clouds(4)
     settings = [DecodeSettings(temperature=0.0, max_tokens=mt, seed=s, **kw)
@@ -70,7 +71,7 @@ def test_greedy_batch_gives_each_objects_tokens_alone(engine, kw, slots):
         np.testing.assert_array_equal(g["tris"], tris)
         assert g["stats"]["done_seen"] and g["stats"]["complete"] == stats["complete"]
         assert g["stats"]["tokens"] == len(tokens) <= s.max_tokens
-        assert g["stats"]["batch"] == (slots or 4)
+        assert g["stats"]["batch"] == (4 if kw["mode"] == "naive" else slots or 4)  # naive: all at once
 
 
 @pytest.mark.parametrize("slots", [None, 3], ids=["together", "joining"])

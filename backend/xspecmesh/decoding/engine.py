@@ -273,7 +273,7 @@ class Engine:
         gives for it alone (the last one has done=True), and it stops at its own EOS, max_faces or max_tokens.
         Each object has its own random stream (seeded by its seed), so greedy decoding gives the tokens of decoding
         it alone, and sampling is reproducible for given seeds, slots and order. Adding i to `stop` between steps
-        drops object i silently (a cancel). A step costs one batched forward over the slots.
+        drops object i silently (a cancel). A step costs one batched forward over the live rows.
 
         With `points` (each object's cloud, as for `retopologize`), an object whose settings ask for the fit gets it
         as `retopologize` does: its last decoding update has `decoded` set and not `done`, and one more update with
@@ -302,7 +302,7 @@ class Engine:
             return out
 
         steps = self.decoder(torch.cat(conds[:slots]), settings[0], stats, gens[:slots],
-                             max(s.max_tokens for s in settings), finished, join if n > 1 else None)
+                             max(s.max_tokens for s in settings), finished, join if n > 1 and settings[0].mode != "naive" else None)
         common = {"mode": settings[0].mode, "heads": settings[0].heads if settings[0].mode == "spec" else 0,
                   "adaptive": settings[0].adaptive and settings[0].mode == "spec", "delta": settings[0].delta,
                   "accept": settings[0].accept, "device": str(self.device), "batch": slots}
