@@ -48,7 +48,7 @@ def run(args) -> int:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     try:
         tasks = find_tasks(args.input, args.output)[rank::world]
-        engine = Engine.load(args.checkpoint, device)
+        engine = Engine.load(args.checkpoint, device, args.precision)
         generate.fit_heads(settings, engine)
         os.makedirs(args.output, exist_ok=True)
         log_path = args.log or os.path.join(args.output, "batch_log.jsonl")

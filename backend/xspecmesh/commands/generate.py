@@ -5,6 +5,8 @@ import hashlib
 import json
 import sys
 
+from xspecmesh.model import precision
+
 
 def register(sub) -> None:
     p = sub.add_parser("generate", help="generate an artist-like mesh for a mesh or point cloud")
@@ -31,6 +33,7 @@ def add_decode_options(p) -> None:
     p.add_argument("--max-faces", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    precision.add_argument(p)
     p.add_argument("--checkpoint", default=None, help="safetensors checkpoint (default: the shipped model)")
     p.add_argument("--fit", action="store_true",
                    help="move the result's vertices onto the input surface (connectivity unchanged; "
@@ -63,7 +66,7 @@ def run(args) -> int:
     from xspecmesh.geometry.mesh import load_input, save_mesh, welded
 
     settings = settings_from_args(args)
-    engine = Engine.load(args.checkpoint, args.device)
+    engine = Engine.load(args.checkpoint, args.device, args.precision)
     fit_heads(settings, engine)
     points, norm = load_input(args.input, engine.model.cfg.encoder.num_points, args.seed)
     result = engine.generate(points, settings)

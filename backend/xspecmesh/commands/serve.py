@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from xspecmesh.model import precision
+
 
 def register(sub) -> None:
     p = sub.add_parser(
@@ -15,6 +17,7 @@ def register(sub) -> None:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to run the model")
     p.add_argument("--batch", type=int, default=8,
                    help="decode up to B queued requests with the same settings together (1: one at a time)")
+    precision.add_argument(p)
     p.set_defaults(func=run)
 
 
@@ -25,4 +28,4 @@ def run(args: argparse.Namespace) -> int:
 
     if args.batch < 1:
         raise SettingsError("--batch must be at least 1")
-    return serve_main(args.checkpoint, args.device, args.batch)
+    return serve_main(args.checkpoint, args.device, args.precision, args.batch)

@@ -341,7 +341,8 @@ class Reply:
                     self.server.send(protocol.error(reply.job.id, message))
 
 
-def serve_main(checkpoint: str | None = None, device: str = "auto", batch: int = 8) -> int:
+def serve_main(checkpoint: str | None = None, device: str = "auto", precision: str = "auto",
+               batch: int = 8) -> int:
     """Entry point of `xspecmesh serve`: guard stdout, load the model once, say hello, serve until told to stop."""
     sys.stdout.flush()
     try:
@@ -358,7 +359,7 @@ def serve_main(checkpoint: str | None = None, device: str = "auto", batch: int =
     try:
         from xspecmesh.decoding.engine import Engine
 
-        engine = Engine.load(checkpoint, device=device)
+        engine = Engine.load(checkpoint, device=device, precision=precision)
     except XSpecMeshError as exc:
         log(f"cannot load the model: {exc}")
         reply_once(protocol.error(None, f"cannot load the model: {exc}"))
