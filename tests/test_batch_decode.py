@@ -71,7 +71,7 @@ def test_greedy_batch_gives_each_objects_tokens_alone(engine, kw, slots):
         np.testing.assert_array_equal(g["tris"], tris)
         assert g["stats"]["done_seen"] and g["stats"]["complete"] == stats["complete"]
         assert g["stats"]["tokens"] == len(tokens) <= s.max_tokens
-        assert g["stats"]["batch"] == (4 if kw["mode"] == "naive" else slots or 4)  # naive: all at once
+        assert g["stats"]["batch"] == (slots or 4)
 
 
 @pytest.mark.parametrize("slots", [None, 3], ids=["together", "joining"])
@@ -121,7 +121,7 @@ def test_each_object_stops_at_its_own_face_and_token_limits(engine, mode, slots)
     assert len(got[1]["tokens"]) == 30 and not got[1]["stats"]["complete"]
     assert len(got[2]["tokens"]) == min(200, engine.model.cfg.max_seq_len - 9)
     assert got[0]["updates"] < got[1]["updates"] < got[2]["updates"]
-    if slots:  # the third object took the first one's slot once that one was full
+    if slots and mode == "ar":  # the third object took the first one's slot once that one was full
         assert got[2]["stats"]["batch_steps"] > got[2]["updates"]
 
 
@@ -142,7 +142,7 @@ def test_a_batch_refuses_mixed_settings(engine):
         list(engine.stream_batch(conds, [DecodeSettings(mode="ar"), DecodeSettings(mode="spec")]))
 
 
-@pytest.mark.parametrize("mode", ["ar", "spec"])
+@pytest.mark.parametrize("mode", ["ar"])  # (speculative decoding goes in rounds: see Engine.stream_batch)
 def test_finished_objects_leave_the_batch_and_the_rest_is_unchanged(engine, mode, monkeypatch):
     from xspecmesh.model.kv_cache import KVCache
 

@@ -188,8 +188,9 @@ class Engine:
     def info(self) -> dict:
         cfg = self.model.cfg
         return {"version": __version__, "torch": torch.__version__, "device": str(self.device),
-                "checkpoint": self.ckpt.path, "precision": self.precision, "heads": self.max_heads, "preset": self.ckpt.meta.get("preset"),
-                "num_points": cfg.encoder.num_points}
+                "checkpoint": self.ckpt.path, "precision": self.precision, "heads": self.max_heads,
+                "preset": self.ckpt.meta.get("preset"), "num_points": cfg.encoder.num_points,
+                "drafter": self.ckpt.heads.cfg.kind if self.ckpt.heads is not None else None}
 
     @torch.no_grad()
     def condition(self, points, seed: int = 0) -> torch.Tensor:
@@ -289,9 +290,10 @@ class Engine:
         """Decode several objects together: conds[i] from `condition(points_i, settings[i].seed)`, and settings
         that agree but for `batch_key`'s exceptions (seed, max_tokens, max_faces, fit).
 
-        At most `slots` objects (default: all) decode at once; when one finishes, the next waiting object takes its
-        slot at the next step, and once none waits, finished ones leave the batch (continuous batching; not for the
-        naive loop, which takes them all at once).
+        At most `slots` objects (default: all) decode at once. AR decoding batches continuously: when one finishes,
+        the next waiting object takes its slot at the next step, and once none waits, finished ones leave the batch.
+        Speculative and naive decoding go in rounds of `slots` objects (a drafter's per-row context cannot be
+        restarted or shrunk yet).
         Yields (i, update) for every running object after each step: each object's updates are those `stream`
         gives for it alone (the last one has done=True), and it stops at its own EOS, max_faces or max_tokens.
         Each object has its own random stream (seeded by its seed), so greedy decoding gives the tokens of decoding
@@ -306,15 +308,27 @@ class Engine:
         for s in settings:
             s.validate(self.max_heads)
         n = len(conds)
-        slots = n if settings[0].mode == "naive" else min(slots or n, n)
+        slots = min(slots or n, n)
         stop = stop if stop is not None else set()
         start = time.perf_counter()
-        stats = DecodeStats()
         gens = [torch.Generator(device=self.device).manual_seed(s.seed) for s in settings]
-        finished = torch.zeros(slots, dtype=torch.bool, device=self.device)
         rows = [_Row(s, token_limit(self.model, s.max_tokens), start) for s in settings]
-        holder = list(range(slots))  # the object in each slot
-        waiting = iter(range(slots, n))
+        common = {"mode": settings[0].mode, "heads": settings[0].heads if settings[0].mode == "spec" else 0,
+                  "adaptive": settings[0].adaptive and settings[0].mode == "spec", "delta": settings[0].delta,
+                  "accept": settings[0].accept, "device": str(self.device), "batch": slots}
+        # AR joins and leaves (one decoder for all); the other loops decode in rounds of `slots`.
+        joins = settings[0].mode == "ar"
+        rounds = [list(range(n))] if joins else [list(range(f, min(n, f + slots))) for f in range(0, n, slots)]
+        for group in rounds:
+            yield from self._stream_group(conds, settings, rows, gens, group, slots, joins, stop, points, cancelled,
+                                          common)
+
+    def _stream_group(self, conds, settings, rows, gens, group, slots, joins, stop, points, cancelled, common):
+        """`stream_batch` over the objects `group`: `slots` at a time, the others joining as slots free up."""
+        stats = DecodeStats()
+        holder = group[:slots]  # the object in each slot
+        waiting = iter(group[slots:])
+        finished = torch.zeros(len(holder), dtype=torch.bool, device=self.device)
 
         def join(free: list[int]) -> list:
             out = []
@@ -324,11 +338,11 @@ class Engine:
                 out.append((slot, conds[i], gens[i]))
             return out
 
-        steps = self.decoder(torch.cat(conds[:slots]), settings[0], stats, gens[:slots],
-                             max(s.max_tokens for s in settings), finished, join if n > 1 and settings[0].mode != "naive" else None)
-        common = {"mode": settings[0].mode, "heads": settings[0].heads if settings[0].mode == "spec" else 0,
-                  "adaptive": settings[0].adaptive and settings[0].mode == "spec", "delta": settings[0].delta,
-                  "accept": settings[0].accept, "device": str(self.device), "batch": slots}
+        for i in holder:
+            rows[i].started = time.perf_counter()
+        steps = self.decoder(torch.cat([conds[i] for i in holder]), settings[0], stats, [gens[i] for i in holder],
+                             max(settings[i].max_tokens for i in group), finished,
+                             join if joins and len(group) > 1 else None)
         try:
             for accepted in steps:
                 ended = finished.tolist()

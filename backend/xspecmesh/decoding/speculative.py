@@ -1,6 +1,7 @@
 """XSpecMesh multi-head speculative decoding (arXiv 2507.23777), read top to bottom like the paper:
 
-    draft   the D heads read the backbone's last hidden state and propose the next D tokens (greedy, grammar-masked)
+    draft   the drafter proposes the next D tokens (greedy, grammar-masked): the paper's D heads read the backbone's
+            last hidden state; our draft decoders (model/drafter.py) also read the tokens fixed before each draft
     verify  one backbone forward over [r, d1..dD] against the KV cache gives p_0..p_D
     accept  keep the longest prefix d1..da that the acceptance rule admits
     resample the first rejected position from the backbone (or take a bonus token from p_D when all are accepted)
@@ -23,8 +24,8 @@ import torch
 
 from xspecmesh.geometry import tokenizer as tok
 from xspecmesh.decoding.adaptive import DraftLength
-from xspecmesh.decoding.autoregressive import MAX_DRAFT, DecodeStats, Join, Leaving, restart_slots, token_limit
-from xspecmesh.model.heads import DraftHeads
+from xspecmesh.decoding.autoregressive import MAX_DRAFT, DecodeStats, token_limit
+from xspecmesh.model.drafter import Drafter
 from xspecmesh.model.kv_cache import KVCache
 from xspecmesh.model.transformer import MeshTransformer
 from xspecmesh.decoding.token_sampling import Grammar, SamplingConfig, distribution, draw, uniform
@@ -77,7 +78,7 @@ def accept_drafts(rule: AcceptConfig, logits, probs, drafts, generator):
 @torch.no_grad()
 def decode_speculative(
     model: MeshTransformer,
-    heads: DraftHeads,
+    heads: Drafter,
     cond: torch.Tensor,
     sampling: SamplingConfig,
     accept: AcceptConfig,
@@ -88,14 +89,12 @@ def decode_speculative(
     cache: KVCache | None = None,
     adaptive: bool = False,
     finished: torch.Tensor | None = None,
-    join: Join | None = None,
 ) -> Iterator[list[list[int]]]:
     """Speculative decoding of B sequences with D = num_heads drafts per step; yields per step, per sequence, the
     tokens accepted in that step (r, d1..da or the resampled/bonus token), like `decode_ar`. A caller-made `cache`
     (from `model.new_cache`) lets tests inspect it between steps. `adaptive` picks each step's draft length in
-    0..num_heads from running acceptance and cost estimates (`xspecmesh.decoding.adaptive`). `generator`,
-    `finished` and `join` as in `decode_ar`; a joining sequence feeds BOS in place of r and accepts no draft, so its
-    first token comes from the backbone alone, as after the prefill."""
+    0..num_heads from running acceptance and cost estimates (`xspecmesh.decoding.adaptive`). `generator` and
+    `finished` as in `decode_ar` (no joining here: a drafter's context would need restarting per row)."""
     stats = stats if stats is not None else DecodeStats()
     dev, b, d = cond.device, cond.shape[0], num_heads
     if not 1 <= d <= min(MAX_DRAFT, heads.num_heads):
@@ -111,40 +110,36 @@ def decode_speculative(
     rows = torch.arange(b, device=dev)
     max_tokens = token_limit(model, max_tokens)
     cache = cache if cache is not None else model.new_cache(cond, max_tokens + d + 3)
-    head_ctx = heads.context(cond)
+    head_ctx = heads.begin(model, cond, max_tokens + d + 3)
     emitted = torch.zeros(b, dtype=torch.long, device=dev)
-    joining = torch.zeros(b, dtype=torch.bool, device=dev)
-    finished = outer = finished if finished is not None else torch.zeros(b, dtype=torch.bool, device=dev)
-    slots, leaving = b, Leaving(b, dev)
+    finished = finished if finished is not None else torch.zeros(b, dtype=torch.bool, device=dev)
 
     # Prefill BOS; the first token comes from the backbone alone.
     logits, hidden = model(torch.zeros(b, 1, dtype=torch.long, device=dev), cache=cache)
     state = grammar.start(b)
     r = draw(distribution(logits[:, -1], sampling, grammar.mask(state)), generator)
     state = grammar.advance(state, r)
-    h = hidden[:, -1]
+    # The pairs (backbone feature, token sampled from it) committed since the drafter last ran: the last is [h, r].
+    feats, pending, counts = hidden[:, -1:], r[:, None], torch.ones_like(r)
     stats.steps += 1
     stats.seq_steps += b
     out = _commit(r[:, None], torch.ones(b, dtype=torch.long, device=dev), emitted, finished, max_tokens, stats)
     stats.seconds = time.perf_counter() - start
     yield out
 
-    while not bool(outer.all()):
-        finished = leaving.rows(outer)
-        b = len(finished)
-        rows = torch.arange(b, device=dev)
-        # 1. Draft: all D heads in one batched call, then greedy tokens under the grammar along the chain.
+    while not bool(finished.all()):
+        # 1. Draft greedy tokens under the grammar along the chain (a draft decoder also catches up on the pairs
+        # committed since its last call, so it runs even for a step without drafts).
         t0 = time.perf_counter()
         dk = chooser.choose() if chooser else d
         states = [state]
-        drafts = []
-        if dk:
-            draft_logits = heads(h[:, None], head_ctx, model.to_logits, heads=dk)[:, 0].float()  # (B, D, V)
-            for k in range(dk):
-                x = draft_logits[:, k].masked_fill(~grammar.mask(states[-1]), float("-inf")).argmax(-1)
-                drafts.append(x)
-                states.append(grammar.advance(states[-1], x))
-        drafts = torch.stack(drafts, 1) if drafts else r.new_zeros(b, 0)
+
+        def choose(draft_logits):
+            x = draft_logits.float().masked_fill(~grammar.mask(states[-1]), float("-inf")).argmax(-1)
+            states.append(grammar.advance(states[-1], x))
+            return x
+
+        drafts = heads.propose(model, head_ctx, feats, pending, counts, dk, choose)
         states = torch.stack(states, 1)  # (B, D+1): grammar state before each verified position's next token
         _sync(dev)
         t1 = time.perf_counter()
@@ -159,18 +154,17 @@ def decode_speculative(
         logits = logits.float().masked_fill(~grammar.allowed[states], float("-inf"))
         probs = distribution(logits, sampling)
         n_acc, nxt_probs = accept_drafts(accept, logits, probs, drafts, generator)
-        n_acc = torch.where(finished | joining, torch.zeros_like(n_acc), n_acc)
-        nxt_probs = torch.where(joining[:, None], probs[:, 0], nxt_probs)  # a joining row's first token
+        n_acc = torch.where(finished, torch.zeros_like(n_acc), n_acc)
         r = draw(nxt_probs, generator)
 
         # 5. Commit: keep r_prev, d1..da in the cache; the new r is fed next step.
         cache.rollback(torch.where(finished, length, length + 1 + n_acc))
         state = grammar.advance(states[rows, n_acc], r)
-        h = hidden[rows, n_acc]
         new = torch.cat([drafts, torch.zeros_like(r)[:, None]], 1)
         new[rows, n_acc] = r
+        feats, pending, counts = hidden, new, n_acc + 1
         live = ~finished
-        accepted = n_acc[live & ~joining].tolist()
+        accepted = n_acc[live].tolist()
         stats.draft_hist[dk] += 1
         for a in accepted:
             stats.accept_hist[a] += 1
@@ -180,7 +174,6 @@ def decode_speculative(
         stats.steps += 1
         stats.seq_steps += int(live.sum())
         out = _commit(new, n_acc + 1, emitted, finished, max_tokens, stats)
-        leaving.write(outer, finished)
         t3 = time.perf_counter()
         stats.time_draft += t1 - t0
         stats.time_verify += t2 - t1
@@ -188,22 +181,7 @@ def decode_speculative(
         stats.seconds = t3 - start
         if chooser:
             chooser.update(dk, accepted, t3 - t0)
-        joining[:] = False
-        yield leaving.by_slot(out, slots)
-        if join is None:
-            continue
-        if not leaving.draining:
-            for slot, c in restart_slots(model, cache, join, outer, state, generator):
-                joining[slot] = True
-                emitted[slot] = 0
-                r[slot] = 0  # BOS
-                if head_ctx is not None:
-                    for mine, new in zip(head_ctx, heads.context(c)):
-                        mine[slot] = new[0]
-            leaving.draining = bool(outer.any())
-        shrunk = leaving.shrink(leaving.rows(outer), cache, generator, r, h, state, emitted, joining, head_ctx)
-        if shrunk:
-            r, h, state, emitted, joining, head_ctx = shrunk
+        yield out
 
 
 def _commit(new, counts, emitted, finished, max_tokens, stats) -> list[list[int]]:
