@@ -46,13 +46,15 @@ def decode_set(engine: Engine, points: list[np.ndarray], settings: DecodeSetting
     groups = [list(range(len(points)))] if join else [list(range(f, min(len(points), f + batch)))
                                                       for f in range(0, len(points), batch)]
     for idx in groups if batch > 1 else []:
-        steps, batch_steps = {}, 0
+        steps, batch_steps, earlier = {}, 0, 0  # (speculative decoding goes in rounds, each counting from 1)
         for i, upd in engine.stream_batch([conds[k] for k in idx], [replace(settings) for _ in idx], slots=batch):
             tokens[idx[i]] += upd.tokens
             steps[i] = upd.stats["steps"]
-            batch_steps = max(batch_steps, upd.stats["batch_steps"])
+            if upd.stats["batch_steps"] < batch_steps:
+                earlier += batch_steps
+            batch_steps = upd.stats["batch_steps"]
         row_steps += sum(steps.values())
-        slot_steps += min(batch, len(idx)) * batch_steps
+        slot_steps += min(batch, len(idx)) * (earlier + batch_steps)
     for k in range(len(points)) if batch == 1 else []:  # today's path: one object after another
         for upd in engine.stream(points[k], replace(settings)):
             tokens[k] += upd.tokens
