@@ -15,21 +15,18 @@ def register(sub) -> None:
     p.add_argument("input", help="mesh file (obj/ply/stl/off/glb) or .npy point cloud (N x 6: xyz + normal)")
     p.add_argument("-o", "--output", required=True, help="output mesh file (format from the extension)")
     add_decode_options(p)
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    precision.add_argument(p)
-    p.add_argument("--checkpoint", default=None, help="safetensors checkpoint (default: the shipped model)")
     p.add_argument("--json", action="store_true", help="print one JSON object with the statistics")
     p.set_defaults(func=run)
 
 
 def add_decode_options(p) -> None:
-    """One option per decode setting of xspecmesh.decoding.settings_schema: `--max-faces` for max_faces, `--fit` and
-    `--no-fit` for fit; its checks run on the values (DecodeSettings.from_dict), so a bad one exits with its message."""
-    for s in DECODE:
-        if s.name == "precision":  # model.precision.add_argument: the same option for every command that loads one
+    """The decode settings, device, precision and checkpoint (shared with `xspecmesh batch`); the settings' checks
+    run on the values (DecodeSettings.from_dict), so a bad one exits with its message."""
+    for s in DECODE:  # one option per decode setting of xspecmesh.decoding.settings_schema
+        if s.name == "precision":  # precision.add_argument below: the same option for every command that loads one
             continue
         flag = "--" + s.name.replace("_", "-")
-        if s.type is bool:
+        if s.type is bool:  # --fit / --no-fit
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=s.default,
                            help=f"{s.help} (default: {'on' if s.default else 'off'})")
         elif s.choices:
@@ -37,47 +34,39 @@ def add_decode_options(p) -> None:
         else:
             p.add_argument(flag, type=s.type, default=s.default, help=f"{s.help}; {s.range_text()}"
                            + ("" if s.default is None else " (default: %(default)s)"))
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    precision.add_argument(p)
+    p.add_argument("--checkpoint", default=None, help="safetensors checkpoint (default: the shipped model)")
 
 
-def load_input(path: str, count: int, seed: int):
-    """Points (count, 6) in the normalized frame and the Normalization that maps back to the input's frame."""
-    import numpy as np
+def settings_from_args(args):
+    from xspecmesh.decoding.engine import DecodeSettings
 
-    from xspecmesh.geometry.mesh import load_mesh, load_points, normalize, sample_surface
-
-    if str(path).lower().endswith(".npy"):
-        pts = load_points(path)
-        xyz, norm = normalize(pts[:, :3])
-        return np.concatenate([xyz, pts[:, 3:]], 1).astype(np.float32), norm
-    mesh = load_mesh(path)
-    xyz, norm = normalize(mesh.vertices)
-    mesh.vertices = xyz
-    return sample_surface(mesh, count, seed), norm
+    return DecodeSettings.from_dict({s.name: getattr(args, s.name) for s in DECODE})
 
 
-def run(args) -> int:
-    import numpy as np
-
-    from xspecmesh.decoding.engine import DecodeSettings, Engine
+def fit_heads(settings, engine) -> None:
+    """Cap the settings' heads at the checkpoint's (with a note), or refuse spec without heads."""
     from xspecmesh.errors import SettingsError
-    from xspecmesh.geometry.mesh import save_mesh, weld
 
-    settings = DecodeSettings.from_dict({s.name: getattr(args, s.name) for s in DECODE})
-    engine = Engine.load(args.checkpoint, args.device, args.precision)
     if settings.mode == "spec" and engine.max_heads == 0:
         raise SettingsError("this checkpoint has no drafting heads; use --mode ar")
     if settings.mode == "spec" and settings.heads > engine.max_heads:
         print(f"xspecmesh: note: the checkpoint has {engine.max_heads} heads; using {engine.max_heads}",
               file=sys.stderr)
         settings.heads = cap_heads(settings.heads, engine.max_heads)
+
+
+def run(args) -> int:
+    from xspecmesh.decoding.engine import Engine
+    from xspecmesh.geometry.mesh import load_input, save_mesh, welded
+
+    settings = settings_from_args(args)
+    engine = Engine.load(args.checkpoint, args.device, args.precision)
+    fit_heads(settings, engine)
     points, norm = load_input(args.input, engine.model.cfg.encoder.num_points, args.seed)
     result = engine.generate(points, settings)
-    tris = result.mesh.reshape(-1, 3)
-    vertices, faces = weld(norm.invert(tris), np.arange(len(tris)).reshape(-1, 3))
-    if len(faces) == 0:
-        from xspecmesh.errors import XSpecMeshError
-
-        raise XSpecMeshError(f"the model produced no faces for {args.input} ({result.stats['tokens']} tokens)")
+    vertices, faces = welded(result.mesh, norm, result.stats["tokens"], f" for {args.input}")
     save_mesh(args.output, vertices, faces)
     stats = result.stats | {"faces": int(len(faces)), "vertices": int(len(vertices)),
                             "sequence_sha256": hashlib.sha256(",".join(map(str, result.tokens)).encode()).hexdigest(),
