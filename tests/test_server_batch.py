@@ -125,3 +125,13 @@ def test_a_refused_last_request_still_releases_the_held_ones(engine):
         srv.shutdown()
         worker.join(10)
     assert [m["type"] for m in sink.messages() if m["id"] == "z"] == ["error"]
+
+
+def test_a_batch_decodes_at_the_precision_its_requests_ask_for(engine):
+    """`precision` is a decode setting: a batch of int8 requests runs on the int8 sibling, as one request alone does."""
+    got = per_request(serve(engine, [request("a", 1, True, precision="int8", max_tokens=20),
+                                     request("b", 2, False, precision="int8", max_tokens=20)]))
+    for rid in ("a", "b"):
+        assert got[rid][-1]["type"] == "done" and got[rid][-1]["stats"]["precision"] == "int8"
+    assert "int8" in engine._siblings
+    assert per_request(serve(engine, [request("c", 1, False, max_tokens=20)]))["c"][-1]["stats"]["precision"] == "fp32"

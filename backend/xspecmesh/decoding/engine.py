@@ -281,6 +281,10 @@ class Engine:
             raise SettingsError("the objects of one batch must share their decode settings (all but seed and limits)")
         for s in settings:
             s.validate(self.max_heads)
+        engine = self.at_precision(settings[0].precision)  # (batch_key: one precision for the whole batch)
+        if engine is not self:
+            yield from engine.stream_batch(conds, settings, stop, slots, points, cancelled)
+            return
         n = len(conds)
         slots = min(slots or n, n)
         stop = stop if stop is not None else set()
@@ -289,7 +293,8 @@ class Engine:
         rows = [_Row(s, token_limit(self.model, s.max_tokens), start) for s in settings]
         common = {"mode": settings[0].mode, "heads": settings[0].heads if settings[0].mode == "spec" else 0,
                   "adaptive": settings[0].adaptive and settings[0].mode == "spec", "delta": settings[0].delta,
-                  "accept": settings[0].accept, "device": str(self.device), "batch": slots}
+                  "accept": settings[0].accept, "device": str(self.device), "precision": self.precision,
+                  "batch": slots}
         # AR joins and leaves (one decoder for all); the other loops decode in rounds of `slots`.
         joins = settings[0].mode == "ar"
         rounds = [list(range(n))] if joins else [list(range(f, min(n, f + slots))) for f in range(0, n, slots)]

@@ -246,7 +246,7 @@ class Server:
         for job in jobs:
             reply = Reply(self, job)
             with reply.failures():
-                conds.append(self.engine.condition(job.points, job.settings.seed))
+                conds.append(self.engine.at_precision(job.settings.precision).condition(job.points, job.settings.seed))
                 replies.append(reply)
         if not replies:
             return
