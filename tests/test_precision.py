@@ -17,6 +17,7 @@ from xspecmesh.benchmarks import precision_check
 from xspecmesh.cli import main
 from xspecmesh.decoding.engine import DecodeSettings, Engine
 from xspecmesh.errors import SettingsError
+from xspecmesh.geometry import tokenizer as tok
 from xspecmesh.model import precision
 from xspecmesh.model.checkpoint import Checkpoint, save_checkpoint, write_random_checkpoint
 from xspecmesh.model.config import HeadsConfig
@@ -50,10 +51,28 @@ def test_int8_quantizes_every_per_token_linear_of_backbone_and_drafter():
     model = tiny_model()
     heads = DraftHeads.for_backbone(model, HeadsConfig(num_heads=2, shared_output=False))
     precision.apply(model, heads, "int8")
-    decoder_linears = 4 * 2 * model.cfg.depth + 2 * model.cfg.depth + 1  # q k v out (self, cross), ff, logits
-    assert precision.linear_counts(model) == {"float": precision.linear_counts(model.encoder)["float"] + 2,
-                                              "int8": decoder_linears}
+    decoder_linears = 4 * model.cfg.depth + 2 * model.cfg.depth + 2 * model.cfg.depth + 1  # self q k v out, cross q
+    per_mesh = precision.linear_counts(model.encoder)["float"] + 2 + 2 * model.cfg.depth  # out, ff, logits; cond k v
+    assert precision.linear_counts(model) == {"float": per_mesh, "int8": decoder_linears}
     assert isinstance(heads.to_logits, dynamic.Linear)  # the drafter's own output layer, found by type
+    assert torch.backends.quantized.engine in precision.INT8_ENGINES
+
+
+def test_int8_leaves_a_draft_decoders_condition_keys_and_values_in_fp32():
+    model = tiny_model()
+    drafter = tiny_heads(model, d=2, kind="eagle")
+    precision.apply(model, drafter, "int8")
+    attn = drafter.block.cross_attn
+    assert type(attn.to_k) is torch.nn.Linear and type(attn.to_v) is torch.nn.Linear  # once per mesh
+    assert isinstance(attn.to_q, dynamic.Linear) and isinstance(drafter.fc, dynamic.Linear)  # once per token
+
+
+def test_int8_without_a_quantized_engine_is_one_settings_error(monkeypatch):
+    monkeypatch.setattr(precision, "INT8_ENGINES", ("no-such-engine",))
+    with pytest.raises(SettingsError, match="no int8 CPU kernels"):
+        precision.apply(tiny_model(), None, "int8")
+    with pytest.raises(SettingsError, match="no int8 CPU kernels"):
+        precision.resolve("int8", torch.device("cpu"))
 
 
 def test_int8_keeps_the_top1_of_a_trained_like_model():
@@ -82,6 +101,21 @@ def test_onednn_linear_matches_aten_and_leaves_training_alone():
     fast(x).sum().backward()  # with grad: aten's path, differentiable
     assert x.grad is not None
     assert set(fast.state_dict()) == {"weight", "bias"}
+
+
+@pytest.mark.parametrize("op", [None, lambda x, w, b, *rest: torch.zeros(x.shape[0], w.shape[0])],
+                         ids=["missing", "wrong"])
+def test_onednn_linear_falls_back_to_nn_linear_when_the_private_op_fails(monkeypatch, op):
+    """The oneDNN op is private: a build without it, or one where it disagrees with aten, keeps plain nn.Linear."""
+    monkeypatch.setattr(torch.ops, "mkldnn", SimpleNamespace(**({} if op is None else {"_linear_pointwise": op})))
+    precision.onednn_linear_class.cache_clear()
+    try:
+        assert precision.onednn_linear_class() is torch.nn.Linear
+        model = tiny_model()
+        precision.apply(model, None, "fp32")
+        assert {type(m) for m in model.modules() if isinstance(m, torch.nn.Linear)} == {torch.nn.Linear}
+    finally:
+        precision.onednn_linear_class.cache_clear()
 
 
 def test_fp32_and_int8_decode_alike_on_a_trained_like_model():
@@ -138,16 +172,18 @@ def test_auto_picks_int8_for_a_checkpoint_that_passed(tmp_path):
 
 
 def test_cli_precision_option(tmp_path, capsys):
-    path = write_random_checkpoint(tmp_path / "t.safetensors", "tiny", heads=2)
+    model = tiny_model()
+    with torch.no_grad():
+        model.to_logits.bias[tok.EOS] -= 1e4  # no early EOS: 200 tokens always hold faces
+    path = save_checkpoint(tmp_path / "t.safetensors", model, tiny_heads(model, d=2), dtype="float32")
     pts = np.random.default_rng(0).normal(size=(600, 6)).astype(np.float32)
     np.save(tmp_path / "p.npy", pts)
     code = main(["generate", str(tmp_path / "p.npy"), "-o", str(tmp_path / "o.obj"), "--checkpoint", str(path),
-                 "--mode", "ar", "--max-tokens", "200", "--precision", "int8", "--device", "cpu", "--json"])
+                 "--mode", "ar", "--max-tokens", "200", "--precision", "int8", "--device", "cpu", "--json",
+                 "--no-fit"])
     out, err = capsys.readouterr()
-    if code == 0:
-        assert json.loads(out)["precision"] == "int8"
-    else:  # a random model may emit no face at all
-        assert code == 2 and "produced no faces" in err
+    assert code == 0, err
+    assert json.loads(out)["precision"] == "int8"
     with pytest.raises(SystemExit) as exit_:
         main(["generate", "x.npy", "-o", "y.obj", "--precision", "int4"])
     assert exit_.value.code == 2

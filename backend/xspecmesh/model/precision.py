@@ -2,8 +2,9 @@
 
 int8 is PyTorch's dynamic quantization (`torch.ao.quantization.quantize_dynamic`): every `nn.Linear` of the decoder
 and of the drafter keeps int8 weights (one scale per layer), and its input is quantized per call. A decoding step
-of a large model is bound by reading its weights, so a quarter of the bytes is most of the gain; the point encoder
-and the condition projections run once per mesh and stay in fp32.
+of a large model is bound by reading its weights, so a quarter of the bytes is most of the gain; the point encoder,
+the condition projections and the cross-attention keys/values over the condition (backbone and drafter) run once per
+mesh and stay in fp32.
 
 `auto` is bf16 on a CUDA device that supports it, else fp32; on the CPU it is int8 only for a checkpoint whose
 metadata records the quality check as passed (`int8_agreement`, the teacher-forced top-1 agreement with fp32 that
@@ -17,8 +18,13 @@ import functools
 import warnings
 
 PRECISIONS = ("auto", "fp32", "int8", "bf16")  # tested equal to xspecmesh.decoding.settings_schema's
-# Modules that run once per mesh (the condition), not once per token: quantizing them would buy nothing.
+# Modules that run once per mesh (the condition), not once per token: quantizing them would buy nothing. PER_MESH are
+# the backbone's top-level names; any module whose name ends with a PER_MESH_SUFFIXES entry computes the
+# cross-attention keys/values over the condition (`context_kv`), in the backbone's layers and in a draft decoder.
 PER_MESH = ("encoder", "cond_head_proj", "cond_proj")
+PER_MESH_SUFFIXES = ("cross_attn.to_k", "cross_attn.to_v")
+INT8_ENGINES = ("x86", "fbgemm", "qnnpack")  # PyTorch's quantized CPU engines, preferred first
+NO_INT8 = "this PyTorch build has no int8 CPU kernels; use --precision fp32"
 AGREEMENT_NEEDED = 0.99
 
 
@@ -49,16 +55,21 @@ def resolve(precision: str, device, meta: dict | None = None) -> str:
     if precision == "int8" and device.type != "cpu":
         raise SettingsError("int8 weights run on the CPU only; use --precision fp32 or bf16 on a GPU")
     if precision == "int8" and not _has_int8_kernels():
-        raise SettingsError("this PyTorch build has no int8 CPU kernels; use --precision fp32")
+        raise SettingsError(NO_INT8)
     if precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
         raise SettingsError("this GPU does not support bf16; use --precision fp32")
     return precision
 
 
-def _has_int8_kernels() -> bool:
+def _int8_engine() -> str | None:
+    """The quantized engine int8 runs on: the first of INT8_ENGINES that this build supports (None: none)."""
     import torch
 
-    return bool({"fbgemm", "x86", "qnnpack"} & set(torch.backends.quantized.supported_engines))
+    return next((e for e in INT8_ENGINES if e in torch.backends.quantized.supported_engines), None)
+
+
+def _has_int8_kernels() -> bool:
+    return _int8_engine() is not None
 
 
 def apply(model, heads, precision: str) -> None:
@@ -67,8 +78,8 @@ def apply(model, heads, precision: str) -> None:
     from torch import nn
 
     if precision == "fp32":
-        if next(model.parameters()).device.type == "cpu" and torch.backends.mkldnn.is_available():
-            linear = onednn_linear_class()
+        if next(model.parameters()).device.type == "cpu":
+            linear = onednn_linear_class()  # nn.Linear itself where oneDNN's op is missing or wrong: no change
             for module in _per_token_linears(model, heads):
                 module.__class__ = linear  # same parameters and state dict, another kernel
         return
@@ -86,10 +97,17 @@ def apply(model, heads, precision: str) -> None:
         warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*")
         from torch.ao.quantization import default_dynamic_qconfig, quantize_dynamic
 
+        from xspecmesh.errors import SettingsError
+
+        engine = _int8_engine()
+        if engine is None:
+            raise SettingsError(NO_INT8)
+        # The weights are packed for the engine that is current when they are quantized: make it one this build has.
+        torch.backends.quantized.engine = engine
+        chosen = {id(m) for m in _per_token_linears(model, heads)}
         for module in (model, heads):
             if module is not None:
-                spec = {name: default_dynamic_qconfig for name, m in module.named_modules()
-                        if any(m is x for x in _per_token_linears(model, heads))}
+                spec = {name: default_dynamic_qconfig for name, m in module.named_modules() if id(m) in chosen}
                 quantize_dynamic(module, spec, dtype=torch.qint8, inplace=True)
 
 
@@ -98,8 +116,9 @@ def _per_token_linears(model, heads) -> list:
     from torch import nn
 
     found = [m for name, m in model.named_modules()
-             if type(m) is nn.Linear and name.split(".")[0] not in PER_MESH]
-    return found + ([m for m in heads.modules() if type(m) is nn.Linear] if heads is not None else [])
+             if type(m) is nn.Linear and name.split(".")[0] not in PER_MESH and not name.endswith(PER_MESH_SUFFIXES)]
+    return found + ([m for name, m in heads.named_modules()
+                     if type(m) is nn.Linear and not name.endswith(PER_MESH_SUFFIXES)] if heads is not None else [])
 
 
 @functools.cache
@@ -107,9 +126,13 @@ def onednn_linear_class():
     """nn.Linear whose inference forward on CPU fp32 over a few rows calls oneDNN's linear instead of aten's (BLAS)
     one. On our CPU the BLAS path costs 2-5x for 2-6 rows what it costs for one, so verifying D+1 positions cost
     several AR steps; oneDNN's cost grows little with the rows (docs/BENCHMARKS.md, CPU precision and overhead).
-    One row (an AR step) and training keep aten's path."""
+    One row (an AR step) and training keep aten's path. The op is private: where `_onednn_linear_works` finds it
+    missing or wrong, this is nn.Linear itself."""
     import torch
     from torch import nn
+
+    if not _onednn_linear_works():
+        return nn.Linear
 
     class OneDNNLinear(nn.Linear):
         def forward(self, x):
@@ -119,6 +142,23 @@ def onednn_linear_class():
             return super().forward(x)
 
     return OneDNNLinear
+
+
+def _onednn_linear_works() -> bool:
+    """oneDNN's private linear op exists in this build and agrees with aten's on a few rows."""
+    import torch
+    import torch.nn.functional as F
+
+    try:
+        if not torch.backends.mkldnn.is_available():
+            return False
+        g = torch.Generator().manual_seed(0)
+        x, w, b = torch.randn(3, 16, generator=g), torch.randn(8, 16, generator=g), torch.randn(8, generator=g)
+        with torch.no_grad():
+            got = torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+        return bool(torch.allclose(got, F.linear(x, w, b), rtol=1e-4, atol=1e-4))
+    except Exception:  # missing from this build, or refusing this CPU: aten's linear it is
+        return False
 
 
 def linear_counts(module) -> dict[str, int]:
