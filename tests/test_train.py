@@ -170,3 +170,24 @@ def test_axis_factors_start_neutral_train_and_save_merged(tmp_path, batch):
     assert resumed.start_step == 4 and resumed.step == 6
     with pytest.raises(SettingsError, match="backbone stage"):
         Trainer(TrainConfig(stage="heads", init=str(init), out=str(tmp_path / "h"), axis_factors=True, **FAST))
+
+
+@pytest.mark.parametrize("eos_bias", [-1e4, 1e4])
+def test_own_samples_teach_eos_only_where_the_backbone_ended(eos_bias):
+    """A sample cut at the token limit did not end: no EOS target after it (the backbone never sampled one)."""
+    from conftest import tiny_model
+    from xspecmesh.geometry import tokenizer as tok
+    from xspecmesh.training.trainer import own_samples
+
+    model = tiny_model().eval()
+    with torch.no_grad():
+        model.to_logits.bias[tok.EOS] += eos_bias
+        cond = model.encode(torch.randn(3, model.cfg.encoder.num_points, 6, generator=torch.Generator().manual_seed(0)))
+    inputs, targets = own_samples(model, cond, 30, torch.Generator().manual_seed(0))
+    lengths = (targets >= 0).sum(1)
+    ended = (targets == tok.EOS).sum(1)
+    if eos_bias < 0:  # every sample runs to the 30-token limit: all tokens are targets, none is EOS
+        assert lengths.tolist() == [30] * 3 and ended.tolist() == [0] * 3
+    else:  # every sample ends early, at an EOS it sampled: that EOS is its last target
+        assert (lengths < 30).all() and ended.tolist() == [1] * 3
+        assert [targets[i, n - 1].item() for i, n in enumerate(lengths.tolist())] == [tok.EOS] * 3

@@ -99,13 +99,18 @@ def training_pairs(cfg: TrainConfig, num_points: int, rank: int, start_step: int
 @torch.no_grad()
 def own_samples(model, cond: torch.Tensor, max_tokens: int, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
     """The backbone's own AR samples for these conditions at the add-on's default sampling settings, as (inputs,
-    targets) like `collate`'s: the sequences a drafter has to guess at inference."""
-    from xspecmesh.decoding.autoregressive import decode_ar, run_to_end
+    targets) like `collate`'s: the sequences a drafter has to guess at inference. A sample cut at the token limit
+    did not end: its target after the last token is -1 (ignored), not the EOS `collate` puts there."""
+    from xspecmesh.decoding.autoregressive import decode_ar, run_to_end, token_limit
     from xspecmesh.decoding.token_sampling import SamplingConfig
 
     seqs = run_to_end(decode_ar(model, cond, SamplingConfig(), max_tokens, generator), len(cond))
     inputs, targets, _ = collate([TrainingPair(np.asarray(s, dtype=np.int64), np.zeros((0, 6), np.float32), "sample")
                                   for s in seqs])
+    limit = token_limit(model, max_tokens)
+    for i, s in enumerate(seqs):
+        if len(s) >= limit:
+            targets[i, len(s)] = -1
     return inputs.to(cond.device), targets.to(cond.device)
 
 
