@@ -4,6 +4,7 @@ tests/test_blender_addon.py)."""
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -52,7 +53,8 @@ def test_bench_defaults_are_the_schemas():
     ("heads", 0), ("heads", schema.MAX_HEADS + 1), ("heads", 2.5), ("delta", 1.01), ("delta", float("nan")),
     ("temperature", -0.1), ("top_p", 0.0), ("top_k", -1), ("max_tokens", 0), ("max_faces", 0), ("seed", -1),
     ("seed", 2**31), ("fit", 1), ("adaptive", "yes"), ("mode", "fast"), ("accept", None), ("topk_accept", 0),
-    ("precision", "fp16"),
+    ("precision", "fp16"), ("max_tokens", float("inf")), pytest.param("max_tokens", 10**400, id="max_tokens-10**400"),
+    pytest.param("temperature", -10**400, id="temperature--10**400"),
 ])
 def test_out_of_range_values_are_refused_everywhere(name, bad):
     """Backend (server and CLI parse through DecodeSettings.from_dict) and add-on request refuse the same values."""
@@ -64,6 +66,13 @@ def test_out_of_range_values_are_refused_everywhere(name, bad):
     if name in addon_module("core.request").REQUEST_SETTINGS:
         with pytest.raises(ValueError, match=name):
             addon_module("core.request").DecodeRequest(**{name: bad})
+
+
+def test_json_numbers_past_a_floats_range_are_one_settings_error():
+    """A request's JSON may hold 1e400 (a float inf) or an integer of 400 digits: refused by name, not a crash."""
+    for text in ('{"max_tokens": 1e400}', '{"max_tokens": 1%s}' % ("0" * 400), '{"temperature": -1e400}'):
+        with pytest.raises(SettingsError, match="must be a finite number"):
+            DecodeSettings.from_dict(json.loads(text))
 
 
 def test_range_ends_and_conversions():

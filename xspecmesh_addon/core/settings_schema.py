@@ -61,8 +61,14 @@ class Setting:
             if value not in self.values:
                 raise ValueError(f"{self.name} must be one of {', '.join(self.values)}")
             return value
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"{self.name} must be a number")
+        try:
+            finite = math.isfinite(value)
+        except OverflowError:  # an integer past a float's range (JSON allows any number of digits)
+            finite = False
+        if not finite:
+            raise ValueError(f"{self.name} must be a finite number")
         if self.type is int:
             if value != int(value):
                 raise ValueError(f"{self.name} must be an integer")
