@@ -75,7 +75,6 @@ def _has_int8_kernels() -> bool:
 def apply(model, heads, precision: str) -> None:
     """Convert a loaded fp32 backbone and its drafter (or None) in place to a concrete precision."""
     import torch
-    from torch import nn
 
     if precision == "fp32":
         if next(model.parameters()).device.type == "cpu":
