@@ -290,18 +290,22 @@ class Engine:
         common = {"mode": settings[0].mode, "heads": settings[0].heads if settings[0].mode == "spec" else 0,
                   "adaptive": settings[0].adaptive and settings[0].mode == "spec", "delta": settings[0].delta,
                   "accept": settings[0].accept, "device": str(self.device), "batch": slots}
-        # AR joins and leaves (one decoder for all); the other loops decode in rounds of `slots`.
+        # AR joins and leaves (one decoder for all); the other loops decode in rounds of `slots`. An object in
+        # `stop` takes no slot: rounds are made from the objects still wanted as each round starts.
         joins = settings[0].mode == "ar"
-        rounds = [list(range(n))] if joins else [list(range(f, min(n, f + slots))) for f in range(0, n, slots)]
-        for group in rounds:
-            yield from self._stream_group(conds, settings, rows, gens, group, slots, joins, stop, points, cancelled,
-                                          common)
+        left = list(range(n))
+        while left:
+            left = [i for i in left if i not in stop]
+            group, left = (left, []) if joins else (left[:slots], left[slots:])
+            if group:
+                yield from self._stream_group(conds, settings, rows, gens, group, slots, joins, stop, points,
+                                              cancelled, common)
 
     def _stream_group(self, conds, settings, rows, gens, group, slots, joins, stop, points, cancelled, common):
         """`stream_batch` over the objects `group`: `slots` at a time, the others joining as slots free up."""
         stats = DecodeStats()
         holder = group[:slots]  # the object in each slot
-        waiting = iter(group[slots:])
+        waiting = (i for i in group[slots:] if i not in stop)  # asked as slots free up: a cancel while waiting counts
         finished = torch.zeros(len(holder), dtype=torch.bool, device=self.device)
 
         def join(free: list[int]) -> list:
