@@ -180,12 +180,12 @@ def test_a_cancelled_object_takes_no_slot(engine, mode, slots, monkeypatch):
 
     real = Engine.decoder
 
-    def decoder(self, cond, *args, join=None, **kw):
+    def decoder(self, cond, settings, stats, generator, max_tokens, finished, join):
         decoded.extend(index(c[None]) for c in cond)
         if join is not None:
             inner = join
             join = lambda free: [decoded.append(index(c)) or (s, c, g) for s, c, g in inner(free)]
-        return real(self, cond, *args, join=join, **kw)
+        return real(self, cond, settings, stats, generator, max_tokens, finished, join)
 
     monkeypatch.setattr(Engine, "decoder", decoder)
     stop = {1}
