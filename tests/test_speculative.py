@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 
 import pytest
 import torch
 
-from xspecmesh.model.config import HeadsConfig
-from xspecmesh.decoding.autoregressive import DecodeStats, decode_ar, run_to_end
+import xspecmesh.decoding.speculative as speculative
+from xspecmesh.geometry import tokenizer as tok
+from xspecmesh.model.config import HeadsConfig, preset
+from xspecmesh.decoding.autoregressive import DecodeStats, decode_ar, run_to_end, token_limit
+from xspecmesh.model.transformer import MeshTransformer
 from xspecmesh.model.heads import DraftHeads
 from xspecmesh.decoding.token_sampling import SamplingConfig
 from xspecmesh.decoding.speculative import AcceptConfig, decode_speculative
@@ -230,13 +234,11 @@ def test_draft_length_choice():
 
 def uneven_accepts(monkeypatch):
     """Row 0 accepts every draft, row 1 none (a well-drafted mesh and a hard one in one batch)."""
-    import xspecmesh.decoding.speculative as spec_mod
-
     def forced(rule, logits, probs, drafts, generator):
         n = torch.tensor([drafts.shape[1], 0])
         return n, probs[torch.arange(2), n]
 
-    monkeypatch.setattr(spec_mod, "accept_drafts", forced)
+    monkeypatch.setattr(speculative, "accept_drafts", forced)
 
 
 @pytest.mark.parametrize("kind, d, max_seq_len", [("cross", 4, None), ("eagle", 4, None), ("eagle", 8, 47)])
@@ -244,13 +246,6 @@ def test_a_row_past_the_limit_leaves_room_for_the_others(monkeypatch, kind, d, m
     """A row that reaches max_tokens in a step accepting several drafts, while another goes on: the finished row
     still goes through every later verify, so both caches must stay within their size (also at the model's own
     token limit with the most heads, where the backbone's cache is as long as it may be)."""
-    import dataclasses
-
-    from xspecmesh.decoding.autoregressive import token_limit
-    from xspecmesh.geometry import tokenizer as tok
-    from xspecmesh.model.config import preset
-    from xspecmesh.model.transformer import MeshTransformer
-
     uneven_accepts(monkeypatch)
     model = tiny_model(sharpen=30.0)
     if max_seq_len:
@@ -273,7 +268,12 @@ def test_a_finished_row_feeds_the_drafter_nothing():
     drafter = tiny_heads(model, d=4, kind="eagle", output="factored")
     contexts = []
     begin = drafter.begin
-    drafter.begin = lambda *a: contexts.append(begin(*a)) or contexts[-1]
+
+    def recording_begin(*args):
+        contexts.append(begin(*args))
+        return contexts[-1]
+
+    drafter.begin = recording_begin
     finished = torch.tensor([True, False])
     steps = decode_speculative(model, drafter, cond, SamplingConfig(0.8, 20, 1.0), AcceptConfig("greedy"), 4, 60,
                                torch.Generator().manual_seed(3), finished=finished)
