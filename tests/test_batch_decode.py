@@ -164,3 +164,33 @@ def test_one_slot_decodes_every_object_in_turn(engine):
     got = batched(engine, pts, settings, slots=1)
     for p, s, g in zip(pts, settings, got):
         assert g["stats"]["done_seen"] and g["tokens"] == alone(engine, p, s)[0]
+
+
+@pytest.mark.parametrize("mode, slots", [("spec", 2), ("naive", 2), ("ar", 1)])
+def test_a_cancelled_object_takes_no_slot(engine, mode, slots, monkeypatch):
+    """Objects in `stop` before they start (cancelled at once, or while waiting) never decode: speculative rounds
+    are made of the objects still wanted, and AR joining skips them."""
+    pts = clouds(5)
+    conds = [engine.condition(p, s) for s, p in enumerate(pts)]
+    settings = [DecodeSettings(mode=mode, temperature=0.0, max_tokens=30, seed=s) for s in range(5)]
+    decoded = []  # the objects each decoder starts with or takes in
+
+    def index(cond):
+        return next(i for i, c in enumerate(conds) if c is cond or torch.equal(c, cond))
+
+    real = Engine.decoder
+
+    def decoder(self, cond, settings, stats, generator, max_tokens, finished, join):
+        decoded.extend(index(c[None]) for c in cond)
+        if join is not None:
+            inner = join
+            join = lambda free: [decoded.append(index(c)) or (s, c, g) for s, c, g in inner(free)]
+        return real(self, cond, settings, stats, generator, max_tokens, finished, join)
+
+    monkeypatch.setattr(Engine, "decoder", decoder)
+    stop = {1}
+    seen = set()
+    for i, upd in engine.stream_batch(conds, settings, stop, slots):
+        seen.add(i)
+        stop.add(3)  # cancelled while it waits
+    assert sorted(decoded) == [0, 2, 4] and seen == {0, 2, 4}

@@ -135,3 +135,31 @@ def test_fit_is_applied_per_object_as_generate_does(ckpt, tmp_path):
         g = run("generate", src, "-o", single, "--checkpoint", ckpt, "--fit", *GREEDY[:-1])
         assert g.returncode == 0, g.stderr
         assert Path(e["output"]).read_bytes() == single.read_bytes()
+
+
+def test_a_failing_rank_reports_instead_of_hanging_the_others(ckpt, tmp_path, monkeypatch, capsys):
+    """Rank 0 fails (here: no such checkpoint) while rank 1 decodes: rank 0 still joins the gather the other rank
+    waits in, prints every rank's error and exits 1. torch.distributed is faked: one process plays rank 0."""
+    import torch.distributed as dist
+
+    from xspecmesh.cli import main
+    from xspecmesh.serving.batch import Report
+
+    gathers = []
+
+    def all_gather_object(out, obj):
+        gathers.append(obj)
+        out[:] = [obj, (Report(), None)]
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(dist, "init_process_group", lambda backend: None)
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: None)
+    monkeypatch.setattr(dist, "all_gather_object", all_gather_object)
+    monkeypatch.setattr("torch.set_num_threads", lambda n: None)  # (the test process keeps its threads)
+    tree(tmp_path / "in", names=("box",))
+    rc = main(["batch", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--checkpoint",
+               str(tmp_path / "missing.safetensors"), *GREEDY])
+    err = capsys.readouterr().err
+    assert rc == 1 and len(gathers) == 1 and gathers[0][0] is None
+    assert "xspecmesh: error: rank 0 of 2:" in err and "missing.safetensors" in err

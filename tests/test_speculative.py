@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 
 import pytest
 import torch
 
-from xspecmesh.model.config import HeadsConfig
-from xspecmesh.decoding.autoregressive import DecodeStats, decode_ar, run_to_end
+import xspecmesh.decoding.speculative as speculative
+from xspecmesh.geometry import tokenizer as tok
+from xspecmesh.model.config import HeadsConfig, preset
+from xspecmesh.decoding.autoregressive import DecodeStats, decode_ar, run_to_end, token_limit
+from xspecmesh.model.transformer import MeshTransformer
 from xspecmesh.model.heads import DraftHeads
 from xspecmesh.decoding.token_sampling import SamplingConfig
 from xspecmesh.decoding.speculative import AcceptConfig, decode_speculative
@@ -226,3 +230,53 @@ def test_draft_length_choice():
     # Heads that are never accepted: plain AR steps, but every 16th step probes the full length again.
     assert choices(False) == [4 if i % 16 == 0 else 0 for i in range(40)]
     assert choices(True) == [4] * 40  # heads always accepted: the full length throughout
+
+
+def uneven_accepts(monkeypatch):
+    """Row 0 accepts every draft, row 1 none (a well-drafted mesh and a hard one in one batch)."""
+    def forced(rule, logits, probs, drafts, generator):
+        n = torch.tensor([drafts.shape[1], 0])
+        return n, probs[torch.arange(2), n]
+
+    monkeypatch.setattr(speculative, "accept_drafts", forced)
+
+
+@pytest.mark.parametrize("kind, d, max_seq_len", [("cross", 4, None), ("eagle", 4, None), ("eagle", 8, 47)])
+def test_a_row_past_the_limit_leaves_room_for_the_others(monkeypatch, kind, d, max_seq_len):
+    """A row that reaches max_tokens in a step accepting several drafts, while another goes on: the finished row
+    still goes through every later verify, so both caches must stay within their size (also at the model's own
+    token limit with the most heads, where the backbone's cache is as long as it may be)."""
+    uneven_accepts(monkeypatch)
+    model = tiny_model(sharpen=30.0)
+    if max_seq_len:
+        torch.manual_seed(0)
+        model = MeshTransformer(dataclasses.replace(preset("tiny"), max_seq_len=max_seq_len)).eval()
+    with torch.no_grad():
+        model.to_logits.bias[tok.EOS] -= 1e4  # no EOS: both rows run to the limit
+    cond = condition(model, b=2)
+    limit = token_limit(model, 38)  # 38 either way; 47 - MAX_HEADS - 1 for the short model
+    steps = decode_speculative(model, tiny_heads(model, d=d, kind=kind), cond, SamplingConfig(0.8, 20, 1.0),
+                               AcceptConfig("threshold", 0.02), d, limit, torch.Generator().manual_seed(0))
+    seqs = run_to_end(steps, 2)
+    assert [len(s) for s in seqs] == [limit, limit]
+
+
+def test_a_finished_row_feeds_the_drafter_nothing():
+    """The eagle drafter's own cache stays put for a row that has finished (here, finished from the start)."""
+    model = tiny_model(sharpen=30.0)
+    cond = condition(model, b=2)
+    drafter = tiny_heads(model, d=4, kind="eagle", output="factored")
+    contexts = []
+    begin = drafter.begin
+
+    def recording_begin(*args):
+        contexts.append(begin(*args))
+        return contexts[-1]
+
+    drafter.begin = recording_begin
+    finished = torch.tensor([True, False])
+    steps = decode_speculative(model, drafter, cond, SamplingConfig(0.8, 20, 1.0), AcceptConfig("greedy"), 4, 60,
+                               torch.Generator().manual_seed(3), finished=finished)
+    seqs = run_to_end(steps, 2)
+    assert seqs[0] == [] and len(seqs[1]) == 60
+    assert contexts[0].cache.lengths[0] == 1  # the pair fed with the prefill's token, nothing after

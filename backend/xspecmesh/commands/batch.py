@@ -32,7 +32,7 @@ def run(args) -> int:
     import torch
 
     from xspecmesh.decoding.engine import Engine
-    from xspecmesh.errors import SettingsError
+    from xspecmesh.errors import SettingsError, XSpecMeshError
     from xspecmesh.serving.batch import Report, Runner, find_tasks
 
     if args.batch < 1:
@@ -47,26 +47,38 @@ def run(args) -> int:
         if not device.startswith("cuda"):  # the processes of one machine share its cores
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     try:
-        tasks = find_tasks(args.input, args.output)[rank::world]
-        engine = Engine.load(args.checkpoint, device, args.precision)
-        generate.fit_heads(settings, engine)
-        os.makedirs(args.output, exist_ok=True)
-        log_path = args.log or os.path.join(args.output, "batch_log.jsonl")
-        progress = None
-        if not args.no_progress and rank == 0:
-            from tqdm import tqdm
+        try:
+            tasks = find_tasks(args.input, args.output)[rank::world]
+            engine = Engine.load(args.checkpoint, device, args.precision)
+            generate.fit_heads(settings, engine)
+            os.makedirs(args.output, exist_ok=True)
+            log_path = args.log or os.path.join(args.output, "batch_log.jsonl")
+            progress = None
+            if not args.no_progress and rank == 0:
+                from tqdm import tqdm
 
-            progress = tqdm(total=len(tasks), unit="obj", desc="xspecmesh batch" + (f" (rank 0 of {world})"
-                                                                                   if world > 1 else ""))
-        with open(log_path, "a", encoding="utf-8") as log:
-            report = Runner(engine, settings, args.batch, log, progress).run(tasks)
-        if progress is not None:
-            progress.close()
+                progress = tqdm(total=len(tasks), unit="obj", desc="xspecmesh batch" + (f" (rank 0 of {world})"
+                                                                                       if world > 1 else ""))
+            with open(log_path, "a", encoding="utf-8") as log:
+                report = Runner(engine, settings, args.batch, log, progress).run(tasks)
+            if progress is not None:
+                progress.close()
+            error = None
+        except Exception as exc:  # noqa: BLE001 - the other ranks wait for this one in the gather below
+            if world == 1:
+                raise
+            report, error = None, str(exc) if isinstance(exc, XSpecMeshError) else f"{type(exc).__name__}: {exc}"
         if world > 1:
-            reports: list = [None] * world
-            torch.distributed.all_gather_object(reports, report)
+            gathered: list = [None] * world
+            torch.distributed.all_gather_object(gathered, (report, error))
+            errors = [(r, e) for r, (_, e) in enumerate(gathered) if e is not None]
+            if errors:
+                if rank == 0:
+                    for r, e in errors:
+                        print(f"xspecmesh: error: rank {r} of {world}: {e}", file=sys.stderr)
+                return 1
             report = Report()
-            for r in reports:
+            for r, _ in gathered:
                 report = report.merge(r)
     finally:
         if world > 1:

@@ -200,29 +200,23 @@ class Engine:
         start = time.perf_counter()
         cond = self.condition(points, settings.seed)
         stats = DecodeStats()
-        detok = tok.IncrementalDetokenizer()
-        faces = 0
+        mesh = _Decoded(settings.max_faces, token_limit(self.model, settings.max_tokens))
         summary: dict = {}
         for accepted in self.decoder(cond, settings, stats):
-            tris = [detok.push(t) for t in accepted[0]]
-            tris = np.concatenate(tris) if tris else np.zeros((0, 3, 3), dtype=np.int64)
-            if settings.max_faces is not None:
-                tris = tris[: max(0, settings.max_faces - faces)]
-            faces += len(tris)
-            full = settings.max_faces is not None and faces >= settings.max_faces
-            summary = stats.as_dict() | {"faces": faces, "seconds": round(time.perf_counter() - start, 4),
+            new, tris = mesh.add(accepted[0])
+            summary = stats.as_dict() | {"faces": mesh.faces, "seconds": round(time.perf_counter() - start, 4),
                                          "decode_seconds": round(stats.seconds, 4), "mode": settings.mode,
                                          "heads": settings.heads if settings.mode == "spec" else 0,
                                          "adaptive": settings.adaptive and settings.mode == "spec",
                                          "delta": settings.delta, "accept": settings.accept,
                                          "device": str(self.device), "precision": self.precision}
-            if full:
-                summary["complete"] = False  # cut at max_faces
-            yield StepUpdate(accepted[0], tok.dequantize(tris).astype(np.float32), summary, done=full)
-            if full:
+            if mesh.full:
+                summary["complete"] = mesh.complete
+            yield StepUpdate(new, tris, summary, done=mesh.full)
+            if mesh.full:
                 return
         # The decoder ended: at EOS (a whole mesh) or at the token limit (a cut one).
-        summary = summary | {"complete": stats.tokens < token_limit(self.model, settings.max_tokens)}
+        summary = summary | {"complete": mesh.complete}
         yield StepUpdate([], np.zeros((0, 3, 3), dtype=np.float32), summary, done=True)
 
     def retopologize(self, points, settings: DecodeSettings,
@@ -271,8 +265,9 @@ class Engine:
         Yields (i, update) for every running object after each step: each object's updates are those `stream`
         gives for it alone (the last one has done=True), and it stops at its own EOS, max_faces or max_tokens.
         Each object has its own random stream (seeded by its seed), so greedy decoding gives the tokens of decoding
-        it alone, and sampling is reproducible for given seeds, slots and order. Adding i to `stop` between steps
-        drops object i silently (a cancel). A step costs one batched forward over the live rows.
+        it alone (up to floating-point rounding), and sampling is reproducible for given seeds, slots and order.
+        Adding i to `stop` between steps drops object i silently (a cancel); one that has not started yet takes no
+        slot. A step costs one batched forward over the live rows.
 
         With `points` (each object's cloud, as for `retopologize`), an object whose settings ask for the fit gets it
         as `retopologize` does: its last decoding update has `decoded` set and not `done`, and one more update with
@@ -295,18 +290,22 @@ class Engine:
                   "adaptive": settings[0].adaptive and settings[0].mode == "spec", "delta": settings[0].delta,
                   "accept": settings[0].accept, "device": str(self.device), "precision": self.precision,
                   "batch": slots}
-        # AR joins and leaves (one decoder for all); the other loops decode in rounds of `slots`.
+        # AR joins and leaves (one decoder for all); the other loops decode in rounds of `slots`. An object in
+        # `stop` takes no slot: rounds are made from the objects still wanted as each round starts.
         joins = settings[0].mode == "ar"
-        rounds = [list(range(n))] if joins else [list(range(f, min(n, f + slots))) for f in range(0, n, slots)]
-        for group in rounds:
-            yield from self._stream_group(conds, settings, rows, gens, group, slots, joins, stop, points, cancelled,
-                                          common)
+        left = list(range(n))
+        while left:
+            left = [i for i in left if i not in stop]
+            group, left = (left, []) if joins else (left[:slots], left[slots:])
+            if group:
+                yield from self._stream_group(conds, settings, rows, gens, group, slots, joins, stop, points,
+                                              cancelled, common)
 
     def _stream_group(self, conds, settings, rows, gens, group, slots, joins, stop, points, cancelled, common):
         """`stream_batch` over the objects `group`: `slots` at a time, the others joining as slots free up."""
         stats = DecodeStats()
         holder = group[:slots]  # the object in each slot
-        waiting = iter(group[slots:])
+        waiting = (i for i in group[slots:] if i not in stop)  # asked as slots free up: a cancel while waiting counts
         finished = torch.zeros(len(holder), dtype=torch.bool, device=self.device)
 
         def join(free: list[int]) -> list:
@@ -339,7 +338,7 @@ class Engine:
                         finished[slot] = True
                     seconds = time.perf_counter() - row.started
                     upd.stats = upd.stats | common | {
-                        "seconds": round(seconds, 4), "tokens_per_second": round(row.tokens_count / seconds, 2),
+                        "seconds": round(seconds, 4), "tokens_per_second": round(len(row.tokens) / seconds, 2),
                         "batch_steps": stats.steps, "batch_tokens_per_second": stats.as_dict()["tokens_per_second"]}
                     yield i, upd
                     if fit:
@@ -354,40 +353,57 @@ def batch_key(settings: DecodeSettings) -> tuple:
     return tuple((k, v) for k, v in sorted(d.items()) if k not in ("seed", "max_tokens", "max_faces", "fit"))
 
 
-class _Row:
-    """One object of a batch: its tokens, faces and limits, and the updates `stream_batch` yields for it."""
+class _Decoded:
+    """One object's decoding so far: its tokens up to `limit`, detokenized, cut at `max_faces` and counted; what
+    `Engine.stream` and each object of `stream_batch` report."""
 
-    def __init__(self, settings: DecodeSettings, limit: int, started: float):
-        self.settings, self.limit = settings, limit
-        self.started = started  # when it took a slot
+    def __init__(self, max_faces: int | None, limit: int):
+        self.max_faces, self.limit = max_faces, limit
         self.detok = tok.IncrementalDetokenizer()
         self.tokens: list[int] = []
+        self.faces = 0
+        self.full = False  # max_faces reached
+
+    def add(self, new: list[int]) -> tuple[list[int], np.ndarray]:
+        """This step's tokens (cut at the limit) and the triangles they complete, (k, 3, 3) float32."""
+        new = new[: self.limit - len(self.tokens)]
+        self.tokens.extend(new)
+        tris = [self.detok.push(t) for t in new]
+        tris = np.concatenate(tris) if tris else np.zeros((0, 3, 3), dtype=np.int64)
+        if self.max_faces is not None:
+            tris = tris[: max(0, self.max_faces - self.faces)]
+        self.faces += len(tris)
+        self.full = self.max_faces is not None and self.faces >= self.max_faces
+        return new, tok.dequantize(tris).astype(np.float32)
+
+    @property
+    def complete(self) -> bool:
+        """A whole mesh, once decoding is over: it ended at EOS, cut neither at max_faces nor at the token limit."""
+        return not self.full and len(self.tokens) < self.limit
+
+
+class _Row(_Decoded):
+    """One object of a batch: its decoding, and the updates `stream_batch` yields for it."""
+
+    def __init__(self, settings: DecodeSettings, limit: int, started: float):
+        super().__init__(settings.max_faces, limit)
+        self.settings = settings
+        self.started = started  # when it took a slot
         self.parts: list[np.ndarray] = []  # the triangles so far (a fit needs them all)
-        self.faces = self.steps = 0
+        self.steps = 0
         self.done = False
 
     def push(self, new: list[int], ended: bool) -> StepUpdate:
         """This step's accepted tokens; `ended`: the decoder finished the sequence (EOS or the batch's limit)."""
         self.steps += 1
-        new = new[: self.limit - len(self.tokens)]
-        self.tokens.extend(new)
-        tris = [self.detok.push(t) for t in new]
-        tris = np.concatenate(tris) if tris else np.zeros((0, 3, 3), dtype=np.int64)
-        if self.settings.max_faces is not None:
-            tris = tris[: max(0, self.settings.max_faces - self.faces)]
-        self.faces += len(tris)
-        full = self.settings.max_faces is not None and self.faces >= self.settings.max_faces
-        self.done = full or ended or len(self.tokens) >= self.limit
+        new, tris = self.add(new)
         n = len(self.tokens)
+        self.done = self.full or ended or n >= self.limit
         stats = {"steps": self.steps, "tokens": n, "scr": round(n / self.steps, 4), "faces": self.faces}
         if self.done:
-            stats["complete"] = not full and n < self.limit
-        self.parts.append(tok.dequantize(tris).astype(np.float32))
-        return StepUpdate(new, self.parts[-1], stats, done=self.done, decoded=self.done)
-
-    @property
-    def tokens_count(self) -> int:
-        return len(self.tokens)
+            stats["complete"] = self.complete
+        self.parts.append(tris)
+        return StepUpdate(new, tris, stats, done=self.done, decoded=self.done)
 
 
 def _fit(triangles: np.ndarray, points, stats: dict, cancelled: Callable[[], bool]) -> StepUpdate:

@@ -110,8 +110,10 @@ def decode_speculative(
     grammar = Grammar(dev)
     rows = torch.arange(b, device=dev)
     max_tokens = token_limit(model, max_tokens)
-    cache = cache if cache is not None else model.new_cache(cond, max_tokens + d + 3)
-    head_ctx = heads.begin(model, cond, max_tokens + d + 3)
+    # A row verifies only while it holds fewer than max_tokens positions, and a finished row goes back to that
+    # (step 5), so a verify's d + 1 new positions never reach past max_tokens + d, in either cache.
+    cache = cache if cache is not None else model.new_cache(cond, max_tokens + d)
+    head_ctx = heads.begin(model, cond, max_tokens + d)
     emitted = torch.zeros(b, dtype=torch.long, device=dev)
     finished = finished if finished is not None else torch.zeros(b, dtype=torch.bool, device=dev)
 
@@ -159,11 +161,9 @@ def decode_speculative(
         r = draw(nxt_probs, generator)
 
         # 5. Commit: keep r_prev, d1..da in the cache; the new r is fed next step.
-        cache.rollback(torch.where(finished, length, length + 1 + n_acc))
         state = grammar.advance(states[rows, n_acc], r)
         new = torch.cat([drafts, torch.zeros_like(r)[:, None]], 1)
         new[rows, n_acc] = r
-        feats, pending, counts = hidden, new, n_acc + 1
         live = ~finished
         accepted = n_acc[live].tolist()
         stats.draft_hist[dk] += 1
@@ -175,6 +175,10 @@ def decode_speculative(
         stats.steps += 1
         stats.seq_steps += int(live.sum())
         out = _commit(new, n_acc + 1, emitted, finished, max_tokens, stats)
+        # A finished row (this step included) keeps the cache it had before this verify and hands the drafter no
+        # pairs: later verifies still run over it, and neither cache may grow past max_tokens + d.
+        cache.rollback(torch.where(finished, length, length + 1 + n_acc))
+        feats, pending, counts = hidden, new, torch.where(finished, 0, n_acc + 1)
         t3 = time.perf_counter()
         stats.time_draft += t1 - t0
         stats.time_verify += t2 - t1

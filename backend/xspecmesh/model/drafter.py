@@ -113,7 +113,8 @@ class DraftDecoder(nn.Module):
     def propose(self, model, ctx: DraftContext, feats, tokens, counts, drafts: int,
                 choose: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """`drafts` greedy draft tokens (B, drafts). feats/tokens (B, n, ·): the pairs committed since the last call,
-        counts[b] of them valid per sequence, the last being [h, r]; `choose(logits)` picks each draft (grammar)."""
+        counts[b] of them valid per sequence, the last being [h, r] (none for a finished sequence, whose drafts are
+        ignored); `choose(logits)` picks each draft (grammar)."""
         rows = torch.arange(feats.shape[0], device=feats.device)
         cache = ctx.cache
         if self.cfg.kind == "grounded":
