@@ -58,6 +58,7 @@ class TrainConfig:
     max_faces: int = 400
     families: str | None = None  # comma-separated procedural families (default: all)
     axis_aligned: bool = False  # shapes upright and turned by multiples of 90 degrees only (data.ShapeConfig)
+    axis_turns: int = 4  # with axis_aligned: 4 turns about up, or all 24 quarter-turn rotations
     axis_factors: bool = False  # backbone: token rows get shared per-axis rows while training (axis_factors.py)
     meshes: str | None = None  # an optional directory of the user's own meshes, mixed in
     seed: int = 0
@@ -76,6 +77,8 @@ class TrainConfig:
     backbone_weight: float = 50.0  # λ: weight of the backbone's own loss in stage 2
     resume: bool = False
     log_every: int = 10
+    device: str = "auto"  # auto (cuda when there is one), cpu or cuda
+    threads: int = 0  # torch CPU threads (0: torch's choice); 1 on a shared machine
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -113,7 +116,8 @@ def batches(pairs, token_budget: int, pool: int = 64):
 
 
 def shape_config(cfg: TrainConfig) -> ShapeConfig:
-    return ShapeConfig.parse(cfg.families, max_faces=cfg.max_faces, axis_aligned=cfg.axis_aligned)
+    return ShapeConfig.parse(cfg.families, max_faces=cfg.max_faces, axis_aligned=cfg.axis_aligned,
+                             axis_turns=cfg.axis_turns)
 
 
 def training_pairs(cfg: TrainConfig, num_points: int, rank: int, start_step: int = 0):
@@ -202,8 +206,16 @@ class Trainer:
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         self.rank = dist.get_rank() if self.distributed else 0
         self.world = dist.get_world_size() if self.distributed else 1
-        self.device = torch.device(f"cuda:{self.rank % torch.cuda.device_count()}" if torch.cuda.is_available()
-                                   else "cpu")
+        if cfg.device not in ("auto", "cpu", "cuda"):
+            raise SettingsError(f"--device is auto, cpu or cuda, got {cfg.device!r}")
+        if cfg.device == "cuda" and not torch.cuda.is_available():
+            raise SettingsError("--device cuda, but torch sees no CUDA device")
+        if cfg.threads < 0:
+            raise SettingsError("--threads must be 0 (torch's choice) or more")
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+        self.device = torch.device(f"cuda:{self.rank % torch.cuda.device_count()}" if cuda else "cpu")
         torch.manual_seed(cfg.seed)
         self.out = Path(cfg.out)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -362,7 +374,8 @@ class Trainer:
         save_checkpoint(self.out / "model.safetensors", model, heads, dtype="float32",
                         meta={"preset": self.preset_name, "stage": self.cfg.stage, "step": step,
                               "families": self.cfg.families, "max_faces": self.cfg.max_faces,
-                              "axis_aligned": self.cfg.axis_aligned, "axis_factors": self.cfg.axis_factors})
+                              "axis_aligned": self.cfg.axis_aligned, "axis_turns": self.cfg.axis_turns,
+                              "axis_factors": self.cfg.axis_factors})
 
     @torch.no_grad()
     def evaluate(self) -> dict:
