@@ -170,3 +170,19 @@ def test_axis_factors_start_neutral_train_and_save_merged(tmp_path, batch):
     assert resumed.start_step == 4 and resumed.step == 6
     with pytest.raises(SettingsError, match="backbone stage"):
         Trainer(TrainConfig(stage="heads", init=str(init), out=str(tmp_path / "h"), axis_factors=True, **FAST))
+
+
+def test_stop_at_keeps_the_schedule_time_limit_and_loader_workers(tmp_path):
+    cfg = TrainConfig(stage="backbone", out=str(tmp_path), steps=10, stop_at=3, workers=2, threads=1, device="cpu",
+                      families="simple_parts", axis_aligned=True, axis_turns=24, **FAST)
+    tr = Trainer(cfg)
+    tr.run()
+    assert tr.step == 3 and tr.lr_at(3) > tr.lr_at(9)  # stopped early; the cosine still ends at step 10
+    meta = load_checkpoint(tmp_path / "model.safetensors").meta
+    assert (meta["step"], meta["axis_turns"]) == (3, 24)
+    timed = Trainer(TrainConfig(stage="backbone", out=str(tmp_path), steps=10, max_minutes=1e-9, resume=True, **FAST))
+    timed.run()
+    assert (timed.start_step, timed.step) == (3, 4)  # out of time after one step, and saved there
+    assert load_checkpoint(tmp_path / "model.safetensors").meta["step"] == 4
+    with pytest.raises(SettingsError):
+        Trainer(TrainConfig(stage="backbone", out=str(tmp_path), device="tpu", **FAST))

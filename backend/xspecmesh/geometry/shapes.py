@@ -348,15 +348,18 @@ _HARD_SURFACE: dict[str, Callable[[np.random.Generator], trimesh.Trimesh]] = {
     "holed_block": _holed_block, "nut": _nut, "post_plate": _post_plate, "assembly": _assembly,
 }
 
-FAMILIES: dict[str, Callable[[np.random.Generator], trimesh.Trimesh]] = {
+_GENERAL: dict[str, Callable[[np.random.Generator], trimesh.Trimesh]] = {
     "box": _box, "prism": _prism, "cone": _cone, "capsule": _capsule, "icosphere": _icosphere, "torus": _torus,
     "extrusion": _extrusion, "lathe": _lathe, "plane_cut": _plane_cut, "csg_union": _csg_union,
-    "csg_difference": _csg_difference, "mirrored": _mirrored, **_HARD_SURFACE,
+    "csg_difference": _csg_difference, "mirrored": _mirrored,
 }
+FAMILIES = _GENERAL | _HARD_SURFACE
 
-# Named groups that `--families` accepts besides family names: the hard-surface parts, and the two halves of a
-# curriculum (single solids first, then booleans and unions).
+# Named groups that `--families` accepts besides family names. "general" is the default mix (no --families); the
+# hard-surface parts are asked for by name, as a whole or as the two halves of a curriculum (single solids first,
+# then booleans and unions).
 FAMILY_GROUPS: dict[str, tuple[str, ...]] = {
+    "general": tuple(_GENERAL),
     "hard_surface": tuple(_HARD_SURFACE),
     "simple_parts": SIMPLE_PARTS,
     "compound_parts": tuple(f for f in _HARD_SURFACE if f not in SIMPLE_PARTS),

@@ -38,7 +38,7 @@ VALIDATION_SHARE = 8  # one quantized mesh in this many (by hash) belongs to val
 class ShapeConfig:
     max_faces: int = 400  # cap on faces after quantization (BPT needs ~2.6 tokens per face)
     min_faces: int = 4
-    families: tuple[str, ...] | None = None  # None: every family in FAMILIES, drawn uniformly
+    families: tuple[str, ...] | None = None  # None: the general families (shapes.FAMILY_GROUPS), drawn uniformly
     anisotropy: float = 0.25  # per-axis scale factor drawn from exp(U(-a, a))
     tilt_prob: float = 0.2  # share of shapes given an arbitrary 3-D rotation; the rest stay upright (yaw only)
     # Parts modelled along the axes, as most hard-surface work in Blender is: upright, turned only by multiples of
@@ -62,7 +62,7 @@ class ShapeConfig:
     @classmethod
     def parse(cls, families: str | None, **options) -> "ShapeConfig":
         """From a comma-separated list of families and groups (`shapes.FAMILY_GROUPS`), as options and checkpoint
-        metadata carry it (None or "": all)."""
+        metadata carry it (None or "": the general families)."""
         if not families:
             return cls(families=None, **options)
         names = [f.strip() for f in families.split(",")]
@@ -71,7 +71,7 @@ class ShapeConfig:
 
     @property
     def names(self) -> tuple[str, ...]:
-        return tuple(self.families) if self.families else tuple(FAMILIES)
+        return tuple(self.families) if self.families else FAMILY_GROUPS["general"]
 
 
 @dataclass

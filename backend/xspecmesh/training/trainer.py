@@ -79,6 +79,9 @@ class TrainConfig:
     log_every: int = 10
     device: str = "auto"  # auto (cuda when there is one), cpu or cuda
     threads: int = 0  # torch CPU threads (0: torch's choice); 1 on a shared machine
+    workers: int = 0  # data-loader processes drawing shapes (0: in the training process); a GPU needs several
+    stop_at: int = 0  # end this run at this step (0: at `steps`); the schedule still runs to `steps` (legs, phases)
+    max_minutes: float = 0.0  # end this run, saved, once it has trained this long (0: no limit)
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -120,10 +123,30 @@ def shape_config(cfg: TrainConfig) -> ShapeConfig:
                              axis_turns=cfg.axis_turns)
 
 
+class _PairStream(torch.utils.data.IterableDataset):
+    """The procedural stream of one rank, split over data-loader workers (each its own `iter_pairs` worker)."""
+
+    def __init__(self, seed: int, shapes: ShapeConfig, num_points: int, rank: int, workers: int):
+        super().__init__()
+        self.args, self.rank, self.workers = (seed, shapes, num_points), rank, workers
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        seed, shapes, num_points = self.args
+        worker = self.rank * max(1, self.workers) + (info.id if info else 0)
+        return iter_pairs(seed, shapes, num_points=num_points, augment=True, worker=worker)
+
+
+def _as_is(pair: TrainingPair) -> TrainingPair:  # the loader's default would turn numpy arrays into tensors
+    return pair
+
+
 def training_pairs(cfg: TrainConfig, num_points: int, rank: int, start_step: int = 0):
     """Endless pairs for one rank; a resumed run draws a new stream (seeded by its start step), not a replay."""
-    shape_cfg = shape_config(cfg)
-    procedural = iter_pairs(cfg.seed + 7919 * start_step, shape_cfg, num_points=num_points, augment=True, worker=rank)
+    stream = _PairStream(cfg.seed + 7919 * start_step, shape_config(cfg), num_points, rank, cfg.workers)
+    procedural = iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.workers,
+                                                  prefetch_factor=64 if cfg.workers else None,
+                                                  collate_fn=_as_is) if cfg.workers else stream)
     if not cfg.meshes:
         yield from procedural
         return
@@ -210,8 +233,8 @@ class Trainer:
             raise SettingsError(f"--device is auto, cpu or cuda, got {cfg.device!r}")
         if cfg.device == "cuda" and not torch.cuda.is_available():
             raise SettingsError("--device cuda, but torch sees no CUDA device")
-        if cfg.threads < 0:
-            raise SettingsError("--threads must be 0 (torch's choice) or more")
+        if min(cfg.threads, cfg.workers, cfg.stop_at, cfg.max_minutes) < 0:
+            raise SettingsError("--threads, --workers, --stop-at and --max-minutes must be 0 or more")
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
@@ -323,7 +346,8 @@ class Trainer:
         bar = tqdm(total=cfg.steps, initial=step, disable=self.rank != 0, desc=f"train {cfg.stage}")
         last: dict = {}
         tokens_seen, t0 = 0, time.perf_counter()
-        while step < cfg.steps:
+        end = min(cfg.steps, cfg.stop_at or cfg.steps)
+        while step < end:
             for group in self.optimizer.param_groups:
                 group["lr"] = self.lr_at(step)
             self.optimizer.zero_grad(set_to_none=True)
@@ -343,13 +367,20 @@ class Trainer:
                 bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{rate:.0f}")
                 log.write(json.dumps(row) + "\n")
                 log.flush()
-            if self.rank == 0 and (step % cfg.save_every == 0 or step == cfg.steps):
+            out_of_time = bool(cfg.max_minutes) and time.perf_counter() - t0 > 60 * cfg.max_minutes
+            if self.distributed and cfg.max_minutes:  # every rank stops at the same step
+                flag = torch.tensor([float(out_of_time)], device=self.device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                out_of_time = bool(flag.item())
+            if self.rank == 0 and (step % cfg.save_every == 0 or step == end or out_of_time):
                 self.save(step)
             if self.rank == 0 and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
                 ev = self.evaluate()
                 log.write(json.dumps({"step": step, **{f"val_{k}": v for k, v in ev.items()}}) + "\n")
                 log.flush()
                 bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in ev.items()))
+            if out_of_time:
+                break
         bar.close()
         if self.distributed:
             dist.barrier()
