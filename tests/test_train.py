@@ -186,3 +186,20 @@ def test_stop_at_keeps_the_schedule_time_limit_and_loader_workers(tmp_path):
     assert load_checkpoint(tmp_path / "model.safetensors").meta["step"] == 4
     with pytest.raises(SettingsError):
         Trainer(TrainConfig(stage="backbone", out=str(tmp_path), device="tpu", **FAST))
+
+
+def test_gpu_recipe_runs_end_to_end_on_cpu_at_tiny_scale(tmp_path):
+    """tools/gpu_train.sh with its GPU settings swapped for seconds on the CPU: trains, saves, resumes."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    init = write_random_checkpoint(tmp_path / "tiny.safetensors", "tiny", heads=0)
+    env = dict(os.environ, DEVICE="cpu", INIT=str(init), STEPS="2", TOKEN_BUDGET="600", WORKERS="1", VAL_COUNT="2",
+               PYTHON=sys.executable)
+    env.pop("OUT", None)
+    dest = tmp_path / "gpu"
+    for _ in range(2):  # the second call finds the run finished and leaves it as it is
+        proc = subprocess.run(["bash", os.path.join(root, "tools", "gpu_train.sh"), str(dest)], env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    meta = load_checkpoint(dest / "model.safetensors").meta
+    assert (meta["step"], meta["families"], meta["axis_turns"]) == (2, "hard_surface", 24)
+    assert (dest / "state.safetensors").exists()

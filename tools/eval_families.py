@@ -20,6 +20,7 @@ import json
 import math
 import statistics
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -148,7 +149,8 @@ def main(argv=None) -> int:
                "settings": {"count": args.count, "max_faces": args.max_faces, "axis_turns": args.axis_turns,
                             "temperature": args.temperature, "max_tokens": args.max_tokens}}
     if args.sheet:
-        contact_sheet(examples, args.sheet, f"{engine.ckpt.path}: held-out shape (left), AR result (right)")
+        contact_sheet(examples, args.sheet,
+                      f"{Path(engine.ckpt.path).name}: held-out shape (left), AR result (right, seed 0)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
