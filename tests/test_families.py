@@ -17,7 +17,7 @@ CAP = 160  # the campaign's face cap (docs/TRAINING.md)
 @pytest.mark.parametrize("family", HARD_SURFACE)
 def test_parts_round_trip_through_tokens_as_closed_solids(family):
     """Over 25 seeds, augmented as in training: the tokens decode to the same faces, none collapsed, no two alike,
-    and the decoded mesh is closed after welding (every part here is a solid)."""
+    and the decoded mesh is one closed, consistently wound body after welding (every part here is one solid)."""
     config = data.ShapeConfig(families=(family,), max_faces=CAP, axis_aligned=True, axis_turns=24)
     rng = np.random.default_rng(7)
     for _ in range(25):
@@ -27,19 +27,20 @@ def test_parts_round_trip_through_tokens_as_closed_solids(family):
         mesh = trimesh.Trimesh(verts, faces, process=True)  # welds equal vertices
         assert len(mesh.faces) == len(faces) and (mesh.area_faces > 0).all()
         assert len({tuple(sorted(f)) for f in mesh.faces.tolist()}) == len(faces)
-        assert mesh.is_watertight and mesh.volume > 0
+        assert mesh.is_watertight and mesh.is_winding_consistent and mesh.volume > 0 and mesh.body_count == 1
 
 
 @pytest.mark.parametrize("family", HARD_SURFACE)
 def test_most_raw_draws_survive_quantization(family):
-    """The generator itself keeps features thick enough: most draws pass the quantization rule without retries."""
+    """The generator itself keeps features thick enough: most draws pass the quantization rule without retries
+    (assemblies about half: where parts meet, slivers can collapse, and three parts can pass the face cap)."""
     config = data.ShapeConfig(families=(family,), max_faces=CAP, axis_aligned=True, axis_turns=24)
     rng = np.random.default_rng(3)
     kept = 0
     for _ in range(20):
         mesh = data._posed(FAMILIES[family](rng), rng, config)
         kept += mesh is not None and data._quantized_if_valid(mesh, config) is not None
-    assert kept >= 12
+    assert kept >= (8 if family == "assembly" else 14)
 
 
 def test_the_24_turns_are_all_drawn_and_4_keep_up():

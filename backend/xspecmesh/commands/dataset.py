@@ -142,8 +142,11 @@ def run_preview(args: argparse.Namespace) -> int:
     if args.per_family is not None:
         if args.per_family < 1:
             raise SettingsError("--per-family must be at least 1")
-        args.count = args.per_family * len(_config(args).names)
-    cols = min(args.count, max(1, math.ceil(math.sqrt(args.count))))
+        families = len(_config(args).names)
+        args.count = args.per_family * families
+        cols = args.per_family * math.ceil(math.sqrt(families / args.per_family))  # a family's shapes side by side
+    else:
+        cols = min(args.count, max(1, math.ceil(math.sqrt(args.count))))
     rows = math.ceil(args.count / cols)
     fig = plt.figure(figsize=(2.5 * cols, 2.5 * rows + 0.5), dpi=110, facecolor="white")
     for i, (mesh, family, tokens, rng) in enumerate(_shapes(args)):

@@ -246,7 +246,8 @@ def _tube(rng):
     """An n-gon ring (3-12 sides outside; the same or a rounder hole) extruded: pipes, bushings, square tubes."""
     n, r = _sides(rng), rng.uniform(0.3, 0.6)
     inner = n if rng.random() < 0.6 else _sides(rng, 6)
-    ring = mf.CrossSection.circle(r, n) - mf.CrossSection.circle(r * rng.uniform(0.45, 0.75), inner)
+    hole = r * math.cos(math.pi / n) * rng.uniform(0.5, 0.8)  # inside the outline's inscribed circle: one ring
+    ring = mf.CrossSection.circle(r, n) - mf.CrossSection.circle(hole, inner)
     return _tm(_extruded(ring, rng.uniform(0.15, 1.2)))
 
 
@@ -257,7 +258,7 @@ def _stepped_block(rng):
         parts.append(mf.Manifold.cube(tuple(ext), True).translate((centre[0], y + ext[1] / 2, centre[1])))
         new = ext * [rng.uniform(0.45, 0.8), rng.uniform(0.6, 1.3), rng.uniform(0.45, 0.8)]
         centre = centre + rng.choice([-0.5, 0, 0.5], 2) * (ext - new)[[0, 2]]  # +-0.5: flush with that side
-        y, ext = y + ext[1], new
+        y, ext = y + ext[1] - 0.01, new  # sunk in a little: boxes that only touch would stay separate bodies
     return _tm(mf.Manifold.batch_boolean(parts, mf.OpType.Add))
 
 
@@ -279,7 +280,7 @@ def _holed_block(rng):
     axis = int(rng.integers(3))
     across = np.delete(ext, axis)
     holes = int(rng.integers(1, 3))
-    r = rng.uniform(0.12, 0.3) * across.min() if holes == 2 else rng.uniform(0.15, 0.33) * across.min()
+    r = rng.uniform(0.1, 0.17) * across.min() if holes == 2 else rng.uniform(0.15, 0.33) * across.min()
     block = mf.Manifold.cube(tuple(ext), True)
     spots = [0.0] if holes == 1 else [-across[0] / 4, across[0] / 4]
     turns = {0: [(0, 90, 0), (90, 0, 0)], 1: [(90, 0, 0)], 2: []}[axis]  # z onto `axis`, x onto across[0]
@@ -320,25 +321,26 @@ SIMPLE_PARTS = ("ngon_prism", "wedge", "pyramid_cone", "chamfered_block", "secti
 
 
 def _assembly(rng):
-    """Two or three simple parts welded into one solid, each placed against the last (overlapping it a little)."""
+    """Two or three simple parts welded into one solid, each pushed into the others from one side (a part that
+    only meets an empty corner of their box is pushed in further, to the centres if need be)."""
     result = None
     for _ in range(int(rng.integers(2, 4))):
         part = _HARD_SURFACE[SIMPLE_PARTS[int(rng.integers(len(SIMPLE_PARTS)))]](rng)
         part.apply_translation(-part.bounds.mean(0))
         m = mf.Manifold(mf.Mesh(part.vertices.astype(np.float32), part.faces.astype(np.uint32)))
         m = m.scale(tuple([rng.uniform(0.5, 0.9)] * 3)).rotate(tuple(rng.choice([0, 90], 3)))
-        if result is not None:
-            box, new = np.asarray(result.bounding_box()), np.asarray(m.bounding_box())
-            axis, side = int(rng.integers(3)), rng.choice([-1, 1])
-            shift = rng.uniform(-0.25, 0.25, 3) * (box[3:] - box[:3])
-            # on `axis`, put the new part's face against the assembly's, sunk in by 15% of its own size
-            edge = box[3 + axis] if side > 0 else box[axis]
-            reach = (new[3 + axis] - new[axis]) / 2 * 0.7
-            shift[axis] = edge + side * reach - (box[axis] + box[3 + axis]) / 2
-            m = m.translate(tuple((box[:3] + box[3:]) / 2 + shift))
-            result = result + m
-        else:
+        if result is None:
             result = m
+            continue
+        box, new = np.asarray(result.bounding_box()), np.asarray(m.bounding_box())
+        centre, axis, side = (box[:3] + box[3:]) / 2, int(rng.integers(3)), rng.choice([-1, 1])
+        shift = rng.uniform(-0.25, 0.25, 3) * (box[3:] - box[:3])
+        for depth in (0.6, 0.0, -1.0):  # the new part's centre this many half-sizes outside the assembly's face
+            shift[axis] = side * ((box[3 + axis] - box[axis]) / 2 + depth * (new[3 + axis] - new[axis]) / 2)
+            joined = result + m.translate(tuple(centre + shift * (depth > -1)))
+            if len(joined.decompose()) == 1:
+                result = joined
+                break  # (a part that meets nothing even at the centre, inside a tube's hole, is left out)
     return _tm(result)
 
 

@@ -3,7 +3,7 @@
 A shape comes from one of `shapes.FAMILIES` (trimesh primitives and manifold3d solids, y up as in BPT's order),
 gets a random per-axis scale and rotation, is normalized to the token frame (bbox centre, longest side to
 [-0.95, 0.95]) and is kept only if it survives 7-bit quantization intact: after `tokenizer.preprocess` it still has
-every one of its faces (none collapsed, flattened or duplicated), at least `min_faces` and at most `max_faces`.
+every one of its faces (none collapsed, flattened, turned over or duplicated), at least `min_faces` and at most `max_faces`.
 
 Its conditioning point cloud is sampled from a slightly, smoothly displaced copy of the same surface in the same
 frame, so the tokens' dequantized vertices lie on the points up to quantization error.
@@ -253,16 +253,20 @@ def _augmented(mesh: trimesh.Trimesh, rng: np.random.Generator, config: ShapeCon
 
 def _quantized_if_valid(mesh: trimesh.Trimesh, config: ShapeConfig):
     """(qverts, qfaces) if every face survives quantization (preprocess drops collapsed and duplicated faces; strict
-    also refuses faces flattened to zero area) and the count is within the config, else None."""
+    also refuses faces flattened to zero area or turned over) and the count is within the config, else None."""
     n = len(mesh.faces)
     if config.strict and not config.min_faces <= n <= config.max_faces:
         return None
     qv, qf = tokenizer.preprocess(np.asarray(mesh.vertices), np.asarray(mesh.faces))
     if (config.strict and len(qf) != n) or not config.min_faces <= len(qf) <= config.max_faces:
         return None
-    if config.strict:  # nor flattened: three distinct grid points in a line (exact: integer cross products)
+    if config.strict:
+        # nor flattened (three grid points in a line: exact, integer cross products), nor turned over: a face
+        # flipped by rounding runs an edge the same way as its neighbour does (preprocess keeps each winding)
         tri = qv[qf]
-        if not np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]).any(axis=1).all():
+        edges = qf[:, [0, 1, 1, 2, 2, 0]].reshape(-1, 2)
+        if not np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]).any(axis=1).all() or \
+                len(np.unique(edges, axis=0)) < len(edges):
             return None
     return qv, qf
 
