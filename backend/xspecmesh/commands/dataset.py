@@ -16,7 +16,8 @@ def register(sub) -> None:
     pv.add_argument("--count", type=int, default=16, help="number of shapes (default 16)")
     pv.add_argument("-o", "--output", default="dataset_preview.png", help="PNG to write")
     pv.add_argument("--seed", type=int, default=0, help="training stream seed")
-    pv.add_argument("--families", default=None, help="comma-separated families (default: all)")
+    pv.add_argument("--families", default=None, 
+                    help="comma-separated families and groups, e.g. hard_surface (default: the general mix)")
     pv.add_argument("--max-faces", type=int, default=400, help="face cap (default 400)")
     pv.add_argument("--points", action="store_true", help="overlay the conditioning point cloud")
     pv.add_argument("--per-family", type=int, default=None, metavar="N",
@@ -28,7 +29,8 @@ def register(sub) -> None:
     st = dsub.add_parser("stats", help="family histogram, faces, tokens per face, shapes per second")
     st.add_argument("--count", type=int, default=200, help="number of shapes (default 200)")
     st.add_argument("--seed", type=int, default=0, help="training stream seed")
-    st.add_argument("--families", default=None, help="comma-separated families (default: all)")
+    st.add_argument("--families", default=None, 
+                    help="comma-separated families and groups, e.g. hard_surface (default: the general mix)")
     st.add_argument("--max-faces", type=int, default=400, help="face cap (default 400)")
     st.add_argument("--json", action="store_true", help="print one JSON object")
     st.set_defaults(func=run_stats)

@@ -197,7 +197,7 @@ def _extruded(outline: mf.CrossSection, depth: float) -> mf.Manifold:
 
 def _ngon_prism(rng):
     n, r = _sides(rng), rng.uniform(0.25, 0.6)
-    return _tm(mf.Manifold.cylinder(rng.uniform(0.2, 1.2), r, r, n, True))
+    return _z_to_y(_tm(mf.Manifold.cylinder(rng.uniform(0.2, 1.2), r, r, n, True)))
 
 
 def _wedge(rng):
@@ -212,7 +212,7 @@ def _pyramid_cone(rng):
     """Pyramids (3-6 sides), cones (7-12) and their frustums, tip up."""
     n, r = _sides(rng), rng.uniform(0.25, 0.6)
     top = 0.0 if rng.random() < 0.6 else r * rng.uniform(0.25, 0.7)
-    return _tm(mf.Manifold.cylinder(rng.uniform(0.25, 1.0), r, top, n, True))
+    return _z_to_y(_tm(mf.Manifold.cylinder(rng.uniform(0.25, 1.0), r, top, n, True)))
 
 
 def _chamfered_block(rng):
@@ -297,9 +297,9 @@ def _nut(rng):
     n = 6 if rng.random() < 0.8 else 4
     r, h = rng.uniform(0.35, 0.6), rng.uniform(0.2, 0.5)
     body = mf.Manifold.cylinder(h, r, r, n, True)
-    if rng.random() < 0.4:  # chamfered: intersect with a cone-frustum of many sides cut by the body
+    if rng.random() < 0.4:  # chamfered: a 12-sided frustum, wider than the body below, trims its top corners
         body = body ^ mf.Manifold.cylinder(h, r * 1.25, r * 0.95, 12, True)
-    return _tm(body - mf.Manifold.cylinder(h * 2, r * rng.uniform(0.4, 0.6), -1, _sides(rng, 6), True))
+    return _z_to_y(_tm(body - mf.Manifold.cylinder(h * 2, r * rng.uniform(0.4, 0.6), -1, _sides(rng, 6), True)))
 
 
 def _post_plate(rng):

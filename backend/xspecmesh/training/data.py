@@ -3,7 +3,8 @@
 A shape comes from one of `shapes.FAMILIES` (trimesh primitives and manifold3d solids, y up as in BPT's order),
 gets a random per-axis scale and rotation, is normalized to the token frame (bbox centre, longest side to
 [-0.95, 0.95]) and is kept only if it survives 7-bit quantization intact: after `tokenizer.preprocess` it still has
-every one of its faces (none collapsed, flattened, turned over or duplicated), at least `min_faces` and at most `max_faces`.
+every one of its faces (none collapsed, flattened, turned over or duplicated), at least `min_faces` and at most
+`max_faces`.
 
 Its conditioning point cloud is sampled from a slightly, smoothly displaced copy of the same surface in the same
 frame, so the tokens' dequantized vertices lie on the points up to quantization error.

@@ -56,7 +56,7 @@ class TrainConfig:
     weight_decay: float = 0.05
     grad_clip: float = 1.0
     max_faces: int = 400
-    families: str | None = None  # comma-separated procedural families (default: all)
+    families: str | None = None  # comma-separated procedural families and groups (default: the general mix)
     axis_aligned: bool = False  # shapes upright and turned by multiples of 90 degrees only (data.ShapeConfig)
     axis_turns: int = 4  # with axis_aligned: 4 turns about up, or all 24 quarter-turn rotations
     axis_factors: bool = False  # backbone: token rows get shared per-axis rows while training (axis_factors.py)
@@ -374,7 +374,7 @@ class Trainer:
                 out_of_time = bool(flag.item())
             if self.rank == 0 and (step % cfg.save_every == 0 or step == end or out_of_time):
                 self.save(step)
-            if self.rank == 0 and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
+            if self.rank == 0 and cfg.eval_every and (step % cfg.eval_every == 0 or step == end or out_of_time):
                 ev = self.evaluate()
                 log.write(json.dumps({"step": step, **{f"val_{k}": v for k, v in ev.items()}}) + "\n")
                 log.flush()
