@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from xspecmesh.model.checkpoint import load_checkpoint, write_random_checkpoint
-from xspecmesh.training.trainer import TrainConfig, Trainer, collate, shape_config
+from xspecmesh.training.trainer import TrainConfig, Trainer, batches, collate, shape_config
 from xspecmesh.training.data import ShapeConfig, validation_pairs
 from xspecmesh.errors import SettingsError
 
@@ -203,3 +203,10 @@ def test_gpu_recipe_runs_end_to_end_on_cpu_at_tiny_scale(tmp_path):
     meta = load_checkpoint(dest / "model.safetensors").meta
     assert (meta["step"], meta["families"], meta["axis_turns"]) == (2, "hard_surface", 24)
     assert (dest / "state.safetensors").exists()
+
+
+def test_large_token_budgets_fill_batches_beyond_the_default_pool():
+    pairs = validation_pairs(8, config=ShapeConfig(families=("box",), max_faces=12), num_points=16)
+    stream = (pairs[i % len(pairs)] for i in range(10**6))
+    inputs, _, _ = next(batches(stream, token_budget=32768))
+    assert len(inputs) > 64 and inputs.numel() <= 32768

@@ -101,8 +101,10 @@ def collate(pairs: list[TrainingPair]) -> tuple[torch.Tensor, torch.Tensor, torc
     return inputs, targets, points
 
 
-def batches(pairs, token_budget: int, pool: int = 64):
-    """Length-bucketed micro-batches of at most `token_budget` padded tokens from an endless pair stream."""
+def batches(pairs, token_budget: int, pool: int | None = None):
+    """Length-bucketed micro-batches of at most `token_budget` padded tokens from an endless pair stream, sorted in a
+    pool of `pool` pairs (default: 64, more for budgets that hold more than 64 sequences of 64 tokens)."""
+    pool = pool or max(64, token_budget // 64)
     buf: list[TrainingPair] = []
     for pair in pairs:
         buf.append(pair)
