@@ -77,7 +77,7 @@ def contact_sheet(examples: list[tuple[str, trimesh.Trimesh, dict]], path: str, 
 
     cols = 4  # two examples per row
     rows = math.ceil(2 * len(examples) / cols)
-    fig = plt.figure(figsize=(2.4 * cols, 2.4 * rows + 0.4), dpi=100, facecolor="white")
+    fig = plt.figure(figsize=(2.4 * cols, 2.4 * rows + 0.7), dpi=100, facecolor="white")
     for i, (name, shape, row) in enumerate(examples):
         draw_mesh(fig.add_subplot(rows, cols, 2 * i + 1, projection="3d"), shape.vertices[shape.faces],
                   f"{name}\n{len(shape.faces)} faces")
@@ -86,7 +86,7 @@ def contact_sheet(examples: list[tuple[str, trimesh.Trimesh, dict]], path: str, 
                   f"result: {row['faces']} faces, {verdict}\nCD10k {row['cd']:.3f} (box {row['bbox_cd']:.3f})")
     height = fig.get_figheight()
     fig.suptitle(title, fontsize=10, y=1 - 0.06 / height)
-    fig.subplots_adjust(left=0, right=1, bottom=0, top=1 - 0.45 / height, wspace=0, hspace=0.18)
+    fig.subplots_adjust(left=0, right=1, bottom=0, top=1 - 0.75 / height, wspace=0, hspace=0.18)
     fig.savefig(path, facecolor="white")
     plt.close(fig)
 
