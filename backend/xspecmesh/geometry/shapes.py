@@ -228,7 +228,7 @@ def _chamfered_block(rng):
 
 
 def _section(rng):
-    """L, T or U section (a structural profile) extruded: flanges and web of thickness >= 0.12."""
+    """L, T or U section (a structural profile) extruded: flanges and web 12-30% of the smaller side thick."""
     w, h = rng.uniform(0.5, 1.0, 2)
     t = rng.uniform(0.12, 0.3) * min(w, h)
     kind = rng.choice(["L", "T", "U"])
@@ -335,7 +335,7 @@ def _assembly(rng):
         box, new = np.asarray(result.bounding_box()), np.asarray(m.bounding_box())
         centre, axis, side = (box[:3] + box[3:]) / 2, int(rng.integers(3)), rng.choice([-1, 1])
         shift = rng.uniform(-0.25, 0.25, 3) * (box[3:] - box[:3])
-        for depth in (0.6, 0.0, -1.0):  # the new part's centre this many half-sizes outside the assembly's face
+        for depth in (0.6, 0.0, -1.0):  # its centre this many half-sizes outside the face; -1: at the centre
             shift[axis] = side * ((box[3 + axis] - box[axis]) / 2 + depth * (new[3 + axis] - new[axis]) / 2)
             joined = result + m.translate(tuple(centre + shift * (depth > -1)))
             if len(joined.decompose()) == 1:
