@@ -58,7 +58,8 @@ class ShapeConfig:
             raise SettingsError(f"unknown or no shape families {sorted(unknown)}; known: {', '.join(FAMILIES)} "
                                 f"and the groups {', '.join(FAMILY_GROUPS)}")
         if self.axis_turns not in (4, 24) or (self.axis_turns == 24 and not self.axis_aligned):
-            raise SettingsError(f"axis_turns is 4 or 24 (24 with axis-aligned shapes), got {self.axis_turns}")
+            raise SettingsError(f"axis turns are 4 or 24, and 24 needs axis-aligned poses (--axis-aligned); got "
+                                f"{self.axis_turns}{'' if self.axis_aligned else ' without'}")
 
     @classmethod
     def parse(cls, families: str | None, **options) -> "ShapeConfig":

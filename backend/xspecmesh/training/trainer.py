@@ -239,6 +239,7 @@ class Trainer:
             raise SettingsError("--threads, --workers, --stop-at and --max-minutes must be 0 or more")
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
+        shape_config(cfg)  # bad data options fail here, before a model is built
         cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
         self.device = torch.device(f"cuda:{self.rank % torch.cuda.device_count()}" if cuda else "cpu")
         torch.manual_seed(cfg.seed)
