@@ -2,7 +2,6 @@
 Nothing here asserts a timing."""
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import io
@@ -161,13 +160,11 @@ def test_cli_step_cost_json(checkpoint):
 
 def test_procedural_inputs_follow_the_checkpoints_training_distribution(engine):
     """Without --families / --max-faces the benchmark draws what the checkpoint's metadata says it was trained on."""
-    none = argparse.Namespace(families=None, max_faces=None)
-    assert bench.shape_config_for(engine, none).axis_aligned is False
+    assert bench.shape_config_for(engine).axis_aligned is False
     trained = replace(engine.ckpt, meta={"families": "box,cone", "max_faces": 60, "axis_aligned": True})
-    shapes = bench.shape_config_for(replace_engine_ckpt(engine, trained), none)
+    shapes = bench.shape_config_for(replace_engine_ckpt(engine, trained))
     assert (shapes.families, shapes.max_faces, shapes.axis_aligned) == (("box", "cone"), 60, True)
-    given = bench.shape_config_for(replace_engine_ckpt(engine, trained), argparse.Namespace(families="torus",
-                                                                                          max_faces=300))
+    given = bench.shape_config_for(replace_engine_ckpt(engine, trained), families="torus", max_faces=300)
     assert (given.families, given.max_faces) == (("torus",), 300)
 
 

@@ -99,3 +99,11 @@ def test_bad_input_is_one_line_and_exit_2(case, ckpt, tmp_path):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("xspecmesh: error:"), r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_help_imports_no_heavy_library():
+    # Building the parser (every sub-command's options, train's from TrainConfig) must not load torch & co.
+    code = ("import sys; from xspecmesh.cli import build_parser; build_parser(); "
+            "print(sorted(m for m in ('torch', 'trimesh', 'scipy', 'manifold3d', 'numpy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -4,7 +4,6 @@ and the client running on Python 3.13)."""
 from __future__ import annotations
 
 import glob
-import importlib.util
 import json
 import os
 import shutil
@@ -20,11 +19,6 @@ from addon_modules import addon_module
 
 ROOT = Path(__file__).resolve().parents[1]
 ADDON = ROOT / "xspecmesh_addon"
-HAVE_ENGINE = importlib.util.find_spec("xspecmesh.decoding.engine") is not None
-needs_engine = pytest.mark.skipif(not HAVE_ENGINE, reason="xspecmesh/engine.py has not landed yet")
-
-
-
 
 client_mod = addon_module("client")
 BackendClient, BackendError = client_mod.BackendClient, client_mod.BackendError
@@ -175,8 +169,6 @@ def test_close_terminates_a_backend_that_ignores_shutdown(fake_backend, monkeypa
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    if not HAVE_ENGINE:
-        pytest.skip("xspecmesh/engine.py has not landed yet")
     from xspecmesh.model.checkpoint import write_random_checkpoint
 
     path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
@@ -199,14 +191,12 @@ LONG = {"mode": "spec", "heads": 4, "delta": 0.0, "accept": "threshold", "max_to
 SHORT = {"mode": "spec", "heads": 4, "delta": 0.0, "accept": "threshold", "max_tokens": 60, "seed": 1}
 
 
-@needs_engine
 def test_hello_describes_the_backend(live, checkpoint):
     hello = live.hello
     assert hello["protocol"] == 1 and hello["heads"] == 4 and hello["device"] == "cpu"
     assert hello["version"] and hello["torch"] and hello["checkpoint"]
 
 
-@needs_engine
 def test_two_requests_stream_faces_then_done_in_order(live):
     live.generate("one", points(seed=1), 512, SHORT)
     live.generate("two", points(2048, seed=2), 2048, {**SHORT, "mode": "ar"})
@@ -222,7 +212,6 @@ def test_two_requests_stream_faces_then_done_in_order(live):
         assert mine[-1]["stats"]["tokens"] > 0
 
 
-@needs_engine
 def test_cancel_mid_run(live):
     live.generate("long", points(seed=4), 512, LONG)
     collect(live, lambda m: m["id"] == "long" and m["type"] == "progress")
@@ -264,7 +253,6 @@ def test_client_runs_on_python_313(fake_backend):
     assert json.loads(proc.stdout.splitlines()[-1]) == [[3, 13], ["faces", "done"], False]
 
 
-@needs_engine
 def test_backend_killed_mid_run(live):
     """Last in this module on purpose: it kills the shared backend."""
     live.generate("k", points(seed=5), 512, LONG)

@@ -1,4 +1,4 @@
-"""Procedural training data (DESIGN §6): families, the quantization rule, determinism, splits, the dataset CLI."""
+"""Procedural training data: families, the quantization rule, determinism, splits, the dataset CLI."""
 import json
 
 import numpy as np
@@ -123,6 +123,19 @@ def test_collapsing_meshes_are_rejected_unless_lenient():
     assert data.pair_from_mesh(sliver, rng, 64) is None
     lenient = data.pair_from_mesh(sliver, rng, 64, config=data.ShapeConfig(strict=False))
     assert len(tokenizer.decode(lenient.tokens)) == 12
+
+
+def test_thin_walls_are_rejected_when_strict_and_kept_whole_from_files(tmp_path):
+    from test_tokenizer import thin_wall_model
+
+    wall = thin_wall_model()  # quantization puts the plate's two sides on the same vertices
+    rng = np.random.default_rng(0)
+    assert data.pair_from_mesh(wall, rng, 64, config=data.ShapeConfig(max_faces=30)) is None
+    wall.export(tmp_path / "wall.obj")
+    (pair,), skipped = data.load_mesh_dir(tmp_path, num_points=64)
+    assert not skipped and pair.tokens.tolist() == tokenizer.encode(wall.vertices, wall.faces)
+    assert len(tokenizer.preprocess(wall.vertices, wall.faces)[1]) == 16  # both sides are in the target
+    assert len(tokenizer.decode(pair.tokens)) == 14  # and detokenize to one copy each
 
 
 def test_validation_set_is_fixed_and_disjoint_from_training():

@@ -8,7 +8,8 @@ import pytest
 import trimesh
 
 from xspecmesh.errors import MeshError
-from xspecmesh.geometry.mesh import load_mesh, load_points, normalize, sample_surface, weld, write_mesh
+from xspecmesh.geometry.faces import first_of_repeats, proper
+from xspecmesh.geometry.mesh import load_mesh, load_points, normalize, sample_surface, weld, save_mesh
 
 REF = Path(__file__).parent / "data" / "reference" / "meshes"
 
@@ -46,7 +47,7 @@ def test_load_raw_and_processed(tmp_path):
     box = trimesh.creation.box()
     soup = trimesh.Trimesh(box.vertices[box.faces].reshape(-1, 3), np.arange(36).reshape(12, 3), process=False)
     path = tmp_path / "soup.obj"
-    write_mesh(path, soup.vertices, np.vstack([soup.faces, [[0, 0, 1]]]))
+    save_mesh(path, soup.vertices, np.vstack([soup.faces, [[0, 0, 1]]]))
     assert len(load_mesh(path, process=False).faces) == 13
     processed = load_mesh(path)
     assert len(processed.vertices) == 8 and len(processed.faces) == 12
@@ -66,13 +67,13 @@ def test_scene_parts_are_concatenated(tmp_path):
 def test_write_load_round_trip(tmp_path, ext):
     sphere = trimesh.creation.icosphere(1)
     path = tmp_path / f"sphere{ext}"
-    write_mesh(path, sphere.vertices, sphere.faces)
+    save_mesh(path, sphere.vertices, sphere.faces)
     back = load_mesh(path)
     assert len(back.faces) == 80 and len(back.vertices) == 42
     key = lambda m: np.sort(np.round(m.vertices[m.faces], 5).reshape(len(m.faces), -1), axis=0)  # noqa: E731
     np.testing.assert_allclose(key(back), key(sphere), atol=1e-5)
     with pytest.raises(MeshError, match="unsupported"):
-        write_mesh(tmp_path / "sphere.xyz", sphere.vertices, sphere.faces)
+        save_mesh(tmp_path / "sphere.xyz", sphere.vertices, sphere.faces)
 
 
 def test_normalization_round_trip():
@@ -115,6 +116,13 @@ def test_weld():
     np.testing.assert_array_equal(v, vertices[[0, 1, 2, 5]])
     v, f = weld(vertices, faces, tol=1e-12)
     assert len(v) == 6 and len(f) == 4
+
+
+def test_face_checks():
+    faces = np.array([[0, 1, 2], [2, 1, 0], [0, 0, 1], [1, 2, 0], [3, 4, 5], [5, 4, 4]])
+    assert proper(faces).tolist() == [True, True, False, True, True, False]
+    assert first_of_repeats(faces).tolist() == [0, 2, 4, 5]  # [2, 1, 0] and [1, 2, 0] repeat [0, 1, 2]
+    assert first_of_repeats(np.zeros((0, 3), int)).tolist() == []
 
 
 def test_load_points(tmp_path):

@@ -1,4 +1,4 @@
-"""Metrics (DESIGN §5): Chamfer/Hausdorff, the BPT protocol evaluation, failure rows, topology counts."""
+"""Metrics: Chamfer/Hausdorff, the BPT protocol evaluation, failure rows, topology counts."""
 import math
 
 import numpy as np

@@ -3,7 +3,6 @@ a tiny random checkpoint: a fuzz run and a bad checkpoint."""
 from __future__ import annotations
 
 import base64
-import importlib.util
 import io
 import json
 import os
@@ -12,19 +11,15 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from xspecmesh.decoding.engine import DecodeSettings, Engine, StepUpdate
 from xspecmesh.geometry import fit
 from xspecmesh.serving import protocol, server
-from xspecmesh.errors import SettingsError
-
-HAVE_ENGINE = importlib.util.find_spec("xspecmesh.decoding.engine") is not None
-needs_engine = pytest.mark.skipif(not HAVE_ENGINE, reason="xspecmesh/engine.py has not landed yet")
 
 
 def points_bytes(n: int = 512, seed: int = 0) -> bytes:
@@ -36,51 +31,39 @@ def points_bytes(n: int = 512, seed: int = 0) -> bytes:
 
 
 def generate_line(rid: str, settings_: dict | None = None, n: int = 512) -> bytes:
-    return protocol.encode(protocol.generate(rid, points_bytes(n), n, settings_ or {}))
+    """A generate request; the scripted engine decodes `max_tokens` steps (5 unless said)."""
+    return protocol.encode(protocol.generate(rid, points_bytes(n), n, {"max_tokens": 5, **(settings_ or {})}))
 
 
 # ------------------------------------------------------------------------------------------------ scripted engine
 
 
-@dataclass
-class Update:
-    tokens: list
-    triangles: np.ndarray
-    stats: dict
-    done: bool
+FAIL_SEED = 666  # the scripted decode of a request with this seed fails at its third step
 
 
-@dataclass
-class ScriptedEngine:
-    """Yields `steps` updates of `tris` triangles each (triangle values = step index); settings may say
-    {"steps", "delay", "fail_at"}."""
+class ScriptedEngine(Engine):
+    """The real pipeline (`Engine.retopologize`: the fit, its stats, a cancel during the fit) over a scripted decoding
+    stage: `max_tokens` steps of two triangles each (values = the step index), `delay` seconds apart; a mesh cut by
+    `max_faces` is not complete."""
 
-    max_heads: int = 4
-    streamed: list = field(default_factory=list)
+    max_heads = 4
 
-    def stream(self, points, s):
-        assert points.dtype == np.float32 and points.shape[1] == 6
-        self.streamed.append(s)
-        steps = s.get("steps", 5)
+    def __init__(self, delay: float = 0.0):
+        self.delay = delay
+        self.streamed: list[DecodeSettings] = []
+
+    def stream(self, points, settings: DecodeSettings):
+        assert isinstance(settings, DecodeSettings) and points.dtype == np.float32 and points.shape[1] == 6
+        self.streamed.append(settings)
+        steps = settings.max_tokens
         for i in range(steps):
-            time.sleep(s.get("delay", 0.0))
-            if i == s.get("fail_at"):
+            time.sleep(self.delay)
+            if i == 2 and settings.seed == FAIL_SEED:
                 raise RuntimeError("kaboom")
-            tris = np.full((s.get("tris", 2), 3, 3), i, np.float32)
+            tris = np.full((2, 3, 3), i, np.float32)
             stats = {"tokens": i + 1, "steps": i + 1, "scr": 1.0, "faces": (i + 1) * len(tris), "seconds": 0.1,
-                     "tokens_per_second": np.float32(10.0), "complete": not s.get("cut", False)}
-            yield Update([i], tris, stats, i == steps - 1)
-
-
-class FitSettings(dict):
-    """Settings that ask for the fit, as the engine's DecodeSettings(fit=True) does."""
-    fit = True
-
-
-def parse_settings(d: dict) -> dict:
-    if d.get("heads", 1) > 4:
-        raise SettingsError(f"heads {d['heads']} > 4, the checkpoint's heads")
-    return FitSettings(d) if d.get("fit") else d
+                     "tokens_per_second": np.float32(10.0), "complete": settings.max_faces is None}
+            yield StepUpdate([i], tris, stats, done=i == steps - 1)
 
 
 class Sink:
@@ -113,9 +96,9 @@ class Sink:
 
 
 @contextmanager
-def serving(interval: float = 0.0):
-    sink, engine = Sink(), ScriptedEngine()
-    srv = server.Server(engine, sink, parse_settings=parse_settings, interval=interval)
+def serving(interval: float = 0.0, delay: float = 0.0):
+    sink, engine = Sink(), ScriptedEngine(delay)
+    srv = server.Server(engine, sink, interval=interval)
     codes = []
     worker = threading.Thread(target=lambda: codes.append(srv.run()), daemon=True)
     worker.start()
@@ -135,7 +118,7 @@ def of(sink: Sink, rid: str) -> list[dict]:
 
 def test_faces_stream_before_done_and_add_up():
     with serving() as (srv, sink):
-        srv.handle_line(generate_line("a", {"steps": 5}))
+        srv.handle_line(generate_line("a", {"max_tokens": 5}))
         sink.wait_for(lambda m: m["type"] == "done")
     msgs = of(sink, "a")
     assert msgs[-1]["type"] == "done" and msgs[-1]["cancelled"] is False and msgs[-1]["stats"]["tokens"] == 5
@@ -146,7 +129,7 @@ def test_faces_stream_before_done_and_add_up():
 
 def test_faces_and_progress_are_rate_limited_and_flushed_before_done():
     with serving(interval=60.0) as (srv, sink):
-        srv.handle_line(generate_line("a", {"steps": 20}))
+        srv.handle_line(generate_line("a", {"max_tokens": 20}))
         sink.wait_for(lambda m: m["type"] == "done")
     kinds = [m["type"] for m in of(sink, "a")]
     assert kinds == ["faces", "progress", "faces", "done"]  # first step at once, the rest in one final batch
@@ -164,8 +147,8 @@ def test_fit_goes_with_done_and_a_failing_fit_keeps_the_mesh(monkeypatch):
 
     monkeypatch.setattr(fit, "fit_triangles", fake_fit)
     with serving() as (srv, sink):
-        srv.handle_line(generate_line("a", {"steps": 3, "fit": True}))
-        srv.handle_line(generate_line("cut", {"steps": 3, "fit": True, "cut": True}))  # stopped at a limit
+        srv.handle_line(generate_line("a", {"max_tokens": 3, "fit": True}))
+        srv.handle_line(generate_line("cut", {"max_tokens": 3, "fit": True, "max_faces": 6}))  # stopped at a limit
         sink.wait_for(lambda m: m["id"] == "cut" and m["type"] == "done")
     done = of(sink, "a")[-1]
     streamed = [t for m in of(sink, "a") if m["type"] == "faces" for t in m["triangles"]]
@@ -178,7 +161,7 @@ def test_fit_goes_with_done_and_a_failing_fit_keeps_the_mesh(monkeypatch):
 
     monkeypatch.setattr(fit, "fit_triangles", broken_fit)
     with serving() as (srv, sink):
-        srv.handle_line(generate_line("b", {"steps": 3, "fit": True}))
+        srv.handle_line(generate_line("b", {"max_tokens": 3, "fit": True}))
         sink.wait_for(lambda m: m["id"] == "b" and m["type"] == "done")
     done = of(sink, "b")[-1]
     assert "fitted" not in done and "singular" in done["stats"]["fit_error"] and done["cancelled"] is False
@@ -190,17 +173,32 @@ def test_fit_goes_with_done_and_a_failing_fit_keeps_the_mesh(monkeypatch):
 
     monkeypatch.setattr(fit, "fit_triangles", cancelled_during_fit)
     with serving() as (srv, sink):
-        srv.handle_line(generate_line("c", {"steps": 3, "fit": True}))
+        srv.handle_line(generate_line("c", {"max_tokens": 3, "fit": True}))
         sink.wait_for(lambda m: m["id"] == "c" and m["type"] == "done")
     done = of(sink, "c")[-1]
     assert done["cancelled"] is True and "fitted" not in done
     assert done["stats"]["fit_skipped"] == "cancelled" and "fit_distance_after" not in done["stats"]
 
 
+def test_generate_collects_the_pipeline(monkeypatch):
+    monkeypatch.setattr(fit, "fit_triangles", lambda tris, points, config=None: (tris + 0.5, {"fit_seconds": 0.0}))
+    engine, pts = ScriptedEngine(), np.frombuffer(points_bytes(), "<f4").reshape(-1, 6)
+    updates = list(engine.retopologize(pts, DecodeSettings(max_tokens=3, fit=True)))
+    assert [(u.decoded, u.done, u.fitted is None) for u in updates] == [(False, False, True)] * 2 + [
+        (True, False, True), (True, True, False)]  # the last decoding step, then the fit
+    result = engine.generate(pts, DecodeSettings(max_tokens=3, fit=True))
+    assert len(result.triangles) == 6 and np.array_equal(result.mesh, result.triangles + 0.5)
+    assert result.stats["fit_seconds"] == 0.0 and result.tokens == [0, 1, 2]
+    plain = engine.generate(pts, DecodeSettings(max_tokens=3))
+    assert plain.fitted is None and plain.mesh is plain.triangles and "fit_seconds" not in plain.stats
+    last = list(engine.retopologize(pts, DecodeSettings(max_tokens=3, fit=True), cancelled=lambda: True))[-1]
+    assert last.cancelled and last.fitted is None and last.stats["fit_skipped"] == "cancelled"
+
+
 def test_queue_order_and_cancel_of_running_and_queued():
-    with serving() as (srv, sink):
+    with serving(delay=0.01) as (srv, sink):
         for rid in "abc":
-            srv.handle_line(generate_line(rid, {"steps": 200 if rid != "c" else 3, "delay": 0.01}))
+            srv.handle_line(generate_line(rid, {"max_tokens": 200 if rid != "c" else 3}))
         srv.handle_line(protocol.encode(protocol.cancel("b")))
         sink.wait_for(lambda m: m["id"] == "b" and m["type"] == "done")
         sink.wait_for(lambda m: m["id"] == "a" and m["type"] == "progress")
@@ -217,21 +215,22 @@ def test_bad_requests_get_errors_and_serving_goes_on():
     bad_points[7] = np.nan
     nan_line = json.dumps({"type": "generate", "id": "nan", "count": 512, "settings": {},
                            "points": base64.b64encode(bad_points.tobytes()).decode()}).encode()
-    with serving() as (srv, sink):
-        srv.handle_line(generate_line("slow", {"steps": 30, "delay": 0.01}))
-        for line in [b"{oops", b'{"type": "dance", "id": "u"}', nan_line, generate_line("h", {"heads": 9}),
+    with serving(delay=0.01) as (srv, sink):
+        srv.handle_line(generate_line("slow", {"max_tokens": 30}))
+        for line in [b"{oops", b'{"type": "dance", "id": "u"}', nan_line, generate_line("h", {"heads": 5}),
                      generate_line("slow"), b"   \n", protocol.encode(protocol.cancel("nobody"))]:
             srv.handle_line(line)
         srv.handle_line(generate_line("ok"))
         sink.wait_for(lambda m: m["id"] == "ok" and m["type"] == "done")
     errors = [(m["id"], m["message"]) for m in sink.messages() if m["type"] == "error"]
     assert [e[0] for e in errors] == [None, "u", "nan", "h", "slow"]
-    assert "NaN" in errors[2][1] and "heads 9" in errors[3][1] and "already queued or running" in errors[4][1]
+    assert "NaN" in errors[2][1] and "heads=5 but the checkpoint has 4" in errors[3][1]
+    assert "already queued or running" in errors[4][1]
 
 
 def test_exception_while_decoding_is_an_error_reply(capsys):
     with serving() as (srv, sink):
-        srv.handle_line(generate_line("x", {"fail_at": 2}))
+        srv.handle_line(generate_line("x", {"seed": FAIL_SEED}))
         srv.handle_line(generate_line("y"))
         sink.wait_for(lambda m: m["id"] == "y" and m["type"] == "done")
     err = [m for m in of(sink, "x") if m["type"] == "error"]
@@ -241,12 +240,12 @@ def test_exception_while_decoding_is_an_error_reply(capsys):
 
 def test_shutdown_cancels_running_and_queued():
     sink = Sink()
-    srv = server.Server(ScriptedEngine(), sink, parse_settings=parse_settings, interval=0.0)
+    srv = server.Server(ScriptedEngine(delay=0.001), sink, interval=0.0)
     inp = io.BytesIO(generate_line("b") + protocol.encode(protocol.shutdown()) + generate_line("never"))
     codes = []
     worker = threading.Thread(target=lambda: codes.append(srv.run()))
     worker.start()
-    srv.handle_line(generate_line("a", {"steps": 10**6, "delay": 0.001}))
+    srv.handle_line(generate_line("a", {"max_tokens": 100000}))
     sink.wait_for(lambda m: m["id"] == "a")  # decoding started
     srv.read_forever(inp)
     worker.join(5)
@@ -259,7 +258,7 @@ def test_shutdown_cancels_running_and_queued():
 def test_end_of_input_finishes_the_queue_and_long_lines_are_refused(monkeypatch):
     monkeypatch.setattr(server, "MAX_LINE_BYTES", 1000)
     sink = Sink()
-    srv = server.Server(ScriptedEngine(), sink, parse_settings=parse_settings)
+    srv = server.Server(ScriptedEngine(), sink)
     short = protocol.encode({"type": "generate", "id": "s", "points": "", "count": 512})
     srv.read_forever(io.BytesIO(b"x" * 5000 + b"\n" + short + b"garbage"))
     assert srv.run() == 0
@@ -272,31 +271,21 @@ def test_broken_stdout_stops_the_server():
         def write(self, b):
             raise BrokenPipeError("gone")
 
-    srv = server.Server(ScriptedEngine(), Broken(), parse_settings=parse_settings)
+    srv = server.Server(ScriptedEngine(), Broken())
     srv.handle_line(generate_line("a"))
     assert srv.run() == 1
 
 
 STRAY_SCRIPT = r"""
-import os, sys, types
+import os, sys
 import numpy as np
-fake = types.ModuleType("xspecmesh.decoding.engine")
+from xspecmesh.decoding import engine
 
-class DecodeSettings(dict):
-    @classmethod
-    def from_dict(cls, d):
-        return cls(d)
-    def validate(self, max_heads=None):
-        return self
-
-class Update:
-    def __init__(self, done):
-        self.tokens, self.triangles, self.done = [1], np.zeros((1, 3, 3), np.float32), done
-        self.stats = {"tokens": 1, "steps": 1}
-
-class Engine:
+class Noisy(engine.Engine):
     max_heads = 4
     info = {"device": "cpu", "heads": 4, "checkpoint": "fake"}
+    def __init__(self):
+        pass
     @classmethod
     def load(cls, checkpoint, device):
         print("stray print while loading")
@@ -305,11 +294,10 @@ class Engine:
     def stream(self, points, settings):
         print("stray print while decoding")
         os.write(1, b"another C-level write\n")
-        yield Update(False)
-        yield Update(True)
+        for i in range(2):
+            yield engine.StepUpdate([1], np.zeros((1, 3, 3), np.float32), {"tokens": 1, "steps": 1}, done=i == 1)
 
-fake.Engine, fake.DecodeSettings = Engine, DecodeSettings
-sys.modules["xspecmesh.decoding.engine"] = fake
+engine.Engine = Noisy
 from xspecmesh.serving.server import serve_main
 sys.exit(serve_main(None, "cpu"))
 """
@@ -330,8 +318,6 @@ def test_stray_prints_go_to_stderr_and_end_of_input_exits():
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    if not HAVE_ENGINE:
-        pytest.skip("xspecmesh/engine.py has not landed yet")
     from xspecmesh.model.checkpoint import write_random_checkpoint
 
     path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
@@ -347,7 +333,6 @@ def serve_cmd(checkpoint: str) -> list[str]:
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-@needs_engine
 def test_bad_checkpoint_is_one_error_line_and_exit_2(tmp_path):
     proc = subprocess.run(serve_cmd(str(tmp_path / "missing.safetensors")), stdin=subprocess.DEVNULL,
                           capture_output=True, timeout=120, env=ONE_THREAD)
@@ -434,7 +419,6 @@ def fuzz_lines(draw) -> bytes:
     return json.dumps(msg, allow_nan=True).encode()
 
 
-@needs_engine
 def test_fuzzed_lines_never_break_the_server(checkpoint, tmp_path):
     sent: list[bytes] = []
     with raw_server(checkpoint, tmp_path / "stderr.txt") as srv:
@@ -465,7 +449,6 @@ def test_fuzzed_lines_never_break_the_server(checkpoint, tmp_path):
         assert tally["error"] >= len(sent) // 2
 
 
-@needs_engine
 def test_fit_setting_sends_the_fitted_mesh_with_done(tmp_path):
     """The shipped model on a box's points: with {"fit": true} the done line carries every streamed triangle, in order,
     moved but still connected the same way (corners that coincided still coincide); without it, no "fitted"."""

@@ -9,7 +9,7 @@ import torch
 from xspecmesh.model.config import HeadsConfig
 from xspecmesh.decoding.autoregressive import DecodeStats, decode_ar, run_to_end
 from xspecmesh.model.heads import DraftHeads
-from xspecmesh.decoding.token_sampling import Grammar, SamplingConfig
+from xspecmesh.decoding.token_sampling import SamplingConfig
 from xspecmesh.decoding.speculative import AcceptConfig, decode_speculative
 
 from conftest import tiny_heads, tiny_model
@@ -92,28 +92,44 @@ def test_threshold_delta_one_reproduces_ar_sampling():
     sampling = SamplingConfig(0.8, 20, 1.0)  # (a top-p cut can flip on float noise between batched and single forwards)
     want = ar(model, cond, sampling, 200, seed=11)
     stats = DecodeStats()
-    got = spec(model, tiny_heads(model), cond, sampling, AcceptConfig("threshold", delta=1.0), 200, seed=11, stats=stats)
+    got = spec(model, tiny_heads(model), cond, sampling, AcceptConfig("threshold", delta=1.0), 200, seed=11,
+               stats=stats)
     assert got == want
     assert stats.accept_hist[0] == sum(stats.accept_hist)  # no draft was ever accepted
 
 
-def test_threshold_delta_zero_accepts_every_grammatical_draft():
+def step_lengths(steps) -> list[int]:
+    """Tokens each step of a one-sequence decode yielded."""
+    return [len(accepted[0]) for accepted in steps]
+
+
+def test_threshold_delta_zero_accepts_every_draft():
+    # Drafts are grammar-masked, so all are grammatical; at delta 0 each step keeps its D drafts plus one token.
     model = tiny_model(sharpen=30.0)
     cond = condition(model)
-    stats = DecodeStats()
-    seq = spec(model, tiny_heads(model), cond, SamplingConfig(0.8, 20, 0.95), AcceptConfig("threshold", 0.0), 200, stats=stats)[0]
-    assert stats.accept_hist[-1] == sum(stats.accept_hist) - (stats.accept_hist[-1] < sum(stats.accept_hist))
-    assert Grammar().run(seq) is not None  # still a legal sequence
+    sampling = SamplingConfig(0.8, 20, 0.95)
+    steps = decode_speculative(model, tiny_heads(model), cond, sampling, AcceptConfig("threshold", 0.0), 4, 200,
+                               torch.Generator().manual_seed(0))
+    lengths = step_lengths(steps)
+    assert lengths[0] == 1 and len(lengths) > 10  # the prefill's first token
+    assert set(lengths[1:-1]) == {5} and 1 <= lengths[-1] <= 5 and sum(lengths) == 200  # the limit cuts the last
 
 
 def test_topk_rule_accepts_only_top_k_tokens():
     model = tiny_model(sharpen=30.0)
     cond = condition(model)
+    heads = tiny_heads(model)
+    # K = 1 under greedy sampling is the greedy rule: one accepted draft off the backbone's top token would make the
+    # result differ from greedy AR.
     stats = DecodeStats()
-    spec(model, tiny_heads(model), cond, SamplingConfig(0.8, 20, 0.95), AcceptConfig("topk", topk=1), 120, stats=stats)
-    stats_k = DecodeStats()
-    spec(model, tiny_heads(model), cond, SamplingConfig(0.8, 20, 0.95), AcceptConfig("topk", topk=50), 120, stats=stats_k)
-    assert sum(stats_k.head_accepts) >= sum(stats.head_accepts)
+    assert spec(model, heads, cond, GREEDY, AcceptConfig("topk", topk=1), 150, stats=stats) == ar(model, cond, GREEDY,
+                                                                                                   150)
+    assert sum(stats.head_accepts) < sum(stats.head_trials)  # some drafts were off the top token and rejected
+    # K = the whole vocabulary accepts every (grammatical) draft.
+    steps = decode_speculative(model, heads, cond, SamplingConfig(0.8, 20, 0.95), AcceptConfig("topk", topk=5121), 4,
+                               120, torch.Generator().manual_seed(0))
+    lengths = step_lengths(steps)
+    assert set(lengths[1:-1]) == {5} and sum(lengths) == 120
 
 
 def test_cache_equals_fresh_prefill_after_every_step():
@@ -196,13 +212,13 @@ def test_adaptive_draft_length_keeps_every_guarantee():
 def test_draft_length_choice():
     from xspecmesh.decoding.adaptive import DraftLength
 
-    bad = DraftLength(4)
-    for _ in range(40):
-        d = bad.choose()
-        bad.update(d, [0, 0], 1.0 + 0.3 * d)
-    assert bad.choose() == 0 or bad.steps % bad.probe_every == 1
-    good = DraftLength(4)
-    for _ in range(40):
-        d = good.choose()
-        good.update(d, [d, d], 1.0 + 0.3 * d)
-    assert good.choose() == 4
+    def choices(accepts: bool) -> list[int]:
+        chooser, out = DraftLength(4), []
+        for _ in range(40):
+            out.append(chooser.choose())
+            chooser.update(out[-1], [out[-1] if accepts else 0] * 2, 1.0 + 0.3 * out[-1])
+        return out
+
+    # Heads that are never accepted: plain AR steps, but every 16th step probes the full length again.
+    assert choices(False) == [4 if i % 16 == 0 else 0 for i in range(40)]
+    assert choices(True) == [4] * 40  # heads always accepted: the full length throughout

@@ -106,6 +106,72 @@ def test_icosphere_compression():
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Repeated faces: the published pipeline keeps faces on the same three vertices and serializes each; the
+# detokenizer merges vertices and drops the repeats.
+
+
+def offsets(qverts) -> list[int]:
+    return T.block_offset(np.asarray(qverts))[1].tolist()
+
+
+@pytest.mark.parametrize("second", [[0, 1, 2], [0, 2, 1]], ids=["same-winding", "opposite-winding"])
+def test_coincident_faces_are_kept_and_serialized(second):
+    vertices = np.array([[0.0, 0, 0], [1, 0, 0], [0, 1, 0]])
+    qverts, faces = T.preprocess(vertices, [[0, 1, 2], second])
+    assert len(faces) == 2 and sorted(faces[0]) == sorted(faces[1])
+    assert (faces[0] == faces[1]).all() == (second == [0, 1, 2])  # winding kept
+    tokens = T.serialize(qverts, faces)
+    # One fan around vertex 0 whose rim runs 1 -> 2 -> 1 (both faces of the pair), as the reference walks it.
+    fan = qverts[[0, 1, 2, 1]] if tuple(faces[0]) == (0, 1, 2) else qverts[[0, 2, 1, 2]]
+    block = T.block_offset(fan)[0]
+    expected = [int(block[0])]
+    for i, (b, o) in enumerate(zip(block, offsets(fan))):
+        if i and b != block[i - 1]:
+            expected.append(int(b))
+        expected.append(o)
+    assert tokens == expected
+    assert len(T.decode(tokens)) == 1  # the repeat is dropped again
+    detok = T.IncrementalDetokenizer()
+    assert len(np.concatenate([detok.push(t) for t in tokens])) == 1
+
+
+def test_rim_winding_follows_the_last_of_repeated_faces():
+    # Centre 0 with a closed fan of four faces, two of them on {0, 1, 2} with opposite windings. The rim walk gives
+    # 1, 2, 1, 3, 2; the reference checks (0, 1, 2) against its orientation table, where the later face (0, 2, 1)
+    # overwrote the earlier one, so the rim is reversed.
+    qverts = np.array([[0, 0, 0], [0, 0, 1], [0, 1, 0], [1, 0, 0]])
+    faces = np.array([[0, 1, 2], [0, 2, 1], [0, 2, 3], [0, 3, 1]])
+    assert T.serialize(qverts, faces) == [0] + offsets(qverts[[0, 2, 3, 1, 2, 1]])
+    np.testing.assert_array_equal(T.decode(T.serialize(qverts, faces)), qverts[[[0, 2, 3], [0, 3, 1], [0, 1, 2]]])
+
+
+def thin_wall_model() -> trimesh.Trimesh:
+    """A unit cube with a plate inside, 0.002 thick: 7-bit quantization collapses the plate's top and bottom onto
+    the same four vertices (opposite windings) and its sides to nothing."""
+    corners = np.array([[-0.4, -0.4], [0.4, -0.4], [0.4, 0.4], [-0.4, 0.4]])
+    top, bottom = np.c_[corners, np.full(4, 0.301)], np.c_[corners, np.full(4, 0.299)]  # vertices 0-3, 4-7
+    faces = [[0, 1, 2], [0, 2, 3], [4, 6, 5], [4, 7, 6]]  # top up, bottom down, on the same diagonal
+    faces += [f for i in range(4) for f in ([i, i + 4, (i + 1) % 4 + 4], [i, (i + 1) % 4 + 4, (i + 1) % 4])]
+    plate = trimesh.Trimesh(np.vstack([top, bottom]), faces, process=False)
+    return trimesh.util.concatenate([trimesh.creation.box((1, 1, 1)), plate])
+
+
+def test_thin_wall_keeps_both_sides():
+    mesh = thin_wall_model()
+    qverts, faces = T.preprocess(mesh.vertices, mesh.faces)
+    assert len(qverts) == 12 and len(faces) == 12 + 4  # the plate's 2 x 2 faces on 4 vertices, sides dropped
+    keys = np.sort(faces, axis=1)
+    assert len(np.unique(keys, axis=0)) == 14
+    tokens = T.encode(mesh.vertices, mesh.faces)
+    decoded = T.decode(tokens)
+    assert len(decoded) == 14 and len(canonical(decoded)) == 14
+    detok = T.IncrementalDetokenizer()
+    np.testing.assert_array_equal(np.concatenate([detok.push(t) for t in tokens]), decoded)
+    vertices, tris = T.decode_mesh(tokens)
+    assert vertices.shape == (12, 3) and tris.shape == (14, 3)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Round trip on random consistently oriented meshes: decode(encode(m)) == the quantized, merged, deduplicated m.
 
 

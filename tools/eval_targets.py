@@ -98,9 +98,8 @@ def main(argv=None) -> int:
                    help="the backbone before stage 2: also report KL(reference || checkpoint) on validation sequences")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
-    args.families = args.max_faces = None
     engine = Engine.load(args.checkpoint, args.device)
-    shapes = shape_config_for(engine, args)
+    shapes = shape_config_for(engine)
     pairs = validation_pairs(args.count, config=shapes, num_points=engine.model.cfg.encoder.num_points)
     ok, cds, spec_cds, box_cds, extent_errors, tokens, steps = 0, [], [], [], [], 0, 0
     accepts, trials = np.zeros(args.heads), np.zeros(args.heads)

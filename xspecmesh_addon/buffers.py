@@ -76,7 +76,8 @@ def soup(triangles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def weld(triangles: np.ndarray, tolerance: float = WELD_TOLERANCE) -> tuple[np.ndarray, np.ndarray]:
-    """Merge vertices closer than `tolerance` (per axis, on a grid), drop degenerate and duplicate faces.
+    """Merge vertices closer than `tolerance` (per axis, on a grid), drop degenerate and duplicate faces. (Numpy only:
+    Blender's Python lacks the scipy the backend's `xspecmesh.geometry.mesh.weld` clusters with.)
 
     Winding is kept; of two faces over the same three vertices (in any order) the first one stays.
     Returns vertices (V, 3) float32 and faces (F, 3) int32, every vertex referenced.

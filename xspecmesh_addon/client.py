@@ -12,7 +12,6 @@ import shutil
 import subprocess
 import tempfile
 import threading
-from typing import Callable
 
 from . import protocol
 
@@ -29,12 +28,11 @@ class BackendClient:
     """One backend process. `start()` → hello; `generate`/`cancel`; `poll()` → replies; `close()`."""
 
     def __init__(self, python: str, checkpoint: str | None = None, device: str = "auto",
-                 backend_path: str | None = None, on_stderr: Callable[[str], None] | None = None):
+                 backend_path: str | None = None):
         self.python = python
         self.checkpoint = checkpoint
         self.device = device
         self.backend_path = backend_path
-        self.on_stderr = on_stderr  # called from a thread with each backend log line
         self.hello: dict | None = None
         self._proc: subprocess.Popen | None = None
         self._messages: queue.Queue = queue.Queue()
@@ -200,11 +198,6 @@ class BackendClient:
         for raw in iter(proc.stderr.readline, b""):
             line = raw.decode("utf-8", "replace").rstrip()
             self._stderr.append(line)
-            if self.on_stderr is not None:
-                try:
-                    self.on_stderr(line)
-                except Exception:
-                    pass
 
     def _diagnose(self, message) -> str:
         """The user-facing reason for a failed start: the backend's own error line, or what its stderr shows."""

@@ -6,7 +6,8 @@ normalized the way the model was trained: turned from Blender's z-up to the mode
 longest side to [-0.95, 0.95]. `PointCloud.to_world` remembers all of it so the generated faces go back to the source.
 
 No `import bpy` here: `object_triangles` only calls methods on the object it is given, and everything else is plain
-numpy, so the math is tested without Blender.
+numpy, so the math is tested without Blender. Blender's Python has neither trimesh nor scipy, so `Normalization`
+and `sample_surface` are numpy-only counterparts of the backend's (xspecmesh.geometry.mesh), not imports of them.
 """
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-POINT_COUNT = 4096  # the point encoder's input size (EncoderConfig.num_points)
+# Points sent per request. The backend resamples them to its encoder's input size (EncoderConfig.num_points: 2048
+# for the shipped checkpoint, 4096 for BPT's) and fits the result against all of them.
+POINT_COUNT = 4096
 HALF_EXTENT = 0.95  # longest side maps to [-0.95, 0.95]
 
 # Object types that Blender evaluates to a mesh (`Object.to_mesh` works on them).

@@ -3,7 +3,8 @@
 Bpy-free: the caller passes the preference values. The process is restarted when the interpreter, checkpoint or
 device changes, or when it died. Starting takes seconds (torch import, checkpoint load), so `begin` does it in a
 worker thread and returns a `Startup` the caller polls, which keeps Blender's UI drawing meanwhile; `ensure` is the
-blocking form. `hello()` is what the backend said at start (versions, device, checkpoint, heads).
+blocking form. `heads_cap()` and `describe()` read what the backend said at start (versions, device, checkpoint,
+heads).
 """
 from __future__ import annotations
 
@@ -129,10 +130,6 @@ def readable(text: str, python: str | None = None) -> str:
 
 def current() -> BackendClient | None:
     return _client if _client is not None and _client.alive else None
-
-
-def hello() -> dict | None:
-    return _hello
 
 
 def heads_cap() -> int | None:

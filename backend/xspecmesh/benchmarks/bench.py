@@ -1,4 +1,4 @@
-"""Benchmarks (DESIGN §5): plain AR against XSpecMesh speculative decoding on the same model, inputs and seeds.
+"""Benchmarks: plain AR against XSpecMesh speculative decoding on the same model, inputs and seeds.
 
 `run_bench` decodes every input with every seed under every variant (AR, each speculative configuration, optionally
 the naive reference loop), interleaved: for one input and seed all variants run back to back, in an order rotated
@@ -89,12 +89,13 @@ def on_model(variant_list: list[Variant], name: str, max_heads: int) -> list[Var
 # ---------------------------------------------------------------------------------------------------------- inputs
 
 
-def shape_config_for(engine: Engine, args):
-    """The procedural distribution to test on: the options given, else the one the checkpoint was trained on."""
+def shape_config_for(engine: Engine, families: str | None = None, max_faces: int | None = None):
+    """The procedural distribution to test on: the families (comma-separated) and face cap given, else the ones the
+    checkpoint was trained on."""
     from xspecmesh.training.data import ShapeConfig
 
-    families = args.families or engine.ckpt.meta.get("families")
-    max_faces = args.max_faces or engine.ckpt.meta.get("max_faces") or ShapeConfig.max_faces
+    families = families or engine.ckpt.meta.get("families")
+    max_faces = max_faces or engine.ckpt.meta.get("max_faces") or ShapeConfig.max_faces
     return ShapeConfig.parse(families, max_faces=int(max_faces),
                              axis_aligned=bool(engine.ckpt.meta.get("axis_aligned", False)),
                              axis_turns=int(engine.ckpt.meta.get("axis_turns", 4)))
@@ -153,7 +154,7 @@ def _run_once(engine: Engine, inp: BenchInput, variant: Variant, seed: int, max_
     row |= {k: st.get(k, 0) for k in ("tokens", "steps", "scr", "tokens_per_second")}
     row["decode_seconds"] = st.get("decode_seconds", math.nan)
     row["accept_hist"] = st.get("accept_hist")
-    tris = result.triangles.reshape(-1, 3)
+    tris = result.mesh.reshape(-1, 3)
     pred = None
     if len(tris):
         verts, faces = weld(tris, np.arange(len(tris)).reshape(-1, 3))

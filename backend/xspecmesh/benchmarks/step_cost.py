@@ -1,4 +1,4 @@
-"""The price of one speculative step (DESIGN §5): drafting D tokens with the heads plus verifying D+1 positions in
+"""The price of one speculative step: drafting D tokens with the heads plus verifying D+1 positions in
 one backbone forward, against one AR forward, at a fixed cache length. With every draft accepted ("oracle") a step
 yields D+1 tokens, so (D+1) / cost ratio bounds the wall-clock speedup that acceptance could ever buy. Run by
 `xspecmesh bench --step-cost`.

@@ -128,7 +128,8 @@ def run(args: argparse.Namespace) -> int:
     if args.meshes:
         inputs, skipped = bench.mesh_inputs(args.meshes, args.count, num_points)
     else:
-        inputs = bench.procedural_inputs(args.count, num_points, shapes=bench.shape_config_for(engine, args))
+        shapes = bench.shape_config_for(engine, args.families, args.max_faces)
+        inputs = bench.procedural_inputs(args.count, num_points, shapes=shapes)
     for line in skipped:
         print(f"skipped {line}", file=sys.stderr)
     sampling = {} if args.temperature is None else {"temperature": args.temperature}

@@ -38,14 +38,14 @@ def read_tokens(path: str) -> list[int]:
 
 def run(args: argparse.Namespace) -> int:
     from xspecmesh.errors import MeshError
-    from xspecmesh.geometry.mesh import write_mesh
+    from xspecmesh.geometry.mesh import save_mesh
     from xspecmesh.geometry.tokenizer import decode_mesh
 
     tokens = read_tokens(args.tokens)
     vertices, faces = decode_mesh(tokens)
     if len(faces) == 0:
         raise MeshError(f"{args.tokens}: the tokens decode to no faces")
-    write_mesh(args.output, vertices, faces)
+    save_mesh(args.output, vertices, faces)
     if args.json:
         print(json.dumps({"path": args.output, "faces": len(faces), "vertices": len(vertices), "tokens": len(tokens)}))
     else:

@@ -5,8 +5,6 @@ import hashlib
 import json
 import sys
 
-import numpy as np
-
 
 def register(sub) -> None:
     p = sub.add_parser("generate", help="generate an artist-like mesh for a mesh or point cloud")
@@ -28,13 +26,16 @@ def register(sub) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--checkpoint", default=None, help="safetensors checkpoint (default: the shipped model)")
     p.add_argument("--fit", action="store_true",
-                   help="move the result's vertices onto the input surface (connectivity unchanged; xspecmesh.geometry.fit)")
+                   help="move the result's vertices onto the input surface (connectivity unchanged; "
+                        "xspecmesh.geometry.fit)")
     p.add_argument("--json", action="store_true", help="print one JSON object with the statistics")
     p.set_defaults(func=run)
 
 
 def load_input(path: str, count: int, seed: int):
     """Points (count, 6) in the normalized frame and the Normalization that maps back to the input's frame."""
+    import numpy as np
+
     from xspecmesh.geometry.mesh import load_mesh, load_points, normalize, sample_surface
 
     if str(path).lower().endswith(".npy"):
@@ -48,9 +49,11 @@ def load_input(path: str, count: int, seed: int):
 
 
 def run(args) -> int:
+    import numpy as np
+
     from xspecmesh.decoding.engine import DecodeSettings, Engine
     from xspecmesh.errors import SettingsError
-    from xspecmesh.geometry.mesh import weld, write_mesh
+    from xspecmesh.geometry.mesh import save_mesh, weld
 
     settings = DecodeSettings(mode=args.mode, heads=args.heads, adaptive=args.adaptive, delta=args.delta,
                               accept=args.accept, topk_accept=args.topk_accept, temperature=args.temperature,
@@ -61,24 +64,19 @@ def run(args) -> int:
     if settings.mode == "spec" and engine.max_heads == 0:
         raise SettingsError("this checkpoint has no drafting heads; use --mode ar")
     if settings.mode == "spec" and settings.heads > engine.max_heads:
-        print(f"xspecmesh: note: the checkpoint has {engine.max_heads} heads; using {engine.max_heads}", file=sys.stderr)
+        print(f"xspecmesh: note: the checkpoint has {engine.max_heads} heads; using {engine.max_heads}",
+              file=sys.stderr)
         settings.heads = engine.max_heads
     points, norm = load_input(args.input, engine.model.cfg.encoder.num_points, args.seed)
     result = engine.generate(points, settings)
-    tris, fit_stats = result.triangles, {}
-    if settings.fit:
-        from xspecmesh.geometry.fit import fit_result
-
-        fitted, fit_stats = fit_result(tris, points, result.stats)
-        tris = tris if fitted is None else fitted
-    tris = tris.reshape(-1, 3)
+    tris = result.mesh.reshape(-1, 3)
     vertices, faces = weld(norm.invert(tris), np.arange(len(tris)).reshape(-1, 3))
     if len(faces) == 0:
         from xspecmesh.errors import XSpecMeshError
 
         raise XSpecMeshError(f"the model produced no faces for {args.input} ({result.stats['tokens']} tokens)")
-    write_mesh(args.output, vertices, faces)
-    stats = result.stats | fit_stats | {"faces": int(len(faces)), "vertices": int(len(vertices)),
+    save_mesh(args.output, vertices, faces)
+    stats = result.stats | {"faces": int(len(faces)), "vertices": int(len(vertices)),
                             "sequence_sha256": hashlib.sha256(",".join(map(str, result.tokens)).encode()).hexdigest(),
                             "checkpoint": engine.ckpt.path, "output": args.output}
     if args.json:

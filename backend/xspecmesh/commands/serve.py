@@ -1,4 +1,4 @@
-"""`xspecmesh serve`: the Blender add-on's backend (protocol in xspecmesh/protocol.py, logic in xspecmesh/server.py)."""
+"""`xspecmesh serve`: the Blender add-on's backend (xspecmesh/serving: protocol.py, server.py)."""
 from __future__ import annotations
 
 import argparse

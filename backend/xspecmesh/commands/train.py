@@ -11,7 +11,7 @@ STAGE_DEFAULTS = {
 
 
 def register(sub) -> None:
-    from xspecmesh.training.trainer import TrainConfig  # light: no torch work at import beyond the module itself
+    from xspecmesh.training.config import TrainConfig  # dataclasses only: --help stays fast
 
     p = sub.add_parser("train", help="train the backbone, then the heads (stage 1), then LoRA + heads (stage 2)")
     p.add_argument("stage", choices=sorted(STAGE_DEFAULTS))
@@ -28,7 +28,8 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from xspecmesh.training.trainer import TrainConfig, Trainer
+    from xspecmesh.training.config import TrainConfig
+    from xspecmesh.training.trainer import Trainer
 
     values = dict(STAGE_DEFAULTS[args.stage])
     for f in dataclasses.fields(TrainConfig):

@@ -1,10 +1,11 @@
-"""The engine the CLI, the server and the benchmarks share: a loaded checkpoint, typed decode settings, and one
-streaming entry point that turns a normalized point cloud into accepted tokens and completed triangles."""
+"""The engine the CLI, the server and the benchmarks share: a loaded checkpoint, typed decode settings, and the
+retopology pipeline's one entry point, `Engine.retopologize`: resample the points, decode, detokenize, fit (when the
+settings ask for it) and keep the stats. `Engine.generate` collects it into one result."""
 from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,7 +20,8 @@ from xspecmesh.decoding.token_sampling import SamplingConfig
 from xspecmesh.decoding.speculative import RULES, AcceptConfig, decode_speculative
 
 MODES = ("ar", "spec", "naive")
-MIN_POINTS = 16
+MIN_CLOUD_POINTS = 16  # the least a cloud may have to be resampled to the encoder's size (the add-on sends far more:
+# the protocol's MIN_POINTS)
 
 
 @dataclass
@@ -36,8 +38,7 @@ class DecodeSettings:
     max_tokens: int = 10000
     max_faces: int | None = None  # stop once this many faces are complete
     seed: int = 0
-    fit: bool = False  # after decoding, move the vertices onto the input surface: not done here, but by the callers
-    # that hold the whole mesh (serve, generate) through xspecmesh.geometry.fit.fit_result
+    fit: bool = False  # after decoding, move the vertices onto the input surface (Engine.retopologize)
 
     @classmethod
     def from_dict(cls, d: dict) -> "DecodeSettings":
@@ -98,14 +99,23 @@ class StepUpdate:
     tokens: list[int]  # accepted in this step
     triangles: np.ndarray  # (k, 3, 3) float32, completed in this step, normalized frame
     stats: dict  # cumulative
-    done: bool = False
+    done: bool = False  # the last update of the request
+    decoded: bool = False  # decoding is over: every triangle has been yielded (a fit may follow)
+    fitted: np.ndarray | None = None  # the last update of a fitted request: every triangle, in order, moved
+    cancelled: bool = False  # a cancel came in during the fit, which is dropped
 
 
 @dataclass
 class GenerationResult:
     tokens: list[int]
-    triangles: np.ndarray  # (T, 3, 3) float32, normalized frame
+    triangles: np.ndarray  # (T, 3, 3) float32, normalized frame, as decoded
     stats: dict = field(default_factory=dict)
+    fitted: np.ndarray | None = None  # the same triangles moved onto the input surface, when the fit ran
+
+    @property
+    def mesh(self) -> np.ndarray:
+        """The result's triangles: fitted when the fit ran, else as decoded."""
+        return self.triangles if self.fitted is None else self.fitted
 
 
 def resolve_device(device: str) -> torch.device:
@@ -123,8 +133,8 @@ def prepare_points(points, count: int, seed: int) -> np.ndarray:
     pts = np.asarray(points, dtype=np.float32)
     if pts.ndim != 2 or pts.shape[1] != 6:
         raise MeshError(f"point cloud must have shape (N, 6) (xyz + normal), got {tuple(pts.shape)}")
-    if len(pts) < MIN_POINTS:
-        raise MeshError(f"point cloud has {len(pts)} points; at least {MIN_POINTS} are needed")
+    if len(pts) < MIN_CLOUD_POINTS:
+        raise MeshError(f"point cloud has {len(pts)} points; at least {MIN_CLOUD_POINTS} are needed")
     if not np.isfinite(pts).all():
         raise MeshError("points contain NaN or infinite values")
     rng = np.random.default_rng(seed)
@@ -136,6 +146,9 @@ def prepare_points(points, count: int, seed: int) -> np.ndarray:
 
 
 class Engine:
+    """A loaded checkpoint on a device. `retopologize` is the pipeline every caller goes through; `stream` is its
+    decoding stage (what a test double replaces)."""
+
     def __init__(self, checkpoint: Checkpoint, device: torch.device):
         self.ckpt, self.device = checkpoint, device
 
@@ -178,7 +191,7 @@ class Engine:
         return decode_ar(self.model, cond, **common)
 
     def stream(self, points, settings: DecodeSettings) -> Iterator[StepUpdate]:
-        """One update per decoding step; stop iterating to cancel."""
+        """The decoding stage: one update per decoding step, the last one `done`; stop iterating to cancel."""
         settings.validate(self.max_heads)
         start = time.perf_counter()
         cond = self.condition(points, settings.seed)
@@ -208,10 +221,45 @@ class Engine:
         summary = summary | {"complete": stats.tokens < token_limit(self.model, settings.max_tokens)}
         yield StepUpdate([], np.zeros((0, 3, 3), dtype=np.float32), summary, done=True)
 
-    def generate(self, points, settings: DecodeSettings) -> GenerationResult:
-        tokens, tris, stats = [], [], {}
+    def retopologize(self, points, settings: DecodeSettings,
+                     cancelled: Callable[[], bool] = lambda: False) -> Iterator[StepUpdate]:
+        """The retopology pipeline, the one entry point of serve, generate and bench.
+
+        `points`: (N, 6) xyz + normal in the normalized frame (resampled to the encoder's size for decoding; the fit
+        uses them all). Yields one update per decoding step, as `stream`; the last decoding update has `decoded` set,
+        so a caller can send every face before the fit starts. When `settings.fit` asks for it and triangles came
+        out, one more update follows with the fit's stats and `fitted` (None when the fit was skipped or failed:
+        `fit_skipped` / `fit_error` in the stats say why). The fit cannot be interrupted: `cancelled` is asked once it
+        is over, and a cancel that came in meanwhile drops it (the update says `cancelled`). Stop iterating to
+        cancel the decoding.
+        """
+        parts = []
         for upd in self.stream(points, settings):
+            parts.append(upd.triangles)
+            upd.decoded = upd.done
+            fit = upd.done and settings.fit and sum(map(len, parts)) > 0
+            upd.done = upd.done and not fit
+            yield upd
+            if fit:
+                yield _fit(np.concatenate(parts), points, upd.stats, cancelled)
+
+    def generate(self, points, settings: DecodeSettings) -> GenerationResult:
+        """`retopologize` run to the end, collected."""
+        tokens, tris, stats, fitted = [], [], {}, None
+        for upd in self.retopologize(points, settings):
             tokens.extend(upd.tokens)
             tris.append(upd.triangles)
-            stats = upd.stats
-        return GenerationResult(tokens, np.concatenate(tris) if tris else np.zeros((0, 3, 3), np.float32), stats)
+            stats, fitted = upd.stats, upd.fitted
+        return GenerationResult(tokens, np.concatenate(tris) if tris else np.zeros((0, 3, 3), np.float32), stats,
+                                fitted)
+
+
+def _fit(triangles: np.ndarray, points, stats: dict, cancelled: Callable[[], bool]) -> StepUpdate:
+    from xspecmesh.geometry.fit import fit_result  # scipy's sparse solvers: loaded only when a fit is asked for
+
+    fitted, fit_stats = fit_result(triangles, points, stats)
+    stats = stats | fit_stats
+    if cancelled():
+        stats = {k: v for k, v in stats.items() if not k.startswith("fit_")} | {"fit_skipped": "cancelled"}
+        return StepUpdate([], np.zeros((0, 3, 3), np.float32), stats, done=True, decoded=True, cancelled=True)
+    return StepUpdate([], np.zeros((0, 3, 3), np.float32), stats, done=True, decoded=True, fitted=fitted)

@@ -22,6 +22,8 @@ from scipy.sparse import block_diag, coo_matrix, diags, hstack, identity
 from scipy.sparse.linalg import spsolve
 from scipy.spatial import cKDTree
 
+from xspecmesh.geometry.faces import proper
+
 
 @dataclass
 class FitConfig:
@@ -93,10 +95,10 @@ def fit_triangles(triangles: np.ndarray, points: np.ndarray,
         return tris.astype(np.float32), {"fit_seconds": 0.0}
     vertices, corner = np.unique(tris.reshape(-1, 3), axis=0, return_inverse=True)
     faces = corner.reshape(-1, 3)
-    proper = faces[(faces[:, 0] != faces[:, 1]) & (faces[:, 1] != faces[:, 2]) & (faces[:, 0] != faces[:, 2])]
-    fitted = fit_to_points(vertices, proper, points, config)
-    stats = {"fit_distance_before": surface_distance(vertices, proper, points),
-             "fit_distance_after": surface_distance(fitted, proper, points),
+    kept = faces[proper(faces)]
+    fitted = fit_to_points(vertices, kept, points, config)
+    stats = {"fit_distance_before": surface_distance(vertices, kept, points),
+             "fit_distance_after": surface_distance(fitted, kept, points),
              "fit_seconds": round(time.perf_counter() - start, 4)}
     return fitted[faces].astype(np.float32), stats
 

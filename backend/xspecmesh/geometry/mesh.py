@@ -1,4 +1,4 @@
-"""Mesh and point-cloud I/O and geometry helpers: load, normalize, sample, weld, write.
+"""Mesh and point-cloud I/O and geometry helpers: load, normalize, sample, weld, save.
 
 Every unusable input raises one `MeshError` with a one-line message naming the file, so the CLI and the server can
 report it as it is.
@@ -12,6 +12,7 @@ import numpy as np
 import trimesh
 
 from xspecmesh.errors import MeshError
+from xspecmesh.geometry.faces import first_of_repeats, proper
 
 MESH_EXTENSIONS = (".obj", ".ply", ".stl", ".off", ".glb", ".gltf")
 BOUND = 0.95  # normalized meshes and point clouds span [-BOUND, BOUND] along their longest side
@@ -133,9 +134,8 @@ def weld(vertices, faces, tol: float = 1e-6) -> tuple[np.ndarray, np.ndarray]:
     rep = np.empty(len(first), np.int64)
     rep[label[first]] = first
     faces = label[faces]
-    faces = faces[(faces[:, 0] != faces[:, 1]) & (faces[:, 1] != faces[:, 2]) & (faces[:, 2] != faces[:, 0])]
-    _, keep = np.unique(np.sort(faces, axis=1), axis=0, return_index=True)
-    faces = faces[np.sort(keep)]
+    faces = faces[proper(faces)]
+    faces = faces[first_of_repeats(faces)]
     alive = np.unique(faces)  # referenced clusters, then in the input order of their first vertex
     alive = alive[np.argsort(rep[alive], kind="stable")]
     remap = np.full(len(rep), -1, np.int64)
@@ -143,7 +143,7 @@ def weld(vertices, faces, tol: float = 1e-6) -> tuple[np.ndarray, np.ndarray]:
     return vertices[rep[alive]], remap[faces]
 
 
-def write_mesh(path, vertices, faces) -> None:
+def save_mesh(path, vertices, faces) -> None:
     """Write a triangle mesh; the format follows the extension (obj/ply/stl/off/glb/gltf)."""
     path = os.fspath(path)
     ext = os.path.splitext(path)[1].lower()

@@ -1,4 +1,4 @@
-"""Quality metrics for generated meshes (DESIGN §5).
+"""Quality metrics for generated meshes.
 
 Geometry: both meshes are normalized on their own (bbox centre, longest side to [-0.95, 0.95]) and compared through
 area-weighted surface samples. `cd`/`hd` follow BPT's protocol at 1024 samples per mesh; because its sampling floor
@@ -17,6 +17,7 @@ from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
 from xspecmesh.errors import MeshError
+from xspecmesh.geometry.faces import first_of_repeats, proper
 
 BPT_SAMPLES = 1024  # samples per mesh in BPT's published numbers
 DENSE_SAMPLES = 10_000  # our lower-floor companion metrics
@@ -84,14 +85,14 @@ def topology(mesh: trimesh.Trimesh) -> dict:
     _, weld = np.unique(verts, axis=0, return_inverse=True)
     f = weld.reshape(-1)[faces]
 
-    repeated = (f[:, 0] == f[:, 1]) | (f[:, 1] == f[:, 2]) | (f[:, 0] == f[:, 2])
+    repeated = ~proper(f)
     tri = verts[faces]
     area2 = np.linalg.norm(np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]), axis=1)
     scale = max(float(np.ptp(verts[faces.reshape(-1)], axis=0).max()), 1e-300)
     degenerate = repeated | (area2 <= 1e-12 * scale * scale)
 
     good = f[~repeated]
-    duplicates = len(good) - len(np.unique(np.sort(good, axis=1), axis=0))
+    duplicates = len(good) - len(first_of_repeats(good))
 
     edges = np.sort(np.concatenate([good[:, [0, 1]], good[:, [1, 2]], good[:, [2, 0]]]), axis=1)
     _, uses = np.unique(edges, axis=0, return_counts=True)

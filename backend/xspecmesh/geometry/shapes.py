@@ -1,4 +1,4 @@
-"""Procedural shape families (DESIGN §6): each draws one random low-poly solid, y up as in BPT's working order, at any
+"""Procedural shape families: each draws one random low-poly solid, y up as in BPT's working order, at any
 size and position (data.py poses, normalizes and validates it). trimesh primitives for the simple ones, manifold3d
 for extrusions, lathes and booleans.
 """

@@ -1,7 +1,7 @@
 """BPT tokenizer: 7-bit quantization, block/offset indexing (8 blocks x 16 offsets per axis), patch aggregation.
 
 Checkpoint-compatible with the published BPT model: `encode` reproduces the reference token sequences in
-tests/data/reference/bpt_tokens token for token (see DESIGN §2). Vocabulary:
+tests/data/reference/bpt_tokens token for token (see docs/ARCHITECTURE.md). Vocabulary:
 
     0..511      block     (qx//16)*64 + (qy//16)*8 + qz//16
     512..4607   offset    512 + (qx%16)*256 + (qy%16)*16 + qz%16
@@ -15,6 +15,8 @@ the vertex right after a special block always re-emits its plain block, even whe
 from __future__ import annotations
 
 import numpy as np
+
+from xspecmesh.geometry.faces import first_of_repeats, proper
 
 NUM_LEVELS = 128  # 7-bit quantization per axis
 BLOCK_SIZE = 8  # blocks per axis
@@ -115,15 +117,12 @@ def preprocess(vertices, faces) -> tuple[np.ndarray, np.ndarray]:
     rank[order] = np.arange(len(order))
     q, f = q[order], rank[f]
     # A triangle with a repeated index has no cycle of length 3: drop it. Rotate lowest index first, winding kept.
-    f = f[(f[:, 0] != f[:, 1]) & (f[:, 1] != f[:, 2]) & (f[:, 2] != f[:, 0])]
+    f = f[proper(f)]
     f = np.take_along_axis(f, (np.argmin(f, axis=1)[:, None] + np.arange(3)) % 3, axis=1)
-    # Stable sort by the sorted index tuple; then drop duplicates (same vertex set, first one kept).
+    # Stable sort by the sorted index tuple. Faces on the same three vertices (a thin wall or coincident surfaces
+    # that quantization collapses) all stay, as in the published pipeline; the detokenizer drops the repeats.
     key = np.sort(f, axis=1)
-    order = np.lexsort((key[:, 2], key[:, 1], key[:, 0]))
-    f, key = f[order], key[order]
-    keep = np.ones(len(f), bool)
-    keep[1:] = (key[1:] != key[:-1]).any(axis=1)
-    f = f[keep]
+    f = f[np.lexsort((key[:, 2], key[:, 1], key[:, 0]))]
     used = np.zeros(len(q), bool)
     used[f.reshape(-1)] = True
     q, f = q[used], (np.cumsum(used) - 1)[f]
@@ -144,6 +143,9 @@ def _patches(faces: np.ndarray, num_vertices: int) -> list[list[int]]:
         incident[a].append(fi)
         incident[b].append(fi)
         incident[c].append(fi)
+    # The winding a rim is checked against: for faces on the same three vertices the reference's orientation table
+    # keeps the last one's winding (later faces overwrite earlier entries).
+    winding = {tuple(sorted(face)): face for face in faces_l}
     visited = [False] * num_faces
     first = 0  # lowest face index that may still be unvisited
     patches = []
@@ -177,7 +179,7 @@ def _patches(faces: np.ndarray, num_vertices: int) -> list[list[int]]:
                     break
             else:
                 break
-        a, b, c = faces_l[used[0]]  # the face (centre, rim0, rim1), in its original winding
+        a, b, c = winding[tuple(sorted((centre, rim[0], rim[1])))]
         if (centre, rim[0], rim[1]) not in ((a, b, c), (b, c, a), (c, a, b)):
             rim.reverse()
         degree[centre] = len(pairs) - len(used)
@@ -193,7 +195,8 @@ def _patches(faces: np.ndarray, num_vertices: int) -> list[list[int]]:
 def serialize(qverts, faces) -> list[int]:
     """Preprocessed mesh (quantized vertices, faces) -> BPT tokens (no BOS, no EOS).
 
-    Expects `preprocess` output: no degenerate or repeated faces (a face's winding is looked up by its vertex set).
+    Expects `preprocess` output: no degenerate faces. Repeated faces (same three vertices, either winding) are
+    serialized once each, as the reference does.
     """
     qverts = np.asarray(qverts, dtype=np.int64).reshape(-1, 3)
     faces = np.asarray(faces, dtype=np.int64).reshape(-1, 3)
@@ -226,15 +229,10 @@ def encode(vertices, faces) -> list[int]:
 
 def _dedupe(tris: np.ndarray) -> np.ndarray:
     """Drop degenerate triangles and repeated ones (same three vertices in any order); first kept, order kept."""
-    a, b, c = tris[:, 0], tris[:, 1], tris[:, 2]
-    tris = tris[(a != b).any(1) & (b != c).any(1) & (c != a).any(1)]
-    if len(tris) == 0:
-        return tris.reshape(0, 3, 3)
     flat = tris.reshape(-1, 3)
-    key = (flat[:, 0] * NUM_LEVELS + flat[:, 1]) * NUM_LEVELS + flat[:, 2]
-    key = np.sort(key.reshape(-1, 3), axis=1)
-    _, first = np.unique(key, axis=0, return_index=True)
-    return tris[np.sort(first)]
+    key = ((flat[:, 0] * NUM_LEVELS + flat[:, 1]) * NUM_LEVELS + flat[:, 2]).reshape(-1, 3)  # one id per vertex
+    keep = proper(key)
+    return tris[keep][first_of_repeats(key[keep])]
 
 
 def decode(tokens) -> np.ndarray:

@@ -7,7 +7,19 @@ are never attended to, because the mask only admits keys at positions <= the que
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+
+@dataclass(frozen=True)
+class CacheWrite:
+    """Where one forward's new tokens go, worked out once by `KVCache.prepare` and used by every layer's `write`."""
+
+    seq_pos: torch.Tensor  # (B, n) input positions of the new tokens
+    mask: torch.Tensor | None  # (B, 1, n, upto) keys each query may see; None: all of them
+    upto: int  # key slots the forward reads: [0, upto)
+    start: int | None  # the common first position when every sequence has the same length (a slice write)
 
 
 class KVCache:
@@ -16,13 +28,12 @@ class KVCache:
         self.v = torch.zeros_like(self.k)
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)  # cached input positions per sequence
         self.cross: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer (k, v) over the condition
-        self._uniform_start: int | None = None
 
     @property
     def max_len(self) -> int:
         return self.k.shape[3]
 
-    def prepare(self, seq_pos: torch.Tensor) -> tuple[torch.Tensor | None, int]:
+    def prepare(self, seq_pos: torch.Tensor) -> CacheWrite:
         """For new tokens at input positions seq_pos (B, n): the attention mask over cached keys and how many key
         slots the forward needs. One host read per forward, not per layer."""
         starts = seq_pos[:, 0].tolist()
@@ -30,23 +41,23 @@ class KVCache:
         upto = max(starts) + n
         if upto > self.max_len:
             raise ValueError(f"sequence longer than the cache ({upto} > {self.max_len})")
-        self._uniform_start = starts[0] if min(starts) == max(starts) else None
-        if self._uniform_start is not None and n == 1:
-            return None, upto  # every cached key is visible
+        start = starts[0] if min(starts) == max(starts) else None
+        if start is not None and n == 1:
+            return CacheWrite(seq_pos, None, upto, start)  # every cached key is visible
         keys = torch.arange(upto, device=seq_pos.device)
-        return (keys[None, None, None, :] <= seq_pos[:, None, :, None]), upto
+        return CacheWrite(seq_pos, keys[None, None, None, :] <= seq_pos[:, None, :, None], upto, start)
 
-    def write(self, layer: int, seq_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, upto: int):
-        """Store k, v (B, H, n, d) at seq_pos; return the layer's keys/values for slots [0, upto)."""
-        if self._uniform_start is not None:
-            s = self._uniform_start
-            self.k[layer, :, :, s : s + k.shape[2]] = k
-            self.v[layer, :, :, s : s + k.shape[2]] = v
+    def write(self, layer: int, at: CacheWrite, k: torch.Tensor, v: torch.Tensor):
+        """Store k, v (B, H, n, d) where `at` (from `prepare`) says; return the layer's keys/values for slots
+        [0, at.upto)."""
+        if at.start is not None:
+            self.k[layer, :, :, at.start : at.start + k.shape[2]] = k
+            self.v[layer, :, :, at.start : at.start + k.shape[2]] = v
         else:
             b = torch.arange(k.shape[0], device=k.device)[:, None]
-            self.k[layer].transpose(1, 2)[b, seq_pos] = k.transpose(1, 2)
-            self.v[layer].transpose(1, 2)[b, seq_pos] = v.transpose(1, 2)
-        return self.k[layer, :, :, :upto], self.v[layer, :, :, :upto]
+            self.k[layer].transpose(1, 2)[b, at.seq_pos] = k.transpose(1, 2)
+            self.v[layer].transpose(1, 2)[b, at.seq_pos] = v.transpose(1, 2)
+        return self.k[layer, :, :, : at.upto], self.v[layer, :, :, : at.upto]
 
     def rollback(self, lengths: torch.Tensor) -> None:
         """Forget every position at or past `lengths` (per sequence); later writes overwrite them."""

@@ -1,4 +1,4 @@
-"""The BPT backbone: a perceiver point encoder and a decoder of cosine-attention blocks (DESIGN §2).
+"""The BPT backbone: a perceiver point encoder and a decoder of cosine-attention blocks.
 
 The model holds no generation state. `forward` runs either the whole sequence (training, the naive oracle) or only new
 tokens against an explicit `KVCache` (decoding); both return logits and the final hidden states, which the drafting
@@ -235,7 +235,7 @@ class MeshTransformer(nn.Module):
         else:
             seq_pos = cache.lengths[:, None] + torch.arange(n, device=tokens.device)
             cross = cache.cross
-            mask, upto = cache.prepare(seq_pos)
+            at = cache.prepare(seq_pos)
         x = self.embed(tokens, seq_pos)
         for i, layer in enumerate(self.layers):
             h = layer.self_norm(x)
@@ -245,8 +245,8 @@ class MeshTransformer(nn.Module):
             if cache is None:
                 x = x + attn.attend(q, k, v, causal=True)
             else:
-                k, v = cache.write(i, seq_pos, k, v, upto)
-                x = x + attn.attend(q, k, v, mask)
+                k, v = cache.write(i, at, k, v)
+                x = x + attn.attend(q, k, v, at.mask)
             h = layer.cross_norm(x)
             ca = layer.cross_attn
             x = x + ca.attend(ca.split(ca.to_q(h)), *cross[i], None)

@@ -1,6 +1,6 @@
 """The backend protocol: one JSON object per line between the Blender add-on and `xspecmesh serve`.
 
-Standard library only, and the same file serves both sides: this copy in `backend/xspecmesh/` is canonical, the
+Standard library only, and the same file serves both sides: this copy in `backend/xspecmesh/serving/` is canonical, the
 add-on ships a byte-identical copy as `xspecmesh_addon/protocol.py` (tests/test_protocol.py fails when they differ;
 fix with `cp backend/xspecmesh/serving/protocol.py xspecmesh_addon/protocol.py`). No package-absolute imports here.
 
@@ -18,9 +18,9 @@ Replies (backend → add-on); every reply carries "id" (null when no request is 
     {"type": "done", "id": "a1", "cancelled": false, "stats": {...}}
         with settings {"fit": true}, when the mesh ended at EOS (not cut at a limit, not cancelled) and the fit
         worked, also "fitted": every triangle sent, in the same order and frame (normalized), moved onto the input
-        surface (xspecmesh/geometry/fit.py); the add-on builds its final mesh from those. Otherwise the stats say why not
-        ("fit_skipped" or "fit_error") and the triangles sent stand. stats["complete"]: the decoder ended at EOS,
-        not at a face or token limit
+        surface (xspecmesh/geometry/fit.py); the add-on builds its final mesh from those. Otherwise the stats say
+        why not ("fit_skipped" or "fit_error") and the triangles sent stand. stats["complete"]: the decoder ended
+        at EOS, not at a face or token limit
     {"type": "error", "id": "a1" or null, "message": "..."}
 
 A request is answered by zero or more progress/faces lines and then exactly one `done` or `error`. Requests run in

@@ -1,10 +1,11 @@
-"""`xspecmesh serve`: the Blender add-on's backend, JSON lines on stdin/stdout (xspecmesh/serving/protocol.py), logs on stderr.
+"""`xspecmesh serve`: the Blender add-on's backend, JSON lines on stdin/stdout (serving/protocol.py), logs on stderr.
 
 Two threads. The reader thread parses every stdin line at once: bad lines get an `error` reply, `generate` requests
 are checked (points, settings) and queued, `cancel` and `shutdown` act immediately, even while a mesh decodes. The
-main thread takes queued requests in order and streams them: `faces` (triangles batched since the last faces line)
-and `progress`, each at most every `interval` seconds, then `done` (with the fitted triangles when the request's
-settings ask for `fit`). A cancel is seen after the current decoding step.
+main thread runs queued requests in order through `Engine.retopologize` and streams them: `faces` (triangles batched
+since the last faces line) and `progress`, each at most every `interval` seconds, every face before a fit starts,
+then `done` (with the fitted triangles when the request's settings ask for `fit`). A cancel is seen after the
+current decoding step, or once the fit is over.
 Only protocol lines reach the real stdout; stray prints (Python or C level) are redirected to stderr.
 """
 from __future__ import annotations
@@ -16,13 +17,16 @@ import time
 import traceback
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Callable
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 
 from xspecmesh import __version__
 from xspecmesh.serving import protocol
 from xspecmesh.errors import MeshError, XSpecMeshError
+
+if TYPE_CHECKING:  # imported when the server starts (serve_main), so that a missing dependency is one error line
+    from xspecmesh.decoding.engine import DecodeSettings, Engine
 
 MAX_LINE_BYTES = 32 << 20  # 200k points are 6.4 MB of base64; anything far longer is refused, not buffered
 ZERO_STATS = {"tokens": 0, "steps": 0, "scr": 0.0, "faces": 0, "seconds": 0.0, "tokens_per_second": 0.0}
@@ -37,24 +41,22 @@ class OutputClosed(Exception):
 
 
 @dataclass
-class Job:
+class QueuedRequest:
     id: str
     points: np.ndarray  # (N, 6) float32, normalized frame
-    settings: Any  # whatever `parse_settings` returned (an engine DecodeSettings)
+    settings: DecodeSettings
 
 
 class Server:
-    """Protocol dispatch around an engine with `stream(points, settings)` (see xspecmesh.decoding.engine)."""
+    """Protocol dispatch around an `Engine` (xspecmesh.decoding.engine): requests run through its `retopologize`."""
 
-    def __init__(self, engine, out: BinaryIO, parse_settings: Callable[[dict], Any] | None = None,
-                 interval: float = 0.1):
+    def __init__(self, engine: Engine, out: BinaryIO, interval: float = 0.1):
         self.engine = engine
         self.out = out
-        self.parse_settings = parse_settings or _engine_settings(engine)
         self.interval = interval
         self._write_lock = threading.Lock()
         self._cond = threading.Condition()
-        self._queue: deque[Job] = deque()
+        self._queue: deque[QueuedRequest] = deque()
         self._running: str | None = None
         self._cancel = threading.Event()  # cancels the running job only
         self._stop = False  # shutdown: cancel everything and leave
@@ -126,7 +128,10 @@ class Server:
         if not np.isfinite(points).all():
             bad = int((~np.isfinite(points)).any(axis=1).sum())
             raise MeshError(f"points contain NaN or infinite values ({bad} of {count} points)")
-        job = Job(rid, points, self.parse_settings(req.get("settings", {})))
+        from xspecmesh.decoding.engine import DecodeSettings  # noqa: F811 (loaded already: the engine runs)
+
+        settings = DecodeSettings.from_dict(req.get("settings", {})).validate(self.engine.max_heads)
+        job = QueuedRequest(rid, points, settings)
         with self._cond:
             if self._stop:
                 raise XSpecMeshError("the backend is shutting down")
@@ -181,44 +186,37 @@ class Server:
             log(f"stdout closed ({exc}); exiting")
             return 1
 
-    def decode(self, job: Job) -> None:
+    def decode(self, job: QueuedRequest) -> None:
         stats: dict = {}
-        tris: list[np.ndarray] = []  # this request's triangles so far (the fit needs them all); tris[sent:] unsent
+        tris: list[np.ndarray] = []  # this request's triangles so far; tris[sent:] are not sent yet
         sent = 0
+        fitted = None
         last_faces = last_progress = -float("inf")
         cancelled = self._cancel.is_set()  # cancelled before it started: nothing to decode
         try:
-            stream = (u for u in ()) if cancelled else self.engine.stream(job.points, job.settings)
+            stream = (u for u in ()) if cancelled else self.engine.retopologize(job.points, job.settings,
+                                                                               self._cancel.is_set)
             try:
                 for upd in stream:
-                    stats = upd.stats
+                    stats, fitted = upd.stats, upd.fitted
                     if len(upd.triangles):
                         tris.append(upd.triangles)
-                    if self._cancel.is_set():
+                    # (the last update is a finished request: the engine has looked for a cancel during its fit)
+                    if upd.cancelled or (self._cancel.is_set() and not upd.done):
                         cancelled = True
                         break
                     now = time.monotonic()
-                    if sent < len(tris) and now - last_faces >= self.interval:
-                        sent = self._flush(job.id, tris, sent)
+                    if sent < len(tris) and (upd.decoded or now - last_faces >= self.interval):
+                        sent = self._flush(job.id, tris, sent)  # every face goes out before a fit starts
                         last_faces = now
-                    if not upd.done and now - last_progress >= self.interval:
+                    if not upd.decoded and now - last_progress >= self.interval:
                         self.send(protocol.progress(job.id, stats))
                         last_progress = now
+                    if "fit_error" in stats:
+                        log(f"request {job.id!r}: fit failed, sending the mesh as decoded: {stats['fit_error']}")
             finally:
                 stream.close()
             self._flush(job.id, tris, sent)
-            fitted = None
-            # (getattr: the tests' scripted engines take plain dicts as settings)
-            if getattr(job.settings, "fit", False) and not cancelled and tris:
-                from xspecmesh.geometry.fit import fit_result  # scipy's sparse solvers: loaded only when a fit is asked for
-
-                fitted, fit_stats = fit_result(np.concatenate(tris), job.points, stats)
-                stats = stats | fit_stats
-                if "fit_error" in fit_stats:
-                    log(f"request {job.id!r}: fit failed, sending the mesh as decoded: {fit_stats['fit_error']}")
-                if self._cancel.is_set():  # a cancel that came in during the fit still counts
-                    cancelled, fitted = True, None
-                    stats = {k: v for k, v in stats.items() if not k.startswith("fit_")} | {"fit_skipped": "cancelled"}
             self.send(protocol.done(job.id, stats or ZERO_STATS, cancelled=cancelled,
                                     fitted=None if fitted is None else fitted.tolist()))
         except OutputClosed:
@@ -236,17 +234,6 @@ class Server:
             batch = np.concatenate(tris[sent:]).astype(np.float32).reshape(-1, 3, 3)
             self.send(protocol.faces(rid, batch.tolist()))
         return len(tris)
-
-
-def _engine_settings(engine) -> Callable[[dict], Any]:
-    def parse(d: dict):
-        from xspecmesh.decoding.engine import DecodeSettings
-
-        settings = DecodeSettings.from_dict(d)
-        settings.validate(max_heads=engine.max_heads)
-        return settings
-
-    return parse
 
 
 def serve_main(checkpoint: str | None = None, device: str = "auto") -> int:

@@ -1,4 +1,4 @@
-"""Training data (DESIGN §6): seeded procedural low-poly meshes paired with the point clouds a user would give us.
+"""Training data: seeded procedural low-poly meshes paired with the point clouds a user would give us.
 
 A shape comes from one of `shapes.FAMILIES` (trimesh primitives and manifold3d solids, y up as in BPT's order),
 gets a random per-axis scale and rotation, is normalized to the token frame (bbox centre, longest side to
@@ -81,12 +81,6 @@ class TrainingPair:
     tokens: np.ndarray  # int64 BPT tokens, no BOS/EOS
     points: np.ndarray  # (N, 6) float32 xyz + unit normal, token frame
     family: str
-
-
-SHAPE_PRESETS = {
-    "tiny": ShapeConfig(max_faces=120),  # tests and smoke training
-    "small": ShapeConfig(),  # the shipped model
-}
 
 
 # ---------------------------------------------------------------- shapes and pairs
@@ -254,13 +248,17 @@ def _augmented(mesh: trimesh.Trimesh, rng: np.random.Generator, config: ShapeCon
 
 
 def _quantized_if_valid(mesh: trimesh.Trimesh, config: ShapeConfig):
-    """(qverts, qfaces) if every face survives quantization (preprocess drops collapsed and duplicated faces; strict
-    also refuses faces flattened to zero area or turned over) and the count is within the config, else None."""
+    """(qverts, qfaces) if the count is within the config and, when strict, every face survives quantization intact
+    (`preprocess` drops collapsed faces and keeps faces that quantization puts on the same three vertices; strict
+    also refuses faces flattened to zero area or turned over), else None. Non-strict (user files): the quantized
+    mesh, repeated faces included, is the target, as in BPT."""
     n = len(mesh.faces)
     if config.strict and not config.min_faces <= n <= config.max_faces:
         return None
     qv, qf = tokenizer.preprocess(np.asarray(mesh.vertices), np.asarray(mesh.faces))
-    if (config.strict and len(qf) != n) or not config.min_faces <= len(qf) <= config.max_faces:
+    if config.strict and (len(qf) != n or len(np.unique(np.sort(qf, axis=1), axis=0)) != n):
+        return None
+    if not config.min_faces <= len(qf) <= config.max_faces:
         return None
     if config.strict:
         # nor flattened (three grid points in a line: exact, integer cross products), nor turned over: a face

@@ -17,7 +17,6 @@ from contextlib import nullcontext
 import math
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,54 +33,12 @@ from xspecmesh.model.checkpoint import load_checkpoint, save_checkpoint
 from xspecmesh.model.config import HeadsConfig, preset
 from xspecmesh.training.data import ShapeConfig, TrainingPair, iter_pairs, load_mesh_dir, validation_pairs
 from xspecmesh.errors import CheckpointError, SettingsError
+from xspecmesh.training.config import TrainConfig
 from xspecmesh.model.heads import DraftHeads
 from xspecmesh.model.transformer import MeshTransformer
 
 # The decoder's attention and feed-forward projections (the point encoder keeps its weights).
 LORA_TARGETS = r"layers\.\d+\.((self_attn|cross_attn)\.(to_q|to_k|to_v|to_out)|ff\.(proj|out))"
-
-
-@dataclass
-class TrainConfig:
-    stage: str = "backbone"  # backbone | heads | lora
-    out: str = "runs/backbone"
-    preset: str = "small"  # backbone stage without --init
-    init: str | None = None  # checkpoint to start from (required for heads and lora)
-    steps: int = 20000
-    token_budget: int = 4096  # tokens per micro-batch (sequences bucketed by length)
-    grad_accum: int = 1
-    lr: float = 5e-4
-    warmup: int = 300
-    min_lr_ratio: float = 0.1  # cosine decay down to lr * this
-    weight_decay: float = 0.05
-    grad_clip: float = 1.0
-    max_faces: int = 400
-    families: str | None = None  # comma-separated procedural families and groups (default: the general mix)
-    axis_aligned: bool = False  # shapes upright and turned by multiples of 90 degrees only (data.ShapeConfig)
-    axis_turns: int = 4  # with axis_aligned: 4 turns about up, or all 24 quarter-turn rotations
-    axis_factors: bool = False  # backbone: token rows get shared per-axis rows while training (axis_factors.py)
-    meshes: str | None = None  # an optional directory of the user's own meshes, mixed in
-    seed: int = 0
-    eval_every: int = 500
-    save_every: int = 200
-    val_count: int = 32  # validation pairs for loss/accuracy
-    gen_count: int = 4  # AR generations scored with Chamfer distance at each evaluation
-    # heads / lora
-    num_heads: int = 6
-    head_type: str = "cross"  # cross (the paper's cross-attention heads) | mlp (the ablation)
-    head_own_output: bool = False  # heads get their own output projection (started as a copy of the backbone's)
-    head_decay: float = 0.8  # head k's loss weight is decay**(k-1)
-    ce_weight: float = 0.1  # plus cross-entropy to the true token (0 = pure distillation)
-    lora_rank: int = 16
-    lora_alpha: int = 32
-    backbone_weight: float = 50.0  # λ: weight of the backbone's own loss in stage 2
-    resume: bool = False
-    log_every: int = 10
-    device: str = "auto"  # auto (cuda when there is one), cpu or cuda
-    threads: int = 0  # torch CPU threads (0: torch's choice); 1 on a shared machine
-    workers: int = 0  # data-loader processes drawing shapes (0: in the training process); a GPU needs several
-    stop_at: int = 0  # end this run at this step (0: at `steps`); the schedule still runs to `steps` (legs, phases)
-    max_minutes: float = 0.0  # end this run, saved, once it has trained this long (0: no limit)
 
 
 # ---------------------------------------------------------------------------------------------- data
