@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from xspecmesh.model import precision
+
 
 def _list(kind):
     def parse(text: str):
@@ -43,12 +45,20 @@ def register(sub) -> None:
                    help="comma-separated acceptance rules: threshold, exact, greedy, topk (default threshold)")
     p.add_argument("--seeds", type=int, default=1, help="seeds per input (default 1; >= 3 adds quality mean ± std)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    precision.add_argument(p)
     p.add_argument("--max-tokens", type=int, default=None,
                    help="token cap per mesh (default 10000; --ar-vs-naive: per sequence, default 1500)")
     p.add_argument("--temperature", type=float, default=None, help="sampling temperature (default 0.5)")
     p.add_argument("--compare", type=_list(str), default=[], metavar="CKPT[,CKPT]",
                    help="also run the AR and speculative variants on these checkpoints in the same interleaved trials "
                         "(e.g. the pre-LoRA model, or one with MLP heads); rows are marked @<file name>")
+    p.add_argument("--compare-precision", type=_list(str), default=[], metavar="P[,P]",
+                   help="also run the AR and speculative variants (or, with --step-cost, the step timings) with the "
+                        "same checkpoint at these weight precisions (fp32, int8, bf16) in the same interleaved trials; "
+                        "rows are marked @<precision>")
+    p.add_argument("--precision-check", action="store_true",
+                   help="instead: teacher-forced top-1 agreement of the backbone (and each head) at --precision with "
+                        "fp32, on --count validation shapes")
     p.add_argument("--adaptive", action="store_true",
                    help="also run every speculative configuration with an adaptive draft length (rows 'spec adaptive')")
     p.add_argument("--naive", action="store_true", help="also run the naive reference loop (our AR vs naive)")
@@ -69,22 +79,34 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def _engine(args):
+def _engines(args):
+    """The engine at --precision, and {precision: engine} for each --compare-precision (and fp32 for
+    --precision-check), all from the same weights."""
     import tempfile
 
     from xspecmesh.model.checkpoint import write_random_checkpoint
     from xspecmesh.decoding.engine import Engine
     from xspecmesh.errors import SettingsError
 
+    wanted = list(args.compare_precision) + (["fp32"] if args.precision_check else [])
+    for p in wanted:
+        if p not in precision.PRECISIONS[1:]:
+            raise SettingsError(f"--compare-precision: {p!r} is not one of {', '.join(precision.PRECISIONS[1:])}")
+
+    def load(path):
+        engine = Engine.load(path, args.device, args.precision)
+        return engine, {p: engine.at_precision(p) for p in wanted if p != engine.precision}
+
     if args.random is None:
-        return Engine.load(args.checkpoint, args.device)
+        return load(args.checkpoint)
     if args.checkpoint is not None:
         raise SettingsError("use either --checkpoint or --random, not both")
-    with tempfile.TemporaryDirectory() as tmp:
-        path = write_random_checkpoint(f"{tmp}/random-{args.random}.safetensors", args.random, heads=6)
-        engine = Engine.load(path, args.device)
-    engine.ckpt.path = f"random:{args.random}"
-    return engine
+    with tempfile.TemporaryDirectory() as tmp:  # siblings load while the file exists
+        engine, siblings = load(write_random_checkpoint(f"{tmp}/random-{args.random}.safetensors", args.random,
+                                                        heads=6))
+    for e in (engine, *siblings.values()):
+        e.ckpt.path = f"random:{args.random}"
+    return engine, siblings
 
 
 def _compare_name(path: Path, taken) -> str:
@@ -108,11 +130,20 @@ def run(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise SettingsError("--threads must be at least 1")
         torch.set_num_threads(args.threads)
-    engine = _engine(args)
+    engine, siblings = _engines(args)
     if args.step_cost:
         result = step_cost.step_cost(engine, range(1, 7), args.cache_lengths, args.repeats,
-                                 progress=not args.no_progress)
+                                     progress=not args.no_progress, others=siblings)
         print(json.dumps(result) if args.json else step_cost.step_cost_markdown(result))
+        return 0
+    if args.precision_check:
+        from xspecmesh.benchmarks import precision_check
+
+        if engine.precision == "fp32":
+            raise SettingsError("--precision-check compares --precision int8 or bf16 with fp32; pick one of those")
+        pairs = precision_check.validation_pairs_for(engine, args)
+        result = precision_check.agreement(siblings["fp32"], engine, pairs)
+        print(json.dumps(result) if args.json else precision_check.markdown(result))
         return 0
     if args.ar_vs_naive:
         if args.seeds < 1:
@@ -134,10 +165,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"skipped {line}", file=sys.stderr)
     sampling = {} if args.temperature is None else {"temperature": args.temperature}
     main = bench.variants(args.heads, args.delta, args.accept, args.naive, args.adaptive)
-    variants, others = list(main), {}
+    variants, others = list(main), dict(siblings)
+    for name, sibling in siblings.items():
+        variants += bench.on_model(main, name, sibling.max_heads)
     for path in args.compare:
         name = _compare_name(Path(path), others)
-        others[name] = Engine.load(path, args.device)
+        others[name] = Engine.load(path, args.device, args.precision)
         variants += bench.on_model(main, name, others[name].max_heads)
     max_tokens = 10000 if args.max_tokens is None else args.max_tokens
     result = bench.run_bench(engine, inputs, variants, args.seeds, max_tokens, sampling,

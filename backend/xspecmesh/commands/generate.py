@@ -5,6 +5,8 @@ import hashlib
 import json
 import sys
 
+from xspecmesh.model import precision
+
 
 def register(sub) -> None:
     p = sub.add_parser("generate", help="generate an artist-like mesh for a mesh or point cloud")
@@ -24,6 +26,7 @@ def register(sub) -> None:
     p.add_argument("--max-faces", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    precision.add_argument(p)
     p.add_argument("--checkpoint", default=None, help="safetensors checkpoint (default: the shipped model)")
     p.add_argument("--fit", action="store_true",
                    help="move the result's vertices onto the input surface (connectivity unchanged; "
@@ -60,7 +63,7 @@ def run(args) -> int:
                               top_k=args.top_k, top_p=args.top_p, max_tokens=args.max_tokens, max_faces=args.max_faces,
                               seed=args.seed, fit=args.fit)
     settings.validate()
-    engine = Engine.load(args.checkpoint, args.device)
+    engine = Engine.load(args.checkpoint, args.device, args.precision)
     if settings.mode == "spec" and engine.max_heads == 0:
         raise SettingsError("this checkpoint has no drafting heads; use --mode ar")
     if settings.mode == "spec" and settings.heads > engine.max_heads:

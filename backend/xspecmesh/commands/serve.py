@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from xspecmesh.model import precision
+
 
 def register(sub) -> None:
     p = sub.add_parser(
@@ -13,10 +15,11 @@ def register(sub) -> None:
     )
     p.add_argument("--checkpoint", default=None, help="model file (default: the shipped checkpoint)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to run the model")
+    precision.add_argument(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from xspecmesh.serving.server import serve_main
 
-    return serve_main(args.checkpoint, args.device)
+    return serve_main(args.checkpoint, args.device, args.precision)

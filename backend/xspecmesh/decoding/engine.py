@@ -13,6 +13,7 @@ import torch
 
 from xspecmesh import __version__
 from xspecmesh.geometry import tokenizer as tok
+from xspecmesh.model import precision as precisions
 from xspecmesh.model.checkpoint import Checkpoint, load_checkpoint
 from xspecmesh.errors import MeshError, SettingsError
 from xspecmesh.decoding.autoregressive import DecodeStats, decode_ar, decode_naive, token_limit
@@ -38,6 +39,7 @@ class DecodeSettings:
     max_tokens: int = 10000
     max_faces: int | None = None  # stop once this many faces are complete
     seed: int = 0
+    precision: str = "auto"  # weights: auto (the engine's own: `--precision` of the command), fp32, int8, bf16
     fit: bool = False  # after decoding, move the vertices onto the input surface (Engine.retopologize)
 
     @classmethod
@@ -82,6 +84,7 @@ class DecodeSettings:
             (1 <= self.max_tokens <= 100000, "max_tokens must be between 1 and 100000"),
             (self.max_faces is None or self.max_faces >= 1, "max_faces must be at least 1"),
             (0 <= self.seed < 2**63, "seed must be a non-negative integer"),
+            (self.precision in precisions.PRECISIONS, f"precision must be one of {', '.join(precisions.PRECISIONS)}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -146,16 +149,32 @@ def prepare_points(points, count: int, seed: int) -> np.ndarray:
 
 
 class Engine:
-    """A loaded checkpoint on a device. `retopologize` is the pipeline every caller goes through; `stream` is its
-    decoding stage (what a test double replaces)."""
+    """A loaded checkpoint on a device, at one weight precision. `retopologize` is the pipeline every caller goes
+    through; `stream` is its decoding stage (what a test double replaces)."""
 
-    def __init__(self, checkpoint: Checkpoint, device: torch.device):
-        self.ckpt, self.device = checkpoint, device
+    def __init__(self, checkpoint: Checkpoint, device: torch.device, precision: str = "fp32"):
+        self.ckpt, self.device, self.precision = checkpoint, device, precision
+        self._siblings = {precision: self}  # the same checkpoint at other precisions, loaded on first use
 
     @classmethod
-    def load(cls, checkpoint: str | None = None, device: str = "auto") -> "Engine":
+    def load(cls, checkpoint: str | None = None, device: str = "auto", precision: str = "auto") -> "Engine":
         dev = resolve_device(device)
-        return cls(load_checkpoint(checkpoint, device=dev), dev)
+        precisions.resolve(precision, dev)  # a bad combination fails before the load
+        ckpt = load_checkpoint(checkpoint, device=dev)
+        concrete = precisions.resolve(precision, dev, ckpt.meta)
+        precisions.apply(ckpt.model, ckpt.heads, concrete)
+        return cls(ckpt, dev, concrete)
+
+    def at_precision(self, precision: str) -> "Engine":
+        """This engine's checkpoint with `precision` weights ("auto": this engine's own). Another precision is
+        loaded from the checkpoint file on first use and then kept, so a server that gets requests with several
+        precisions holds one model per precision."""
+        concrete = self.precision if precision == "auto" else precisions.resolve(precision, self.device, self.ckpt.meta)
+        if concrete not in self._siblings:
+            sibling = Engine.load(self.ckpt.path, str(self.device), concrete)
+            sibling._siblings = self._siblings
+            self._siblings[concrete] = sibling
+        return self._siblings[concrete]
 
     @property
     def model(self):
@@ -169,13 +188,13 @@ class Engine:
     def info(self) -> dict:
         cfg = self.model.cfg
         return {"version": __version__, "torch": torch.__version__, "device": str(self.device),
-                "checkpoint": self.ckpt.path, "heads": self.max_heads, "preset": self.ckpt.meta.get("preset"),
+                "checkpoint": self.ckpt.path, "precision": self.precision, "heads": self.max_heads, "preset": self.ckpt.meta.get("preset"),
                 "num_points": cfg.encoder.num_points}
 
     @torch.no_grad()
     def condition(self, points, seed: int = 0) -> torch.Tensor:
         pts = prepare_points(points, self.model.cfg.encoder.num_points, seed)
-        return self.model.encode(torch.from_numpy(pts)[None].to(self.device))
+        return self.model.encode(torch.from_numpy(pts)[None].to(self.device, self.model.bos.dtype))
 
     def decoder(self, cond: torch.Tensor, settings: DecodeSettings, stats: DecodeStats):
         gen = torch.Generator(device=self.device).manual_seed(settings.seed)
@@ -193,6 +212,10 @@ class Engine:
     def stream(self, points, settings: DecodeSettings) -> Iterator[StepUpdate]:
         """The decoding stage: one update per decoding step, the last one `done`; stop iterating to cancel."""
         settings.validate(self.max_heads)
+        engine = self.at_precision(settings.precision)
+        if engine is not self:
+            yield from engine.stream(points, settings)
+            return
         start = time.perf_counter()
         cond = self.condition(points, settings.seed)
         stats = DecodeStats()
@@ -211,7 +234,7 @@ class Engine:
                                          "heads": settings.heads if settings.mode == "spec" else 0,
                                          "adaptive": settings.adaptive and settings.mode == "spec",
                                          "delta": settings.delta, "accept": settings.accept,
-                                         "device": str(self.device)}
+                                         "device": str(self.device), "precision": self.precision}
             if full:
                 summary["complete"] = False  # cut at max_faces
             yield StepUpdate(accepted[0], tok.dequantize(tris).astype(np.float32), summary, done=full)

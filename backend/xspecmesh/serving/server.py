@@ -236,7 +236,7 @@ class Server:
         return len(tris)
 
 
-def serve_main(checkpoint: str | None = None, device: str = "auto") -> int:
+def serve_main(checkpoint: str | None = None, device: str = "auto", precision: str = "auto") -> int:
     """Entry point of `xspecmesh serve`: guard stdout, load the model once, say hello, serve until told to stop."""
     sys.stdout.flush()
     try:
@@ -253,7 +253,7 @@ def serve_main(checkpoint: str | None = None, device: str = "auto") -> int:
     try:
         from xspecmesh.decoding.engine import Engine
 
-        engine = Engine.load(checkpoint, device=device)
+        engine = Engine.load(checkpoint, device=device, precision=precision)
     except XSpecMeshError as exc:
         log(f"cannot load the model: {exc}")
         reply_once(protocol.error(None, f"cannot load the model: {exc}"))
