@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from xspecmesh.model.config import HeadsConfig, preset
-from xspecmesh.model.heads import DraftHeads
+from xspecmesh.model.drafter import DECODER_KINDS, Drafter, build_drafter
 from xspecmesh.model.transformer import MeshTransformer
 
 torch.set_num_threads(1)  # tiny models: threads only add synchronisation (and CI has 2 cores)
@@ -24,9 +24,16 @@ def tiny_model(seed: int = 0, sharpen: float = 1.0) -> MeshTransformer:
     return model
 
 
-def tiny_heads(model: MeshTransformer, d: int = 4, kind: str = "cross", seed: int = 1) -> DraftHeads:
+def tiny_heads(model: MeshTransformer, d: int = 4, kind: str = "cross", seed: int = 1, output: str = "shared") -> Drafter:
+    """A random drafter; a draft decoder's weights are all drawn at random (its zero-started branches would
+    otherwise make it ignore the tokens and the history that the tests are about)."""
     torch.manual_seed(seed)
-    return DraftHeads(model.cfg, HeadsConfig(num_heads=d, kind=kind)).eval()
+    drafter = build_drafter(model.cfg, HeadsConfig(num_heads=d, kind=kind, output=output)).eval()
+    if kind in DECODER_KINDS:
+        with torch.no_grad():
+            for p in drafter.parameters():
+                p.normal_(0.0, 0.3)
+    return drafter
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ Requests (add-on → backend):
 
 Replies (backend → add-on); every reply carries "id" (null when no request is concerned):
     {"type": "hello", "id": null, "protocol": 1, "version": ..., "torch": ..., "device": ..., "checkpoint": ...,
-     "heads": ...}
+     "heads": ..., "drafter": "cross" | "mlp" | "eagle" | "grounded" | null}
     {"type": "progress", "id": "a1", "tokens": ..., "steps": ..., "scr": ..., "faces": ..., "tokens_per_second": ...}
     {"type": "faces", "id": "a1", "triangles": [[[x, y, z], [x, y, z], [x, y, z]], ...]}   normalized frame
     {"type": "done", "id": "a1", "cancelled": false, "stats": {...}}

@@ -58,7 +58,8 @@ def step_cost(engine: Engine, depths=range(1, 7), cache_lengths=(500, 1500), rep
         length = max(1, min(int(want), model_cfg.max_seq_len - max(depths) - 2))  # the model's position table
         lengths.append(length)
         prefix = torch.randint(0, tokenizer.EOS, (1, length), generator=torch.Generator().manual_seed(length))
-        steps = {label: _step_fns(e, sphere, prefix, depths) for label, e in engines.items()}
+        calls = (warmup + repeats) * len(depths)
+        steps = {label: _step_fns(e, sphere, prefix, depths, calls) for label, e in engines.items()}
         order = [(label, item) for label in engines for item in ["ar", *depths]]
         samples = {key: [] for key in order}  # per repetition: (wall, cpu) of draft and verify
         for rep in range(warmup + repeats):
@@ -97,15 +98,18 @@ def step_cost(engine: Engine, depths=range(1, 7), cache_lengths=(500, 1500), rep
                       "cache_lengths": lengths, "rows": rows})
 
 
-def _step_fns(engine: Engine, points: np.ndarray, prefix: torch.Tensor, depths):
-    """(ar(), draft(D) -> drafts, verify(drafts)) against a cache holding `prefix`; each leaves the cache as found."""
+def _step_fns(engine: Engine, points: np.ndarray, prefix: torch.Tensor, depths, draft_calls: int):
+    """(ar(), draft(D) -> drafts, verify(drafts)) against a cache holding `prefix`; ar and verify leave the cache as
+    found, each draft commits one more pair to a draft decoder's own cache (room for `draft_calls` of them)."""
     model, heads, dev = engine.model, engine.ckpt.heads, engine.device
     cond = engine.condition(points, seed=0)
-    ctx = heads.context(cond)
     prefix = prefix.to(dev)  # position 0 reads as BOS
     cache = model.new_cache(cond, prefix.shape[1] + max(depths) + 2)
     _, hidden = model(prefix, cache=cache)
     h = hidden[:, -1:]
+    # A draft decoder's own cache holds the prefix too.
+    ctx = heads.begin(model, cond, prefix.shape[1] + draft_calls + max(depths) + 2)
+    heads.propose(model, ctx, hidden[:, :-1], prefix[:, 1:], torch.tensor([prefix.shape[1] - 1], device=dev), 0, None)
     start_len = cache.lengths.clone()
     last = prefix[:, -1:]
 
@@ -114,7 +118,8 @@ def _step_fns(engine: Engine, points: np.ndarray, prefix: torch.Tensor, depths):
         cache.rollback(start_len)
 
     def draft(d):
-        return heads(h, ctx, model.to_logits, heads=d)[:, 0].argmax(-1)  # (1, D) greedy drafts
+        return heads.propose(model, ctx, h, last, torch.ones(1, dtype=torch.long, device=dev), d,
+                             lambda logits: logits.argmax(-1))  # (1, D) greedy drafts
 
     def verify(drafts):
         model(torch.cat([last, drafts], 1), cache=cache)

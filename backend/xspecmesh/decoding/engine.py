@@ -188,8 +188,9 @@ class Engine:
     def info(self) -> dict:
         cfg = self.model.cfg
         return {"version": __version__, "torch": torch.__version__, "device": str(self.device),
-                "checkpoint": self.ckpt.path, "precision": self.precision, "heads": self.max_heads, "preset": self.ckpt.meta.get("preset"),
-                "num_points": cfg.encoder.num_points}
+                "checkpoint": self.ckpt.path, "precision": self.precision, "heads": self.max_heads,
+                "preset": self.ckpt.meta.get("preset"), "num_points": cfg.encoder.num_points,
+                "drafter": self.ckpt.heads.cfg.kind if self.ckpt.heads is not None else None}
 
     @torch.no_grad()
     def condition(self, points, seed: int = 0) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """XSpecMesh multi-head speculative decoding (arXiv 2507.23777), read top to bottom like the paper:
 
-    draft   the D heads read the backbone's last hidden state and propose the next D tokens (greedy, grammar-masked)
+    draft   the drafter proposes the next D tokens (greedy, grammar-masked): the paper's D heads read the backbone's
+            last hidden state; our draft decoders (model/drafter.py) also read the tokens fixed before each draft
     verify  one backbone forward over [r, d1..dD] against the KV cache gives p_0..p_D
     accept  keep the longest prefix d1..da that the acceptance rule admits
     resample the first rejected position from the backbone (or take a bonus token from p_D when all are accepted)
@@ -24,7 +25,7 @@ import torch
 from xspecmesh.geometry import tokenizer as tok
 from xspecmesh.decoding.adaptive import DraftLength
 from xspecmesh.decoding.autoregressive import MAX_DRAFT, DecodeStats, token_limit
-from xspecmesh.model.heads import DraftHeads
+from xspecmesh.model.drafter import Drafter
 from xspecmesh.model.kv_cache import KVCache
 from xspecmesh.model.transformer import MeshTransformer
 from xspecmesh.decoding.token_sampling import Grammar, SamplingConfig, distribution, draw
@@ -77,7 +78,7 @@ def accept_drafts(rule: AcceptConfig, logits, probs, drafts, generator):
 @torch.no_grad()
 def decode_speculative(
     model: MeshTransformer,
-    heads: DraftHeads,
+    heads: Drafter,
     cond: torch.Tensor,
     sampling: SamplingConfig,
     accept: AcceptConfig,
@@ -107,7 +108,7 @@ def decode_speculative(
     rows = torch.arange(b, device=dev)
     max_tokens = token_limit(model, max_tokens)
     cache = cache if cache is not None else model.new_cache(cond, max_tokens + d + 3)
-    head_ctx = heads.context(cond)
+    head_ctx = heads.begin(model, cond, max_tokens + d + 3)
     emitted = torch.zeros(b, dtype=torch.long, device=dev)
     finished = torch.zeros(b, dtype=torch.bool, device=dev)
 
@@ -116,7 +117,8 @@ def decode_speculative(
     state = grammar.start(b)
     r = draw(distribution(logits[:, -1], sampling, grammar.mask(state)), generator)
     state = grammar.advance(state, r)
-    h = hidden[:, -1]
+    # The pairs (backbone feature, token sampled from it) committed since the drafter last ran: the last is [h, r].
+    feats, pending, counts = hidden[:, -1:], r[:, None], torch.ones_like(r)
     stats.steps += 1
     stats.seq_steps += b
     out = _commit(r[:, None], torch.ones(b, dtype=torch.long, device=dev), emitted, finished, max_tokens, stats)
@@ -124,18 +126,18 @@ def decode_speculative(
     yield out
 
     while not bool(finished.all()):
-        # 1. Draft: all D heads in one batched call, then greedy tokens under the grammar along the chain.
+        # 1. Draft greedy tokens under the grammar along the chain (a draft decoder also catches up on the pairs
+        # committed since its last call, so it runs even for a step without drafts).
         t0 = time.perf_counter()
         dk = chooser.choose() if chooser else d
         states = [state]
-        drafts = []
-        if dk:
-            draft_logits = heads(h[:, None], head_ctx, model.to_logits, heads=dk)[:, 0].float()  # (B, D, V)
-            for k in range(dk):
-                x = draft_logits[:, k].masked_fill(~grammar.mask(states[-1]), float("-inf")).argmax(-1)
-                drafts.append(x)
-                states.append(grammar.advance(states[-1], x))
-        drafts = torch.stack(drafts, 1) if drafts else r.new_zeros(b, 0)
+
+        def choose(draft_logits):
+            x = draft_logits.float().masked_fill(~grammar.mask(states[-1]), float("-inf")).argmax(-1)
+            states.append(grammar.advance(states[-1], x))
+            return x
+
+        drafts = heads.propose(model, head_ctx, feats, pending, counts, dk, choose)
         states = torch.stack(states, 1)  # (B, D+1): grammar state before each verified position's next token
         _sync(dev)
         t1 = time.perf_counter()
@@ -156,9 +158,9 @@ def decode_speculative(
         # 5. Commit: keep r_prev, d1..da in the cache; the new r is fed next step.
         cache.rollback(torch.where(finished, length, length + 1 + n_acc))
         state = grammar.advance(states[rows, n_acc], r)
-        h = hidden[rows, n_acc]
         new = torch.cat([drafts, torch.zeros_like(r)[:, None]], 1)
         new[rows, n_acc] = r
+        feats, pending, counts = hidden, new, n_acc + 1
         live = ~finished
         accepted = n_acc[live].tolist()
         stats.draft_hist[dk] += 1

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from xspecmesh.model.config import HeadsConfig, ModelConfig, preset
 from xspecmesh.errors import CheckpointError
-from xspecmesh.model.heads import DraftHeads
+from xspecmesh.model.drafter import Drafter, build_drafter
 from xspecmesh.model.transformer import MeshTransformer
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "weights" / "default.safetensors"
@@ -24,7 +24,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 @dataclass
 class Checkpoint:
     model: MeshTransformer
-    heads: DraftHeads | None
+    heads: Drafter | None  # the paper's heads or a draft decoder: its kind is in heads_config
     path: str
     meta: dict = field(default_factory=dict)
 
@@ -33,7 +33,7 @@ class Checkpoint:
         return self.heads.num_heads if self.heads is not None else 0
 
 
-def save_checkpoint(path, model: MeshTransformer, heads: DraftHeads | None = None, dtype: str = "float16",
+def save_checkpoint(path, model: MeshTransformer, heads: Drafter | None = None, dtype: str = "float16",
                     meta: dict | None = None) -> Path:
     """Write model (+ heads) in `dtype` (floating tensors only) with the configs embedded."""
     cast = DTYPES[dtype]
@@ -92,7 +92,10 @@ def load_checkpoint(path=None, device: str | torch.device = "cpu", dtype: torch.
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{path}: unreadable embedded config ({exc})") from None
     model = MeshTransformer(model_cfg)
-    heads = DraftHeads(model_cfg, heads_cfg) if heads_cfg is not None else None
+    try:
+        heads = build_drafter(model_cfg, heads_cfg) if heads_cfg is not None else None
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
     modules = {"model.": model, "heads.": heads}
     expected = {p + k: tuple(v.shape) for p, m in modules.items() if m is not None for k, v in m.state_dict().items()}
     problems = shape_problems(expected, {k: tuple(v.shape) for k, v in tensors.items()})
@@ -116,5 +119,5 @@ def write_random_checkpoint(path, preset_name: str = "tiny", heads: int = 4, see
     torch.manual_seed(seed)
     cfg = preset(preset_name)
     model = MeshTransformer(cfg)
-    draft = DraftHeads(cfg, HeadsConfig(num_heads=heads, kind=head_kind)) if heads else None
+    draft = build_drafter(cfg, HeadsConfig(num_heads=heads, kind=head_kind)) if heads else None
     return save_checkpoint(path, model, draft, dtype=dtype, meta={"preset": preset_name, "random": True, "seed": seed})

@@ -66,13 +66,20 @@ class ModelConfig:
 
 @dataclass
 class HeadsConfig:
-    """XSpecMesh drafting heads: head k reads the backbone's last hidden state and predicts token t+k."""
+    """The drafter: the paper's heads (head k reads the backbone's last hidden state and predicts token t+k) or one
+    of our draft decoders, which also read the tokens fixed before each draft (model/drafter.py)."""
 
-    num_heads: int = 4  # D
-    kind: str = "cross"  # "cross" (the paper's cross-attention head) or "mlp" (the ablation)
+    num_heads: int = 4  # D (a draft decoder: the drafts it is trained to unroll)
+    # "cross" (the paper's cross-attention heads), "mlp" (their ablation), "eagle" (a one-block draft decoder with
+    # its own KV cache over the history) or "grounded" (the same block over the current step's chain only)
+    kind: str = "cross"
     ff_mult: int = 1  # feed-forward width as a multiple of the model width
-    attn_dim: int = 128  # width of each head's cross-attention (0 = the model width)
-    shared_output: bool = True  # reuse the backbone's output projection (an own one costs D x dim x vocab)
+    attn_dim: int = 128  # width of each head's cross-attention (0 = the model width; paper heads only)
+    # reuse the backbone's output projection (an own one costs D x dim x vocab); paper heads only
+    shared_output: bool = True
+    # draft decoders: "factored" per-axis logits (3 x 8 block + 3 x 16 offset values + 4 classes, summed into the
+    # vocabulary: 76 outputs instead of 5121) or "shared" (the backbone's output projection)
+    output: str = "shared"
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)

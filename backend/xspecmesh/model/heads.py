@@ -8,6 +8,8 @@ harmless, merely rarely accepted.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -81,3 +83,17 @@ class DraftHeads(nn.Module):
         """Draft logits (B, T, D', V): entry [:, j, k-1] predicts the token k positions after the backbone's next."""
         out = self.to_logits if not self.cfg.shared_output else backbone_logits
         return out(self.features(hidden, context, heads))
+
+    # -- the drafter interface (shared with `drafter.DraftDecoder`) ---------------------------------------------
+    def begin(self, model: nn.Module, cond: torch.Tensor, max_len: int):
+        return self.context(cond)
+
+    def propose(self, model, ctx, feats, tokens, counts, drafts: int,
+                choose: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """`drafts` draft tokens (B, drafts) from the newest backbone state feats[b, counts[b] - 1] alone (the
+        paper's heads never see the tokens); `choose(logits)` picks each in turn (the grammar)."""
+        if not drafts:
+            return tokens.new_zeros(feats.shape[0], 0)
+        h = feats[torch.arange(feats.shape[0], device=feats.device), counts - 1]
+        logits = self(h[:, None], ctx, model.to_logits, heads=drafts)[:, 0]  # all D heads in one batched call
+        return torch.stack([choose(logits[:, k]) for k in range(drafts)], 1)

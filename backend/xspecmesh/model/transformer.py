@@ -175,6 +175,18 @@ class DecoderBlock(nn.Module):
         self.ff_norm = nn.LayerNorm(cfg.dim)
         self.ff = FeedForward(cfg.dim, cfg.ff_mult)
 
+    def forward(self, x, cross_kv, self_kv, mask=None, causal: bool = False) -> torch.Tensor:
+        """One block. `self_kv(k, v)` stores the new keys/values and returns those to attend over (the cache's
+        slots, or the new ones themselves for a whole sequence); `cross_kv` is `cross_attn.context_kv(cond)`."""
+        h = self.self_norm(x)
+        attn = self.self_attn
+        q, k, v = attn.split(attn.to_q(h)), attn.split(attn.to_k(h)), attn.split(attn.to_v(h))
+        k, v = self_kv(F.normalize(k, dim=-1), v)
+        x = x + attn.attend(q, k, v, mask, causal=causal)
+        ca = self.cross_attn
+        x = x + ca.attend(ca.split(ca.to_q(self.cross_norm(x))), *cross_kv, None)
+        return x + self.ff(self.ff_norm(x))
+
 
 class MeshTransformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -238,19 +250,10 @@ class MeshTransformer(nn.Module):
             at = cache.prepare(seq_pos)
         x = self.embed(tokens, seq_pos)
         for i, layer in enumerate(self.layers):
-            h = layer.self_norm(x)
-            attn = layer.self_attn
-            q, k, v = attn.split(attn.to_q(h)), attn.split(attn.to_k(h)), attn.split(attn.to_v(h))
-            k = F.normalize(k, dim=-1)
             if cache is None:
-                x = x + attn.attend(q, k, v, causal=True)
+                x = layer(x, cross[i], lambda k, v: (k, v), causal=True)
             else:
-                k, v = cache.write(i, at, k, v)
-                x = x + attn.attend(q, k, v, at.mask)
-            h = layer.cross_norm(x)
-            ca = layer.cross_attn
-            x = x + ca.attend(ca.split(ca.to_q(h)), *cross[i], None)
-            x = x + layer.ff(layer.ff_norm(x))
+                x = layer(x, cross[i], lambda k, v: cache.write(i, at, k, v), at.mask)
         if cache is not None:
             cache.lengths += n
         hidden = self.final_norm(x)

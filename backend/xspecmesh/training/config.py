@@ -31,7 +31,12 @@ class TrainConfig:
     gen_count: int = 4  # AR generations scored with Chamfer distance at each evaluation
     # heads / lora
     num_heads: int = 6
-    head_type: str = "cross"  # cross (the paper's cross-attention heads) | mlp (the ablation)
+    head_type: str = "cross"  # cross (the paper's cross-attention heads) | mlp (the ablation) | eagle | grounded
+    head_ff_mult: int = 1  # feed-forward width of the heads / the draft decoder's block, times the model width
+    head_full_vocab: bool = False  # eagle/grounded: the backbone's output projection instead of per-axis logits
+    # stage heads: share of micro-batches replaced by the backbone's own AR samples (not in stage lora, whose λ-weighted
+    # cross-entropy would then sharpen the backbone towards its own samples)
+    self_samples: float = 0.0
     head_own_output: bool = False  # heads get their own output projection (started as a copy of the backbone's)
     head_decay: float = 0.8  # head k's loss weight is decay**(k-1)
     ce_weight: float = 0.1  # plus cross-entropy to the true token (0 = pure distillation)

@@ -2,7 +2,9 @@
 
     backbone  next-token cross-entropy, from scratch (or --init)
     heads     stage 1: backbone frozen; head k learns the backbone's distribution k positions further on (KL), with
-              loss weights decaying exponentially in k
+              loss weights decaying exponentially in k. A draft decoder (--head-type eagle|grounded) is unrolled
+              over its own features while it learns (model/drafter.py), and --self-samples mixes in sequences the
+              backbone sampled itself at the add-on's default temperature (the sequences it will have to guess)
     lora      stage 2: peft LoRA adapters on the backbone's projections trained jointly with the heads; the backbone's
               own cross-entropy weighted λ keeps its distribution in place; LoRA is merged before saving
 
@@ -34,7 +36,7 @@ from xspecmesh.model.config import HeadsConfig, preset
 from xspecmesh.training.data import ShapeConfig, TrainingPair, iter_pairs, load_mesh_dir, validation_pairs
 from xspecmesh.errors import CheckpointError, SettingsError
 from xspecmesh.training.config import TrainConfig
-from xspecmesh.model.heads import DraftHeads
+from xspecmesh.model.drafter import DECODER_KINDS, KINDS, draft_logits, drafter_for_backbone
 from xspecmesh.model.transformer import MeshTransformer
 
 # The decoder's attention and feed-forward projections (the point encoder keeps its weights).
@@ -117,6 +119,19 @@ def training_pairs(cfg: TrainConfig, num_points: int, rank: int, start_step: int
             yield files[rng.integers(len(files))]
 
 
+@torch.no_grad()
+def own_samples(model, cond: torch.Tensor, max_tokens: int, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The backbone's own AR samples for these conditions at the add-on's default sampling settings, as (inputs,
+    targets) like `collate`'s: the sequences a drafter has to guess at inference."""
+    from xspecmesh.decoding.autoregressive import decode_ar, run_to_end
+    from xspecmesh.decoding.token_sampling import SamplingConfig
+
+    seqs = run_to_end(decode_ar(model, cond, SamplingConfig(), max_tokens, generator), len(cond))
+    inputs, targets, _ = collate([TrainingPair(np.asarray(s, dtype=np.int64), np.zeros((0, 6), np.float32), "sample")
+                                  for s in seqs])
+    return inputs.to(cond.device), targets.to(cond.device)
+
+
 # ---------------------------------------------------------------------------------------------- losses
 
 
@@ -180,6 +195,10 @@ class Trainer:
     def __init__(self, cfg: TrainConfig):
         if cfg.stage not in ("backbone", "heads", "lora"):
             raise SettingsError(f"unknown stage {cfg.stage!r}")
+        if cfg.head_type not in KINDS:
+            raise SettingsError(f"unknown --head-type {cfg.head_type!r}; choose one of {', '.join(KINDS)}")
+        if not 0.0 <= cfg.self_samples <= 1.0:
+            raise SettingsError(f"--self-samples is a share between 0 and 1, got {cfg.self_samples}")
         if cfg.axis_factors and cfg.stage != "backbone":
             raise SettingsError("--axis-factors is for the backbone stage (the heads read the merged rows)")
         self.cfg = cfg
@@ -218,13 +237,15 @@ class Trainer:
                 raise SettingsError(f"stage {cfg.stage} needs --init CHECKPOINT (a trained backbone)")
             ckpt = load_checkpoint(cfg.init)
             self.model, self.preset_name = ckpt.model, ckpt.meta.get("preset")
-            hcfg = HeadsConfig(num_heads=cfg.num_heads, kind=cfg.head_type, shared_output=not cfg.head_own_output)
+            factored = cfg.head_type in DECODER_KINDS and not cfg.head_full_vocab
+            hcfg = HeadsConfig(num_heads=cfg.num_heads, kind=cfg.head_type, ff_mult=cfg.head_ff_mult,
+                               shared_output=not cfg.head_own_output, output="factored" if factored else "shared")
             keep = ckpt.heads is not None and ckpt.heads.cfg == hcfg
             if cfg.stage == "lora" and not keep:
                 found = ckpt.heads.cfg if ckpt.heads is not None else "no heads"
                 raise SettingsError(f"stage lora continues the stage-1 heads, but {cfg.init} has {found}; "
                                     f"pass the heads checkpoint and the same --num-heads/--head-type")
-            self.heads = ckpt.heads if keep else DraftHeads.for_backbone(self.model, hcfg)
+            self.heads = ckpt.heads if keep else drafter_for_backbone(self.model, hcfg)
         if cfg.axis_factors:
             add_axis_factors(self.model)
         self.model.to(self.device)
@@ -278,10 +299,9 @@ class Trainer:
             if self.cfg.stage == "backbone":
                 acc = (logits.argmax(-1) == targets)[targets >= 0].float().mean().item()
                 return ce, {"loss": ce.item(), "acc": acc}
-            heads = self.ddp.get("heads", self.heads)
-            head_logits = heads(hidden.detach() if self.cfg.stage == "heads" else hidden,
-                                self.heads.context(cond.detach() if self.cfg.stage == "heads" else cond),
-                                self.model.to_logits)
+            if self.cfg.stage == "heads":
+                hidden, cond = hidden.detach(), cond.detach()
+            head_logits = draft_logits(self.heads, self.model, hidden, inputs, cond, self.ddp.get("heads"))
             distill, agree = head_distillation_loss(head_logits, logits.detach(), targets, self.cfg.head_decay,
                                                     self.cfg.ce_weight)
         loss = distill if self.cfg.stage == "heads" else distill + self.cfg.backbone_weight * ce
@@ -291,6 +311,16 @@ class Trainer:
     @staticmethod
     def _forward(model, inputs, cond):
         return model(inputs, cond=cond)
+
+    def sampled_batch(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        was_training = self.model.training
+        self.model.eval()
+        gen = torch.Generator(device=self.device).manual_seed(self.cfg.seed + self.sample_draws)
+        self.sample_draws += 1
+        with torch.no_grad():
+            out = own_samples(self.model, self.model.encode(points), 3 * self.cfg.max_faces, gen)
+        self.model.train(was_training)
+        return out
 
     # -- loop --------------------------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -306,6 +336,8 @@ class Trainer:
         bar = tqdm(total=cfg.steps, initial=step, disable=self.rank != 0, desc=f"train {cfg.stage}")
         last: dict = {}
         tokens_seen, t0 = 0, time.perf_counter()
+        sample_rng = np.random.default_rng(cfg.seed + 104729 * step)
+        self.sample_draws = step
         end = min(cfg.steps, cfg.stop_at or cfg.steps)
         while step < end:
             for group in self.optimizer.param_groups:
@@ -313,6 +345,8 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             for _ in range(cfg.grad_accum):
                 inputs, targets, points = (t.to(self.device) for t in next(stream))
+                if cfg.stage == "heads" and sample_rng.random() < cfg.self_samples:
+                    inputs, targets = self.sampled_batch(points)
                 loss, last = self.loss(inputs, targets, points)
                 (loss / cfg.grad_accum).backward()
                 tokens_seen += int((targets >= 0).sum())
@@ -391,7 +425,7 @@ class Trainer:
             totals["acc"] = totals.get("acc", 0) + (logits.argmax(-1) == targets)[valid].sum().item()
             totals["count"] = totals.get("count", 0) + valid.sum().item()
             if heads is not None:
-                hl = heads(hidden, heads.context(cond), model.to_logits)
+                hl = draft_logits(heads, model, hidden, inputs, cond)
                 _, agree = head_distillation_loss(hl, logits, targets, 1.0, 0.0)
                 for k, a in enumerate(agree):
                     totals[f"agree{k + 1}"] = totals.get(f"agree{k + 1}", 0) + a * len(inputs)

@@ -1,0 +1,197 @@
+"""Token-aware drafters (ours, beyond the paper): draft k sees the backbone's state and the tokens fixed before it.
+
+The paper's heads (`heads.DraftHeads`) read only the backbone's last hidden state h_j, so head k must guess token
+j+1+k without knowing the tokens sampled in between — hopeless on BPT's alternating block/offset tokens, where an
+offset means little without the block just before it. A `DraftDecoder` is one decoder block (the backbone's own
+kind: cosine self-attention, cross-attention to the point-cloud condition, GLU feed-forward) that runs
+auto-regressively over pairs [feature, embedding of the token sampled from it], EAGLE-style:
+
+    draft 1  input [h_j, e(r)]          -> feature g_1 -> backbone output layer -> d1 (grammar-masked argmax)
+    draft k  input [g_(k-1), e(d_(k-1))] -> g_k -> d_k
+
+Two kinds share the block and differ only in what its self-attention sees:
+    eagle     its own KV cache over every committed position (pairs of the backbone's true features and tokens); after
+              a verify the accepted positions are re-fed with the backbone's features (the drafts' own features
+              were approximations)
+    grounded  only the current step's chain [h_j, r], [g_1, d1], ... (Hydra-like: no cache across steps)
+
+The token embedding is the backbone's (shared, not stored). The output is either the backbone's projection onto the
+5121-token vocabulary (a dim x 5121 matrix read for every draft) or, far cheaper, factored by axis: a BPT token names three axis values (8 per axis for a block, 16 for an offset), so the
+drafter emits 3 x 8 + 3 x 16 axis logits and 4 class logits and a token's logit is the sum of its class's and its
+three axes' (`factored_logits`). A draft is the argmax, so only the ranking matters, and where the backbone is
+confident its top token holds the top value on every axis. Drafts are greedy, hence a deterministic function of the
+context, which is what the `exact` acceptance rule needs to stay lossless.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from xspecmesh.geometry import tokenizer as tok
+from xspecmesh.model.config import HeadsConfig, ModelConfig
+from xspecmesh.model.heads import DraftHeads
+from xspecmesh.model.kv_cache import KVCache
+from xspecmesh.model.transformer import DecoderBlock
+
+DECODER_KINDS = ("eagle", "grounded")
+KINDS = ("cross", "mlp", *DECODER_KINDS)
+OUTPUTS = ("shared", "factored")
+_B, _O = tok.BLOCK_SIZE, tok.OFFSET_SIZE
+FACTORED_WIDTH = 3 * _B + 3 * _O + 4  # block axes, offset axes, classes (plain, offset, special, EOS)
+
+
+def factored_logits(x: torch.Tensor) -> torch.Tensor:
+    """(..., FACTORED_WIDTH) axis and class logits -> (..., 5121) token logits in the tokenizer's order."""
+    bx, by, bz, ox, oy, oz = x[..., : 3 * _B + 3 * _O].split([_B] * 3 + [_O] * 3, -1)
+    cls = x[..., 3 * _B + 3 * _O :]
+    blocks = (bx[..., :, None, None] + by[..., None, :, None] + bz[..., None, None, :]).flatten(-3)
+    offsets = (ox[..., :, None, None] + oy[..., None, :, None] + oz[..., None, None, :]).flatten(-3)
+    return torch.cat([blocks + cls[..., :1], offsets + cls[..., 1:2], blocks + cls[..., 2:3], cls[..., 3:]], -1)
+
+
+@dataclasses.dataclass
+class DraftContext:
+    cross: tuple[torch.Tensor, torch.Tensor]  # the block's cross-attention keys/values over the condition
+    cache: KVCache
+
+
+class DraftDecoder(nn.Module):
+    def __init__(self, model_cfg: ModelConfig, cfg: HeadsConfig):
+        super().__init__()
+        if cfg.kind not in DECODER_KINDS or cfg.output not in OUTPUTS:
+            raise ValueError(f"unknown draft decoder kind {cfg.kind!r} or output {cfg.output!r}")
+        if cfg.output == "factored" and model_cfg.vocab_size != tok.VOCAB_SIZE:
+            raise ValueError(f"factored output needs the BPT vocabulary of {tok.VOCAB_SIZE} tokens")
+        self.cfg = cfg
+        dim = model_cfg.dim
+        self.model_cfg = dataclasses.replace(model_cfg, ff_mult=cfg.ff_mult)
+        # [feature, token embedding] -> block input; starts as the feature alone and the block's residual branches
+        # at zero, so the untrained drafter's first draft reads the (renormalised) backbone state: a sane start.
+        self.fc = nn.Linear(2 * dim, dim)
+        with torch.no_grad():
+            self.fc.weight.zero_()
+            self.fc.weight[:, :dim].copy_(torch.eye(dim))
+            self.fc.bias.zero_()
+        self.block = DecoderBlock(self.model_cfg)
+        for lin in (self.block.self_attn.to_out, self.block.cross_attn.to_out, self.block.ff.out):
+            nn.init.zeros_(lin.weight)
+            if lin.bias is not None:
+                nn.init.zeros_(lin.bias)
+        self.out_norm = nn.LayerNorm(dim)
+        self.to_axes = nn.Linear(dim, FACTORED_WIDTH) if cfg.output == "factored" else None
+
+    @property
+    def num_heads(self) -> int:
+        return self.cfg.num_heads  # the drafts trained for (the unroll length); more are possible, not better
+
+    def logits(self, model: nn.Module, feats: torch.Tensor) -> torch.Tensor:
+        if self.to_axes is None:
+            return model.to_logits(feats)
+        return factored_logits(self.to_axes(feats))
+
+    def _pairs(self, model: nn.Module, feats: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.cat([feats, model.token_embed(tokens.clamp(min=0))], -1))
+
+    # -- decoding ----------------------------------------------------------------------------------------------
+    def begin(self, model: nn.Module, cond: torch.Tensor, max_len: int) -> DraftContext:
+        """Per-mesh state: the condition's keys/values and the drafter's own cache (one layer)."""
+        cfg = self.model_cfg
+        cache = KVCache(1, cond.shape[0], cfg.heads, max_len, cfg.head_dim, cond.device, cond.dtype)
+        return DraftContext(self.block.cross_attn.context_kv(cond), cache)
+
+    def _step(self, model, ctx: DraftContext, feats, tokens) -> torch.Tensor:
+        cache = ctx.cache
+        seq_pos = cache.lengths[:, None] + torch.arange(tokens.shape[1], device=tokens.device)
+        at = cache.prepare(seq_pos)
+        x = self.block(self._pairs(model, feats, tokens), ctx.cross, lambda k, v: cache.write(0, at, k, v), at.mask)
+        cache.lengths += tokens.shape[1]
+        return self.out_norm(x)
+
+    def propose(self, model, ctx: DraftContext, feats, tokens, counts, drafts: int,
+                choose: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """`drafts` greedy draft tokens (B, drafts). feats/tokens (B, n, ·): the pairs committed since the last call,
+        counts[b] of them valid per sequence, the last being [h, r]; `choose(logits)` picks each draft (grammar)."""
+        rows = torch.arange(feats.shape[0], device=feats.device)
+        cache = ctx.cache
+        if self.cfg.kind == "grounded":
+            last = counts - 1
+            feats, tokens, counts = feats[rows, last][:, None], tokens[rows, last][:, None], torch.ones_like(counts)
+            cache.rollback(torch.zeros_like(cache.lengths))
+        committed = cache.lengths + counts
+        g = self._step(model, ctx, feats[:, : int(counts.max())], tokens[:, : int(counts.max())])[rows, counts - 1]
+        cache.rollback(committed)  # padding past a sequence's own pairs is forgotten
+        out = []
+        for k in range(drafts):
+            out.append(choose(self.logits(model, g)))
+            if k + 1 < drafts:
+                g = self._step(model, ctx, g[:, None], out[-1][:, None])[:, 0]
+        cache.rollback(committed)  # the drafts' own entries are approximations: re-fed after the verify
+        return torch.stack(out, 1) if out else tokens.new_zeros(feats.shape[0], 0)
+
+    # -- training ----------------------------------------------------------------------------------------------
+    def forward(self, model, hidden: torch.Tensor, inputs: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced, unrolled on the drafter's own features (training-time test): (B, T, D, V), entry
+        [:, j, k-1] predicts the token k positions after the backbone's next, as the paper's heads do.
+
+        Unroll step s at chain start j reads [g_(s-1), t_(j+s)] (g_0 = the backbone's h_j) and attends to the
+        step-1 entries at positions <= j (true features, as the cache holds at inference) plus its own chain's
+        earlier entries; a grounded drafter sees its own chain only. The tokens are the sequence's: a draft only
+        matters when the ones before it were accepted, i.e. equal to the sequence's tokens."""
+        b, t, _ = hidden.shape
+        dev = hidden.device
+        cross = self.block.cross_attn.context_kv(cond)
+        causal = torch.ones(t, t, dtype=torch.bool, device=dev).tril()
+        eye = torch.eye(t, dtype=torch.bool, device=dev)
+        keys, values, out = [], [], []
+
+        def kv(k, v):
+            keys.append(k)
+            values.append(v)
+            return torch.cat(keys, 2), torch.cat(values, 2)
+
+        feats = hidden
+        for s in range(self.num_heads):
+            tokens = torch.cat([inputs, inputs.new_zeros(b, s + 1)], 1)[:, s + 1 : s + 1 + t]  # t_(j+s+1)
+            first = causal if self.cfg.kind == "eagle" else eye
+            mask = torch.cat([first] + [eye] * s, 1)
+            feats = self.out_norm(self.block(self._pairs(model, feats, tokens), cross, kv, mask))
+            out.append(self.logits(model, feats))
+        return torch.stack(out, 2)
+
+
+Drafter = DraftHeads | DraftDecoder
+
+
+def build_drafter(model_cfg: ModelConfig, cfg: HeadsConfig) -> Drafter:
+    if cfg.kind not in KINDS:
+        raise ValueError(f"unknown drafter kind {cfg.kind!r}; choose one of {', '.join(KINDS)}")
+    return DraftDecoder(model_cfg, cfg) if cfg.kind in DECODER_KINDS else DraftHeads(model_cfg, cfg)
+
+
+def drafter_for_backbone(model: nn.Module, cfg: HeadsConfig) -> Drafter:
+    """An untrained drafter for `model`. The paper's heads copy an own output projection from the backbone's; a
+    factored output starts as the least-squares fit of the backbone's projection by per-axis and class rows, so
+    training starts from the backbone's sense of the token space rather than from noise."""
+    if cfg.kind not in DECODER_KINDS:
+        return DraftHeads.for_backbone(model, cfg)
+    drafter = DraftDecoder(model.cfg, cfg)
+    if drafter.to_axes is not None:
+        with torch.no_grad():
+            basis = factored_logits(torch.eye(FACTORED_WIDTH)).T  # (V, FACTORED_WIDTH): token logit = basis @ y
+            full = torch.cat([model.to_logits.weight, model.to_logits.bias[:, None]], 1).float()
+            fit = torch.linalg.pinv(basis) @ full  # (FACTORED_WIDTH, dim + 1); the basis is rank-deficient
+            drafter.to_axes.weight.copy_(fit[:, :-1])
+            drafter.to_axes.bias.copy_(fit[:, -1])
+    return drafter
+
+
+def draft_logits(drafter: Drafter, model: nn.Module, hidden, inputs, cond, call: nn.Module | None = None):
+    """Teacher-forced draft logits (B, T, D, V) over whole sequences, any kind; `call` is the module to run (a DDP
+    wrapper of `drafter` while training)."""
+    call = call if call is not None else drafter
+    if isinstance(drafter, DraftDecoder):
+        return call(model, hidden, inputs, cond)
+    return call(hidden, drafter.context(cond), model.to_logits)

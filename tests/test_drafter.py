@@ -1,0 +1,195 @@
+"""Token-aware draft decoders (eagle, grounded): their bookkeeping, every acceptance rule with them, checkpoints and
+training, on tiny random models."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from xspecmesh.decoding.autoregressive import DecodeStats, run_to_end
+from xspecmesh.decoding.speculative import AcceptConfig, decode_speculative
+from xspecmesh.decoding.token_sampling import SamplingConfig
+from xspecmesh.errors import CheckpointError, SettingsError
+from xspecmesh.model.checkpoint import load_checkpoint, write_random_checkpoint
+from xspecmesh.model.drafter import DraftDecoder
+from xspecmesh.training.trainer import TrainConfig, Trainer
+
+from conftest import tiny_heads, tiny_model
+from test_speculative import GREEDY, ar, condition, spec
+from test_train import FAST, batch, changed, snapshot  # noqa: F401 (batch is a fixture)
+
+KINDS = ["eagle", "grounded"]
+DRAFTERS = [("eagle", "factored"), ("eagle", "shared"), ("grounded", "factored")]  # (kind, output)
+
+
+class Recorder:
+    """Wraps a drafter and records, per step, the committed length and the logits each draft was chosen from."""
+
+    def __init__(self, drafter):
+        self.drafter, self.num_heads, self.calls = drafter, drafter.num_heads, []
+
+    def begin(self, model, cond, max_len):
+        return self.drafter.begin(model, cond, max_len)
+
+    def propose(self, model, ctx, feats, tokens, counts, drafts, choose):
+        seen = []
+
+        def record(logits):
+            seen.append(logits.clone())
+            return choose(logits)
+
+        out = self.drafter.propose(model, ctx, feats, tokens, counts, drafts, record)
+        self.calls.append((seen, out.clone()))
+        return out
+
+
+@pytest.mark.parametrize("kind, output", DRAFTERS)
+def test_drafts_at_inference_are_the_teacher_forced_drafts(kind, output):
+    """Every draft whose predecessors were accepted was computed from the same inputs as in training (the
+    backbone's features for the committed pairs, the drafter's own for the chain): the decoder's cache bookkeeping,
+    ragged catch-up over a batch of two included, matches the unrolled training forward."""
+    model = tiny_model(sharpen=30.0)
+    cond = condition(model, b=2)
+    drafter = tiny_heads(model, d=4, kind=kind, output=output)
+    rec = Recorder(drafter)
+    emitted = [[], []]
+    starts = []  # per step: tokens emitted before it, per sequence
+    steps = decode_speculative(model, rec, cond, SamplingConfig(0.8, 20, 1.0), AcceptConfig("threshold", 0.02), 4,
+                               120, torch.Generator().manual_seed(3))
+    for accepted in steps:
+        starts.append([len(e) for e in emitted])
+        for e, a in zip(emitted, accepted):
+            e.extend(a)
+    checked = 0
+    with torch.no_grad():
+        for b in range(2):
+            seq = emitted[b]
+            inputs = torch.tensor([[0] + seq])
+            _, hidden = model(inputs, cond=cond[b : b + 1])
+            want = drafter(model, hidden, inputs, cond[b : b + 1])  # (1, T, D, V)
+            for (seen, drafts), before in zip(rec.calls, starts[1:]):
+                m = before[b]  # r = seq[m - 1] was sampled from the backbone's state at input m - 1
+                for k, logits in enumerate(seen):
+                    if m + k >= len(seq) or drafts[b, :k].tolist() != seq[m : m + k]:
+                        break
+                    assert torch.allclose(logits[b], want[0, m - 1, k], atol=1e-4), (b, m, k)
+                    checked += 1
+    assert checked > 40
+
+
+@pytest.mark.parametrize("kind, output", DRAFTERS)
+@pytest.mark.parametrize("d", [1, 4])
+def test_greedy_speculative_equals_greedy_ar(kind, output, d):
+    model = tiny_model(sharpen=30.0)
+    cond = condition(model, b=3)
+    stats = DecodeStats()
+    assert spec(model, tiny_heads(model, d=4, kind=kind, output=output), cond, GREEDY, AcceptConfig("greedy"), 150, d=d,
+                stats=stats) == ar(model, cond, GREEDY, 150)
+    assert stats.scr >= 1.0
+
+
+@pytest.mark.parametrize("kind, output", DRAFTERS)
+def test_threshold_delta_one_reproduces_ar_sampling(kind, output):
+    model = tiny_model(sharpen=30.0)
+    cond = condition(model, b=2)
+    sampling = SamplingConfig(0.8, 20, 1.0)
+    got = spec(model, tiny_heads(model, kind=kind, output=output), cond, sampling, AcceptConfig("threshold", 1.0), 150, seed=11)
+    assert got == ar(model, cond, sampling, 150, seed=11)
+
+
+@pytest.mark.parametrize("kind, output", DRAFTERS)
+def test_adaptive_draft_length_with_a_draft_decoder(kind, output):
+    """Steps without drafts still feed the decoder the committed pairs: greedy stays token-identical."""
+    model = tiny_model(sharpen=30.0)
+    cond = condition(model, b=2)
+    stats = DecodeStats()
+    steps = decode_speculative(model, tiny_heads(model, d=4, kind=kind, output=output), cond, GREEDY, AcceptConfig("greedy"), 4, 150,
+                               None, stats, adaptive=True)
+    assert run_to_end(steps, 2) == ar(model, cond, GREEDY, 150)
+    assert stats.draft_hist[0] > 0  # random drafts: some plain AR steps were chosen
+
+
+def test_untrained_decoder_reads_only_the_backbone_state():
+    model = tiny_model()
+    drafter = DraftDecoder(model.cfg, tiny_heads(model, kind="eagle").cfg).eval()
+    cond = condition(model)
+    with torch.no_grad():
+        logits, hidden = model(torch.zeros(1, 3, dtype=torch.long), cond=cond)
+        first = drafter(model, hidden, torch.zeros(1, 3, dtype=torch.long), cond)[:, :, 0]
+    want = model.to_logits(torch.nn.functional.layer_norm(hidden, hidden.shape[-1:]))
+    assert torch.allclose(first, want, atol=1e-4)
+
+
+def test_factored_logits_sum_each_tokens_axis_and_class_logits():
+    from xspecmesh.geometry import tokenizer as tok
+    from xspecmesh.model.drafter import FACTORED_WIDTH, factored_logits
+    from xspecmesh.training.axis_factors import NULL_ROW, axis_rows
+
+    x = torch.randn(2, FACTORED_WIDTH)
+    rows, cls = torch.from_numpy(axis_rows(tok.VOCAB_SIZE)), torch.from_numpy(tok.token_classes())
+    axes = torch.cat([x[:, :NULL_ROW], torch.zeros(2, 1)], 1)  # EOS has no axis values
+    assert torch.allclose(factored_logits(x), axes[:, rows].sum(-1) + x[:, NULL_ROW:][:, cls])
+
+
+def test_factored_output_starts_as_the_least_squares_fit_of_the_backbones():
+    from xspecmesh.model.config import HeadsConfig
+    from xspecmesh.model.drafter import FACTORED_WIDTH, drafter_for_backbone, factored_logits
+
+    model = tiny_model()
+    drafter = drafter_for_backbone(model, HeadsConfig(num_heads=2, kind="eagle", output="factored"))
+    basis = factored_logits(torch.eye(FACTORED_WIDTH)).T
+    fit = torch.cat([drafter.to_axes.weight, drafter.to_axes.bias[:, None]], 1)
+    full = torch.cat([model.to_logits.weight, model.to_logits.bias[:, None]], 1)
+    residual = basis @ fit - full
+    assert (basis.T @ residual).abs().max() < 1e-3  # the normal equations: no axis or class row can do better
+    assert residual.norm() < full.norm()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_checkpoint_records_the_drafter_kind(tmp_path, kind):
+    path = write_random_checkpoint(tmp_path / "m.safetensors", "tiny", heads=3, head_kind=kind)
+    ck = load_checkpoint(path)
+    assert isinstance(ck.heads, DraftDecoder) and ck.heads.cfg.kind == kind and ck.max_heads == 3
+
+
+def test_engine_reports_the_drafter_kind(tmp_path):
+    from xspecmesh.decoding.engine import Engine
+
+    info = Engine.load(write_random_checkpoint(tmp_path / "m.safetensors", "tiny", heads=2, head_kind="eagle")).info
+    assert info["drafter"] == "eagle" and info["heads"] == 2
+
+
+def test_unknown_drafter_kind_is_a_clear_error(tmp_path):
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = write_random_checkpoint(tmp_path / "m.safetensors", "tiny", heads=2)
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    meta["heads_config"] = json.dumps({**json.loads(meta["heads_config"]), "kind": "telepathy"})
+    save_file(tensors, str(path), metadata=meta)
+    with pytest.raises(CheckpointError, match="telepathy"):
+        load_checkpoint(path)
+    with pytest.raises(SettingsError, match="head-type"):
+        Trainer(TrainConfig(stage="heads", init=str(path), out=str(tmp_path / "h"), head_type="telepathy", **FAST))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_stage1_trains_a_draft_decoder_on_own_samples_and_stage2_continues_it(tmp_path, batch, kind):  # noqa: F811
+    init = write_random_checkpoint(tmp_path / "bb.safetensors", "tiny", heads=0)
+    tr = Trainer(TrainConfig(stage="heads", init=str(init), out=str(tmp_path / "h"), steps=6, lr=3e-3, num_heads=3,
+                             head_type=kind, self_samples=0.5, **FAST))
+    model_before, heads_before = snapshot(tr.model), snapshot(tr.heads)
+    first = tr.loss(*batch)[0].item()
+    tr.run()
+    assert not changed(model_before, tr.model) and changed(heads_before, tr.heads)
+    assert tr.sample_draws > 0  # some micro-batches were the backbone's own samples
+    assert tr.loss(*batch)[0].item() < first
+    stage1 = tmp_path / "h" / "model.safetensors"
+    assert load_checkpoint(stage1).heads.cfg.kind == kind
+    lora = Trainer(TrainConfig(stage="lora", init=str(stage1), out=str(tmp_path / "l"), steps=2, num_heads=3,
+                               head_type=kind, **FAST))
+    lora.run()
+    ck = load_checkpoint(tmp_path / "l" / "model.safetensors")
+    assert isinstance(ck.heads, DraftDecoder) and ck.heads.cfg.kind == kind
