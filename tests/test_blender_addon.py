@@ -298,6 +298,7 @@ def scenario_batch(s: Session):
         o = outcomes[name]
         assert o.state == "done" and o.faces > 0 and o.seconds > 0 and o.scr is not None
         assert "faces in" in o.summary() and "SCR" in o.summary()
+        assert o.stats["batch"] == 2  # sent at once, decoded together by the backend
     assert {o.name: s.snapshot(o) for o in (a, b, empty)} == before
     assert "Camera_retopo" not in bpy.data.objects
 
@@ -387,15 +388,23 @@ def scenario_batch_cancel(s: Session):
     for i, name in enumerate("ABC"):
         s.cube(name, (3 * i, 0, 0), parts, levels=1)
 
-    def cancel_first(run):
-        if run.job is not None and run.job.source_name == "A" and not run.stop_requested:
-            bpy.ops.xspecmesh.cancel()  # a batch stops after the current object
+    s.settings.max_faces = 5000
+    seen = []
 
-    s.job.listeners.append(cancel_first)
+    def cancel_mid_run(run):
+        if not seen and len(run.jobs) == 3 and any(j.faces >= 1 for j in run.jobs):
+            seen.append(True)
+            bpy.ops.xspecmesh.cancel()  # stops every object of the collection at once
+
+    s.job.listeners.append(cancel_mid_run)
+    t = time.perf_counter()
     bpy.ops.xspecmesh.retopologize_collection(collection="Parts")
-    states = {o.source: o.state for o in s.job.LAST.outcomes}
-    assert states == {"A": "done", "B": "not run", "C": "not run"}, states
-    assert [o.name for o in bpy.data.collections["Parts (retopo)"].objects] == ["A_retopo"]
+    assert time.perf_counter() - t < 30 and seen
+    outcomes = s.job.LAST.outcomes
+    assert [o.source for o in outcomes] == ["A", "B", "C"]
+    assert all(o.state == "cancelled" for o in outcomes), [o.summary() for o in outcomes]
+    kept = sorted(o.name for o in bpy.data.collections["Parts (retopo)"].objects)
+    assert kept == sorted(o.result for o in outcomes if o.result) and all("(partial)" in k for k in kept)
 
 
 def scenario_abort_on_file_load(s: Session):

@@ -145,9 +145,11 @@ class BackendClient:
             raise BackendError(f"backend is not running{self._exit_text()}")
         self._write(msg)
 
-    def generate(self, request_id: str, points: bytes | memoryview, count: int, settings: dict) -> str:
-        """Queue one mesh: `points` are float32 N×6 (xyz + normal, normalized frame), N = `count`."""
-        self.send(protocol.generate(request_id, points, count, settings))
+    def generate(self, request_id: str, points: bytes | memoryview, count: int, settings: dict,
+                 more: bool = False) -> str:
+        """Queue one mesh: `points` are float32 N×6 (xyz + normal, normalized frame), N = `count`; `more`: more
+        requests follow at once (a collection), which the backend then decodes together."""
+        self.send(protocol.generate(request_id, points, count, settings, more))
         return request_id
 
     def cancel(self, request_id: str) -> None:

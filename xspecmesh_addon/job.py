@@ -1,9 +1,11 @@
 """Retopology jobs as explicit state machines, driven one step at a time from the main thread.
 
-`Job` is one object: sample → send → grow the result as faces arrive → weld and name it. `Run` is a queue of jobs
-(one object, or every object of a collection) through one backend; it owns the backend's replies and hands each to
-the current job. The same `Run.step` is called from a modal timer (interactive) or from a blocking loop (headless,
-`bpy.app.background`), so both paths run exactly the same code.
+`Job` is one object: sample → send → grow the result as faces arrive → weld and name it. `Run` is one object, or
+every object of a collection, through one backend; it owns the backend's replies and hands each to its job. A
+collection is sampled first and sent all at once (each request but the last marked "more", see protocol.py), so the
+backend decodes its objects together in batches; each result grows as its faces arrive. The same `Run.step` is
+called from a modal timer (interactive) or from a blocking loop (headless, `bpy.app.background`), so both paths run
+exactly the same code.
 
 States of a job: "running" → "done" | "cancelled" | "failed". A run adds "skipped" outcomes for objects that could
 not start (e.g. an empty mesh) and "not run" for those left when the run was cancelled or the backend died.
@@ -60,8 +62,9 @@ class Outcome:
 class Job:
     """One object through the backend. `handle(msg)` takes its replies; `finish()` returns the Outcome."""
 
-    def __init__(self, source, request: DecodeRequest, client, collections, hide_source: bool = False,
-                 cloud: sampling.PointCloud | None = None, object_axes: bool = False):
+    def __init__(self, source, request: DecodeRequest, client, collections, hide_source: bool,
+                 cloud: sampling.PointCloud, object_axes: bool = False, more: bool = False):
+        """`cloud`: the object's points, sampled by the run (a SamplingError there means the job never starts)."""
         self.source_name = source.name
         self.request = request
         self.client = client
@@ -74,12 +77,9 @@ class Job:
         self.stats: dict = {}
         self.triangles = TriangleBuffer()
         self.started = time.perf_counter()
-        if cloud is None:  # SamplingError (nothing to sample): the job never starts
-            cloud = sampling.condition_from_object(source, bpy.context.evaluated_depsgraph_get(), seed=request.seed,
-                                                   object_axes=object_axes)
         self.result = ResultObject(source, collections, cloud.to_world)
         try:
-            client.generate(self.id, cloud.data, cloud.count, request.settings())
+            client.generate(self.id, cloud.data, cloud.count, request.settings(), more=more)
         except Exception as exc:
             self.result.remove()
             raise service.BackendUnavailable(str(exc)) from None
@@ -162,7 +162,7 @@ class Job:
 
 
 class Run:
-    """A queue of objects through one backend, one at a time; `step()` until `finished`.
+    """Objects through one backend — a collection (`batch`) all sent at once; `step()` until `finished`.
 
     It begins with the backend's start (`service.Startup`, maybe already running) and connects once that is done.
     """
@@ -179,8 +179,8 @@ class Run:
         self.hide_source = hide_source
         self.object_axes = object_axes  # sample each object in its own axes (see `sampling.axes_frame`)
         self.batch = batch
-        self.index = 0
-        self.job: Job | None = None
+        self.index = 0  # sources[:index] have been started or skipped
+        self.jobs: list[Job] = []  # running
         self.outcomes: list[Outcome] = []
         self.stop_requested = False
         self.cancel_requested = False  # by the user (Cancel, Esc), as opposed to a failure
@@ -192,17 +192,22 @@ class Run:
         return self.client is None and not self.finished
 
     @property
+    def job(self) -> Job | None:
+        """The first running job (what the panel shows)."""
+        return self.jobs[0] if self.jobs else None
+
+    @property
     def finished(self) -> bool:
-        return self.job is None and (self.index >= len(self.sources) or self.stop_requested)
+        return not self.jobs and (self.index >= len(self.sources) or self.stop_requested)
 
     def fraction(self) -> float:
-        current = self.job.fraction() if self.job else 0.0
+        current = sum(j.fraction() for j in self.jobs)
         return min(1.0, (len(self.outcomes) + current) / max(1, len(self.sources)))
 
     def cancel(self) -> None:
-        """Single object: stop it now. Batch: stop after the current object (a second cancel stops it too)."""
-        if self.job is not None and (not self.batch or self.stop_requested):
-            self.job.cancel()
+        """Stop every running object now; finished objects stay, partial results are kept as '(partial)'."""
+        for job in self.jobs:
+            job.cancel()
         self.stop_requested = self.cancel_requested = True
         if self.finished:  # nothing was running (e.g. the backend still starting): account for every object now
             self._close()
@@ -212,20 +217,17 @@ class Run:
         rebuild the live mesh once."""
         if self.client is None and not self.finished:
             self._connect(timeout)
-        if self.client is not None and self.job is None:
+        if self.client is not None and not self.jobs:
             self._start_next()
-        if self.job is not None:
-            for msg in self.client.poll(timeout):
-                self.job.handle(msg)
-            if not self.job.finished and not self.client.alive:  # died without a word (poll may lag)
-                for msg in self.client.poll(0.5):
-                    self.job.handle(msg)
-                if not self.job.finished:
-                    self.job.handle({"type": "error", "id": None, "message": "backend stopped unexpectedly"})
-            if self.job.finished:
-                self._finish_job()
-            else:
-                self.job.refresh()
+        if self.jobs:
+            self._dispatch(self.client.poll(timeout))
+            if not self.client.alive and not all(j.finished for j in self.jobs):  # died without a word (poll lags)
+                self._dispatch(self.client.poll(0.5))
+                self._dispatch([{"type": "error", "id": None, "message": "backend stopped unexpectedly"}])
+            for job in [j for j in self.jobs if j.finished]:
+                self._finish_job(job)
+            for job in self.jobs:
+                job.refresh()
         if self.finished:
             self._close()
         for listener in list(listeners):
@@ -245,42 +247,60 @@ class Run:
         if cap is not None and self.request.heads > cap:
             self.request = dataclasses.replace(self.request, heads=cap)
 
+    def _dispatch(self, messages: list[dict]) -> None:
+        for msg in messages:
+            for job in self.jobs:
+                if msg.get("id") in (None, job.id):  # id None: the backend is gone, every job hears it
+                    job.handle(msg)
+
     def _start_next(self) -> None:
-        while self.job is None and self.index < len(self.sources) and not self.stop_requested:
+        """Single object: start it. Batch: sample every remaining object (those with nothing to sample are skipped),
+        then send them all, each but the last marked "more" so the backend starts them together."""
+        ready = []
+        while self.index < len(self.sources) and not self.stop_requested and (self.batch or not ready):
             name = self.sources[self.index]
+            self.index += 1
             source = bpy.data.objects.get(name)
             try:
                 if source is None:
                     raise sampling.SamplingError(f"'{name}' no longer exists")
-                self.job = Job(source, self.request, self.client, self.collections_for(source), self.hide_source,
-                               self.prepared.pop(name, None), self.object_axes)
+                cloud = self.prepared.pop(name, None) or sampling.condition_from_object(
+                    source, bpy.context.evaluated_depsgraph_get(), seed=self.request.seed,
+                    object_axes=self.object_axes)
+                ready.append((source, cloud))
             except sampling.SamplingError as exc:
                 self.outcomes.append(Outcome(name, "skipped", message=str(exc)))
-                self.index += 1
+        for k, (source, cloud) in enumerate(ready):
+            try:
+                self.jobs.append(Job(source, self.request, self.client, self.collections_for(source),
+                                     self.hide_source, cloud, self.object_axes, more=k < len(ready) - 1))
             except service.BackendUnavailable as exc:
-                self.outcomes.append(Outcome(name, "failed", message=_first_line(str(exc))))
-                self.index += 1
+                self.outcomes.append(Outcome(source.name, "failed", message=_first_line(str(exc))))
                 self.stop_requested = True
+                break
 
-    def _finish_job(self) -> None:
-        outcome = self.job.finish()
-        self.outcomes.append(outcome)
-        self.job = None
-        self.index += 1
+    def _finish_job(self, job: Job) -> None:
+        self.outcomes.append(job.finish())
+        self.jobs.remove(job)
         if not self.client.alive:  # no point going on without a backend
             service.forget()
             self.stop_requested = True
 
     def _close(self) -> None:
-        for name in self.sources[len(self.outcomes):]:
-            self.outcomes.append(Outcome(name, "not run", message="stopped before this object"))
+        """Every object without an outcome (not started, or left when the backend died) is 'not run'; the outcomes
+        follow the order of the sources."""
+        seen = {o.source for o in self.outcomes}
+        self.outcomes += [Outcome(name, "not run", message="stopped before this object")
+                          for name in self.sources if name not in seen]
+        order = {name: i for i, name in enumerate(self.sources)}
+        self.outcomes.sort(key=lambda o: order.get(o.source, len(order)))
 
     def abort(self) -> None:
-        """Blender is loading another file or quitting: drop the current result without waiting for the backend."""
-        if self.job is not None:
-            self.job.cancel()
-            self.job.result.remove()
-            self.job = None
+        """Blender is loading another file or quitting: drop the current results without waiting for the backend."""
+        for job in self.jobs:
+            job.cancel()
+            job.result.remove()
+        self.jobs = []
         self.stop_requested = True
 
     def run_blocking(self, tick: float = 0.05) -> None:
@@ -290,8 +310,6 @@ class Run:
                 self.step(timeout=tick)
         except KeyboardInterrupt:
             self.cancel()
-            if self.job is not None:
-                self.job.cancel()
             while not self.finished:
                 self.step(timeout=tick)
 

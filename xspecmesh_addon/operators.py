@@ -225,7 +225,7 @@ class XSPECMESH_OT_retopologize_collection(_RunOperator, bpy.types.Operator):
 
 
 class XSPECMESH_OT_cancel(bpy.types.Operator):
-    """Stop the running retopology (a batch stops after the current object; press again to stop that one too)"""
+    """Stop the running retopology (in a collection, every object still running; finished ones stay)"""
 
     bl_idname = "xspecmesh.cancel"
     bl_label = "Cancel"

@@ -7,6 +7,8 @@ fix with `cp backend/xspecmesh/serving/protocol.py xspecmesh_addon/protocol.py`)
 Requests (add-on → backend):
     {"type": "generate", "id": "a1", "points": "<base64 of little-endian float32 N×6>", "count": N,
      "settings": {"mode": "spec", "heads": 4, "delta": 0.5, "accept": "threshold", ...}}
+        optional "more": true — more generate requests follow at once (a collection): the backend starts no new
+        work until a request without it arrives (or stdin ends), so it can decode them together
     {"type": "cancel", "id": "a1"}      also removes a queued request; an id that is unknown (already done) is ignored
     {"type": "shutdown"}                 cancels the running and queued requests, then the backend exits
 
@@ -23,8 +25,12 @@ Replies (backend → add-on); every reply carries "id" (null when no request is 
         at EOS, not at a face or token limit
     {"type": "error", "id": "a1" or null, "message": "..."}
 
-A request is answered by zero or more progress/faces lines and then exactly one `done` or `error`. Requests run in
-the order they arrive. End of stdin lets the queued requests finish, then the backend exits.
+A request is answered by zero or more progress/faces lines and then exactly one `done` or `error`. Requests start in
+the order they arrive. A backend started with `--batch B` (B > 1, the default 8) decodes the queued requests that
+share their settings (all but seed, max_tokens, max_faces and fit) together, B at a time, a waiting one taking the
+place of one that finished: their lines interleave, each request's own lines keep their order, and each request
+gets the tokens it would get alone under greedy decoding.
+End of stdin lets the queued requests finish, then the backend exits.
 """
 from __future__ import annotations
 
@@ -123,9 +129,12 @@ def decode_points(text: str, count: int, request_id: str | None = None) -> bytes
 # ---------------------------------------------------------------------------------------------------- requests
 
 
-def generate(request_id: str, points: bytes | bytearray | memoryview, count: int, settings: dict) -> dict:
+def generate(request_id: str, points: bytes | bytearray | memoryview, count: int, settings: dict,
+             more: bool = False) -> dict:
     msg = {"type": "generate", "id": request_id, "points": encode_points(points, count), "count": count,
            "settings": dict(settings)}
+    if more:
+        msg["more"] = True
     _check_generate(msg)
     return msg
 
@@ -171,6 +180,8 @@ def _check_generate(msg: dict) -> None:
         raise ProtocolError(f'"count" must be between {MIN_POINTS} and {MAX_POINTS} points, got {count}', rid)
     if not isinstance(msg.get("points"), str):
         raise ProtocolError(f'"points" must be a base64 string, got {_describe(msg.get("points"))}', rid)
+    if not isinstance(msg.get("more", False), bool):
+        raise ProtocolError(f'"more" must be true or false, got {_describe(msg.get("more"))}', rid)
     settings = msg.get("settings", {})
     if not isinstance(settings, dict):
         raise ProtocolError(f'"settings" must be an object, got {_describe(settings)}', rid)

@@ -12,6 +12,13 @@ def register(sub) -> None:
     p = sub.add_parser("generate", help="generate an artist-like mesh for a mesh or point cloud")
     p.add_argument("input", help="mesh file (obj/ply/stl/off/glb) or .npy point cloud (N x 6: xyz + normal)")
     p.add_argument("-o", "--output", required=True, help="output mesh file (format from the extension)")
+    add_decode_options(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object with the statistics")
+    p.set_defaults(func=run)
+
+
+def add_decode_options(p) -> None:
+    """The decode settings, device, checkpoint and --fit (shared with `xspecmesh batch`)."""
     p.add_argument("--mode", choices=["ar", "spec", "naive"], default="spec")
     p.add_argument("--heads", type=int, default=4, help="drafting heads D (capped by the checkpoint's)")
     p.add_argument("--adaptive", action="store_true",
@@ -31,53 +38,39 @@ def register(sub) -> None:
     p.add_argument("--fit", action="store_true",
                    help="move the result's vertices onto the input surface (connectivity unchanged; "
                         "xspecmesh.geometry.fit)")
-    p.add_argument("--json", action="store_true", help="print one JSON object with the statistics")
-    p.set_defaults(func=run)
 
 
-def load_input(path: str, count: int, seed: int):
-    """Points (count, 6) in the normalized frame and the Normalization that maps back to the input's frame."""
-    import numpy as np
+def settings_from_args(args):
+    from xspecmesh.decoding.engine import DecodeSettings
 
-    from xspecmesh.geometry.mesh import load_mesh, load_points, normalize, sample_surface
-
-    if str(path).lower().endswith(".npy"):
-        pts = load_points(path)
-        xyz, norm = normalize(pts[:, :3])
-        return np.concatenate([xyz, pts[:, 3:]], 1).astype(np.float32), norm
-    mesh = load_mesh(path)
-    xyz, norm = normalize(mesh.vertices)
-    mesh.vertices = xyz
-    return sample_surface(mesh, count, seed), norm
+    return DecodeSettings(mode=args.mode, heads=args.heads, adaptive=args.adaptive, delta=args.delta,
+                          accept=args.accept, topk_accept=args.topk_accept, temperature=args.temperature,
+                          top_k=args.top_k, top_p=args.top_p, max_tokens=args.max_tokens, max_faces=args.max_faces,
+                          seed=args.seed, fit=args.fit).validate()
 
 
-def run(args) -> int:
-    import numpy as np
-
-    from xspecmesh.decoding.engine import DecodeSettings, Engine
+def fit_heads(settings, engine) -> None:
+    """Cap the settings' heads at the checkpoint's (with a note), or refuse spec without heads."""
     from xspecmesh.errors import SettingsError
-    from xspecmesh.geometry.mesh import save_mesh, weld
 
-    settings = DecodeSettings(mode=args.mode, heads=args.heads, adaptive=args.adaptive, delta=args.delta,
-                              accept=args.accept, topk_accept=args.topk_accept, temperature=args.temperature,
-                              top_k=args.top_k, top_p=args.top_p, max_tokens=args.max_tokens, max_faces=args.max_faces,
-                              seed=args.seed, fit=args.fit)
-    settings.validate()
-    engine = Engine.load(args.checkpoint, args.device, args.precision)
     if settings.mode == "spec" and engine.max_heads == 0:
         raise SettingsError("this checkpoint has no drafting heads; use --mode ar")
     if settings.mode == "spec" and settings.heads > engine.max_heads:
         print(f"xspecmesh: note: the checkpoint has {engine.max_heads} heads; using {engine.max_heads}",
               file=sys.stderr)
         settings.heads = engine.max_heads
+
+
+def run(args) -> int:
+    from xspecmesh.decoding.engine import Engine
+    from xspecmesh.geometry.mesh import load_input, save_mesh, welded
+
+    settings = settings_from_args(args)
+    engine = Engine.load(args.checkpoint, args.device, args.precision)
+    fit_heads(settings, engine)
     points, norm = load_input(args.input, engine.model.cfg.encoder.num_points, args.seed)
     result = engine.generate(points, settings)
-    tris = result.mesh.reshape(-1, 3)
-    vertices, faces = weld(norm.invert(tris), np.arange(len(tris)).reshape(-1, 3))
-    if len(faces) == 0:
-        from xspecmesh.errors import XSpecMeshError
-
-        raise XSpecMeshError(f"the model produced no faces for {args.input} ({result.stats['tokens']} tokens)")
+    vertices, faces = welded(result.mesh, norm, result.stats["tokens"], f" for {args.input}")
     save_mesh(args.output, vertices, faces)
     stats = result.stats | {"faces": int(len(faces)), "vertices": int(len(vertices)),
                             "sequence_sha256": hashlib.sha256(",".join(map(str, result.tokens)).encode()).hexdigest(),

@@ -15,6 +15,8 @@ def register(sub) -> None:
     )
     p.add_argument("--checkpoint", default=None, help="model file (default: the shipped checkpoint)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to run the model")
+    p.add_argument("--batch", type=int, default=8,
+                   help="decode up to B queued requests with the same settings together (1: one at a time)")
     precision.add_argument(p)
     p.set_defaults(func=run)
 
@@ -22,4 +24,8 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from xspecmesh.serving.server import serve_main
 
-    return serve_main(args.checkpoint, args.device, args.precision)
+    from xspecmesh.errors import SettingsError
+
+    if args.batch < 1:
+        raise SettingsError("--batch must be at least 1")
+    return serve_main(args.checkpoint, args.device, args.precision, args.batch)

@@ -7,8 +7,9 @@ has finished), so callers stream, detokenize and cancel between steps.
 """
 from __future__ import annotations
 
+import itertools
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 
 from xspecmesh.geometry import tokenizer as tok
 from xspecmesh.model.transformer import MeshTransformer
-from xspecmesh.decoding.token_sampling import Grammar, SamplingConfig, distribution, draw
+from xspecmesh.decoding.token_sampling import START, Grammar, SamplingConfig, distribution, draw
 
 
 MAX_DRAFT = 8  # the most drafting heads a decoder uses: its verification needs that many positions past the tokens
@@ -60,6 +61,65 @@ class DecodeStats:
         return d
 
 
+# Continuous batching: after each step a decoder calls join(free slots) -> [(slot, cond (1, M, dim), generator)] for
+# the sequences that take those slots over; a new sequence starts at BOS in the next step.
+Join = Callable[[list[int]], list[tuple[int, torch.Tensor, torch.Generator]]]
+
+
+def restart_slots(model: MeshTransformer, cache, join: Join | None, finished: torch.Tensor, state: torch.Tensor,
+                  generator) -> list[tuple[int, torch.Tensor]]:
+    """Hand finished slots to joining sequences: their cache slot emptied with the new condition's cross-attention
+    keys/values, grammar state START, not finished, their own generator. Returns (slot, cond) of each."""
+    if join is None or not bool(finished.any()):
+        return []
+    joined = join(torch.nonzero(finished).flatten().tolist())
+    for slot, cond, gen in joined:
+        cache.restart(slot, [layer.cross_attn.context_kv(cond) for layer in model.layers])
+        state[slot] = START
+        finished[slot] = False
+        generator[slot] = gen
+    return [(slot, cond) for slot, cond, _ in joined]
+
+
+class Leaving:
+    """Finished sequences leave the batch once nothing waits for their slots (continuous batching's drain): the
+    decoder's rows shrink to the live ones, while the caller keeps seeing every slot. `rows(finished)` is the
+    decoder's view of the caller's (slots,) mask; `by_slot` spreads a step's per-row output back over the slots."""
+
+    def __init__(self, slots: int, device):
+        self.slot_of = torch.arange(slots, device=device)  # the slot of each row
+        self.draining = False  # set once a join left a slot empty: nothing waits any more
+
+    def rows(self, finished: torch.Tensor) -> torch.Tensor:
+        return finished if len(self.slot_of) == len(finished) else finished[self.slot_of]
+
+    def write(self, finished: torch.Tensor, rows: torch.Tensor) -> None:
+        """The rows' finished flags back into the caller's mask."""
+        if rows is not finished:
+            finished[self.slot_of] = rows
+
+    def by_slot(self, out: list, slots: int) -> list:
+        if len(out) == slots:
+            return out
+        full: list = [[] for _ in range(slots)]
+        for slot, o in zip(self.slot_of.tolist(), out):
+            full[slot] = o
+        return full
+
+    def shrink(self, finished_rows: torch.Tensor, cache, generator, *tensors) -> list | None:
+        """When a quarter of the rows or more have finished (and nothing waits): keep the live rows of the cache,
+        the per-row generators (a list, changed in place) and each tensor (or tuple of tensors); else None."""
+        done = int(finished_rows.sum())
+        if not self.draining or not done or done * 4 < len(finished_rows) or bool(finished_rows.all()):
+            return None
+        keep = torch.nonzero(~finished_rows).flatten()
+        self.slot_of = self.slot_of[keep]
+        cache.keep(keep)
+        if isinstance(generator, list):
+            generator[:] = [generator[i] for i in keep.tolist()]
+        return [tuple(x[keep] for x in t) if isinstance(t, tuple) else None if t is None else t[keep] for t in tensors]
+
+
 def _emit(tokens: torch.Tensor, finished: torch.Tensor) -> list[list[int]]:
     """Per sequence the accepted token (none once finished; EOS is not reported as a token)."""
     return [[] if f or t == tok.EOS else [t] for t, f in zip(tokens.tolist(), finished.tolist())]
@@ -82,28 +142,48 @@ def decode_ar(
     max_tokens: int,
     generator: torch.Generator | None = None,
     stats: DecodeStats | None = None,
+    finished: torch.Tensor | None = None,
+    join: Join | None = None,
 ) -> Iterator[list[list[int]]]:
-    """Plain AR decoding of B sequences (ragged stops): prefill BOS, then one cached forward per token."""
+    """Plain AR decoding of B sequences (ragged stops): prefill BOS, then one cached forward per token.
+
+    `generator`: one, or a list with one per sequence (each sequence its own seed; see token_sampling.uniform).
+    `finished`: an optional caller-owned (B,) bool tensor, updated in place as sequences end; between steps the
+    caller may set a sequence's entry to stop it (its own face or token limit, a cancel) — it then emits nothing.
+    `join` (with one generator per sequence): finished slots are taken over by new sequences (see `Join`); the caller
+    then stops each sequence at its token limit, which must not exceed `max_tokens`."""
     stats = stats if stats is not None else DecodeStats()
     start = time.perf_counter()
     b = cond.shape[0]
     grammar = Grammar(cond.device)
     state = grammar.start(b)
-    finished = torch.zeros(b, dtype=torch.bool, device=cond.device)
+    outer = finished if finished is not None else torch.zeros(b, dtype=torch.bool, device=cond.device)
+    leaving = Leaving(b, cond.device)
     max_tokens = token_limit(model, max_tokens)
     cache = model.new_cache(cond, max_tokens + 1)
     inp = torch.zeros(b, 1, dtype=torch.long, device=cond.device)  # input position 0 is BOS
-    for _ in range(max_tokens):
+    for _ in itertools.count() if join else range(max_tokens):
+        finished = leaving.rows(outer)
         logits, _ = model(inp, cache=cache)
+        if join is not None:  # a finished slot waiting for no one must not outgrow the cache: it keeps its length
+            cache.rollback(torch.where(finished, cache.lengths - 1, cache.lengths))
         stats.seq_steps += int((~finished).sum())
         nxt, state, accepted = _sample_step(logits[:, -1], sampling, grammar, state, finished, generator)
+        leaving.write(outer, finished)
         stats.steps += 1
         stats.tokens += sum(len(a) for a in accepted)
         stats.seconds = time.perf_counter() - start
-        yield accepted
-        if bool(finished.all()):
-            return
+        yield leaving.by_slot(accepted, b)
         inp = nxt[:, None]
+        if join is not None and not leaving.draining:
+            for slot, _ in restart_slots(model, cache, join, outer, state, generator):
+                inp[slot] = 0  # BOS
+            leaving.draining = bool(outer.any())
+        if bool(outer.all()):
+            return
+        shrunk = leaving.shrink(leaving.rows(outer), cache, generator, inp, state) if join is not None else None
+        if shrunk:
+            inp, state = shrunk
 
 
 @torch.no_grad()
@@ -114,6 +194,7 @@ def decode_naive(
     max_tokens: int,
     generator: torch.Generator | None = None,
     stats: DecodeStats | None = None,
+    finished: torch.Tensor | None = None,
 ) -> Iterator[list[list[int]]]:
     """The published-code-style loop (BPT's `generate` on x-transformers 1.26.6, the version it pins): every step
     re-embeds the whole prefix, recomputes every layer's cross-attention keys/values over the condition, appends the
@@ -124,7 +205,7 @@ def decode_naive(
     b = cond.shape[0]
     grammar = Grammar(cond.device)
     state = grammar.start(b)
-    finished = torch.zeros(b, dtype=torch.bool, device=cond.device)
+    finished = finished if finished is not None else torch.zeros(b, dtype=torch.bool, device=cond.device)
     seq = torch.zeros(b, 1, dtype=torch.long, device=cond.device)  # position 0: BOS
     past: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(model.layers)
     for _ in range(token_limit(model, max_tokens)):

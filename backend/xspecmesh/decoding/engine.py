@@ -197,9 +197,15 @@ class Engine:
         pts = prepare_points(points, self.model.cfg.encoder.num_points, seed)
         return self.model.encode(torch.from_numpy(pts)[None].to(self.device, self.model.bos.dtype))
 
-    def decoder(self, cond: torch.Tensor, settings: DecodeSettings, stats: DecodeStats):
-        gen = torch.Generator(device=self.device).manual_seed(settings.seed)
-        common = dict(sampling=settings.sampling(), max_tokens=settings.max_tokens, generator=gen, stats=stats)
+    def decoder(self, cond: torch.Tensor, settings: DecodeSettings, stats: DecodeStats, generator=None,
+                max_tokens: int | None = None, finished: torch.Tensor | None = None, join=None):
+        """The decoder `settings` ask for over cond's batch; `generator` (one, or one per sequence), `max_tokens`,
+        the caller-owned `finished` mask and `join` are for `stream_batch`."""
+        gen = generator if generator is not None else torch.Generator(device=self.device).manual_seed(settings.seed)
+        common = dict(sampling=settings.sampling(), max_tokens=max_tokens or settings.max_tokens, generator=gen,
+                      stats=stats, finished=finished)
+        if join is not None:  # (only passed when given: the naive loop has no continuous batching)
+            common["join"] = join
         if settings.mode == "spec":
             if self.ckpt.heads is None:
                 raise SettingsError("this checkpoint has no drafting heads; use mode ar")
@@ -276,6 +282,133 @@ class Engine:
             stats, fitted = upd.stats, upd.fitted
         return GenerationResult(tokens, np.concatenate(tris) if tris else np.zeros((0, 3, 3), np.float32), stats,
                                 fitted)
+
+    # ---------------------------------------------------------------------------------------------- batches
+    def stream_batch(self, conds: list[torch.Tensor], settings: list[DecodeSettings], stop: set[int] | None = None,
+                     slots: int | None = None, points: list | None = None,
+                     cancelled: Callable[[int], bool] = lambda i: False) -> Iterator[tuple[int, StepUpdate]]:
+        """Decode several objects together: conds[i] from `condition(points_i, settings[i].seed)`, and settings
+        that agree but for `batch_key`'s exceptions (seed, max_tokens, max_faces, fit).
+
+        At most `slots` objects (default: all) decode at once. AR decoding batches continuously: when one finishes,
+        the next waiting object takes its slot at the next step, and once none waits, finished ones leave the batch.
+        Speculative and naive decoding go in rounds of `slots` objects (a drafter's per-row context cannot be
+        restarted or shrunk yet).
+        Yields (i, update) for every running object after each step: each object's updates are those `stream`
+        gives for it alone (the last one has done=True), and it stops at its own EOS, max_faces or max_tokens.
+        Each object has its own random stream (seeded by its seed), so greedy decoding gives the tokens of decoding
+        it alone, and sampling is reproducible for given seeds, slots and order. Adding i to `stop` between steps
+        drops object i silently (a cancel). A step costs one batched forward over the live rows.
+
+        With `points` (each object's cloud, as for `retopologize`), an object whose settings ask for the fit gets it
+        as `retopologize` does: its last decoding update has `decoded` set and not `done`, and one more update with
+        the fit follows (`cancelled(i)` is asked once the fit is over)."""
+        if len({batch_key(s) for s in settings}) > 1:
+            raise SettingsError("the objects of one batch must share their decode settings (all but seed and limits)")
+        for s in settings:
+            s.validate(self.max_heads)
+        n = len(conds)
+        slots = min(slots or n, n)
+        stop = stop if stop is not None else set()
+        start = time.perf_counter()
+        gens = [torch.Generator(device=self.device).manual_seed(s.seed) for s in settings]
+        rows = [_Row(s, token_limit(self.model, s.max_tokens), start) for s in settings]
+        common = {"mode": settings[0].mode, "heads": settings[0].heads if settings[0].mode == "spec" else 0,
+                  "adaptive": settings[0].adaptive and settings[0].mode == "spec", "delta": settings[0].delta,
+                  "accept": settings[0].accept, "device": str(self.device), "batch": slots}
+        # AR joins and leaves (one decoder for all); the other loops decode in rounds of `slots`.
+        joins = settings[0].mode == "ar"
+        rounds = [list(range(n))] if joins else [list(range(f, min(n, f + slots))) for f in range(0, n, slots)]
+        for group in rounds:
+            yield from self._stream_group(conds, settings, rows, gens, group, slots, joins, stop, points, cancelled,
+                                          common)
+
+    def _stream_group(self, conds, settings, rows, gens, group, slots, joins, stop, points, cancelled, common):
+        """`stream_batch` over the objects `group`: `slots` at a time, the others joining as slots free up."""
+        stats = DecodeStats()
+        holder = group[:slots]  # the object in each slot
+        waiting = iter(group[slots:])
+        finished = torch.zeros(len(holder), dtype=torch.bool, device=self.device)
+
+        def join(free: list[int]) -> list:
+            out = []
+            for slot, i in zip(free, waiting):
+                holder[slot] = i
+                rows[i].started = time.perf_counter()
+                out.append((slot, conds[i], gens[i]))
+            return out
+
+        for i in holder:
+            rows[i].started = time.perf_counter()
+        steps = self.decoder(torch.cat([conds[i] for i in holder]), settings[0], stats, [gens[i] for i in holder],
+                             max(settings[i].max_tokens for i in group), finished,
+                             join if joins and len(group) > 1 else None)
+        try:
+            for accepted in steps:
+                ended = finished.tolist()
+                for slot, new in enumerate(accepted):
+                    i = holder[slot]
+                    row = rows[i]
+                    if row.done or i in stop:
+                        finished[slot] = True
+                        row.done = True
+                        continue
+                    upd = row.push(new, ended[slot])
+                    fit = upd.done and row.settings.fit and points is not None and row.faces > 0
+                    upd.done = upd.done and not fit
+                    if upd.decoded:
+                        finished[slot] = True
+                    seconds = time.perf_counter() - row.started
+                    upd.stats = upd.stats | common | {
+                        "seconds": round(seconds, 4), "tokens_per_second": round(row.tokens_count / seconds, 2),
+                        "batch_steps": stats.steps, "batch_tokens_per_second": stats.as_dict()["tokens_per_second"]}
+                    yield i, upd
+                    if fit:
+                        yield i, _fit(np.concatenate(row.parts), points[i], upd.stats, lambda i=i: cancelled(i))
+        finally:
+            steps.close()
+
+
+def batch_key(settings: DecodeSettings) -> tuple:
+    """What objects decoded in one batch must share: everything but the seed, the limits and the fit."""
+    d = dataclasses.asdict(settings)
+    return tuple((k, v) for k, v in sorted(d.items()) if k not in ("seed", "max_tokens", "max_faces", "fit"))
+
+
+class _Row:
+    """One object of a batch: its tokens, faces and limits, and the updates `stream_batch` yields for it."""
+
+    def __init__(self, settings: DecodeSettings, limit: int, started: float):
+        self.settings, self.limit = settings, limit
+        self.started = started  # when it took a slot
+        self.detok = tok.IncrementalDetokenizer()
+        self.tokens: list[int] = []
+        self.parts: list[np.ndarray] = []  # the triangles so far (a fit needs them all)
+        self.faces = self.steps = 0
+        self.done = False
+
+    def push(self, new: list[int], ended: bool) -> StepUpdate:
+        """This step's accepted tokens; `ended`: the decoder finished the sequence (EOS or the batch's limit)."""
+        self.steps += 1
+        new = new[: self.limit - len(self.tokens)]
+        self.tokens.extend(new)
+        tris = [self.detok.push(t) for t in new]
+        tris = np.concatenate(tris) if tris else np.zeros((0, 3, 3), dtype=np.int64)
+        if self.settings.max_faces is not None:
+            tris = tris[: max(0, self.settings.max_faces - self.faces)]
+        self.faces += len(tris)
+        full = self.settings.max_faces is not None and self.faces >= self.settings.max_faces
+        self.done = full or ended or len(self.tokens) >= self.limit
+        n = len(self.tokens)
+        stats = {"steps": self.steps, "tokens": n, "scr": round(n / self.steps, 4), "faces": self.faces}
+        if self.done:
+            stats["complete"] = not full and n < self.limit
+        self.parts.append(tok.dequantize(tris).astype(np.float32))
+        return StepUpdate(new, self.parts[-1], stats, done=self.done, decoded=self.done)
+
+    @property
+    def tokens_count(self) -> int:
+        return len(self.tokens)
 
 
 def _fit(triangles: np.ndarray, points, stats: dict, cancelled: Callable[[], bool]) -> StepUpdate:

@@ -28,7 +28,7 @@ from xspecmesh.decoding.autoregressive import MAX_DRAFT, DecodeStats, token_limi
 from xspecmesh.model.drafter import Drafter
 from xspecmesh.model.kv_cache import KVCache
 from xspecmesh.model.transformer import MeshTransformer
-from xspecmesh.decoding.token_sampling import Grammar, SamplingConfig, distribution, draw
+from xspecmesh.decoding.token_sampling import Grammar, SamplingConfig, distribution, draw, uniform
 
 RULES = ("threshold", "exact", "greedy", "topk")
 
@@ -54,7 +54,7 @@ def accept_drafts(rule: AcceptConfig, logits, probs, drafts, generator):
     if rule.rule == "threshold":
         ok = p_x > rule.delta if rule.delta > 0 else torch.ones_like(p_x, dtype=torch.bool)
     elif rule.rule == "exact":
-        ok = torch.rand(p_x.shape, generator=generator, device=p_x.device, dtype=p_x.dtype) < p_x
+        ok = uniform(p_x.shape, generator, p_x.device, p_x.dtype) < p_x
     elif rule.rule == "greedy":
         ok = drafts == logits[:, :d].argmax(-1)
     elif rule.rule == "topk":
@@ -88,11 +88,13 @@ def decode_speculative(
     stats: DecodeStats | None = None,
     cache: KVCache | None = None,
     adaptive: bool = False,
+    finished: torch.Tensor | None = None,
 ) -> Iterator[list[list[int]]]:
     """Speculative decoding of B sequences with D = num_heads drafts per step; yields per step, per sequence, the
     tokens accepted in that step (r, d1..da or the resampled/bonus token), like `decode_ar`. A caller-made `cache`
     (from `model.new_cache`) lets tests inspect it between steps. `adaptive` picks each step's draft length in
-    0..num_heads from running acceptance and cost estimates (`xspecmesh.decoding.adaptive`)."""
+    0..num_heads from running acceptance and cost estimates (`xspecmesh.decoding.adaptive`). `generator` and
+    `finished` as in `decode_ar` (no joining here: a drafter's context would need restarting per row)."""
     stats = stats if stats is not None else DecodeStats()
     dev, b, d = cond.device, cond.shape[0], num_heads
     if not 1 <= d <= min(MAX_DRAFT, heads.num_heads):
@@ -110,7 +112,7 @@ def decode_speculative(
     cache = cache if cache is not None else model.new_cache(cond, max_tokens + d + 3)
     head_ctx = heads.begin(model, cond, max_tokens + d + 3)
     emitted = torch.zeros(b, dtype=torch.long, device=dev)
-    finished = torch.zeros(b, dtype=torch.bool, device=dev)
+    finished = finished if finished is not None else torch.zeros(b, dtype=torch.bool, device=dev)
 
     # Prefill BOS; the first token comes from the backbone alone.
     logits, hidden = model(torch.zeros(b, 1, dtype=torch.long, device=dev), cache=cache)

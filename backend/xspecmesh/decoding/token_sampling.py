@@ -51,9 +51,17 @@ def distribution(logits: torch.Tensor, cfg: SamplingConfig, mask: torch.Tensor |
     return torch.zeros_like(logits).scatter(-1, idx, (vals / cfg.temperature).softmax(-1))
 
 
-def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """One token per row by inverting the CDF with one uniform number per row."""
-    u = torch.rand(probs.shape[:-1] + (1,), generator=generator, device=probs.device, dtype=probs.dtype)
+def uniform(shape, generator, device, dtype) -> torch.Tensor:
+    """Uniform numbers of `shape` (B, ...) from one generator, or row b from generator[b] when given a list: with one
+    generator per sequence (its own seed), a sequence decoded in a batch draws the numbers it draws decoded alone."""
+    if isinstance(generator, (list, tuple)):
+        return torch.stack([torch.rand(tuple(shape[1:]), generator=g, device=device, dtype=dtype) for g in generator])
+    return torch.rand(shape, generator=generator, device=device, dtype=dtype)
+
+
+def draw(probs: torch.Tensor, generator) -> torch.Tensor:
+    """One token per row by inverting the CDF with one uniform number per row (generator: one, or one per row)."""
+    u = uniform(probs.shape[:-1] + (1,), generator, probs.device, probs.dtype)
     cdf = probs.cumsum(-1)
     idx = torch.searchsorted(cdf, u * cdf[..., -1:], right=True).squeeze(-1)
     return idx.clamp(max=probs.shape[-1] - 1)

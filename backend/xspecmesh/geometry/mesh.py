@@ -155,3 +155,26 @@ def save_mesh(path, vertices, faces) -> None:
         mesh.export(path)
     except OSError as exc:
         raise MeshError(f"{path}: cannot write ({exc.strerror or exc})") from None
+
+
+def load_input(path, count: int, seed: int):
+    """A mesh file (surface-sampled) or an N x 6 .npy cloud: points (count, 6) in the normalized frame and the
+    Normalization that maps back to the input's frame."""
+    if str(path).lower().endswith(".npy"):
+        pts = load_points(path)
+        xyz, norm = normalize(pts[:, :3])
+        return np.concatenate([xyz, pts[:, 3:]], 1).astype(np.float32), norm
+    mesh = load_mesh(path)
+    xyz, norm = normalize(mesh.vertices)
+    mesh.vertices = xyz
+    return sample_surface(mesh, count, seed), norm
+
+
+def welded(triangles, norm, tokens: int, what: str = ""):
+    """A result's triangle soup (normalized frame) → welded (vertices, faces) in the input's frame; no faces is an
+    error."""
+    flat = triangles.reshape(-1, 3)
+    vertices, faces = weld(norm.invert(flat), np.arange(len(flat)).reshape(-1, 3))
+    if len(faces) == 0:
+        raise MeshError(f"the model produced no faces{what} ({tokens} tokens)")
+    return vertices, faces

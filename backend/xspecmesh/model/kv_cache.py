@@ -59,6 +59,18 @@ class KVCache:
             self.v[layer].transpose(1, 2)[b, at.seq_pos] = v.transpose(1, 2)
         return self.k[layer, :, :, : at.upto], self.v[layer, :, :, : at.upto]
 
+    def restart(self, row: int, cross: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Give one sequence's slot to a new sequence (continuous batching): length 0, and its cross-attention
+        keys/values (per layer, batch 1) in place of the old ones."""
+        self.lengths[row] = 0
+        for (k, v), (new_k, new_v) in zip(self.cross, cross):
+            k[row], v[row] = new_k[0], new_v[0]
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep only these sequences (indices), in this order: finished ones leave the batch."""
+        self.k, self.v, self.lengths = self.k[:, rows], self.v[:, rows], self.lengths[rows]
+        self.cross = [(k[rows], v[rows]) for k, v in self.cross]
+
     def rollback(self, lengths: torch.Tensor) -> None:
         """Forget every position at or past `lengths` (per sequence); later writes overwrite them."""
         if bool((lengths > self.lengths).any()):

@@ -6,6 +6,13 @@ main thread runs queued requests in order through `Engine.retopologize` and stre
 since the last faces line) and `progress`, each at most every `interval` seconds, every face before a fit starts,
 then `done` (with the fitted triangles when the request's settings ask for `fit`). A cancel is seen after the
 current decoding step, or once the fit is over.
+
+Batching (`serve --batch B`, B > 1): the main thread takes the first queued request together with every queued one
+that shares its decode settings (all but seed and limits) and decodes them with `Engine.stream_batch`, B at a time,
+a waiting request taking the place of one that finished; each keeps its own stream of lines, and a cancel drops
+only its request. Requests that arrive meanwhile wait for the next group. A request marked `"more": true` holds
+the start of new work until a request without it arrives, so a client can queue a whole collection before the
+first object starts.
 Only protocol lines reach the real stdout; stray prints (Python or C level) are redirected to stderr.
 """
 from __future__ import annotations
@@ -16,6 +23,7 @@ import threading
 import time
 import traceback
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, BinaryIO
 
@@ -50,15 +58,17 @@ class QueuedRequest:
 class Server:
     """Protocol dispatch around an `Engine` (xspecmesh.decoding.engine): requests run through its `retopologize`."""
 
-    def __init__(self, engine: Engine, out: BinaryIO, interval: float = 0.1):
+    def __init__(self, engine: Engine, out: BinaryIO, interval: float = 0.1, batch: int = 1):
         self.engine = engine
+        self.batch = batch
         self.out = out
         self.interval = interval
         self._write_lock = threading.Lock()
         self._cond = threading.Condition()
         self._queue: deque[QueuedRequest] = deque()
-        self._running: str | None = None
-        self._cancel = threading.Event()  # cancels the running job only
+        self._running: set[str] = set()
+        self._cancelled: set[str] = set()  # running requests asked to stop
+        self._holding = False  # the last request said "more": wait for the rest before starting new work
         self._stop = False  # shutdown: cancel everything and leave
         self._eof = False  # end of input: finish the queue and leave
         self._broken = False  # stdout is gone
@@ -74,7 +84,6 @@ class Server:
             except (OSError, ValueError) as exc:  # broken pipe or closed file
                 with self._cond:
                     self._stop = self._broken = True
-                    self._cancel.set()
                     self._cond.notify_all()
                 raise OutputClosed(str(exc)) from None
 
@@ -123,6 +132,23 @@ class Server:
             self.send(protocol.error(rid, f"internal error: {type(exc).__name__}: {exc}"))
 
     def submit(self, req: dict) -> None:
+        try:
+            job = self._checked(req)
+        except Exception:  # a refused request still ends (or continues) a held collection
+            with self._cond:
+                self._holding = req.get("more") is True
+                self._cond.notify_all()
+            raise
+        with self._cond:
+            self._holding = req.get("more") is True  # set with the append: the queue never starts half-held
+            if self._stop:
+                raise XSpecMeshError("the backend is shutting down")
+            if job.id in self._running or any(j.id == job.id for j in self._queue):
+                raise XSpecMeshError(f"request id {job.id!r} is already queued or running")
+            self._queue.append(job)
+            self._cond.notify_all()
+
+    def _checked(self, req: dict) -> QueuedRequest:
         rid, count = req["id"], req["count"]
         points = np.frombuffer(req["points"], dtype="<f4").astype(np.float32).reshape(count, 6)
         if not np.isfinite(points).all():
@@ -131,19 +157,12 @@ class Server:
         from xspecmesh.decoding.engine import DecodeSettings  # noqa: F811 (loaded already: the engine runs)
 
         settings = DecodeSettings.from_dict(req.get("settings", {})).validate(self.engine.max_heads)
-        job = QueuedRequest(rid, points, settings)
-        with self._cond:
-            if self._stop:
-                raise XSpecMeshError("the backend is shutting down")
-            if rid == self._running or any(j.id == rid for j in self._queue):
-                raise XSpecMeshError(f"request id {rid!r} is already queued or running")
-            self._queue.append(job)
-            self._cond.notify_all()
+        return QueuedRequest(rid, points, settings)
 
     def cancel(self, rid: str) -> None:
         with self._cond:
-            if rid == self._running:
-                self._cancel.set()
+            if rid in self._running:
+                self._cancelled.add(rid)
                 return
             job = next((j for j in self._queue if j.id == rid), None)
             if job is not None:
@@ -156,7 +175,6 @@ class Server:
     def shutdown(self) -> None:
         with self._cond:
             self._stop = True
-            self._cancel.set()
             dropped = list(self._queue)
             self._queue.clear()
             self._cond.notify_all()
@@ -170,73 +188,161 @@ class Server:
         try:
             while True:
                 with self._cond:
-                    while not self._queue and not self._stop and not self._eof:
+                    while (not self._queue or self._holding) and not self._stop and not self._eof:
                         self._cond.wait()
                     if not self._queue:
                         return 1 if self._broken else 0
-                    job = self._queue.popleft()
-                    self._running = job.id
-                    self._cancel.clear()
+                    jobs = self._take()
+                    self._running = {j.id for j in jobs}
+                    self._cancelled.clear()
                 try:
-                    self.decode(job)
+                    if len(jobs) == 1:
+                        self.decode(jobs[0])
+                    else:
+                        self.decode_batch(jobs)
                 finally:
                     with self._cond:
-                        self._running = None
+                        self._running = set()
         except OutputClosed as exc:
             log(f"stdout closed ({exc}); exiting")
             return 1
 
+    def _take(self) -> list[QueuedRequest]:
+        """The next request, and (when batching) every queued one that can share its batch (lock held)."""
+        from xspecmesh.decoding.engine import batch_key
+
+        first = self._queue.popleft()
+        jobs = [first]
+        if self.batch > 1:
+            key = batch_key(first.settings)
+            for job in [j for j in self._queue if batch_key(j.settings) == key]:
+                self._queue.remove(job)
+                jobs.append(job)
+        return jobs
+
+    def _is_cancelled(self, rid: str) -> bool:
+        return self._stop or rid in self._cancelled
+
     def decode(self, job: QueuedRequest) -> None:
-        stats: dict = {}
-        tris: list[np.ndarray] = []  # this request's triangles so far; tris[sent:] are not sent yet
-        sent = 0
-        fitted = None
-        last_faces = last_progress = -float("inf")
-        cancelled = self._cancel.is_set()  # cancelled before it started: nothing to decode
-        try:
-            stream = (u for u in ()) if cancelled else self.engine.retopologize(job.points, job.settings,
-                                                                               self._cancel.is_set)
+        reply = Reply(self, job)
+        with reply.failures():
+            cancelled = self._is_cancelled(job.id)  # cancelled before it started: nothing to decode
+            stream = (u for u in ()) if cancelled else self.engine.retopologize(
+                job.points, job.settings, lambda: self._is_cancelled(job.id))
             try:
                 for upd in stream:
-                    stats, fitted = upd.stats, upd.fitted
-                    if len(upd.triangles):
-                        tris.append(upd.triangles)
-                    # (the last update is a finished request: the engine has looked for a cancel during its fit)
-                    if upd.cancelled or (self._cancel.is_set() and not upd.done):
+                    if not reply.update(upd):
                         cancelled = True
                         break
-                    now = time.monotonic()
-                    if sent < len(tris) and (upd.decoded or now - last_faces >= self.interval):
-                        sent = self._flush(job.id, tris, sent)  # every face goes out before a fit starts
-                        last_faces = now
-                    if not upd.decoded and now - last_progress >= self.interval:
-                        self.send(protocol.progress(job.id, stats))
-                        last_progress = now
-                    if "fit_error" in stats:
-                        log(f"request {job.id!r}: fit failed, sending the mesh as decoded: {stats['fit_error']}")
             finally:
                 stream.close()
-            self._flush(job.id, tris, sent)
-            self.send(protocol.done(job.id, stats or ZERO_STATS, cancelled=cancelled,
-                                    fitted=None if fitted is None else fitted.tolist()))
+            reply.finish(cancelled)
+
+    def decode_batch(self, jobs: list[QueuedRequest]) -> None:
+        """Several requests, `batch` at a time: one whose points the engine refuses fails alone; a cancelled one
+        leaves the batch at the next step (its `done` says cancelled), the others go on."""
+        replies, conds = [], []
+        for job in jobs:
+            reply = Reply(self, job)
+            with reply.failures():
+                conds.append(self.engine.condition(job.points, job.settings.seed))
+                replies.append(reply)
+        if not replies:
+            return
+        stop: set[int] = set()
+        running = set(range(len(replies)))
+        with replies[0].failures(others=replies[1:]):
+            stream = self.engine.stream_batch(conds, [r.job.settings for r in replies], stop, self.batch,
+                                              points=[r.job.points for r in replies],
+                                              cancelled=lambda i: self._is_cancelled(replies[i].job.id))
+            try:
+                for i, upd in stream:
+                    if not replies[i].update(upd):
+                        stop.add(i)
+                    if upd.done or i in stop:
+                        running.discard(i)
+                        with replies[i].failures():
+                            replies[i].finish(i in stop)
+                    for j in [j for j in running if self._is_cancelled(replies[j].job.id)]:  # waiting ones too
+                        stop.add(j)
+                        running.discard(j)
+                        replies[j].finish(True)
+            finally:
+                stream.close()
+            for j in sorted(running):  # what the stream never finished (none unless the engine stopped early)
+                replies[j].finish(self._is_cancelled(replies[j].job.id))
+
+
+class Reply:
+    """One request's answer: its triangles (tris[sent:] not sent yet), faces and progress lines at most every
+    `interval` (every face before a fit starts), and the final `done` or `error`."""
+
+    def __init__(self, server: Server, job: QueuedRequest):
+        self.server, self.job = server, job
+        self.stats: dict = {}
+        self.fitted = None
+        self.tris: list[np.ndarray] = []
+        self.sent = 0
+        self.last_faces = self.last_progress = -float("inf")
+        self.answered = False
+
+    def update(self, upd) -> bool:
+        """Take one engine update and send what is due; False when the request was cancelled."""
+        self.stats, self.fitted = upd.stats, upd.fitted
+        if len(upd.triangles):
+            self.tris.append(upd.triangles)
+        # (the last update is a finished request: the engine has looked for a cancel during its fit)
+        if upd.cancelled or (self.server._is_cancelled(self.job.id) and not upd.done):
+            return False
+        now = time.monotonic()
+        if self.sent < len(self.tris) and (upd.decoded or now - self.last_faces >= self.server.interval):
+            self.flush()  # every face goes out before a fit starts
+            self.last_faces = now
+        if not upd.decoded and now - self.last_progress >= self.server.interval:
+            self.server.send(protocol.progress(self.job.id, self.stats))
+            self.last_progress = now
+        if "fit_error" in self.stats:
+            log(f"request {self.job.id!r}: fit failed, sending the mesh as decoded: {self.stats['fit_error']}")
+        return True
+
+    def flush(self) -> None:
+        """Send tris[sent:] as one faces line (if any)."""
+        if self.sent < len(self.tris):
+            batch = np.concatenate(self.tris[self.sent:]).astype(np.float32).reshape(-1, 3, 3)
+            self.server.send(protocol.faces(self.job.id, batch.tolist()))
+        self.sent = len(self.tris)
+
+    def finish(self, cancelled: bool) -> None:
+        """The remaining faces, then `done`."""
+        if self.answered:
+            return
+        self.flush()
+        self.answered = True
+        self.server.send(protocol.done(self.job.id, self.stats or ZERO_STATS, cancelled=cancelled,
+                                       fitted=None if self.fitted is None or cancelled else self.fitted.tolist()))
+
+    @contextmanager
+    def failures(self, others: list["Reply"] = ()):
+        """Turn an exception into an `error` line for this request (and `others` not yet answered)."""
+        try:
+            yield
         except OutputClosed:
             raise
-        except XSpecMeshError as exc:
-            self.send(protocol.error(job.id, str(exc)))
         except Exception as exc:
-            print(f"xspecmesh serve: request {job.id!r} failed:", file=sys.stderr)
-            traceback.print_exc(file=sys.stderr)
-            self.send(protocol.error(job.id, f"decoding failed: {type(exc).__name__}: {exc}"))
+            if isinstance(exc, XSpecMeshError):
+                message = str(exc)
+            else:
+                print(f"xspecmesh serve: request {self.job.id!r} failed:", file=sys.stderr)
+                traceback.print_exc(file=sys.stderr)
+                message = f"decoding failed: {type(exc).__name__}: {exc}"
+            for reply in [self, *others]:
+                if not reply.answered:
+                    reply.answered = True
+                    self.server.send(protocol.error(reply.job.id, message))
 
-    def _flush(self, rid: str, tris: list[np.ndarray], sent: int) -> int:
-        """Send tris[sent:] as one faces line (if any); returns how many chunks are now sent."""
-        if sent < len(tris):
-            batch = np.concatenate(tris[sent:]).astype(np.float32).reshape(-1, 3, 3)
-            self.send(protocol.faces(rid, batch.tolist()))
-        return len(tris)
 
-
-def serve_main(checkpoint: str | None = None, device: str = "auto", precision: str = "auto") -> int:
+def serve_main(checkpoint: str | None = None, device: str = "auto", precision: str = "auto",
+               batch: int = 8) -> int:
     """Entry point of `xspecmesh serve`: guard stdout, load the model once, say hello, serve until told to stop."""
     sys.stdout.flush()
     try:
@@ -269,7 +375,7 @@ def serve_main(checkpoint: str | None = None, device: str = "auto", precision: s
 
     info = {"version": __version__, **engine.info}
     log(f"ready: {info}")
-    server = Server(engine, out)
+    server = Server(engine, out, batch=batch)
     try:
         server.send(protocol.hello(info))
     except OutputClosed:

@@ -1,0 +1,166 @@
+"""Batched decoding (Engine.stream_batch): each object of a batch gets what decoding it alone gives (greedy), its own
+seed, EOS and limits, and can be dropped mid-batch. Tiny random checkpoints; no timings."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from xspecmesh.decoding.engine import DecodeSettings, Engine
+from xspecmesh.errors import SettingsError
+from xspecmesh.geometry import tokenizer as tok
+from xspecmesh.model.checkpoint import write_random_checkpoint
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    eng = Engine.load(str(write_random_checkpoint(tmp_path_factory.mktemp("ckpt") / "t.safetensors", "tiny", heads=4)),
+                      "cpu")
+    with torch.no_grad():  # EOS likely enough that sampled sequences end at different lengths
+        eng.model.to_logits.bias[tok.EOS] += 3.0
+    return eng
+
+
+def clouds(n, count=256):
+    rng = np.random.default_rng(7)
+    out = []
+    for i in range(n):
+        xyz = rng.normal(size=(count, 3)) * (0.2 + 0.1 * i)
+        out.append(np.concatenate([xyz, xyz / np.linalg.norm(xyz, axis=1, keepdims=True)], 1).astype(np.float32))
+    return out
+
+
+def alone(engine, points, settings):
+    res = engine.generate(points, settings)
+    return res.tokens, res.triangles, res.stats
+
+
+def batched(engine, points, settings, stop_after=None, slots=None):
+    conds = [engine.condition(p, s.seed) for p, s in zip(points, settings)]
+    out = [{"tokens": [], "tris": [], "stats": {}, "updates": 0} for _ in points]
+    stop: set[int] = set()
+    for i, upd in engine.stream_batch(conds, settings, stop, slots):
+        assert not out[i]["stats"].get("done_seen"), "an update after done"
+        out[i]["tokens"] += upd.tokens
+        out[i]["tris"].append(upd.triangles)
+        out[i]["stats"] = upd.stats | {"done_seen": upd.done}
+        out[i]["updates"] += 1
+        if stop_after and i in stop_after and out[i]["updates"] >= stop_after[i]:
+            stop.add(i)
+    for o in out:
+        o["tris"] = np.concatenate(o["tris"]) if o["tris"] else np.zeros((0, 3, 3), np.float32)
+    return out
+
+
+GREEDY = [dict(mode="ar"), dict(mode="spec", accept="greedy"), dict(mode="spec", accept="threshold", delta=0.0),
+          dict(mode="naive")]
+
+
+@pytest.mark.parametrize("slots", [None, 2], ids=["together", "joining"])
+@pytest.mark.parametrize("kw", GREEDY, ids=["ar", "spec-greedy", "spec-threshold", "naive"])
+def test_greedy_batch_gives_each_objects_tokens_alone(engine, kw, slots):
+    pts = clouds(4)
+    settings = [DecodeSettings(temperature=0.0, max_tokens=mt, seed=s, **kw)
+                for s, mt in ((1, 60), (2, 90), (3, 45), (4, 70))]
+    got = batched(engine, pts, [dataclasses.replace(s) for s in settings], slots=slots)
+    for p, s, g in zip(pts, settings, got):
+        tokens, tris, stats = alone(engine, p, s)
+        assert g["tokens"] == tokens
+        np.testing.assert_array_equal(g["tris"], tris)
+        assert g["stats"]["done_seen"] and g["stats"]["complete"] == stats["complete"]
+        assert g["stats"]["tokens"] == len(tokens) <= s.max_tokens
+        assert g["stats"]["batch"] == (slots or 4)
+
+
+@pytest.mark.parametrize("slots", [None, 3], ids=["together", "joining"])
+@pytest.mark.parametrize("kw", [dict(mode="ar"), dict(mode="spec", accept="exact"), dict(mode="spec", accept="topk"),
+                                dict(mode="spec", accept="threshold")], ids=["ar", "exact", "topk", "threshold"])
+def test_sampled_batch_is_reproducible_and_each_seed_counts(engine, kw, slots):
+    pts = clouds(5)
+    settings = [DecodeSettings(temperature=1.0, max_tokens=120, seed=s, **kw) for s in (5, 6, 7, 8, 9)]
+    first = batched(engine, pts, settings, slots=slots)
+    assert all(o["stats"]["done_seen"] for o in first)
+    again = batched(engine, pts, [dataclasses.replace(s) for s in settings], slots=slots)
+    assert [o["tokens"] for o in first] == [o["tokens"] for o in again]
+    reseeded = batched(engine, pts, [dataclasses.replace(s, seed=s.seed + 100) for s in settings], slots=slots)
+    assert [o["tokens"] for o in first] != [o["tokens"] for o in reseeded]
+
+
+@pytest.mark.parametrize("slots", [None, 2], ids=["together", "joining"])
+def test_ar_sampling_per_sequence_seed_matches_decoding_alone(engine, slots):
+    """AR draws one number per step from the object's own generator, so even sampled tokens match decoding alone
+    (a joining object starts its own generator when it takes a slot)."""
+    pts = clouds(4)
+    settings = [DecodeSettings(mode="ar", temperature=1.0, max_tokens=80, seed=s) for s in (11, 12, 13, 14)]
+    got = batched(engine, pts, settings, slots=slots)
+    lengths = set()
+    for p, s, g in zip(pts, settings, got):
+        assert g["tokens"] == alone(engine, p, s)[0]
+        lengths.add(len(g["tokens"]))
+    assert len(lengths) > 1  # sequences ended at their own EOS, at different lengths
+
+
+@pytest.mark.parametrize("slots", [None, 2], ids=["together", "joining"])
+@pytest.mark.parametrize("mode", ["ar", "spec"])
+def test_each_object_stops_at_its_own_face_and_token_limits(engine, mode, slots):
+    pts = clouds(3)
+    settings = [DecodeSettings(mode=mode, temperature=0.0, max_tokens=200, max_faces=2, seed=1),
+                DecodeSettings(mode=mode, temperature=0.0, max_tokens=30, seed=2),
+                DecodeSettings(mode=mode, temperature=0.0, max_tokens=200, seed=3)]
+    with torch.no_grad():
+        bias = engine.model.to_logits.bias[tok.EOS].item()
+        engine.model.to_logits.bias[tok.EOS] = -1e4  # no EOS: only the limits stop a sequence
+    try:
+        got = batched(engine, pts, settings, slots=slots)
+    finally:
+        with torch.no_grad():
+            engine.model.to_logits.bias[tok.EOS] = bias
+    assert got[0]["stats"]["faces"] == len(got[0]["tris"]) == 2 and not got[0]["stats"]["complete"]
+    assert len(got[1]["tokens"]) == 30 and not got[1]["stats"]["complete"]
+    assert len(got[2]["tokens"]) == min(200, engine.model.cfg.max_seq_len - 9)
+    assert got[0]["updates"] < got[1]["updates"] < got[2]["updates"]
+    if slots and mode == "ar":  # the third object took the first one's slot once that one was full
+        assert got[2]["stats"]["batch_steps"] > got[2]["updates"]
+
+
+@pytest.mark.parametrize("slots", [None, 2], ids=["together", "joining"])
+def test_a_dropped_object_stops_and_the_others_finish_unchanged(engine, slots):
+    pts = clouds(3)
+    settings = [DecodeSettings(mode="spec", temperature=0.0, max_tokens=80, seed=s) for s in (1, 2, 3)]
+    full = batched(engine, pts, settings, slots=slots)
+    cut = batched(engine, pts, [dataclasses.replace(s) for s in settings], stop_after={1: 2}, slots=slots)
+    assert cut[1]["updates"] == 2 and not cut[1]["stats"]["done_seen"]
+    assert cut[1]["tokens"] == full[1]["tokens"][: len(cut[1]["tokens"])]
+    assert [cut[i]["tokens"] for i in (0, 2)] == [full[i]["tokens"] for i in (0, 2)]
+
+
+def test_a_batch_refuses_mixed_settings(engine):
+    conds = [engine.condition(p, 0) for p in clouds(2)]
+    with pytest.raises(SettingsError, match="share"):
+        list(engine.stream_batch(conds, [DecodeSettings(mode="ar"), DecodeSettings(mode="spec")]))
+
+
+@pytest.mark.parametrize("mode", ["ar"])  # (speculative decoding goes in rounds: see Engine.stream_batch)
+def test_finished_objects_leave_the_batch_and_the_rest_is_unchanged(engine, mode, monkeypatch):
+    from xspecmesh.model.kv_cache import KVCache
+
+    kept = []
+    keep = KVCache.keep
+    monkeypatch.setattr(KVCache, "keep", lambda self, rows: (kept.append(rows.tolist()), keep(self, rows))[1])
+    pts = clouds(4)
+    settings = [DecodeSettings(mode=mode, temperature=0.0, max_tokens=mt, seed=s)
+                for s, mt in ((1, 20), (2, 90), (3, 30), (4, 70))]
+    got = batched(engine, pts, settings, slots=3)  # the fourth joins, then the batch drains
+    assert kept and len(kept[-1]) < 3, "no sequence left the batch"
+    for p, s, g in zip(pts, settings, got):
+        assert g["tokens"] == alone(engine, p, s)[0]
+
+
+def test_one_slot_decodes_every_object_in_turn(engine):
+    pts = clouds(3)
+    settings = [DecodeSettings(mode="ar", temperature=0.0, max_tokens=30, seed=s) for s in (1, 2, 3)]
+    got = batched(engine, pts, settings, slots=1)
+    for p, s, g in zip(pts, settings, got):
+        assert g["stats"]["done_seen"] and g["tokens"] == alone(engine, p, s)[0]
