@@ -3,7 +3,7 @@
 
     python3 build.py demo     # set up .venv, build the extension, run the main job in headless Blender
     python3 build.py test     # set up .venv and run the test suite
-    python3 build.py setup    # only create/refresh .venv
+    python3 build.py setup    # only create/refresh .venv (and .venv-bpy42, .venv-bpy45: Blender 4.2/4.5 LTS)
     python3 build.py          # build dist/xspecmesh-<version>.zip
 
 Standard library only: it runs with the system Python 3.11 before anything is installed.
@@ -20,10 +20,14 @@ ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
 # On our machines torch 2.13.0 is a CPU build on disk; anything unpinned downloads a multi-GB CUDA build.
 TORCH_PIN = "torch==2.13.0"
+# Blender's LTS releases, each tested from its own venv (.venv-bpy42, ...) next to .venv's bpy 5.0 (pyproject.toml's
+# `blender` extra); the oldest is the manifest's blender_version_min. Only bpy and numpy: the backend those Blenders
+# start runs in .venv.
+BLENDER_LTS = {"42": "bpy==4.2.23", "45": "bpy==4.5.15"}
 
 
-def venv_python() -> Path:
-    return VENV / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+def venv_python(venv: Path = VENV) -> Path:
+    return venv / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
 
 
 def run(cmd: list[str], **kw) -> None:
@@ -48,8 +52,28 @@ def setup() -> Path:
     return py
 
 
+def blender_venv(tag: str) -> Path:
+    return ROOT / f".venv-bpy{tag}"
+
+
+def setup_blender_lts() -> None:
+    """Create each .venv-bpyNN when missing (bpy wheels exist for Python 3.11 only)."""
+    if sys.version_info[:2] != (3, 11):
+        print("build.py: Blender LTS venvs need Python 3.11 (bpy's); their tests are skipped", flush=True)
+        return
+    for tag, spec in BLENDER_LTS.items():
+        venv = blender_venv(tag)
+        stamp = venv / ".xspecmesh-installed"
+        if stamp.exists() and stamp.read_text() == spec:
+            continue
+        run([sys.executable, "-m", "venv", "--clear", venv])
+        run([venv_python(venv), "-m", "pip", "install", "-q", spec, "numpy<2"])
+        stamp.write_text(spec)
+
+
 def test(args: list[str]) -> int:
     py = setup()
+    setup_blender_lts()
     return subprocess.call([str(py), "-m", "pytest", "-q", *args], cwd=ROOT)
 
 
@@ -57,6 +81,7 @@ def main(argv: list[str]) -> int:
     cmd = argv[0] if argv else "zip"
     if cmd == "setup":
         setup()
+        setup_blender_lts()
         return 0
     if cmd == "test":
         return test(argv[1:])

@@ -1,5 +1,5 @@
-"""Import the add-on's bpy-free modules (xspecmesh_addon/<name>.py, relative imports included) without its
-bpy-needing __init__, for the tests that run without Blender."""
+"""Import the add-on's bpy-free modules (`addon_module("core.client")` is xspecmesh_addon/core/client.py, relative
+imports included) without its bpy-needing __init__, for the tests that run without Blender."""
 from __future__ import annotations
 
 import sys

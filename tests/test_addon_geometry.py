@@ -10,8 +10,8 @@ from addon_modules import addon_module
 
 
 
-buffers = addon_module("buffers")
-sampling = addon_module("sampling")
+buffers = addon_module("core.buffers")
+sampling = addon_module("core.sampling")
 
 
 def cube_triangles(size: float = 2.0, centre=(0.0, 0.0, 0.0)) -> np.ndarray:

@@ -11,9 +11,9 @@ from addon_modules import addon_module
 
 
 
-request = addon_module("request")
-locations = addon_module("locations")
-service = addon_module("service")
+request = addon_module("core.request")
+locations = addon_module("core.locations")
+service = addon_module("core.service")
 
 
 def test_request_defaults_are_the_papers():
@@ -24,8 +24,8 @@ def test_request_defaults_are_the_papers():
 def test_request_settings_are_what_the_backend_accepts():
     from xspecmesh.decoding.engine import DecodeSettings
 
-    settings = request.DecodeRequest.build(mode="ar", heads=3, delta=0.25, accept="exact", seed=9,
-                                           adaptive=1, fit=0).settings()
+    settings = request.DecodeRequest(mode="ar", heads=3, delta=0.25, accept="exact", seed=9, adaptive=True,
+                                     fit=False).settings()
     assert set(settings) == {"mode", "heads", "adaptive", "delta", "accept", "temperature", "top_k", "top_p",
                              "max_tokens", "max_faces", "seed", "fit"}
     assert settings["mode"] == "ar" and settings["heads"] == 3 and settings["delta"] == 0.25
@@ -35,20 +35,24 @@ def test_request_settings_are_what_the_backend_accepts():
     assert DecodeSettings.from_dict(request.DecodeRequest().settings()).fit
 
 
-def test_request_clamps_and_caps_heads():
-    r = request.DecodeRequest.build(heads=8, delta=1.5, temperature=-1, max_faces=0, top_p=0, seed=-1)
-    assert (r.heads, r.delta, r.temperature, r.max_faces) == (8, 1.0, 0.0, 1)
-    assert 0 < r.top_p <= 1 and r.seed >= 0
-    assert request.DecodeRequest.build(heads=8, heads_cap=6).heads == 6
-    assert request.DecodeRequest.build(heads=0, heads_cap=6).heads == 1
-    assert request.DecodeRequest.build(heads=5, heads_cap=None).heads == 5
+def test_request_refuses_out_of_range_values_and_caps_heads():
+    for bad in ({"delta": 1.5}, {"temperature": -1}, {"max_faces": 0}, {"top_p": 0}, {"seed": -1}, {"heads": 9},
+                {"seed": 2**31}, {"fit": 1}, {"delta": float("nan")}, {"topk_accept": 3}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            request.DecodeRequest(**bad)
+    assert request.DecodeRequest(heads=8, heads_cap=6).heads == 6
+    assert request.DecodeRequest(heads=8).capped(3).heads == 3
+    assert request.DecodeRequest(heads=5, heads_cap=None).heads == 5
+    assert request.DecodeRequest(max_faces=None).max_faces is None and request.DecodeRequest(seed=2**31 - 1).seed
 
 
-def test_request_refuses_unknown_choices():
+def test_request_refuses_unknown_choices_and_settings():
     with pytest.raises(ValueError, match="mode"):
         request.DecodeRequest(mode="fast")
     with pytest.raises(ValueError, match="accept"):
-        request.DecodeRequest.build(accept="maybe")
+        request.DecodeRequest(accept="maybe")
+    with pytest.raises(ValueError, match="bogus"):
+        request.DecodeRequest(bogus=1)
 
 
 def _checkout(tmp_path: Path, with_venv: bool) -> Path:

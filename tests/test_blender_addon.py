@@ -1,7 +1,9 @@
-"""The add-on in real Blender (bpy 5.0.1, headless): install the built zip, run every operator and every error case.
+"""The add-on in real Blender, headless: install the built zip, run every operator and every error case, in each
+supported Blender: bpy 5.0 (this venv) and the LTS releases 4.2 and 4.5 (`.venv-bpy42`, `.venv-bpy45`, made by
+`build.py`).
 
-Blender runs in one subprocess of the venv's Python (this file run as a script), so bpy's module state and the
-backend process stay out of the pytest process. The child installs the zip with Blender's own installer, points the
+Blender runs in one subprocess per version (this file run as a script by that version's Python), so bpy's module
+state and the backend process stay out of the pytest process; the backend runs in this (pytest's) Python. The child installs the zip with Blender's own installer, points the
 preferences at this Python and a tiny random checkpoint, runs each `scenario_*` below (plain asserts), and writes
 pass/fail with the traceback to a JSON file; each pytest test reports one scenario. Generations are capped at a few
 faces so the whole module stays well under a minute.
@@ -23,8 +25,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 MODULE = "bl_ext.user_default.xspecmesh"
+# (Blender version, the Python that imports its bpy); the first is this venv's, the others build.py's LTS venvs
+BLENDERS = (("5.0", Path(sys.executable)), ("4.2", ROOT / ".venv-bpy42" / "bin" / "python"),
+            ("4.5", ROOT / ".venv-bpy45" / "bin" / "python"))
 SCENARIOS = (
     "installed",
+    "settings_match_schema",
     "retopologize",
     "settings_reach_backend",
     "ar_mode_and_hide_source",
@@ -44,6 +50,7 @@ SCENARIOS = (
     "error_backend_crash",
     "cancel_while_starting",
     "unregister_stops_backend",
+    "install_needs_online_access",
 )
 
 # ------------------------------------------------------------------------------------------------ pytest side
@@ -53,11 +60,13 @@ if __name__ != "__main__":
 
     pytestmark = [
         pytest.mark.blender,
-        pytest.mark.skipif(importlib.util.find_spec("bpy") is None, reason="bpy is not installed"),
     ]
 
-    @pytest.fixture(scope="module")
-    def blender_run(tmp_path_factory):
+    @pytest.fixture(scope="module", params=BLENDERS, ids=[version for version, _ in BLENDERS])
+    def blender_run(request, tmp_path_factory):
+        version, blender_python = request.param
+        if version == "5.0" and importlib.util.find_spec("bpy") is None or not blender_python.exists():
+            pytest.skip(f"no bpy {version} ({blender_python} is missing: python3 build.py setup makes it)")
         tmp = tmp_path_factory.mktemp("blender")
         sys.path.insert(0, str(ROOT / "tools"))
         try:
@@ -71,8 +80,9 @@ if __name__ != "__main__":
         checkpoint = tmp / "tiny.safetensors"
         write_random_checkpoint(checkpoint, heads=4, seed=0)
         results = tmp / "results.json"
-        cmd = [sys.executable, __file__, "--zip", str(package), "--checkpoint", str(checkpoint),
-               "--results", str(results), "--tmp", str(tmp)]
+        cmd = [str(blender_python), __file__, "--zip", str(package), "--checkpoint", str(checkpoint),
+               "--results", str(results), "--tmp", str(tmp), "--backend-python", sys.executable,
+               "--blender-version", version]
         env = {k: v for k, v in os.environ.items() if k != "XSPECMESH_BACKEND_PYTHON"}
         env["BLENDER_USER_RESOURCES"] = str(tmp / "blender_user")
         env["OMP_NUM_THREADS"] = "1"  # the tiny model gains nothing from threads on a shared machine
@@ -81,6 +91,33 @@ if __name__ != "__main__":
         if not results.exists():
             pytest.fail(f"the Blender session wrote no results (exit {proc.returncode}):\n{log}")
         return json.loads(results.read_text()), log
+
+    @pytest.mark.slow
+    def test_install_backend_end_to_end(tmp_path):
+        """Install Backend for real, headless in Blender 5.0: a venv in the extension's user directory (under this
+        test's folder), torch and the backend's packages from the registry (pip's cache and this machine's torch
+        wheel keep it to minutes), then the backend started from it answers hello and retopologizes a cube."""
+        sys.path.insert(0, str(ROOT / "tools"))
+        try:
+            import zip as zip_tool
+        finally:
+            sys.path.pop(0)
+        package = zip_tool.build(tmp_path / "dist", with_checkpoint=False)
+        from xspecmesh.model.checkpoint import write_random_checkpoint
+
+        checkpoint = tmp_path / "tiny.safetensors"
+        write_random_checkpoint(checkpoint, heads=4, seed=0)
+        results = tmp_path / "results.json"
+        cmd = [sys.executable, __file__, "--zip", str(package), "--checkpoint", str(checkpoint), "--results",
+               str(results), "--tmp", str(tmp_path), "--backend-python", sys.executable, "--blender-version", "5.0",
+               "--only", "install_backend"]
+        env = {k: v for k, v in os.environ.items() if k != "XSPECMESH_BACKEND_PYTHON"}
+        env["BLENDER_USER_RESOURCES"] = str(tmp_path / "blender_user")
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, env=env, cwd=tmp_path)
+        log = proc.stdout[-6000:] + proc.stderr[-6000:]
+        assert results.exists(), log
+        outcome = json.loads(results.read_text())["install_backend"]
+        assert outcome["ok"], outcome["error"] + log
 
     @pytest.mark.parametrize("name", SCENARIOS)
     def test_blender(blender_run, name):
@@ -103,8 +140,9 @@ class Session:
         self.bpy = bpy
         self.args = args
         self.addon = sys.modules[MODULE]
-        self.job = sys.modules[f"{MODULE}.job"]
-        self.service = sys.modules[f"{MODULE}.service"]
+        self.job = sys.modules[f"{MODULE}.blender.job"]
+        self.service = sys.modules[f"{MODULE}.core.service"]
+        self.schema = sys.modules[f"{MODULE}.core.settings_schema"]
         self.prefs = bpy.context.preferences.addons[MODULE].preferences
         self.tmp = Path(args.tmp)
 
@@ -122,7 +160,8 @@ class Session:
         for coll in list(bpy.data.collections):
             bpy.data.collections.remove(coll)
         self.job.listeners.clear()
-        self.prefs.backend_python = sys.executable
+        self.prefs = bpy.context.preferences.addons[MODULE].preferences  # anew: a scenario may re-enable the add-on
+        self.prefs.backend_python = self.args.backend_python
         self.prefs.checkpoint = self.args.checkpoint
         self.prefs.device = "cpu"
         s = self.settings
@@ -194,7 +233,7 @@ def scenario_installed(s: Session):
     assert MODULE in bpy.context.preferences.addons
     for op in ("retopologize", "retopologize_collection", "cancel", "test_backend", "stop_backend"):
         assert hasattr(bpy.ops.xspecmesh, op), op
-    assert len(s.addon.CLASSES) == 8
+    assert len(s.addon.CLASSES) == 10
     for name in ("delta", "heads", "accept", "max_faces", "temperature", "seed", "mode"):
         assert hasattr(s.settings, name), name
     for name in ("backend_python", "checkpoint", "device"):
@@ -205,6 +244,34 @@ def scenario_installed(s: Session):
     assert s.settings.heads == 4
     assert s.settings.to_request().heads == 4
     assert "torch" not in sys.modules, "the add-on (or Blender) imported torch"
+    assert "%d.%d" % bpy.app.version[:2] == s.args.blender_version, bpy.app.version_string
+
+
+def scenario_settings_match_schema(s: Session):
+    """Each scene property's default and range are the schema's (the panel's `max_faces` 0 is the schema's None)."""
+    props = s.settings.bl_rna.properties
+    for setting in s.schema.DECODE:
+        if setting.name not in props:
+            assert setting.name in ("topk_accept", "top_k", "top_p", "max_tokens", "precision"), setting.name  # not
+            # in the panel (precision is a preference, checked below)
+            continue
+        prop = props[setting.name]
+        if setting.choices:
+            assert {item.identifier for item in prop.enum_items} <= set(setting.values), setting.name
+            assert prop.default == setting.default, setting.name
+        elif setting.optional:
+            assert prop.default == 0 and prop.hard_min == 0, setting.name
+        else:
+            assert prop.default == setting.default, (setting.name, prop.default, setting.default)
+            if setting.type is not bool:
+                assert (prop.hard_min, prop.hard_max) == (setting.min, setting.max), setting.name
+    s.settings.property_unset("max_faces")
+    assert s.settings.to_request().settings() == {k: v for k, v in s.schema.defaults().items()
+                                                  if k not in ("topk_accept", "precision")}
+    s.settings.seed = 2**31 - 1
+    assert s.settings.to_request().seed == 2**31 - 1
+    assert s.prefs.precision == "auto" and {i.identifier for i in s.prefs.bl_rna.properties["precision"].enum_items} \
+        == set(s.schema.SETTINGS["precision"].values)
 
 
 def scenario_retopologize(s: Session):
@@ -449,7 +516,7 @@ def _check_draw(s: Session, panel, owner=None) -> list:
         panel.draw(SimpleNamespace(layout=_Layout(calls), draw_progress=panel.draw_progress), s.bpy.context)
     else:
         fake = SimpleNamespace(layout=_Layout(calls), bl_rna=owner.bl_rna,
-                               **{k: getattr(owner, k) for k in ("backend_python", "checkpoint", "device")})
+                               **{k: getattr(owner, k) for k in owner.bl_rna.properties.keys() if k != "rna_type"})
         type(owner).draw(fake, s.bpy.context)
     icons = set(s.bpy.types.UILayout.bl_rna.functions["label"].parameters["icon"].enum_items.keys())
     for name, args, kwargs in calls:
@@ -471,7 +538,7 @@ def scenario_panel_draws(s: Session):
     assert (panel.bl_space_type, panel.bl_region_type, panel.bl_category) == ("VIEW_3D", "UI", "XSpecMesh")
     idle = _check_draw(s, panel)
     assert "progress" not in idle and idle.count("prop") >= 7
-    assert _check_draw(s, None, owner=s.prefs).count("operator") == 2  # Test Backend, Stop Backend
+    assert _check_draw(s, None, owner=s.prefs).count("operator") == 3  # Test, Stop, Install Backend
     s.cube()
     running = []
     s.job.listeners.append(lambda run: running.append(_check_draw(s, panel)) if run.job and not running else None)
@@ -486,7 +553,7 @@ def scenario_modal_path(s: Session):
     from types import SimpleNamespace
 
     bpy = s.bpy
-    ops = sys.modules[f"{MODULE}.operators"]
+    ops = sys.modules[f"{MODULE}.blender.operators"]
     assert {"type", "value"} <= set(bpy.types.Event.bl_rna.properties.keys())  # all the fake events carry
     src = s.cube()
 
@@ -645,6 +712,41 @@ def scenario_unregister_stops_backend(s: Session):
     bpy.ops.preferences.addon_enable(module=MODULE)
 
 
+def _install_module(s: Session):
+    return sys.modules[f"{MODULE}.blender.install"]
+
+
+def scenario_install_needs_online_access(s: Session):
+    bpy = s.bpy
+    bpy.context.preferences.system.use_online_access = False
+    assert not bpy.app.online_access
+    folder = _install_module(s).folder(create=False)
+    s.raises(bpy.ops.xspecmesh.install_backend, "Allow Online Access")
+    assert not (folder / "env").exists() and not (folder / "env.partial").exists()
+    assert _check_draw(s, None, owner=s.prefs).count("operator") == 3
+
+
+def scenario_install_backend(s: Session):
+    """(Run by test_install_backend_end_to_end only.) The real install, from the registry, then hello."""
+    bpy = s.bpy
+    bpy.context.preferences.system.use_online_access = True
+    assert bpy.app.online_access
+    s.prefs.torch_requirement = "torch==2.13.0"  # on this machine: a CPU build on disk
+    s.prefs.torch_index_url = "https://pypi.org/simple"
+    assert bpy.ops.xspecmesh.install_backend() == {"FINISHED"}
+    run = _install_module(s).CURRENT
+    print("\n".join(list(run.log)[-10:]), f"\ninstall took {run.seconds:.0f} s", flush=True)
+    assert run.state == "done" and run.python.is_file()
+    assert Path(os.environ["BLENDER_USER_RESOURCES"]) in run.env.parents and (run.env / "xspecmesh-ready.json").is_file()
+    assert s.prefs.backend_python == str(run.python)
+    client = s.service.current()
+    assert client.python == str(run.python) and client.hello["heads"] == 4, client.hello
+    s.cube()
+    s.settings.max_faces = 4
+    assert bpy.ops.xspecmesh.retopologize() == {"FINISHED"}
+    assert s.job.LAST.outcomes[0].state == "done" and s.job.LAST.outcomes[0].faces > 0
+
+
 def child_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--zip", required=True)
@@ -652,6 +754,8 @@ def child_main(argv: list[str]) -> int:
     parser.add_argument("--results", required=True)
     parser.add_argument("--tmp", required=True)
     parser.add_argument("--only", nargs="*", default=None)
+    parser.add_argument("--backend-python", required=True, help="a Python with torch and xspecmesh")
+    parser.add_argument("--blender-version", required=True, help="the version this Python's bpy must be")
     args = parser.parse_args(argv)
     os.environ.setdefault("BLENDER_USER_RESOURCES", str(Path(args.tmp) / "blender_user"))
     import bpy
@@ -669,6 +773,8 @@ def child_main(argv: list[str]) -> int:
         t = time.perf_counter()
         try:
             session.reset()
+            if name == "install_backend":  # reset() points Backend Python at the test's; the install replaces it
+                session.prefs.backend_python = ""
             globals()[f"scenario_{name}"](session)
             results[name] = {"ok": True}
         except Exception:

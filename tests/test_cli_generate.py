@@ -53,13 +53,13 @@ def test_generate_mesh_json_and_determinism(ckpt, tmp_path):
 
 def test_fit_is_skipped_for_a_mesh_cut_at_the_token_limit(ckpt, tmp_path):
     runs = {}
-    for fit in ("", "--fit"):
+    for fit in ("--no-fit", "--fit"):
         out = tmp_path / f"o{fit}.obj"
         r = cli("generate", REF / "box.obj", "-o", out, "--checkpoint", ckpt, "--max-tokens", "60", "--json",
-                "--mode", "ar", "--seed", "2", *([fit] if fit else []))
+                "--mode", "ar", "--seed", "2", fit)
         assert r.returncode == 0, r.stderr
         runs[fit] = json.loads(r.stdout), trimesh.load(out, force="mesh", process=False)
-    (plain, a), (cut, b) = runs[""], runs["--fit"]
+    (plain, a), (cut, b) = runs["--no-fit"], runs["--fit"]
     assert plain["complete"] is False and "fit_skipped" not in plain  # a random model never says EOS this soon
     assert "limit" in cut["fit_skipped"] and "fit_distance_after" not in cut
     assert np.array_equal(a.vertices, b.vertices) and np.array_equal(a.faces, b.faces)

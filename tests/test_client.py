@@ -20,7 +20,7 @@ from addon_modules import addon_module
 ROOT = Path(__file__).resolve().parents[1]
 ADDON = ROOT / "xspecmesh_addon"
 
-client_mod = addon_module("client")
+client_mod = addon_module("core.client")
 BackendClient, BackendError = client_mod.BackendClient, client_mod.BackendError
 
 
@@ -237,7 +237,7 @@ def test_client_runs_on_python_313(fake_backend):
     """The client under Python 3.13 (Blender's next Python) against the stand-in backend run by this Python."""
     script = textwrap.dedent(f"""
         import array, json, sys, time, types
-        pkg = types.ModuleType("addon"); pkg.__path__ = [{str(ADDON)!r}]; sys.modules["addon"] = pkg
+        pkg = types.ModuleType("addon"); pkg.__path__ = [{str(ADDON / "core")!r}]; sys.modules["addon"] = pkg
         from addon.client import BackendClient
         pts = array.array("f", [0.5] * (512 * 6))
         with BackendClient({sys.executable!r}, backend_path={fake_backend!r}) as c:

@@ -7,26 +7,16 @@ import base64
 import json
 import math
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
 import pytest
+from addon_modules import addon_module
 
 from xspecmesh.serving import protocol
 
 ROOT = Path(__file__).resolve().parents[1]
 ADDON = ROOT / "xspecmesh_addon"
-
-
-def addon_module(name: str):
-    """Import xspecmesh_addon/<name>.py as Blender would (relative imports work) without running the add-on's
-    __init__.py, which needs bpy."""
-    if "_xsm_addon" not in sys.modules:
-        pkg = types.ModuleType("_xsm_addon")
-        pkg.__path__ = [str(ADDON)]
-        sys.modules["_xsm_addon"] = pkg
-    return __import__(f"_xsm_addon.{name}", fromlist=["_"])
 
 
 def points_bytes(n: int, seed: int = 0) -> bytes:
@@ -36,12 +26,12 @@ def points_bytes(n: int, seed: int = 0) -> bytes:
 
 def test_addon_copy_is_byte_identical():
     canonical = (ROOT / "backend/xspecmesh/serving/protocol.py").read_bytes()
-    assert (ADDON / "protocol.py").read_bytes() == canonical, (
-        "xspecmesh_addon/protocol.py differs from the canonical backend/xspecmesh/serving/protocol.py; "
-        "run: cp backend/xspecmesh/serving/protocol.py xspecmesh_addon/protocol.py")
+    assert (ADDON / "core" / "protocol.py").read_bytes() == canonical, (
+        "xspecmesh_addon/core/protocol.py differs from the canonical backend/xspecmesh/serving/protocol.py; "
+        "run: cp backend/xspecmesh/serving/protocol.py xspecmesh_addon/core/protocol.py")
 
 
-@pytest.mark.parametrize("name", ["protocol.py", "client.py"])
+@pytest.mark.parametrize("name", ["core/protocol.py", "core/client.py", "core/settings_schema.py"])
 def test_addon_side_modules_use_only_stdlib_and_relative_imports(name):
     tree = ast.parse((ADDON / name).read_text())
     for node in ast.walk(tree):
@@ -147,6 +137,6 @@ def test_bad_replies_are_refused(msg):
 
 
 def test_addon_copy_imports_standalone():
-    mod = addon_module("protocol")
+    mod = addon_module("core.protocol")
     assert mod.PROTOCOL_VERSION == protocol.PROTOCOL_VERSION
     assert mod.read_request(protocol.encode(protocol.cancel("z")))["id"] == "z"

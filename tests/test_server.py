@@ -189,7 +189,7 @@ def test_generate_collects_the_pipeline(monkeypatch):
     result = engine.generate(pts, DecodeSettings(max_tokens=3, fit=True))
     assert len(result.triangles) == 6 and np.array_equal(result.mesh, result.triangles + 0.5)
     assert result.stats["fit_seconds"] == 0.0 and result.tokens == [0, 1, 2]
-    plain = engine.generate(pts, DecodeSettings(max_tokens=3))
+    plain = engine.generate(pts, DecodeSettings(max_tokens=3, fit=False))
     assert plain.fitted is None and plain.mesh is plain.triangles and "fit_seconds" not in plain.stats
     last = list(engine.retopologize(pts, DecodeSettings(max_tokens=3, fit=True), cancelled=lambda: True))[-1]
     assert last.cancelled and last.fitted is None and last.stats["fit_skipped"] == "cancelled"
@@ -217,15 +217,23 @@ def test_bad_requests_get_errors_and_serving_goes_on():
                            "points": base64.b64encode(bad_points.tobytes()).decode()}).encode()
     with serving(delay=0.01) as (srv, sink):
         srv.handle_line(generate_line("slow", {"max_tokens": 30}))
-        for line in [b"{oops", b'{"type": "dance", "id": "u"}', nan_line, generate_line("h", {"heads": 5}),
+        for line in [b"{oops", b'{"type": "dance", "id": "u"}', nan_line, generate_line("h", {"heads": 9}),
                      generate_line("slow"), b"   \n", protocol.encode(protocol.cancel("nobody"))]:
             srv.handle_line(line)
         srv.handle_line(generate_line("ok"))
         sink.wait_for(lambda m: m["id"] == "ok" and m["type"] == "done")
     errors = [(m["id"], m["message"]) for m in sink.messages() if m["type"] == "error"]
     assert [e[0] for e in errors] == [None, "u", "nan", "h", "slow"]
-    assert "NaN" in errors[2][1] and "heads=5 but the checkpoint has 4" in errors[3][1]
+    assert "NaN" in errors[2][1] and "heads must be between 1 and 8" in errors[3][1]
     assert "already queued or running" in errors[4][1]
+
+
+def test_more_heads_than_the_checkpoint_has_are_all_of_its_heads():
+    with serving() as (srv, sink):
+        srv.handle_line(generate_line("h", {"heads": 8}))
+        srv.handle_line(generate_line("a", {"heads": 8, "mode": "ar"}))
+        sink.wait_for(lambda m: m["id"] == "a" and m["type"] == "done")
+    assert [s.heads for s in srv.engine.streamed] == [4, 8]  # AR drafts nothing
 
 
 def test_exception_while_decoding_is_an_error_reply(capsys):

@@ -94,7 +94,7 @@ def world_mesh(bpy, obj):
     """The evaluated object in world space as a trimesh (read by the add-on's own sampling code)."""
     import trimesh
 
-    tris, _ = sys.modules[f"{MODULE}.sampling"].object_triangles(obj, bpy.context.evaluated_depsgraph_get())
+    tris, _ = sys.modules[f"{MODULE}.core.sampling"].object_triangles(obj, bpy.context.evaluated_depsgraph_get())
     return trimesh.Trimesh(tris.reshape(-1, 3), np.arange(len(tris) * 3).reshape(-1, 3), process=True)
 
 
@@ -281,7 +281,7 @@ def run(args) -> int:
     (out / "demo.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
     for name in ("demo.blend", "demo_retopo.obj", "demo.png", "demo.json"):
         print(f"wrote {out / name}")
-    sys.modules[f"{MODULE}.service"].stop()
+    sys.modules[f"{MODULE}.core.service"].stop()
     return 0 if all(r["faces"] > 0 for r in rows) else 1
 
 

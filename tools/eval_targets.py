@@ -107,7 +107,7 @@ def main(argv=None) -> int:
         ref = trimesh.Trimesh(*tokenizer.decode_mesh(pair.tokens), process=False)
         box_cds.append(evaluate(bbox_mesh(ref), ref, seed=i)["cd_10k"])
         ar = engine.generate(pair.points, DecodeSettings(mode="ar", seed=i, max_tokens=args.max_tokens,
-                                                         temperature=args.temperature))
+                                                         temperature=args.temperature, fit=False))
         if len(ar.triangles):
             ok += 1
             cds.append(evaluate(as_mesh(ar.triangles), ref, seed=i)["cd_10k"])
@@ -116,7 +116,7 @@ def main(argv=None) -> int:
             continue
         spec = engine.generate(pair.points, DecodeSettings(mode="spec", heads=args.heads, delta=args.delta, seed=i,
                                                            max_tokens=args.max_tokens, adaptive=args.adaptive,
-                                                           temperature=args.temperature))
+                                                           temperature=args.temperature, fit=False))
         if len(spec.triangles):
             spec_cds.append(evaluate(as_mesh(spec.triangles), ref, seed=i)["cd_10k"])
         tokens, steps = tokens + spec.stats["tokens"], steps + spec.stats["steps"]

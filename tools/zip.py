@@ -3,9 +3,10 @@
 Layout inside the zip (what Blender installs as one extension folder):
 
     blender_manifest.toml          the repo root's manifest
-    __init__.py, *.py              the add-on (xspecmesh_addon/), at the root as Blender expects
+    __init__.py, core/, blender/   the add-on (xspecmesh_addon/), at the root as Blender expects
     build_info.json                version and the checkout it was built from (the add-on finds the .venv there)
     backend/xspecmesh/...          the backend package source, put on the backend's import path by the client
+    backend/requirements.txt       the backend's dependencies, which Install Backend pip-installs
     backend/xspecmesh/weights/default.safetensors   the shipped checkpoint, when it exists
 
 The zip is then checked with Blender's own extension tool (`blender_ext.py validate` from the bl_pkg add-on shipped
@@ -25,6 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 ADDON = ROOT / "xspecmesh_addon"
 BACKEND = ROOT / "backend" / "xspecmesh"
+REQUIREMENTS = ROOT / "backend" / "requirements.txt"
 MANIFEST = ROOT / "blender_manifest.toml"
 CHECKPOINT = BACKEND / "weights" / "default.safetensors"
 CHECKPOINT_ARCNAME = "backend/xspecmesh/weights/default.safetensors"
@@ -49,7 +51,8 @@ def version() -> str:
 def entries(with_checkpoint: bool = True) -> list[tuple[Path, str]]:
     """(source file, path inside the zip), sorted."""
     files = [(MANIFEST, MANIFEST.name)]
-    files += [(p, p.name) for p in sorted(ADDON.glob("*.py"))]
+    files += [(p, p.relative_to(ADDON).as_posix()) for p in sorted(ADDON.rglob("*.py")) if "__pycache__" not in p.parts]
+    files.append((REQUIREMENTS, "backend/requirements.txt"))
     for p in sorted(BACKEND.rglob("*")):
         rel = p.relative_to(BACKEND.parent)
         if p.is_file() and p.suffix in BACKEND_SUFFIXES and "__pycache__" not in rel.parts and p != CHECKPOINT:

@@ -7,7 +7,8 @@ from __future__ import annotations
 import bpy
 from bpy.app.handlers import persistent
 
-from . import job, operators, panel, preferences, properties, service
+from .blender import install, job, operators, panel, preferences, properties
+from .core import service
 
 CLASSES = (
     properties.XSpecMeshSettings,
@@ -17,6 +18,8 @@ CLASSES = (
     operators.XSPECMESH_OT_cancel,
     operators.XSPECMESH_OT_test_backend,
     operators.XSPECMESH_OT_stop_backend,
+    install.XSPECMESH_OT_install_backend,
+    install.XSPECMESH_OT_cancel_install,
     panel.XSPECMESH_PT_main,
 )
 
@@ -48,6 +51,7 @@ def unregister() -> None:
     if _on_load_pre in bpy.app.handlers.load_pre:
         bpy.app.handlers.load_pre.remove(_on_load_pre)
     _abort_active_run()
+    install.stop()
     service.stop()
     properties.unregister_scene_property()
     for cls in reversed(CLASSES):

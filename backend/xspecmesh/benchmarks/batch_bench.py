@@ -75,7 +75,7 @@ def bench_engine(engine: Engine, sets: dict[str, list[np.ndarray]], batches, mod
     for rep in range(reps):
         for set_name, points in sets.items():
             for mode in modes:
-                settings = DecodeSettings(mode=mode, temperature=0.0, max_tokens=max_tokens, seed=0)
+                settings = DecodeSettings(mode=mode, temperature=0.0, max_tokens=max_tokens, seed=0, fit=False)
                 alone = None
                 for b, join in [(b, True) for b in batches] + [(b, False) for b in rounds]:
                     m, tokens = decode_set(engine, points, settings, b, join)

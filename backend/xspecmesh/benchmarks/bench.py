@@ -56,7 +56,7 @@ class Variant:
                 + (f" δ={self.delta:g}" if self.delta is not None else "") + at)
 
     def settings(self, seed: int, max_tokens: int, **sampling) -> DecodeSettings:
-        s = DecodeSettings(mode=self.mode, seed=seed, max_tokens=max_tokens, **sampling)
+        s = DecodeSettings(mode=self.mode, seed=seed, max_tokens=max_tokens, fit=False, **sampling)  # decoding only
         if self.mode == "spec":
             s.heads, s.accept, s.adaptive = self.heads, self.accept, self.adaptive
             if self.delta is not None:

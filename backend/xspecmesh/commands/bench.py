@@ -7,6 +7,9 @@ import json
 import sys
 from pathlib import Path
 
+from xspecmesh.decoding.settings_schema import SETTINGS
+
+DEFAULT = {name: s.default for name, s in SETTINGS.items()}
 from xspecmesh.model import precision
 
 
@@ -39,16 +42,19 @@ def register(sub) -> None:
     p.add_argument("--max-faces", type=int, default=None,
                    help="procedural inputs: face cap (default: the checkpoint's training cap)")
     p.add_argument("--count", type=int, default=8, help="number of inputs (default 8; with --meshes: the first N)")
-    p.add_argument("--heads", type=_list(int), default=[4], help="comma-separated D values (default 4)")
-    p.add_argument("--delta", type=_list(float), default=[0.5], help="comma-separated δ values (default 0.5)")
-    p.add_argument("--accept", type=_list(str), default=["threshold"],
-                   help="comma-separated acceptance rules: threshold, exact, greedy, topk (default threshold)")
+    p.add_argument("--heads", type=_list(int), default=[DEFAULT["heads"]],
+                   help=f"comma-separated D values (default {DEFAULT['heads']})")
+    p.add_argument("--delta", type=_list(float), default=[DEFAULT["delta"]],
+                   help=f"comma-separated δ values (default {DEFAULT['delta']})")
+    p.add_argument("--accept", type=_list(str), default=[DEFAULT["accept"]],
+                   help=f"comma-separated acceptance rules: {', '.join(SETTINGS['accept'].values)} "
+                   f"(default {DEFAULT['accept']})")
     p.add_argument("--seeds", type=int, default=1, help="seeds per input (default 1; >= 3 adds quality mean ± std)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     precision.add_argument(p)
     p.add_argument("--max-tokens", type=int, default=None,
-                   help="token cap per mesh (default 10000; --ar-vs-naive: per sequence, default 1500)")
-    p.add_argument("--temperature", type=float, default=None, help="sampling temperature (default 0.5)")
+                   help=f"token cap per mesh (default {DEFAULT['max_tokens']}; --ar-vs-naive: per sequence, default 1500)")
+    p.add_argument("--temperature", type=float, default=None, help=f"sampling temperature (default {DEFAULT['temperature']})")
     p.add_argument("--compare", type=_list(str), default=[], metavar="CKPT[,CKPT]",
                    help="also run the AR and speculative variants on these checkpoints in the same interleaved trials "
                         "(e.g. the pre-LoRA model, or one with MLP heads); rows are marked @<file name>")
@@ -150,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
             raise SettingsError("--seeds (trials) must be at least 1")
         max_tokens = 1500 if args.max_tokens is None else args.max_tokens
         result = loop_bench.ar_vs_naive(engine, args.batch, max_tokens, args.seeds,
-                                        temperature=0.5 if args.temperature is None else args.temperature,
+                                        temperature=DEFAULT["temperature"] if args.temperature is None else args.temperature,
                                         progress=not args.no_progress)
         print(json.dumps(result) if args.json else loop_bench.ar_vs_naive_markdown(result))
         return 0
@@ -172,7 +178,7 @@ def run(args: argparse.Namespace) -> int:
         name = _compare_name(Path(path), others)
         others[name] = Engine.load(path, args.device, args.precision)
         variants += bench.on_model(main, name, others[name].max_heads)
-    max_tokens = 10000 if args.max_tokens is None else args.max_tokens
+    max_tokens = DEFAULT["max_tokens"] if args.max_tokens is None else args.max_tokens
     result = bench.run_bench(engine, inputs, variants, args.seeds, max_tokens, sampling,
                              progress=not args.no_progress, others=others)
     result["source"] = args.meshes or "procedural validation shapes"

@@ -1,10 +1,12 @@
 """`xspecmesh generate IN -o OUT`: a mesh file or an N x 6 .npy point cloud in, a generated mesh out (in IN's frame)."""
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import sys
 
+from xspecmesh.decoding.settings_schema import DECODE, cap_heads
 from xspecmesh.model import precision
 
 
@@ -18,35 +20,29 @@ def register(sub) -> None:
 
 
 def add_decode_options(p) -> None:
-    """The decode settings, device, checkpoint and --fit (shared with `xspecmesh batch`)."""
-    p.add_argument("--mode", choices=["ar", "spec", "naive"], default="spec")
-    p.add_argument("--heads", type=int, default=4, help="drafting heads D (capped by the checkpoint's)")
-    p.add_argument("--adaptive", action="store_true",
-                   help="choose each step's number of drafts (0..heads) from measured acceptance and step cost")
-    p.add_argument("--delta", type=float, default=0.5, help="threshold rule: accept while p(x) > delta")
-    p.add_argument("--accept", choices=["threshold", "exact", "greedy", "topk"], default="threshold")
-    p.add_argument("--topk-accept", type=int, default=5, help="K of the topk rule")
-    p.add_argument("--temperature", type=float, default=0.5)
-    p.add_argument("--top-k", type=int, default=50)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--max-tokens", type=int, default=10000)
-    p.add_argument("--max-faces", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    """The decode settings, device, precision and checkpoint (shared with `xspecmesh batch`); the settings' checks
+    run on the values (DecodeSettings.from_dict), so a bad one exits with its message."""
+    for s in DECODE:  # one option per decode setting of xspecmesh.decoding.settings_schema
+        if s.name == "precision":  # precision.add_argument below: the same option for every command that loads one
+            continue
+        flag = "--" + s.name.replace("_", "-")
+        if s.type is bool:  # --fit / --no-fit
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=s.default,
+                           help=f"{s.help} (default: {'on' if s.default else 'off'})")
+        elif s.choices:
+            p.add_argument(flag, choices=s.values, default=s.default, help=f"{s.help} (default: %(default)s)")
+        else:
+            p.add_argument(flag, type=s.type, default=s.default, help=f"{s.help}; {s.range_text()}"
+                           + ("" if s.default is None else " (default: %(default)s)"))
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     precision.add_argument(p)
     p.add_argument("--checkpoint", default=None, help="safetensors checkpoint (default: the shipped model)")
-    p.add_argument("--fit", action="store_true",
-                   help="move the result's vertices onto the input surface (connectivity unchanged; "
-                        "xspecmesh.geometry.fit)")
 
 
 def settings_from_args(args):
     from xspecmesh.decoding.engine import DecodeSettings
 
-    return DecodeSettings(mode=args.mode, heads=args.heads, adaptive=args.adaptive, delta=args.delta,
-                          accept=args.accept, topk_accept=args.topk_accept, temperature=args.temperature,
-                          top_k=args.top_k, top_p=args.top_p, max_tokens=args.max_tokens, max_faces=args.max_faces,
-                          seed=args.seed, fit=args.fit).validate()
+    return DecodeSettings.from_dict({s.name: getattr(args, s.name) for s in DECODE})
 
 
 def fit_heads(settings, engine) -> None:
@@ -58,7 +54,7 @@ def fit_heads(settings, engine) -> None:
     if settings.mode == "spec" and settings.heads > engine.max_heads:
         print(f"xspecmesh: note: the checkpoint has {engine.max_heads} heads; using {engine.max_heads}",
               file=sys.stderr)
-        settings.heads = engine.max_heads
+        settings.heads = cap_heads(settings.heads, engine.max_heads)
 
 
 def run(args) -> int:

@@ -17,15 +17,13 @@ import torch.nn.functional as F
 
 from xspecmesh.geometry import tokenizer as tok
 from xspecmesh.model.transformer import MeshTransformer
+from xspecmesh.decoding.settings_schema import MAX_HEADS  # verification needs that many positions past the tokens
 from xspecmesh.decoding.token_sampling import START, Grammar, SamplingConfig, distribution, draw
-
-
-MAX_DRAFT = 8  # the most drafting heads a decoder uses: its verification needs that many positions past the tokens
 
 
 def token_limit(model: MeshTransformer, max_tokens: int) -> int:
     """One cap for every decoder, so AR and speculative decoding stop at the same length."""
-    return min(max_tokens, model.cfg.max_seq_len - MAX_DRAFT - 1)
+    return min(max_tokens, model.cfg.max_seq_len - MAX_HEADS - 1)
 
 
 @dataclass

@@ -16,79 +16,53 @@ from xspecmesh.geometry import tokenizer as tok
 from xspecmesh.model import precision as precisions
 from xspecmesh.model.checkpoint import Checkpoint, load_checkpoint
 from xspecmesh.errors import MeshError, SettingsError
+from xspecmesh.decoding import settings_schema
 from xspecmesh.decoding.autoregressive import DecodeStats, decode_ar, decode_naive, token_limit
 from xspecmesh.decoding.token_sampling import SamplingConfig
-from xspecmesh.decoding.speculative import RULES, AcceptConfig, decode_speculative
+from xspecmesh.decoding.speculative import AcceptConfig, decode_speculative
 
-MODES = ("ar", "spec", "naive")
 MIN_CLOUD_POINTS = 16  # the least a cloud may have to be resampled to the encoder's size (the add-on sends far more:
 # the protocol's MIN_POINTS)
 
 
+_DEFAULTS = settings_schema.defaults()
+
+
 @dataclass
 class DecodeSettings:
-    mode: str = "spec"  # "ar" (plain), "spec" (XSpecMesh), "naive" (the published-code-style AR loop)
-    heads: int = 4  # D drafting heads (the first D of the checkpoint's)
-    adaptive: bool = False  # choose each step's draft length in 0..heads from running estimates (ours)
-    delta: float = 0.5  # threshold rule: accept while p(x) > delta
-    accept: str = "threshold"  # threshold | exact | greedy | topk
-    topk_accept: int = 5  # K of the topk rule
-    temperature: float = 0.5
-    top_k: int = 50
-    top_p: float = 0.95
-    max_tokens: int = 10000
-    max_faces: int | None = None  # stop once this many faces are complete
-    seed: int = 0
-    precision: str = "auto"  # weights: auto (the engine's own: `--precision` of the command), fp32, int8, bf16
-    fit: bool = False  # after decoding, move the vertices onto the input surface (Engine.retopologize)
+    """One request's decode settings; names, defaults, ranges and help are declared in `settings_schema`."""
+
+    mode: str = _DEFAULTS["mode"]  # "ar" (plain), "spec" (XSpecMesh), "naive" (the published-code-style AR loop)
+    heads: int = _DEFAULTS["heads"]  # D drafting heads (the first D of the checkpoint's)
+    adaptive: bool = _DEFAULTS["adaptive"]  # choose each step's draft length in 0..heads from running estimates (ours)
+    delta: float = _DEFAULTS["delta"]  # threshold rule: accept while p(x) > delta
+    accept: str = _DEFAULTS["accept"]  # threshold | exact | greedy | topk
+    topk_accept: int = _DEFAULTS["topk_accept"]  # K of the topk rule
+    temperature: float = _DEFAULTS["temperature"]
+    top_k: int = _DEFAULTS["top_k"]
+    top_p: float = _DEFAULTS["top_p"]
+    max_tokens: int = _DEFAULTS["max_tokens"]
+    max_faces: int | None = _DEFAULTS["max_faces"]  # stop once this many faces are complete (None: no limit)
+    seed: int = _DEFAULTS["seed"]
+    precision: str = _DEFAULTS["precision"]  # weights: auto (the engine's own: `--precision` of the command), fp32, ...
+    fit: bool = _DEFAULTS["fit"]  # after decoding, move the vertices onto the input surface (Engine.retopologize)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "DecodeSettings":
-        if not isinstance(d, dict):
-            raise SettingsError("settings must be an object")
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - set(fields))
-        if unknown:
-            raise SettingsError(f"unknown setting(s): {', '.join(unknown)}")
-        out = cls()
-        for k, v in d.items():
-            default = getattr(out, k)
-            if k == "max_faces" and v is None:
-                pass
-            elif isinstance(default, bool):
-                if not isinstance(v, bool):
-                    raise SettingsError(f"setting {k} must be true or false")
-            elif isinstance(default, str) or k in ("mode", "accept"):
-                if not isinstance(v, str):
-                    raise SettingsError(f"setting {k} must be a string")
-            elif isinstance(v, bool) or not isinstance(v, (int, float)):
-                raise SettingsError(f"setting {k} must be a number")
-            elif (isinstance(default, int) or k == "max_faces") and float(v) != int(v):
-                raise SettingsError(f"setting {k} must be an integer")
-            if v is not None and not isinstance(default, (bool, str)):
-                v = int(v) if isinstance(default, int) or k == "max_faces" else float(v)
-            setattr(out, k, v)
-        out.validate()
+    def from_dict(cls, d: dict, max_heads: int | None = None) -> "DecodeSettings":
+        """A request's `settings` object: missing settings take their defaults, anything else is a SettingsError.
+        In spec mode, more heads than the checkpoint's `max_heads` are lowered to it (settings_schema.cap_heads)."""
+        try:
+            out = cls(**settings_schema.check(d))
+        except ValueError as exc:
+            raise SettingsError(str(exc)) from None
+        if out.mode == "spec" and max_heads:
+            out.heads = settings_schema.cap_heads(out.heads, max_heads)
         return out
 
     def validate(self, max_heads: int | None = None) -> "DecodeSettings":
-        checks = [
-            (self.mode in MODES, f"mode must be one of {', '.join(MODES)}"),
-            (self.accept in RULES, f"accept must be one of {', '.join(RULES)}"),
-            (1 <= self.heads <= 8, "heads must be between 1 and 8"),
-            (0.0 <= self.delta <= 1.0, "delta must be between 0 and 1"),
-            (1 <= self.topk_accept <= 1000, "topk_accept must be between 1 and 1000"),
-            (0.0 <= self.temperature <= 10.0, "temperature must be between 0 and 10"),
-            (self.top_k >= 0, "top_k must be >= 0"),
-            (0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]"),
-            (1 <= self.max_tokens <= 100000, "max_tokens must be between 1 and 100000"),
-            (self.max_faces is None or self.max_faces >= 1, "max_faces must be at least 1"),
-            (0 <= self.seed < 2**63, "seed must be a non-negative integer"),
-            (self.precision in precisions.PRECISIONS, f"precision must be one of {', '.join(precisions.PRECISIONS)}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise SettingsError(message)
+        """Refuses a value outside its range; in spec mode also more heads than the checkpoint has (callers lower
+        `heads` with `settings_schema.cap_heads` first where that is what the user asked for)."""
+        self.from_dict(dataclasses.asdict(self))
         if self.mode == "spec" and max_heads is not None and self.heads > max_heads:
             raise SettingsError(f"heads={self.heads} but the checkpoint has {max_heads} drafting head(s)")
         return self

@@ -24,13 +24,14 @@ import torch
 
 from xspecmesh.geometry import tokenizer as tok
 from xspecmesh.decoding.adaptive import DraftLength
-from xspecmesh.decoding.autoregressive import MAX_DRAFT, DecodeStats, token_limit
+from xspecmesh.decoding.autoregressive import DecodeStats, token_limit
+from xspecmesh.decoding.settings_schema import MAX_HEADS, SETTINGS
 from xspecmesh.model.drafter import Drafter
 from xspecmesh.model.kv_cache import KVCache
 from xspecmesh.model.transformer import MeshTransformer
 from xspecmesh.decoding.token_sampling import Grammar, SamplingConfig, distribution, draw, uniform
 
-RULES = ("threshold", "exact", "greedy", "topk")
+RULES = SETTINGS["accept"].values
 
 
 @dataclass
@@ -97,8 +98,8 @@ def decode_speculative(
     `finished` as in `decode_ar` (no joining here: a drafter's context would need restarting per row)."""
     stats = stats if stats is not None else DecodeStats()
     dev, b, d = cond.device, cond.shape[0], num_heads
-    if not 1 <= d <= min(MAX_DRAFT, heads.num_heads):
-        raise ValueError(f"num_heads must be between 1 and {min(MAX_DRAFT, heads.num_heads)}, got {d}")
+    if not 1 <= d <= min(MAX_HEADS, heads.num_heads):
+        raise ValueError(f"num_heads must be between 1 and {min(MAX_HEADS, heads.num_heads)}, got {d}")
     stats.accept_hist = [0] * (d + 1)
     stats.head_accepts, stats.head_trials = [0] * d, [0] * d
     stats.draft_hist = [0] * (d + 1)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import warnings
 
-PRECISIONS = ("auto", "fp32", "int8", "bf16")
+PRECISIONS = ("auto", "fp32", "int8", "bf16")  # tested equal to xspecmesh.decoding.settings_schema's
 # Modules that run once per mesh (the condition), not once per token: quantizing them would buy nothing.
 PER_MESH = ("encoder", "cond_head_proj", "cond_proj")
 AGREEMENT_NEEDED = 0.99

@@ -156,7 +156,8 @@ class Server:
             raise MeshError(f"points contain NaN or infinite values ({bad} of {count} points)")
         from xspecmesh.decoding.engine import DecodeSettings  # noqa: F811 (loaded already: the engine runs)
 
-        settings = DecodeSettings.from_dict(req.get("settings", {})).validate(self.engine.max_heads)
+        settings = DecodeSettings.from_dict(req.get("settings", {}), self.engine.max_heads).validate(
+            self.engine.max_heads)
         return QueuedRequest(rid, points, settings)
 
     def cancel(self, rid: str) -> None:

@@ -436,7 +436,8 @@ class Trainer:
             engine = Engine(Checkpoint(model, heads, "training"), self.device)
             cds, ok = [], 0
             for pair in self._val[: self.cfg.gen_count]:
-                res = engine.generate(pair.points, DecodeSettings(mode="ar", max_tokens=len(pair.tokens) * 2 + 50))
+                res = engine.generate(pair.points, DecodeSettings(mode="ar", max_tokens=len(pair.tokens) * 2 + 50,
+                                                                  fit=False))  # the model's own output
                 if len(res.triangles):
                     ok += 1
                     cds.append(score(_mesh(res.triangles), _mesh(tok.dequantize(tok.decode(pair.tokens))))["cd"])

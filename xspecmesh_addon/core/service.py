@@ -64,26 +64,27 @@ class Startup:
         return self._thread is None or not self._thread.is_alive()
 
 
-def configuration(python: str, checkpoint: str, device: str) -> tuple:
+def configuration(python: str, checkpoint: str, device: str, precision: str = "auto") -> tuple:
     python = python.strip() or locations.default_backend_python()
     if not python:
         raise BackendUnavailable(
-            "No backend Python is set: in Preferences › Add-ons › XSpecMesh point 'Backend Python' at a Python "
-            "that has torch and the xspecmesh package (e.g. the project's .venv)")
+            "No backend Python is set: in Preferences › Add-ons › XSpecMesh press Install Backend, or point "
+            "'Backend Python' at a Python that has torch (e.g. the project's .venv)")
     return (python, checkpoint.strip() or locations.default_checkpoint() or None, device or "auto",
-            locations.backend_path())
+            locations.backend_path(), precision or "auto")
 
 
-def begin(python: str, checkpoint: str = "", device: str = "auto") -> Startup:
+def begin(python: str, checkpoint: str = "", device: str = "auto", precision: str = "auto") -> Startup:
     """The running backend for these settings, or a start of one (restarting when the settings changed)."""
     global _starting
-    key = configuration(python, checkpoint, device)
+    key = configuration(python, checkpoint, device, precision)
     if _client is not None and _client.alive and key == _key:
         return Startup(key, _client, running=True)
     if _starting is not None and _starting.key == key:
         return _starting
     stop()
-    _starting = Startup(key, BackendClient(key[0], checkpoint=key[1], device=key[2], backend_path=key[3]))
+    _starting = Startup(key, BackendClient(key[0], checkpoint=key[1], device=key[2], backend_path=key[3],
+                                                precision=key[4]))
     return _starting
 
 
@@ -103,9 +104,9 @@ def adopt(startup: Startup) -> BackendClient:
     return _client
 
 
-def ensure(python: str, checkpoint: str = "", device: str = "auto") -> BackendClient:
+def ensure(python: str, checkpoint: str = "", device: str = "auto", precision: str = "auto") -> BackendClient:
     """A running client for these settings, starting (or restarting) the backend and waiting for it."""
-    startup = begin(python, checkpoint, device)
+    startup = begin(python, checkpoint, device, precision)
     startup.wait(None)
     return adopt(startup)
 

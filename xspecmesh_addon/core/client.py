@@ -28,10 +28,11 @@ class BackendClient:
     """One backend process. `start()` → hello; `generate`/`cancel`; `poll()` → replies; `close()`."""
 
     def __init__(self, python: str, checkpoint: str | None = None, device: str = "auto",
-                 backend_path: str | None = None):
+                 backend_path: str | None = None, precision: str = "auto"):
         self.python = python
         self.checkpoint = checkpoint
         self.device = device
+        self.precision = precision
         self.backend_path = backend_path
         self.hello: dict | None = None
         self._proc: subprocess.Popen | None = None
@@ -48,6 +49,8 @@ class BackendClient:
         cmd = [self.python, "-u", "-m", "xspecmesh", "serve", "--device", self.device]
         if self.checkpoint:
             cmd += ["--checkpoint", self.checkpoint]
+        if self.precision != "auto":  # auto is the backend's default; omitted, older backends start too
+            cmd += ["--precision", self.precision]
         return cmd
 
     def environment(self) -> dict[str, str]:

@@ -12,16 +12,15 @@ not start (e.g. an empty mesh) and "not run" for those left when the run was can
 """
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import time
 from dataclasses import dataclass, field
 
 import bpy
 
-from . import sampling, service
-from .buffers import TriangleBuffer
-from .request import DecodeRequest
+from ..core import sampling, service
+from ..core.buffers import TriangleBuffer
+from ..core.request import DecodeRequest
 from .result import ResultObject
 
 _ids = itertools.count(1)
@@ -95,7 +94,7 @@ class Job:
     def fraction(self) -> float:
         """Rough progress: the request stops at EOS, max_faces or max_tokens, whichever comes first."""
         tokens = self.progress.get("tokens") or 0
-        f = max(self.faces / self.request.max_faces, tokens / self.request.max_tokens)
+        f = max(self.faces / (self.request.max_faces or float("inf")), tokens / self.request.max_tokens)
         return 1.0 if self.finished else min(f, 0.99)
 
     def handle(self, msg: dict) -> None:
@@ -243,9 +242,8 @@ class Run:
             self.index += 1
             self.stop_requested = True
             return
-        cap = service.heads_cap()  # known now: a request never asks for more heads than the checkpoint has
-        if cap is not None and self.request.heads > cap:
-            self.request = dataclasses.replace(self.request, heads=cap)
+        # known now: a request never asks for more heads than the checkpoint has
+        self.request = self.request.capped(service.heads_cap())
 
     def _dispatch(self, messages: list[dict]) -> None:
         for msg in messages:

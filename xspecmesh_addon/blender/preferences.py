@@ -1,14 +1,16 @@
-"""Add-on preferences: which Python runs the backend, which checkpoint, which device."""
+"""Add-on preferences: which Python runs the backend, which checkpoint, device and precision, and Install Backend."""
 from __future__ import annotations
 
 import bpy
 from bpy.props import EnumProperty, StringProperty
 
-from . import locations, service
+from ..core import locations, service
+from ..core.settings_schema import SETTINGS
+from . import ADDON_ID, install
 
 
 class XSpecMeshPreferences(bpy.types.AddonPreferences):
-    bl_idname = __package__
+    bl_idname = ADDON_ID
 
     backend_python: StringProperty(
         name="Backend Python",
@@ -32,6 +34,33 @@ class XSpecMeshPreferences(bpy.types.AddonPreferences):
         ),
         default="auto",
     )
+    precision: EnumProperty(
+        name="Precision",
+        description=SETTINGS["precision"].help[0].upper() + SETTINGS["precision"].help[1:],
+        items=tuple((c.value, c.label, c.help) for c in SETTINGS["precision"].choices),
+        default=SETTINGS["precision"].default,
+    )
+    torch_build: EnumProperty(
+        name="PyTorch Build",
+        description="Which PyTorch Install Backend installs",
+        items=(
+            ("auto", "Auto", "CUDA when an NVIDIA GPU is present (nvidia-smi finds one), else CPU"),
+            ("cpu", "CPU", "The CPU build (much smaller download)"),
+            ("cuda", "CUDA", "The CUDA build, for an NVIDIA GPU"),
+        ),
+        default="auto",
+    )
+    torch_requirement: StringProperty(
+        name="PyTorch Version",
+        description="pip requirement for torch, e.g. 'torch==2.6.0'. Empty: the backend's own (requirements.txt)",
+        default="",
+    )
+    torch_index_url: StringProperty(
+        name="PyTorch Index",
+        description="Package index to install torch from. Empty: chosen by PyTorch Build (PyTorch's CPU index, or "
+        "pip's configured index for CUDA on Linux)",
+        default="",
+    )
 
     def draw(self, context):
         layout = self.layout
@@ -39,33 +68,35 @@ class XSpecMeshPreferences(bpy.types.AddonPreferences):
         col = layout.column()
         col.prop(self, "backend_python")
         if not self.backend_python and not locations.default_backend_python():
-            col.label(text="Set a Python that has torch (e.g. <checkout>/.venv/bin/python)", icon="ERROR")
+            col.label(text="No backend yet: press Install Backend below, or set a Python that has torch", icon="ERROR")
         col.prop(self, "checkpoint")
         if not self.checkpoint:
             bundled = locations.default_checkpoint()
             col.label(text=f"Using {bundled}" if bundled else "No bundled checkpoint: the backend's default is used",
                       icon="INFO")
         col.prop(self, "device")
+        col.prop(self, "precision")
         row = layout.row()
         row.operator("xspecmesh.test_backend", icon="PLAY")
         row.operator("xspecmesh.stop_backend", icon="CANCEL")
         if service.current() is not None:
             layout.label(text=f"Running: {service.describe()}", icon="CHECKMARK")
+        install.draw(layout, self)
 
 
 def get(context=None) -> XSpecMeshPreferences:
     context = context or bpy.context
-    return context.preferences.addons[__package__].preferences
+    return context.preferences.addons[ADDON_ID].preferences
 
 
 def ensure_backend(context=None):
     """The running backend for the current preferences, waiting for its start (raises service.BackendUnavailable
     with the reason)."""
     prefs = get(context)
-    return service.ensure(prefs.backend_python, prefs.checkpoint, prefs.device)
+    return service.ensure(prefs.backend_python, prefs.checkpoint, prefs.device, prefs.precision)
 
 
 def begin_backend(context=None):
     """The running backend, or its start in the background (`service.Startup`)."""
     prefs = get(context)
-    return service.begin(prefs.backend_python, prefs.checkpoint, prefs.device)
+    return service.begin(prefs.backend_python, prefs.checkpoint, prefs.device, prefs.precision)

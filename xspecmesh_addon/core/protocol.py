@@ -1,8 +1,9 @@
 """The backend protocol: one JSON object per line between the Blender add-on and `xspecmesh serve`.
 
-Standard library only, and the same file serves both sides: this copy in `backend/xspecmesh/serving/` is canonical, the
-add-on ships a byte-identical copy as `xspecmesh_addon/protocol.py` (tests/test_protocol.py fails when they differ;
-fix with `cp backend/xspecmesh/serving/protocol.py xspecmesh_addon/protocol.py`). No package-absolute imports here.
+Standard library only, and the same file serves both sides: this copy in `backend/xspecmesh/serving/` is
+canonical, the add-on ships a byte-identical copy as `xspecmesh_addon/core/protocol.py` (tests/test_protocol.py fails
+when they differ; fix with `cp backend/xspecmesh/serving/protocol.py xspecmesh_addon/core/protocol.py`). No
+package-absolute imports here.
 
 Requests (add-on → backend):
     {"type": "generate", "id": "a1", "points": "<base64 of little-endian float32 N×6>", "count": N,

@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 
 ENV_PYTHON = "XSPECMESH_BACKEND_PYTHON"
-ADDON_DIR = Path(__file__).resolve().parent
+ADDON_DIR = Path(__file__).resolve().parents[1]  # xspecmesh_addon/ (this file is in its core/)
 BUILD_INFO = "build_info.json"
 CHECKPOINT_RELPATH = Path("xspecmesh") / "weights" / "default.safetensors"
 

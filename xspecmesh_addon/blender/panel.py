@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import bpy
 
-from . import job, service
+from ..core import service
+from ..core.settings_schema import MAX_HEADS
+from . import job
 
 
 class XSPECMESH_PT_main(bpy.types.Panel):
@@ -36,7 +38,7 @@ class XSPECMESH_PT_main(bpy.types.Panel):
         spec.active = settings.mode == "spec"
         spec.prop(settings, "heads", slider=True)
         cap = service.heads_cap()
-        if cap is not None and cap < 8:
+        if cap is not None and cap < MAX_HEADS:
             spec.label(text=f"Checkpoint has {cap} heads", icon="INFO")
         spec.prop(settings, "adaptive")
         spec.prop(settings, "accept")

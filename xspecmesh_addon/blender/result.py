@@ -8,7 +8,7 @@ from __future__ import annotations
 import bpy
 import numpy as np
 
-from . import buffers
+from ..core import buffers
 
 PARTIAL_SUFFIX = " (partial)"
 STATS_PROPERTY = "xspecmesh"  # custom property on the result: request settings and the backend's stats

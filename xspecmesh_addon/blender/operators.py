@@ -8,8 +8,9 @@ from __future__ import annotations
 import bpy
 from bpy.props import StringProperty
 
-from . import job, preferences, service
-from .sampling import CONVERTIBLE_TYPES, SamplingError
+from ..core import service
+from ..core.sampling import CONVERTIBLE_TYPES, SamplingError
+from . import job, preferences
 
 TICK = 0.05  # seconds between UI updates while a job runs
 _timers: list = []  # (window manager, timer) of the modal run, so a file load can remove them
