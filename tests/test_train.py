@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from xspecmesh.model.checkpoint import load_checkpoint, write_random_checkpoint
-from xspecmesh.training.trainer import TrainConfig, Trainer, collate, shape_config
+from xspecmesh.training.trainer import TrainConfig, Trainer, batches, collate, shape_config
 from xspecmesh.training.data import ShapeConfig, validation_pairs
 from xspecmesh.errors import SettingsError
 
@@ -191,3 +191,43 @@ def test_own_samples_teach_eos_only_where_the_backbone_ended(eos_bias):
     else:  # every sample ends early, at an EOS it sampled: that EOS is its last target
         assert (lengths < 30).all() and ended.tolist() == [1] * 3
         assert [targets[i, n - 1].item() for i, n in enumerate(lengths.tolist())] == [tok.EOS] * 3
+
+
+def test_stop_at_keeps_the_schedule_time_limit_and_loader_workers(tmp_path):
+    cfg = TrainConfig(stage="backbone", out=str(tmp_path), steps=10, stop_at=3, workers=2, threads=1, device="cpu",
+                      families="simple_parts", axis_aligned=True, axis_turns=24, **FAST)
+    tr = Trainer(cfg)
+    tr.run()
+    assert tr.step == 3 and tr.lr_at(3) > tr.lr_at(9)  # stopped early; the cosine still ends at step 10
+    meta = load_checkpoint(tmp_path / "model.safetensors").meta
+    assert (meta["step"], meta["axis_turns"]) == (3, 24)
+    timed = Trainer(TrainConfig(stage="backbone", out=str(tmp_path), steps=10, max_minutes=1e-9, resume=True, **FAST))
+    timed.run()
+    assert (timed.start_step, timed.step) == (3, 4)  # out of time after one step, and saved there
+    assert load_checkpoint(tmp_path / "model.safetensors").meta["step"] == 4
+    with pytest.raises(SettingsError):
+        Trainer(TrainConfig(stage="backbone", out=str(tmp_path), device="tpu", **FAST))
+
+
+def test_gpu_recipe_runs_end_to_end_on_cpu_at_tiny_scale(tmp_path):
+    """tools/gpu_train.sh with its GPU settings swapped for seconds on the CPU: trains, saves, resumes."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    init = write_random_checkpoint(tmp_path / "tiny.safetensors", "tiny", heads=0)
+    env = dict(os.environ, DEVICE="cpu", INIT=str(init), STEPS="2", TOKEN_BUDGET="600", WORKERS="1", VAL_COUNT="2",
+               PYTHON=sys.executable)
+    env.pop("OUT", None)
+    dest = tmp_path / "gpu"
+    for _ in range(2):  # the second call finds the run finished and leaves it as it is
+        proc = subprocess.run(["bash", os.path.join(root, "tools", "gpu_train.sh"), str(dest)], env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    meta = load_checkpoint(dest / "model.safetensors").meta
+    assert (meta["step"], meta["families"], meta["axis_turns"]) == (2, "hard_surface", 24)
+    assert (dest / "state.safetensors").exists()
+
+
+def test_large_token_budgets_fill_batches_beyond_the_default_pool():
+    pairs = validation_pairs(8, config=ShapeConfig(families=("box",), max_faces=12), num_points=16)
+    stream = (pairs[i % len(pairs)] for i in range(10**6))
+    inputs, _, _ = next(batches(stream, token_budget=32768))
+    assert len(inputs) > 64 and inputs.numel() <= 32768

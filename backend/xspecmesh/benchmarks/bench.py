@@ -97,7 +97,8 @@ def shape_config_for(engine: Engine, families: str | None = None, max_faces: int
     families = families or engine.ckpt.meta.get("families")
     max_faces = max_faces or engine.ckpt.meta.get("max_faces") or ShapeConfig.max_faces
     return ShapeConfig.parse(families, max_faces=int(max_faces),
-                             axis_aligned=bool(engine.ckpt.meta.get("axis_aligned", False)))
+                             axis_aligned=bool(engine.ckpt.meta.get("axis_aligned", False)),
+                             axis_turns=int(engine.ckpt.meta.get("axis_turns", 4)))
 
 
 def procedural_inputs(count: int, num_points: int, seed: int = 12345, shapes=None) -> list[BenchInput]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 
@@ -15,15 +16,21 @@ def register(sub) -> None:
     pv.add_argument("--count", type=int, default=16, help="number of shapes (default 16)")
     pv.add_argument("-o", "--output", default="dataset_preview.png", help="PNG to write")
     pv.add_argument("--seed", type=int, default=0, help="training stream seed")
-    pv.add_argument("--families", default=None, help="comma-separated families (default: all)")
+    pv.add_argument("--families", default=None, 
+                    help="comma-separated families and groups, e.g. hard_surface (default: the general mix)")
     pv.add_argument("--max-faces", type=int, default=400, help="face cap (default 400)")
     pv.add_argument("--points", action="store_true", help="overlay the conditioning point cloud")
+    pv.add_argument("--per-family", type=int, default=None, metavar="N",
+                    help="N shapes of every family in turn instead of --count from the mixed stream")
+    pv.add_argument("--axis-turns", type=int, default=None, choices=(4, 24),
+                    help="axis-aligned poses: 4 turns about up or all 24 quarter-turn rotations (default: free poses)")
     pv.set_defaults(func=run_preview)
 
     st = dsub.add_parser("stats", help="family histogram, faces, tokens per face, shapes per second")
     st.add_argument("--count", type=int, default=200, help="number of shapes (default 200)")
     st.add_argument("--seed", type=int, default=0, help="training stream seed")
-    st.add_argument("--families", default=None, help="comma-separated families (default: all)")
+    st.add_argument("--families", default=None, 
+                    help="comma-separated families and groups, e.g. hard_surface (default: the general mix)")
     st.add_argument("--max-faces", type=int, default=400, help="face cap (default 400)")
     st.add_argument("--json", action="store_true", help="print one JSON object")
     st.set_defaults(func=run_stats)
@@ -32,7 +39,9 @@ def register(sub) -> None:
 def _config(args):
     from xspecmesh.training.data import ShapeConfig
 
-    return ShapeConfig.parse(args.families, max_faces=args.max_faces)
+    turns = getattr(args, "axis_turns", None)
+    return ShapeConfig.parse(args.families, max_faces=args.max_faces, axis_aligned=turns is not None,
+                             axis_turns=turns or 4)
 
 
 def _shapes(args):
@@ -47,8 +56,11 @@ def _shapes(args):
         raise SettingsError("--count must be at least 1")
     config = _config(args)
     rng = np.random.default_rng(np.random.SeedSequence(args.seed, spawn_key=(data.TRAIN_STREAM, 0)))
-    for _ in range(args.count):
-        mesh, family = data.random_shape(rng, config)
+    per_family = getattr(args, "per_family", None)
+    configs = [config] * args.count if per_family is None else \
+        [dataclasses.replace(config, families=(f,)) for f in config.names for _ in range(per_family)]
+    for cfg in configs:
+        mesh, family = data.random_shape(rng, cfg)
         yield mesh, family, tokenizer.encode(mesh.vertices, mesh.faces), rng
 
 
@@ -80,6 +92,42 @@ def run_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+ELEVATION, AZIMUTH = 22.0, -58.0  # the contact sheets' view (degrees)
+
+
+def draw_mesh(ax, triangles, title: str, points=None) -> None:
+    """Draw token-frame triangles (T, 3, 3; y up) shaded and back-face culled on a 3-D matplotlib axis, with
+    optional (N, 6) points + normals over them (front-facing ones only)."""
+    import math
+
+    import numpy as np
+    from mpl_toolkits.mplot3d.art3d import Poly3DCollection
+
+    elev, azim = math.radians(ELEVATION), math.radians(AZIMUTH)
+    eye = np.array([math.cos(elev) * math.cos(azim), math.cos(elev) * math.sin(azim), math.sin(elev)])
+    light = eye + [-0.3, 0.0, 0.5]  # plot axes are (x, -z, y): from above the viewer's left shoulder
+    light /= np.linalg.norm(light)
+    tris = np.asarray(triangles, dtype=float).reshape(-1, 3, 3)[..., [0, 2, 1]] * [1, -1, 1]
+    normals = np.cross(tris[:, 1] - tris[:, 0], tris[:, 2] - tris[:, 0])
+    normals /= np.maximum(np.linalg.norm(normals, axis=1, keepdims=True), 1e-12)
+    front = normals @ eye > 0  # back-face culling: matplotlib's depth sort alone lets hidden faces through
+    shade = 0.3 + 0.7 * np.clip(normals[front] @ light, 0, 1)
+    colors = np.concatenate([np.array([0.55, 0.70, 0.88]) * shade[:, None], np.ones((int(front.sum()), 1))], axis=1)
+    ax.add_collection3d(Poly3DCollection(tris[front], facecolors=colors, edgecolors=(0.1, 0.15, 0.3, 0.9),
+                                         linewidths=0.35))
+    if points is not None:
+        pts = np.asarray(points)[:, [0, 2, 1, 3, 5, 4]] * [1, -1, 1, 1, -1, 1]
+        pts = pts[pts[:, 3:] @ eye > 0]
+        ax.computed_zorder = False
+        ax.scatter(*pts[:, :3].T, s=0.4, c="crimson", alpha=0.8, depthshade=False, zorder=3)
+    for set_lim in (ax.set_xlim, ax.set_ylim, ax.set_zlim):
+        set_lim(-0.75, 0.75)
+    ax.set_box_aspect((1, 1, 1))
+    ax.view_init(elev=ELEVATION, azim=AZIMUTH)
+    ax.set_axis_off()
+    ax.set_title(title, fontsize=9, pad=-6)
+
+
 def run_preview(args: argparse.Namespace) -> int:
     import math
 
@@ -88,41 +136,27 @@ def run_preview(args: argparse.Namespace) -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
-    from mpl_toolkits.mplot3d.art3d import Poly3DCollection
 
     from xspecmesh.training import data
     from xspecmesh.geometry import tokenizer
+    from xspecmesh.errors import SettingsError
 
-    cols = min(args.count, max(1, math.ceil(math.sqrt(args.count))))
+    if args.per_family is not None:
+        if args.per_family < 1:
+            raise SettingsError("--per-family must be at least 1")
+        families = len(_config(args).names)
+        args.count = args.per_family * families
+        cols = args.per_family * math.ceil(math.sqrt(families / args.per_family))  # a family's shapes side by side
+    else:
+        cols = min(args.count, max(1, math.ceil(math.sqrt(args.count))))
     rows = math.ceil(args.count / cols)
     fig = plt.figure(figsize=(2.5 * cols, 2.5 * rows + 0.5), dpi=110, facecolor="white")
-    elev, azim = math.radians(22), math.radians(-58)
-    eye = np.array([math.cos(elev) * math.cos(azim), math.cos(elev) * math.sin(azim), math.sin(elev)])
-    light = eye + [-0.3, 0.0, 0.5]  # plot axes are (x, -z, y): from above the viewer's left shoulder
-    light /= np.linalg.norm(light)
-    base = np.array([0.55, 0.70, 0.88])
     for i, (mesh, family, tokens, rng) in enumerate(_shapes(args)):
         # Draw what the model learns: the token sequence decoded back to (dequantized) triangles.
-        tris = tokenizer.dequantize(np.asarray(tokenizer.decode(tokens)))[..., [0, 2, 1]] * [1, -1, 1]
-        ax = fig.add_subplot(rows, cols, i + 1, projection="3d")
-        normals = np.cross(tris[:, 1] - tris[:, 0], tris[:, 2] - tris[:, 0])
-        normals /= np.maximum(np.linalg.norm(normals, axis=1, keepdims=True), 1e-12)
-        front = normals @ eye > 0  # back-face culling: matplotlib's depth sort alone lets hidden faces through
-        shade = 0.3 + 0.7 * np.clip(normals[front] @ light, 0, 1)
-        colors = np.concatenate([base * shade[:, None], np.ones((int(front.sum()), 1))], axis=1)
-        ax.add_collection3d(Poly3DCollection(tris[front], facecolors=colors, edgecolors=(0.1, 0.15, 0.3, 0.9),
-                                             linewidths=0.35))
-        if args.points:  # front-facing points only, drawn over the mesh
-            pts = data.conditioning_points(mesh, rng, 2048)[:, [0, 2, 1, 3, 5, 4]] * [1, -1, 1, 1, -1, 1]
-            pts = pts[pts[:, 3:] @ eye > 0]
-            ax.computed_zorder = False
-            ax.scatter(*pts[:, :3].T, s=0.4, c="crimson", alpha=0.8, depthshade=False, zorder=3)
-        for set_lim in (ax.set_xlim, ax.set_ylim, ax.set_zlim):
-            set_lim(-0.75, 0.75)
-        ax.set_box_aspect((1, 1, 1))
-        ax.view_init(elev=math.degrees(elev), azim=math.degrees(azim))
-        ax.set_axis_off()
-        ax.set_title(f"{family}\n{len(tris)} faces · {len(tokens)} tokens", fontsize=9, pad=-6)
+        tris = tokenizer.dequantize(np.asarray(tokenizer.decode(tokens)))
+        points = data.conditioning_points(mesh, rng, 2048) if args.points else None
+        draw_mesh(fig.add_subplot(rows, cols, i + 1, projection="3d"), tris,
+                  f"{family}\n{len(tris)} faces · {len(tokens)} tokens", points)
     what = "decoded tokens" + (" + conditioning points" if args.points else "")
     height = fig.get_figheight()
     fig.suptitle(f"XSpecMesh training shapes (seed {args.seed}, {what})", fontsize=10, y=1 - 0.08 / height)

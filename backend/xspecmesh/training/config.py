@@ -19,8 +19,9 @@ class TrainConfig:
     weight_decay: float = 0.05
     grad_clip: float = 1.0
     max_faces: int = 400
-    families: str | None = None  # comma-separated procedural families (default: all)
+    families: str | None = None  # comma-separated procedural families and groups (default: the general mix)
     axis_aligned: bool = False  # shapes upright and turned by multiples of 90 degrees only (data.ShapeConfig)
+    axis_turns: int = 4  # with axis_aligned: 4 turns about up, or all 24 quarter-turn rotations
     axis_factors: bool = False  # backbone: token rows get shared per-axis rows while training (axis_factors.py)
     meshes: str | None = None  # an optional directory of the user's own meshes, mixed in
     seed: int = 0
@@ -44,3 +45,8 @@ class TrainConfig:
     backbone_weight: float = 50.0  # λ: weight of the backbone's own loss in stage 2
     resume: bool = False
     log_every: int = 10
+    device: str = "auto"  # auto (cuda when there is one), cpu or cuda
+    threads: int = 0  # torch CPU threads (0: torch's choice); 1 on a shared machine
+    workers: int = 0  # data-loader processes drawing shapes (0: in the training process); a GPU needs several
+    stop_at: int = 0  # end this run at this step (0: at `steps`); the schedule still runs to `steps` (legs, phases)
+    max_minutes: float = 0.0  # end this run, saved, once it has trained this long (0: no limit)

@@ -3,7 +3,8 @@
 A shape comes from one of `shapes.FAMILIES` (trimesh primitives and manifold3d solids, y up as in BPT's order),
 gets a random per-axis scale and rotation, is normalized to the token frame (bbox centre, longest side to
 [-0.95, 0.95]) and is kept only if it survives 7-bit quantization intact: after `tokenizer.preprocess` it still has
-every one of its faces (none collapsed or duplicated), at least `min_faces` and at most `max_faces`.
+every one of its faces (none collapsed, flattened, turned over or duplicated), at least `min_faces` and at most
+`max_faces`.
 
 Its conditioning point cloud is sampled from a slightly, smoothly displaced copy of the same surface in the same
 frame, so the tokens' dequantized vertices lie on the points up to quantization error.
@@ -27,7 +28,7 @@ from scipy.spatial.transform import Rotation
 from xspecmesh.geometry import tokenizer
 from xspecmesh.errors import MeshError, SettingsError
 from xspecmesh.geometry.mesh import MESH_EXTENSIONS, load_mesh, normalize, sample_surface
-from xspecmesh.geometry.shapes import FAMILIES
+from xspecmesh.geometry.shapes import FAMILIES, FAMILY_GROUPS
 
 UP_AXIS = 1  # BPT sorts vertices by y first: y is "up" in the token frame
 TRAIN_STREAM, VALIDATION_STREAM = 0, 1  # SeedSequence spawn keys of the two splits
@@ -38,12 +39,14 @@ VALIDATION_SHARE = 8  # one quantized mesh in this many (by hash) belongs to val
 class ShapeConfig:
     max_faces: int = 400  # cap on faces after quantization (BPT needs ~2.6 tokens per face)
     min_faces: int = 4
-    families: tuple[str, ...] | None = None  # None: every family in FAMILIES, drawn uniformly
+    families: tuple[str, ...] | None = None  # None: the general families (shapes.FAMILY_GROUPS), drawn uniformly
     anisotropy: float = 0.25  # per-axis scale factor drawn from exp(U(-a, a))
     tilt_prob: float = 0.2  # share of shapes given an arbitrary 3-D rotation; the rest stay upright (yaw only)
     # Parts modelled along the axes, as most hard-surface work in Blender is: upright, turned only by multiples of
     # 90 degrees, in training and in augmentation (a narrower task that a small model learns in CPU hours).
     axis_aligned: bool = False
+    # With axis_aligned: 4 turns about the up axis only, or all 24 quarter-turn rotations (a part lying on its side)
+    axis_turns: int = 4
     max_tries: int = 500  # attempts within the drawn family before giving up (a config it cannot satisfy)
     strict: bool = True  # every face must survive quantization; False (user files): the quantized mesh is the target
 
@@ -52,16 +55,25 @@ class ShapeConfig:
             raise SettingsError(f"need 1 <= min_faces <= max_faces, got {self.min_faces}, {self.max_faces}")
         unknown = set(self.families or ()) - set(FAMILIES)
         if unknown or (self.families is not None and not self.families):
-            raise SettingsError(f"unknown or no shape families {sorted(unknown)}; known: {', '.join(FAMILIES)}")
+            raise SettingsError(f"unknown or no shape families {sorted(unknown)}; known: {', '.join(FAMILIES)} "
+                                f"and the groups {', '.join(FAMILY_GROUPS)}")
+        if self.axis_turns not in (4, 24) or (self.axis_turns == 24 and not self.axis_aligned):
+            raise SettingsError(f"axis turns are 4 or 24, and 24 needs axis-aligned poses (--axis-aligned); got "
+                                f"{self.axis_turns}{'' if self.axis_aligned else ' without'}")
 
     @classmethod
     def parse(cls, families: str | None, **options) -> "ShapeConfig":
-        """From a comma-separated family list, as options and checkpoint metadata carry it (None or "": all)."""
-        return cls(families=tuple(f.strip() for f in families.split(",")) if families else None, **options)
+        """From a comma-separated list of families and groups (`shapes.FAMILY_GROUPS`), as options and checkpoint
+        metadata carry it (None or "": the general families)."""
+        if not families:
+            return cls(families=None, **options)
+        names = [f.strip() for f in families.split(",")]
+        expanded = [f for name in names for f in FAMILY_GROUPS.get(name, (name,))]
+        return cls(families=tuple(dict.fromkeys(expanded)), **options)
 
     @property
     def names(self) -> tuple[str, ...]:
-        return tuple(self.families) if self.families else tuple(FAMILIES)
+        return tuple(self.families) if self.families else FAMILY_GROUPS["general"]
 
 
 @dataclass
@@ -209,7 +221,7 @@ def _posed(mesh: trimesh.Trimesh, rng: np.random.Generator, config: ShapeConfig)
         rot = Rotation.from_quat(rng.normal(size=4))  # a normalized Gaussian quaternion: uniform over SO(3)
     else:
         # (axis-aligned shapes draw no coin here, so the default stream is the same as before the option existed)
-        rot = _yaw(rng, quarter_turns=config.axis_aligned or rng.random() < 0.5)
+        rot = _turn(rng, config) if config.axis_aligned else _yaw(rng, quarter_turns=rng.random() < 0.5)
     return trimesh.Trimesh(normalize(rot.apply(v))[0], np.asarray(mesh.faces), process=False)
 
 
@@ -219,15 +231,27 @@ def _yaw(rng: np.random.Generator, quarter_turns: bool) -> Rotation:
     return Rotation.from_euler("xyz"[UP_AXIS], yaw, degrees=True)
 
 
+_QUARTER_TURNS = Rotation.create_group("O")  # the 24 rotations that map the axes onto the axes
+
+
+def _turn(rng: np.random.Generator, config: ShapeConfig) -> Rotation:
+    """An axis-aligned pose: a quarter turn about the up axis, or any of the 24 (config.axis_turns)."""
+    if config.axis_turns == 24:
+        return _QUARTER_TURNS[int(rng.integers(24))]
+    return _yaw(rng, quarter_turns=True)
+
+
 def _augmented(mesh: trimesh.Trimesh, rng: np.random.Generator, config: ShapeConfig) -> trimesh.Trimesh:
-    v = _yaw(rng, quarter_turns=config.axis_aligned).apply(mesh.vertices) * rng.uniform(0.9, 1.1, 3)
+    rot = _turn(rng, config) if config.axis_aligned else _yaw(rng, quarter_turns=False)
+    v = rot.apply(mesh.vertices) * rng.uniform(0.9, 1.1, 3)
     return trimesh.Trimesh(normalize(v)[0], mesh.faces, process=False)
 
 
 def _quantized_if_valid(mesh: trimesh.Trimesh, config: ShapeConfig):
     """(qverts, qfaces) if the count is within the config and, when strict, every face survives quantization intact
-    (`preprocess` drops collapsed faces and keeps faces that quantization puts on the same three vertices), else
-    None. Non-strict (user files): the quantized mesh, repeated faces included, is the target, as in BPT."""
+    (`preprocess` drops collapsed faces and keeps faces that quantization puts on the same three vertices; strict
+    also refuses faces flattened to zero area or turned over), else None. Non-strict (user files): the quantized
+    mesh, repeated faces included, is the target, as in BPT."""
     n = len(mesh.faces)
     if config.strict and not config.min_faces <= n <= config.max_faces:
         return None
@@ -236,6 +260,14 @@ def _quantized_if_valid(mesh: trimesh.Trimesh, config: ShapeConfig):
         return None
     if not config.min_faces <= len(qf) <= config.max_faces:
         return None
+    if config.strict:
+        # nor flattened (three grid points in a line: exact, integer cross products), nor turned over: a face
+        # flipped by rounding runs an edge the same way as its neighbour does (preprocess keeps each winding)
+        tri = qv[qf]
+        edges = qf[:, [0, 1, 1, 2, 2, 0]].reshape(-1, 2)
+        if not np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]).any(axis=1).all() or \
+                len(np.unique(edges, axis=0)) < len(edges):
+            return None
     return qv, qf
 
 

@@ -60,8 +60,10 @@ def collate(pairs: list[TrainingPair]) -> tuple[torch.Tensor, torch.Tensor, torc
     return inputs, targets, points
 
 
-def batches(pairs, token_budget: int, pool: int = 64):
-    """Length-bucketed micro-batches of at most `token_budget` padded tokens from an endless pair stream."""
+def batches(pairs, token_budget: int, pool: int | None = None):
+    """Length-bucketed micro-batches of at most `token_budget` padded tokens from an endless pair stream, sorted in a
+    pool of `pool` pairs (default: 64, more for budgets that hold more than 64 sequences of 64 tokens)."""
+    pool = pool or max(64, token_budget // 64)
     buf: list[TrainingPair] = []
     for pair in pairs:
         buf.append(pair)
@@ -78,13 +80,34 @@ def batches(pairs, token_budget: int, pool: int = 64):
 
 
 def shape_config(cfg: TrainConfig) -> ShapeConfig:
-    return ShapeConfig.parse(cfg.families, max_faces=cfg.max_faces, axis_aligned=cfg.axis_aligned)
+    return ShapeConfig.parse(cfg.families, max_faces=cfg.max_faces, axis_aligned=cfg.axis_aligned,
+                             axis_turns=cfg.axis_turns)
+
+
+class _PairStream(torch.utils.data.IterableDataset):
+    """The procedural stream of one rank, split over data-loader workers (each its own `iter_pairs` worker)."""
+
+    def __init__(self, seed: int, shapes: ShapeConfig, num_points: int, rank: int, workers: int):
+        super().__init__()
+        self.args, self.rank, self.workers = (seed, shapes, num_points), rank, workers
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        seed, shapes, num_points = self.args
+        worker = self.rank * max(1, self.workers) + (info.id if info else 0)
+        return iter_pairs(seed, shapes, num_points=num_points, augment=True, worker=worker)
+
+
+def _as_is(pair: TrainingPair) -> TrainingPair:  # the loader's default would turn numpy arrays into tensors
+    return pair
 
 
 def training_pairs(cfg: TrainConfig, num_points: int, rank: int, start_step: int = 0):
     """Endless pairs for one rank; a resumed run draws a new stream (seeded by its start step), not a replay."""
-    shape_cfg = shape_config(cfg)
-    procedural = iter_pairs(cfg.seed + 7919 * start_step, shape_cfg, num_points=num_points, augment=True, worker=rank)
+    stream = _PairStream(cfg.seed + 7919 * start_step, shape_config(cfg), num_points, rank, cfg.workers)
+    procedural = iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.workers,
+                                                  prefetch_factor=64 if cfg.workers else None,
+                                                  collate_fn=_as_is) if cfg.workers else stream)
     if not cfg.meshes:
         yield from procedural
         return
@@ -189,8 +212,17 @@ class Trainer:
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         self.rank = dist.get_rank() if self.distributed else 0
         self.world = dist.get_world_size() if self.distributed else 1
-        self.device = torch.device(f"cuda:{self.rank % torch.cuda.device_count()}" if torch.cuda.is_available()
-                                   else "cpu")
+        if cfg.device not in ("auto", "cpu", "cuda"):
+            raise SettingsError(f"--device is auto, cpu or cuda, got {cfg.device!r}")
+        if cfg.device == "cuda" and not torch.cuda.is_available():
+            raise SettingsError("--device cuda, but torch sees no CUDA device")
+        if min(cfg.threads, cfg.workers, cfg.stop_at, cfg.max_minutes) < 0:
+            raise SettingsError("--threads, --workers, --stop-at and --max-minutes must be 0 or more")
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        shape_config(cfg)  # bad data options fail here, before a model is built
+        cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+        self.device = torch.device(f"cuda:{self.rank % torch.cuda.device_count()}" if cuda else "cpu")
         torch.manual_seed(cfg.seed)
         self.out = Path(cfg.out)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -311,7 +343,8 @@ class Trainer:
         tokens_seen, t0 = 0, time.perf_counter()
         sample_rng = np.random.default_rng(cfg.seed + 104729 * step)
         self.sample_draws = step
-        while step < cfg.steps:
+        end = min(cfg.steps, cfg.stop_at or cfg.steps)
+        while step < end:
             for group in self.optimizer.param_groups:
                 group["lr"] = self.lr_at(step)
             self.optimizer.zero_grad(set_to_none=True)
@@ -333,13 +366,20 @@ class Trainer:
                 bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{rate:.0f}")
                 log.write(json.dumps(row) + "\n")
                 log.flush()
-            if self.rank == 0 and (step % cfg.save_every == 0 or step == cfg.steps):
+            out_of_time = bool(cfg.max_minutes) and time.perf_counter() - t0 > 60 * cfg.max_minutes
+            if self.distributed and cfg.max_minutes:  # every rank stops at the same step
+                flag = torch.tensor([float(out_of_time)], device=self.device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                out_of_time = bool(flag.item())
+            if self.rank == 0 and (step % cfg.save_every == 0 or step == end or out_of_time):
                 self.save(step)
-            if self.rank == 0 and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
+            if self.rank == 0 and cfg.eval_every and (step % cfg.eval_every == 0 or step == end or out_of_time):
                 ev = self.evaluate()
                 log.write(json.dumps({"step": step, **{f"val_{k}": v for k, v in ev.items()}}) + "\n")
                 log.flush()
                 bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in ev.items()))
+            if out_of_time:
+                break
         bar.close()
         if self.distributed:
             dist.barrier()
@@ -364,7 +404,8 @@ class Trainer:
         save_checkpoint(self.out / "model.safetensors", model, heads, dtype="float32",
                         meta={"preset": self.preset_name, "stage": self.cfg.stage, "step": step,
                               "families": self.cfg.families, "max_faces": self.cfg.max_faces,
-                              "axis_aligned": self.cfg.axis_aligned, "axis_factors": self.cfg.axis_factors})
+                              "axis_aligned": self.cfg.axis_aligned, "axis_turns": self.cfg.axis_turns,
+                              "axis_factors": self.cfg.axis_factors})
 
     @torch.no_grad()
     def evaluate(self) -> dict:
