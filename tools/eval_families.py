@@ -27,7 +27,7 @@ import torch
 import trimesh
 from tqdm import tqdm
 
-from xspecmesh.benchmarks.bench import mesh_inputs
+from xspecmesh.benchmarks.bench import md_table, mesh_inputs
 from xspecmesh.decoding.engine import DecodeSettings, Engine
 from xspecmesh.geometry import tokenizer
 from xspecmesh.geometry.metrics import bbox_mesh, evaluate, topology
@@ -92,13 +92,11 @@ def contact_sheet(examples: list[tuple[str, trimesh.Trimesh, dict]], path: str, 
 
 
 def markdown(result: dict) -> str:
-    lines = ["| family | n | closed | CD10k | bbox CD10k | goal | faces ratio | faces 0.5-2x | pass |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for name, s in result["families"].items():
-        lines.append(f"| {name} | {s['count']} | {s['closed']:.0%} | {s['cd_10k']:.3f} | {s['bbox_cd_10k']:.3f} | "
-                     f"{s['cd_goal']:.3f} | {s['faces_ratio_median']:.2f} | {s['faces_within_2x']:.0%} | "
-                     f"{'yes' if s['pass'] else 'no'} |")
-    return "\n".join(lines)
+    header = ["family", "n", "closed", "CD10k", "bbox CD10k", "goal", "faces ratio", "faces 0.5-2x", "pass"]
+    return "\n".join(md_table(header, ([name, str(s["count"]), f"{s['closed']:.0%}", f"{s['cd_10k']:.3f}",
+                                        f"{s['bbox_cd_10k']:.3f}", f"{s['cd_goal']:.3f}",
+                                        f"{s['faces_ratio_median']:.2f}", f"{s['faces_within_2x']:.0%}",
+                                        "yes" if s["pass"] else "no"] for name, s in result["families"].items())))
 
 
 def main(argv=None) -> int:

@@ -185,14 +185,14 @@ def bench_cli(checkpoint, files: list[Path], modes, max_tokens, reps, threads, l
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| set | mode | B | refill | objects/min | tokens/s | × B=1 | occupancy | SCR | identical |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        refill = "one at a time" if r["batch"] == 1 else r["refill"]
-        lines.append(f"| {r['set']} | {r['mode']} | {r['batch']} | {refill} | {r['objects_per_minute']:.2f} | "
-                     f"{r['tokens_per_second']:.0f} | {r['speedup']:.2f} | {r['occupancy']:.2f} | {r['scr']:.2f} | "
-                     f"{'yes' if r['identical'] else 'NO'} |")
-    return "\n".join(lines)
+    from xspecmesh.benchmarks.bench import md_table
+
+    header = ["set", "mode", "B", "refill", "objects/min", "tokens/s", "× B=1", "occupancy", "SCR", "identical"]
+    return "\n".join(md_table(header, ([r["set"], r["mode"], str(r["batch"]),
+                                        "one at a time" if r["batch"] == 1 else r["refill"],
+                                        f"{r['objects_per_minute']:.2f}", f"{r['tokens_per_second']:.0f}",
+                                        f"{r['speedup']:.2f}", f"{r['occupancy']:.2f}", f"{r['scr']:.2f}",
+                                        "yes" if r["identical"] else "NO"] for r in rows)))
 
 
 def main(argv=None) -> int:

@@ -299,6 +299,11 @@ def cell(x, spec: str = ".3f") -> str:
     return "–" if x is None else format(x, spec)
 
 
+def md_table(header: list[str], rows) -> list[str]:
+    """The lines of a Markdown table: the header, its separator, then one line per row of cell strings."""
+    return [f"| {' | '.join(header)} |", "|---" * len(header) + "|", *(f"| {' | '.join(r)} |" for r in rows)]
+
+
 def _mode(row: dict) -> str:
     return row["mode"] + (" adaptive" if row.get("adaptive") else "") + (f" @{row['model']}" if row.get("model")
                                                                          else "")
