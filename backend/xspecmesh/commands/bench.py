@@ -7,10 +7,10 @@ import json
 import sys
 from pathlib import Path
 
-from xspecmesh.decoding.settings_schema import SETTINGS
-
-DEFAULT = {name: s.default for name, s in SETTINGS.items()}
+from xspecmesh.decoding.settings_schema import SETTINGS, defaults
 from xspecmesh.model import precision
+
+DEFAULT = defaults()
 
 
 def _list(kind):
