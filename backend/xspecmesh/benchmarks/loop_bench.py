@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from xspecmesh.benchmarks.bench import json_safe, machine_info, procedural_inputs
+from xspecmesh.benchmarks.bench import json_safe, machine_info, md_table, procedural_inputs
 from xspecmesh.decoding.engine import Engine
 from xspecmesh.errors import SettingsError
 from xspecmesh.decoding.autoregressive import decode_ar, decode_naive, run_to_end
@@ -74,10 +74,8 @@ def ar_vs_naive_markdown(result: dict) -> str:
     lines = [f"device {result['device']} ({result['cpu']}, {result['threads']} threads), checkpoint "
              f"{result['checkpoint']} (dim {m['dim']}, depth {m['depth']}, {m['latents']} condition latents), up to "
              f"{result['max_tokens']} tokens per sequence, median of {result['trials']} trial(s)", "",
-             "| batch B | tokens (all B) | our AR tok/s | naive tok/s | ours vs naive | same tokens |",
-             "|---|---|---|---|---|---|"]
-    for r in result["rows"]:
-        same = "yes" if r["same_tokens"] else "NO"
-        lines.append(f"| {r['batch']} | {r['tokens']} | {r['ar_tokens_per_second']:.0f} | "
-                     f"{r['naive_tokens_per_second']:.0f} | {r['ar_vs_naive']:.2f}× | {same} |")
+             *md_table(["batch B", "tokens (all B)", "our AR tok/s", "naive tok/s", "ours vs naive", "same tokens"],
+                       ([str(r["batch"]), str(r["tokens"]), f"{r['ar_tokens_per_second']:.0f}",
+                         f"{r['naive_tokens_per_second']:.0f}", f"{r['ar_vs_naive']:.2f}×",
+                         "yes" if r["same_tokens"] else "NO"] for r in result["rows"]))]
     return "\n".join(lines)
