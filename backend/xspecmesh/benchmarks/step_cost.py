@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from xspecmesh.geometry import tokenizer
-from xspecmesh.benchmarks.bench import cell, json_safe, machine_info
+from xspecmesh.benchmarks.bench import cell, json_safe, machine_info, md_table
 from xspecmesh.decoding.engine import Engine
 from xspecmesh.errors import SettingsError
 
@@ -132,12 +132,11 @@ def step_cost_markdown(result: dict) -> str:
     m = result["model"]
     lines = [f"device {result['device']} ({result['cpu']}, {result['threads']} threads), checkpoint "
              f"{result['checkpoint']} (dim {m['dim']}, depth {m['depth']}), medians of {result['repeats']}", "",
-             "| weights | cache | D | AR step ms | AR speedup | draft ms | verify ms | verify / AR | spec step ms | "
-             "cost ratio | oracle speedup | CPU-time ratio | oracle speedup (CPU time) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in result["rows"]:
-        lines.append(f"| {r['precision']} | {r['cache_length']} | {r['heads']} | {r['ar_ms']:.2f} | "
-                     f"{r['ar_speedup']:.2f}× | {r['draft_ms']:.2f} | {r['verify_ms']:.2f} | {r['verify_ratio']:.2f} | "
-                     f"{r['step_ms']:.2f} | {r['ratio']:.2f} | {r['oracle_speedup']:.2f}× | "
-                     f"{cell(r['ratio_cpu'], '.2f')} | {cell(r['oracle_speedup_cpu'], '.2f')}× |")
+             *md_table(["weights", "cache", "D", "AR step ms", "AR speedup", "draft ms", "verify ms", "verify / AR",
+                        "spec step ms", "cost ratio", "oracle speedup", "CPU-time ratio", "oracle speedup (CPU time)"],
+                       ([r["precision"], str(r["cache_length"]), str(r["heads"]), f"{r['ar_ms']:.2f}",
+                         f"{r['ar_speedup']:.2f}×", f"{r['draft_ms']:.2f}", f"{r['verify_ms']:.2f}",
+                         f"{r['verify_ratio']:.2f}", f"{r['step_ms']:.2f}", f"{r['ratio']:.2f}",
+                         f"{r['oracle_speedup']:.2f}×", cell(r["ratio_cpu"], ".2f"),
+                         cell(r["oracle_speedup_cpu"], ".2f") + "×"] for r in result["rows"]))]
     return "\n".join(lines)
