@@ -24,7 +24,7 @@ import threading
 import time
 from pathlib import Path
 
-from . import locations
+from . import client, locations
 
 READY = "xspecmesh-ready.json"
 CPU_INDEX = "https://download.pytorch.org/whl/cpu"
@@ -178,8 +178,8 @@ class Install:
     def _step(self, title: str, what: str, argv: list[str]) -> None:
         self.status = title
         self.log.append(f"== {title}")
-        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP")}
-        env.update(PYTHONUNBUFFERED="1", PYTHONPATH=self.backend, PIP_NO_INPUT="1")
+        env = client.backend_environment(self.backend)
+        env["PIP_NO_INPUT"] = "1"
         with self._lock:
             if self._cancelled:
                 raise InstallError("cancelled")
