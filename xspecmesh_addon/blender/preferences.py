@@ -5,8 +5,7 @@ import bpy
 from bpy.props import EnumProperty, StringProperty
 
 from ..core import locations, service
-from ..core.settings_schema import SETTINGS
-from . import ADDON_ID, install
+from . import ADDON_ID, install, properties
 
 
 class XSpecMeshPreferences(bpy.types.AddonPreferences):
@@ -34,12 +33,7 @@ class XSpecMeshPreferences(bpy.types.AddonPreferences):
         ),
         default="auto",
     )
-    precision: EnumProperty(
-        name="Precision",
-        description=SETTINGS["precision"].help[0].upper() + SETTINGS["precision"].help[1:],
-        items=tuple((c.value, c.label, c.help) for c in SETTINGS["precision"].choices),
-        default=SETTINGS["precision"].default,
-    )
+    precision: properties.schema_enum("precision", "Precision")
     torch_build: EnumProperty(
         name="PyTorch Build",
         description="Which PyTorch Install Backend installs",

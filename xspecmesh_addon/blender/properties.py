@@ -24,7 +24,8 @@ def _items(name: str, only=None) -> tuple:
     return tuple((c.value, c.label, c.help) for c in SETTINGS[name].choices if only is None or c.value in only)
 
 
-def _enum(name: str, label: str, only=None) -> EnumProperty:
+def schema_enum(name: str, label: str, only=None) -> EnumProperty:
+    """An EnumProperty for a schema setting with choices (scene settings and preferences alike)."""
     return EnumProperty(name=label, description=_help(name), items=_items(name, only), default=SETTINGS[name].default)
 
 
@@ -50,11 +51,11 @@ def _set_heads(self, value: int) -> None:
 
 
 class XSpecMeshSettings(bpy.types.PropertyGroup):
-    mode: _enum("mode", "Mode", only=PANEL_MODES)
+    mode: schema_enum("mode", "Mode", only=PANEL_MODES)
     delta: _number("delta", "δ", subtype="FACTOR")
     heads: _number("heads", "Heads", get=_get_heads, set=_set_heads)
     adaptive: _flag("adaptive", "Adaptive Heads")
-    accept: _enum("accept", "Acceptance")
+    accept: schema_enum("accept", "Acceptance")
     # 0 stands for the schema's None (no limit): an IntProperty cannot hold None
     max_faces: IntProperty(name="Max Faces", description=_help("max_faces") + " (0: no limit)", default=0, min=0,
                            soft_max=20000)

@@ -20,6 +20,16 @@ _SCRUBBED_ENV = ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "PYTHONEXECUTABLE"
 _STDERR_LINES = 200
 
 
+def backend_environment(backend_path: str | None = None) -> dict[str, str]:
+    """Blender's environment without its Python variables, unbuffered UTF-8, `backend_path` on the import path."""
+    env = {k: v for k, v in os.environ.items() if k not in _SCRUBBED_ENV}
+    env["PYTHONUNBUFFERED"] = "1"
+    env["PYTHONIOENCODING"] = "utf-8"
+    if backend_path:
+        env["PYTHONPATH"] = backend_path
+    return env
+
+
 class BackendError(RuntimeError):
     """The backend cannot be started or is gone; the message is meant for the user as it is."""
 
@@ -54,12 +64,7 @@ class BackendClient:
         return cmd
 
     def environment(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if k not in _SCRUBBED_ENV}
-        env["PYTHONUNBUFFERED"] = "1"
-        env["PYTHONIOENCODING"] = "utf-8"
-        if self.backend_path:
-            env["PYTHONPATH"] = self.backend_path
-        return env
+        return backend_environment(self.backend_path)
 
     def start(self, timeout: float = 120.0) -> dict:
         """Launch the backend and wait for its hello (model loaded). Raises BackendError with the reason."""

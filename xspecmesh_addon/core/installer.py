@@ -24,7 +24,7 @@ import threading
 import time
 from pathlib import Path
 
-from . import locations
+from . import client, locations
 
 READY = "xspecmesh-ready.json"
 CPU_INDEX = "https://download.pytorch.org/whl/cpu"
@@ -41,14 +41,11 @@ class InstallError(RuntimeError):
     pass
 
 
-def env_python(env: Path) -> Path:
-    return env / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
-
-
 def installed_python(folder: Path) -> Path | None:
     """The installed backend's Python when an install finished there (its marker exists), else None."""
     env = Path(folder) / "env"
-    return env_python(env) if (env / READY).is_file() and env_python(env).is_file() else None
+    python = locations.env_python(env)
+    return python if (env / READY).is_file() and python.is_file() else None
 
 
 def requirements_file(backend: str | None = None) -> Path:
@@ -128,7 +125,7 @@ class Install:
         return self.state in ("done", "failed", "cancelled")
 
     def steps(self) -> list[tuple[str, list[str]]]:
-        py = str(env_python(self.partial))
+        py = str(locations.env_python(self.partial))
         pip = [py, "-m", "pip", "install", "--disable-pip-version-check", "--no-input", "--progress-bar", "off"]
         index = ["--index-url", self.index_url] if self.index_url else []
         return [
@@ -181,8 +178,8 @@ class Install:
     def _step(self, title: str, what: str, argv: list[str]) -> None:
         self.status = title
         self.log.append(f"== {title}")
-        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP")}
-        env.update(PYTHONUNBUFFERED="1", PYTHONPATH=self.backend, PIP_NO_INPUT="1")
+        env = client.backend_environment(self.backend)
+        env["PIP_NO_INPUT"] = "1"
         with self._lock:
             if self._cancelled:
                 raise InstallError("cancelled")
@@ -202,7 +199,7 @@ class Install:
         """The finished environment becomes `env/`; the marker is written last."""
         shutil.rmtree(self.env, ignore_errors=True)
         os.replace(self.partial, self.env)
-        self.python = env_python(self.env)
+        self.python = locations.env_python(self.env)
         info = {"torch_requirement": self.torch_requirement, "index_url": self.index_url, "python": str(self.python),
                 "installed": time.strftime("%Y-%m-%d %H:%M:%S")}
         (self.env / READY).write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")

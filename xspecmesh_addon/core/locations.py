@@ -21,8 +21,13 @@ BUILD_INFO = "build_info.json"
 CHECKPOINT_RELPATH = Path("xspecmesh") / "weights" / "default.safetensors"
 
 
+def env_python(env: Path) -> Path:
+    """The interpreter of the virtual environment in `env`."""
+    return env / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+
+
 def venv_python(root: Path) -> Path:
-    return root / ".venv" / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+    return env_python(root / ".venv")
 
 
 def build_info(addon_dir: Path = ADDON_DIR) -> dict:
