@@ -33,8 +33,7 @@ class DraftLength:
         if known.sum() >= 2:
             slope, base = np.polyfit(d[known], self.seconds[known], 1)
             base = max(base, 1e-9)
-            slope = max(slope, self.min_cost * base)
-            return base + slope * d  # the fitted line everywhere: smoother than noisy single measurements
+            slope = max(slope, self.min_cost * base)  # the fitted line everywhere: smoother than single measurements
         else:
             (k,) = np.flatnonzero(known)
             base = self.seconds[k] / (1.0 + self.prior_cost * k)

@@ -72,7 +72,7 @@ def restart_slots(model: MeshTransformer, cache, join: Join | None, finished: to
         return []
     joined = join(torch.nonzero(finished).flatten().tolist())
     for slot, cond, gen in joined:
-        cache.restart(slot, [layer.cross_attn.context_kv(cond) for layer in model.layers])
+        cache.restart(slot, model.cross_kv(cond))
         state[slot] = START
         finished[slot] = False
         generator[slot] = gen

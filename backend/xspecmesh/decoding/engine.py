@@ -190,6 +190,13 @@ class Engine:
             return decode_naive(self.model, cond, **common)
         return decode_ar(self.model, cond, **common)
 
+    def _settings_stats(self, settings: DecodeSettings) -> dict:
+        """The request's decode settings as every update's stats report them."""
+        spec = settings.mode == "spec"
+        return {"mode": settings.mode, "heads": settings.heads if spec else 0, "adaptive": settings.adaptive and spec,
+                "delta": settings.delta, "accept": settings.accept, "device": str(self.device),
+                "precision": self.precision}
+
     def stream(self, points, settings: DecodeSettings) -> Iterator[StepUpdate]:
         """The decoding stage: one update per decoding step, the last one `done`; stop iterating to cancel."""
         settings.validate(self.max_heads)
@@ -202,14 +209,11 @@ class Engine:
         stats = DecodeStats()
         mesh = _Decoded(settings.max_faces, token_limit(self.model, settings.max_tokens))
         summary: dict = {}
+        fixed = self._settings_stats(settings)
         for accepted in self.decoder(cond, settings, stats):
             new, tris = mesh.add(accepted[0])
             summary = stats.as_dict() | {"faces": mesh.faces, "seconds": round(time.perf_counter() - start, 4),
-                                         "decode_seconds": round(stats.seconds, 4), "mode": settings.mode,
-                                         "heads": settings.heads if settings.mode == "spec" else 0,
-                                         "adaptive": settings.adaptive and settings.mode == "spec",
-                                         "delta": settings.delta, "accept": settings.accept,
-                                         "device": str(self.device), "precision": self.precision}
+                                         "decode_seconds": round(stats.seconds, 4)} | fixed
             if mesh.full:
                 summary["complete"] = mesh.complete
             yield StepUpdate(new, tris, summary, done=mesh.full)
@@ -286,10 +290,7 @@ class Engine:
         start = time.perf_counter()
         gens = [torch.Generator(device=self.device).manual_seed(s.seed) for s in settings]
         rows = [_Row(s, token_limit(self.model, s.max_tokens), start) for s in settings]
-        common = {"mode": settings[0].mode, "heads": settings[0].heads if settings[0].mode == "spec" else 0,
-                  "adaptive": settings[0].adaptive and settings[0].mode == "spec", "delta": settings[0].delta,
-                  "accept": settings[0].accept, "device": str(self.device), "precision": self.precision,
-                  "batch": slots}
+        common = self._settings_stats(settings[0]) | {"batch": slots}
         # AR joins and leaves (one decoder for all); the other loops decode in rounds of `slots`. An object in
         # `stop` takes no slot: rounds are made from the objects still wanted as each round starts.
         joins = settings[0].mode == "ar"

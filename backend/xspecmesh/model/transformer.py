@@ -213,12 +213,16 @@ class MeshTransformer(nn.Module):
         latents = self.encoder(points)
         return torch.cat([self.cond_head_proj(latents[:, :1]), self.cond_proj(latents[:, 1:])], dim=1)
 
+    def cross_kv(self, cond: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Every layer's cross-attention keys/values over the condition (computed once per mesh)."""
+        return [layer.cross_attn.context_kv(cond) for layer in self.layers]
+
     def new_cache(self, cond: torch.Tensor, max_len: int | None = None) -> KVCache:
         """A preallocated cache for cond's batch, with every layer's cross-attention K/V computed once."""
         cfg = self.cfg
         max_len = min(max_len or cfg.max_seq_len + 1, cfg.max_seq_len + 1)
         cache = KVCache(cfg.depth, cond.shape[0], cfg.heads, max_len, cfg.head_dim, cond.device, cond.dtype)
-        cache.cross = [layer.cross_attn.context_kv(cond) for layer in self.layers]
+        cache.cross = self.cross_kv(cond)
         return cache
 
     # -- decoder -----------------------------------------------------------------------------------------------
@@ -243,7 +247,7 @@ class MeshTransformer(nn.Module):
         b, n = tokens.shape
         if cache is None:
             seq_pos = torch.arange(n, device=tokens.device).expand(b, n)
-            cross = [layer.cross_attn.context_kv(cond) for layer in self.layers]
+            cross = self.cross_kv(cond)
         else:
             seq_pos = cache.lengths[:, None] + torch.arange(n, device=tokens.device)
             cross = cache.cross
