@@ -279,4 +279,4 @@ def test_a_finished_row_feeds_the_drafter_nothing():
                                torch.Generator().manual_seed(3), finished=finished)
     seqs = run_to_end(steps, 2)
     assert seqs[0] == [] and len(seqs[1]) == 60
-    assert contexts[0].cache.lengths[0] == 1  # the pair fed with the prefill's token, nothing after
+    assert contexts[0].lengths[0] == 1  # the pair fed with the prefill's token, nothing after

@@ -104,9 +104,10 @@ class Leaving:
             full[slot] = o
         return full
 
-    def shrink(self, finished_rows: torch.Tensor, cache, generator, *tensors) -> list | None:
-        """When a quarter of the rows or more have finished (and nothing waits): keep the live rows of the cache,
-        the per-row generators (a list, changed in place) and each tensor (or tuple of tensors); else None."""
+    def shrink(self, finished_rows: torch.Tensor, cache, generator) -> torch.Tensor | None:
+        """When a quarter of the rows or more have finished (and nothing waits): keep the live rows of the cache and
+        of the per-row generators (a list, changed in place) and return their indices, by which the decoder keeps
+        its own per-row tensors; else None."""
         done = int(finished_rows.sum())
         if not self.draining or not done or done * 4 < len(finished_rows) or bool(finished_rows.all()):
             return None
@@ -115,7 +116,7 @@ class Leaving:
         cache.keep(keep)
         if isinstance(generator, list):
             generator[:] = [generator[i] for i in keep.tolist()]
-        return [tuple(x[keep] for x in t) if isinstance(t, tuple) else None if t is None else t[keep] for t in tensors]
+        return keep
 
 
 def _emit(tokens: torch.Tensor, finished: torch.Tensor) -> list[list[int]]:
@@ -179,9 +180,9 @@ def decode_ar(
             leaving.draining = bool(outer.any())
         if bool(outer.all()):
             return
-        shrunk = leaving.shrink(leaving.rows(outer), cache, generator, inp, state) if join is not None else None
-        if shrunk:
-            inp, state = shrunk
+        keep = leaving.shrink(leaving.rows(outer), cache, generator) if join is not None else None
+        if keep is not None:
+            inp, state = inp[keep], state[keep]
 
 
 @torch.no_grad()

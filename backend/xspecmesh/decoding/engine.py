@@ -262,10 +262,10 @@ class Engine:
         """Decode several objects together: conds[i] from `condition(points_i, settings[i].seed)`, and settings
         that agree but for `batch_key`'s exceptions (seed, max_tokens, max_faces, fit).
 
-        At most `slots` objects (default: all) decode at once. AR decoding batches continuously: when one finishes,
-        the next waiting object takes its slot at the next step, and once none waits, finished ones leave the batch.
-        Speculative and naive decoding go in rounds of `slots` objects (a drafter's per-row context cannot be
-        restarted or shrunk yet).
+        At most `slots` objects (default: all) decode at once. AR and speculative decoding batch continuously: when
+        one finishes, the next waiting object takes its slot (with a fresh cache row, drafter state, grammar state and
+        generator), and once none waits, finished ones leave the batch. The naive loop goes in rounds of `slots`
+        objects (it is a baseline, with no joining).
         Yields (i, update) for every running object after each step: each object's updates are those `stream`
         gives for it alone (the last one has done=True), and it stops at its own EOS, max_faces or max_tokens.
         Each object has its own random stream (seeded by its seed), so greedy decoding gives the tokens of decoding
@@ -291,9 +291,9 @@ class Engine:
         gens = [torch.Generator(device=self.device).manual_seed(s.seed) for s in settings]
         rows = [_Row(s, token_limit(self.model, s.max_tokens), start) for s in settings]
         common = self._settings_stats(settings[0]) | {"batch": slots}
-        # AR joins and leaves (one decoder for all); the other loops decode in rounds of `slots`. An object in
-        # `stop` takes no slot: rounds are made from the objects still wanted as each round starts.
-        joins = settings[0].mode == "ar"
+        # AR and spec join and leave (one decoder for all); the naive loop decodes in rounds of `slots`. An object
+        # in `stop` takes no slot: rounds are made from the objects still wanted as each round starts.
+        joins = settings[0].mode != "naive"
         left = list(range(n))
         while left:
             left = [i for i in left if i not in stop]

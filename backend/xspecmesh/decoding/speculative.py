@@ -24,7 +24,7 @@ import torch
 
 from xspecmesh.geometry import tokenizer as tok
 from xspecmesh.decoding.adaptive import DraftLength
-from xspecmesh.decoding.autoregressive import DecodeStats, token_limit
+from xspecmesh.decoding.autoregressive import DecodeStats, Join, Leaving, restart_slots, token_limit
 from xspecmesh.decoding.settings_schema import MAX_HEADS, SETTINGS
 from xspecmesh.model.drafter import Drafter
 from xspecmesh.model.kv_cache import KVCache
@@ -76,6 +76,15 @@ def accept_drafts(rule: AcceptConfig, logits, probs, drafts, generator):
     return n_acc, nxt
 
 
+def _first_token(model: MeshTransformer, cache: KVCache, sampling: SamplingConfig, grammar: Grammar, state, generator):
+    """The BOS prefill of `cache`'s sequences (all empty) and their first token, from the backbone alone: (token (B,),
+    grammar state after it, the backbone's feature it was sampled from (B, 1, dim))."""
+    b = cache.lengths.shape[0]
+    logits, hidden = model(torch.zeros(b, 1, dtype=torch.long, device=cache.lengths.device), cache=cache)
+    r = draw(distribution(logits[:, -1], sampling, grammar.mask(state)), generator)
+    return r, grammar.advance(state, r), hidden[:, -1:]
+
+
 @torch.no_grad()
 def decode_speculative(
     model: MeshTransformer,
@@ -90,12 +99,15 @@ def decode_speculative(
     cache: KVCache | None = None,
     adaptive: bool = False,
     finished: torch.Tensor | None = None,
+    join: Join | None = None,
 ) -> Iterator[list[list[int]]]:
     """Speculative decoding of B sequences with D = num_heads drafts per step; yields per step, per sequence, the
     tokens accepted in that step (r, d1..da or the resampled/bonus token), like `decode_ar`. A caller-made `cache`
     (from `model.new_cache`) lets tests inspect it between steps. `adaptive` picks each step's draft length in
-    0..num_heads from running acceptance and cost estimates (`xspecmesh.decoding.adaptive`). `generator` and
-    `finished` as in `decode_ar` (no joining here: a drafter's context would need restarting per row)."""
+    0..num_heads from running acceptance and cost estimates (`xspecmesh.decoding.adaptive`). `generator`, `finished`
+    and `join` as in `decode_ar`: a joining sequence gets its slot's backbone cache row and drafter state afresh, its
+    BOS prefilled at once (a batch-1 forward on its cache row) and its first token drawn from the backbone alone with
+    its own generator, as decoding it alone would; that token is yielded with the sequence's first step."""
     stats = stats if stats is not None else DecodeStats()
     dev, b, d = cond.device, cond.shape[0], num_heads
     if not 1 <= d <= min(MAX_HEADS, heads.num_heads):
@@ -108,29 +120,55 @@ def decode_speculative(
     if accept.rule == "greedy":
         sampling = SamplingConfig(temperature=0.0, top_k=sampling.top_k, top_p=sampling.top_p)
     grammar = Grammar(dev)
-    rows = torch.arange(b, device=dev)
     max_tokens = token_limit(model, max_tokens)
     # A row verifies only while it holds fewer than max_tokens positions, and a finished row goes back to that
     # (step 5), so a verify's d + 1 new positions never reach past max_tokens + d, in either cache.
     cache = cache if cache is not None else model.new_cache(cond, max_tokens + d)
     head_ctx = heads.begin(model, cond, max_tokens + d)
     emitted = torch.zeros(b, dtype=torch.long, device=dev)
-    finished = finished if finished is not None else torch.zeros(b, dtype=torch.bool, device=dev)
+    outer = finished if finished is not None else torch.zeros(b, dtype=torch.bool, device=dev)
+    leaving = Leaving(b, dev)
 
     # Prefill BOS; the first token comes from the backbone alone.
-    logits, hidden = model(torch.zeros(b, 1, dtype=torch.long, device=dev), cache=cache)
-    state = grammar.start(b)
-    r = draw(distribution(logits[:, -1], sampling, grammar.mask(state)), generator)
-    state = grammar.advance(state, r)
+    r, state, feats = _first_token(model, cache, sampling, grammar, grammar.start(b), generator)
     # The pairs (backbone feature, token sampled from it) committed since the drafter last ran: the last is [h, r].
-    feats, pending, counts = hidden[:, -1:], r[:, None], torch.ones_like(r)
+    pending, counts = r[:, None], torch.ones_like(r)
     stats.steps += 1
     stats.seq_steps += b
-    out = _commit(r[:, None], torch.ones(b, dtype=torch.long, device=dev), emitted, finished, max_tokens, stats)
+    out = _commit(r[:, None], torch.ones(b, dtype=torch.long, device=dev), emitted, outer, max_tokens, stats)
     stats.seconds = time.perf_counter() - start
     yield out
 
-    while not bool(finished.all()):
+    first: dict[int, list[int]] = {}  # slot -> the first token of a sequence that joined since the last step
+    while True:
+        # 0. Continuous batching: finished slots taken over (before any row has left, so rows are slots here), or
+        # finished rows leaving once nothing waits.
+        if join is not None and not leaving.draining:
+            t0 = time.perf_counter()
+            joined = restart_slots(model, cache, join, outer, state, generator)
+            leaving.draining = bool(outer.any())
+            for slot, c in joined:
+                heads.restart(model, head_ctx, slot, c)
+                emitted[slot] = 0
+                one, state[slot : slot + 1], h = _first_token(model, cache.row(slot), sampling, grammar,
+                                                              state[slot : slot + 1], [generator[slot]])
+                r[slot], feats[slot, :1], pending[slot, :1], counts[slot] = one[0], h[0], one, 1
+                stats.seq_steps += 1
+                first[slot] = _commit(one[:, None], torch.ones_like(one), emitted[slot : slot + 1],
+                                      outer[slot : slot + 1], max_tokens, stats)[0]
+            stats.time_verify += time.perf_counter() - t0
+            if first and bool(outer.all()):  # every sequence ended at its first token (a token limit of 1)
+                yield [first.pop(slot, []) for slot in range(b)]
+                continue
+        if bool(outer.all()):
+            return
+        keep = leaving.shrink(leaving.rows(outer), cache, generator) if join is not None else None
+        if keep is not None:
+            r, state, emitted, feats, pending, counts = (x[keep] for x in (r, state, emitted, feats, pending, counts))
+            head_ctx = heads.keep(head_ctx, keep)
+        finished = leaving.rows(outer)
+        rows = torch.arange(len(r), device=dev)
+
         # 1. Draft greedy tokens under the grammar along the chain (a draft decoder also catches up on the pairs
         # committed since its last call, so it runs even for a step without drafts).
         t0 = time.perf_counter()
@@ -175,8 +213,10 @@ def decode_speculative(
         stats.steps += 1
         stats.seq_steps += int(live.sum())
         out = _commit(new, n_acc + 1, emitted, finished, max_tokens, stats)
+        leaving.write(outer, finished)
         # A finished row (this step included) keeps the cache it had before this verify and hands the drafter no
-        # pairs: later verifies still run over it, and neither cache may grow past max_tokens + d.
+        # pairs: until it leaves the batch or its slot is taken over, later verifies still run over it, and neither
+        # cache may grow past max_tokens + d.
         cache.rollback(torch.where(finished, length, length + 1 + n_acc))
         feats, pending, counts = hidden, new, torch.where(finished, 0, n_acc + 1)
         t3 = time.perf_counter()
@@ -186,6 +226,10 @@ def decode_speculative(
         stats.seconds = t3 - start
         if chooser:
             chooser.update(dk, accepted, t3 - t0)
+        out = leaving.by_slot(out, b)
+        for slot, tokens in first.items():
+            out[slot] = tokens + out[slot]
+        first = {}
         yield out
 
 

@@ -52,12 +52,6 @@ def factored_logits(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([blocks + cls[..., :1], offsets + cls[..., 1:2], blocks + cls[..., 2:3], cls[..., 3:]], -1)
 
 
-@dataclasses.dataclass
-class DraftContext:
-    cross: tuple[torch.Tensor, torch.Tensor]  # the block's cross-attention keys/values over the condition
-    cache: KVCache
-
-
 class DraftDecoder(nn.Module):
     def __init__(self, model_cfg: ModelConfig, cfg: HeadsConfig):
         super().__init__()
@@ -96,39 +90,50 @@ class DraftDecoder(nn.Module):
         return self.fc(torch.cat([feats, model.token_embed(tokens.clamp(min=0))], -1))
 
     # -- decoding ----------------------------------------------------------------------------------------------
-    def begin(self, model: nn.Module, cond: torch.Tensor, max_len: int) -> DraftContext:
-        """Per-mesh state: the condition's keys/values and the drafter's own cache (one layer)."""
+    def begin(self, model: nn.Module, cond: torch.Tensor, max_len: int) -> KVCache:
+        """Per-mesh state: the drafter's own cache (one layer), its `cross` the block's keys/values over the
+        condition."""
         cfg = self.model_cfg
         cache = KVCache(1, cond.shape[0], cfg.heads, max_len, cfg.head_dim, cond.device, cond.dtype)
-        return DraftContext(self.block.cross_attn.context_kv(cond), cache)
+        cache.cross = [self.block.cross_attn.context_kv(cond)]
+        return cache
 
-    def _step(self, model, ctx: DraftContext, feats, tokens) -> torch.Tensor:
-        cache = ctx.cache
+    def restart(self, model: nn.Module, ctx: KVCache, row: int, cond: torch.Tensor) -> None:
+        """Row `row` taken over by a new sequence over `cond` (1, M, dim) (continuous batching): no history, its
+        own condition."""
+        ctx.restart(row, [self.block.cross_attn.context_kv(cond)])
+
+    def keep(self, ctx: KVCache, rows: torch.Tensor) -> KVCache:
+        """Only these rows (finished sequences leave the batch)."""
+        ctx.keep(rows)
+        return ctx
+
+    def _step(self, model, cache: KVCache, feats, tokens) -> torch.Tensor:
         seq_pos = cache.lengths[:, None] + torch.arange(tokens.shape[1], device=tokens.device)
         at = cache.prepare(seq_pos)
-        x = self.block(self._pairs(model, feats, tokens), ctx.cross, lambda k, v: cache.write(0, at, k, v), at.mask)
+        x = self.block(self._pairs(model, feats, tokens), cache.cross[0], lambda k, v: cache.write(0, at, k, v),
+                       at.mask)
         cache.lengths += tokens.shape[1]
         return self.out_norm(x)
 
-    def propose(self, model, ctx: DraftContext, feats, tokens, counts, drafts: int,
+    def propose(self, model, cache: KVCache, feats, tokens, counts, drafts: int,
                 choose: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """`drafts` greedy draft tokens (B, drafts). feats/tokens (B, n, ·): the pairs committed since the last call,
         counts[b] of them valid per sequence, the last being [h, r] (none for a finished sequence, whose drafts are
-        ignored); `choose(logits)` picks each draft (grammar)."""
+        ignored); `choose(logits)` picks each draft (grammar). `cache`: from `begin`."""
         rows = torch.arange(feats.shape[0], device=feats.device)
-        cache = ctx.cache
         if self.cfg.kind == "grounded":
             last = counts - 1
             feats, tokens, counts = feats[rows, last][:, None], tokens[rows, last][:, None], torch.ones_like(counts)
             cache.rollback(torch.zeros_like(cache.lengths))
         committed = cache.lengths + counts
-        g = self._step(model, ctx, feats[:, : int(counts.max())], tokens[:, : int(counts.max())])[rows, counts - 1]
+        g = self._step(model, cache, feats[:, : int(counts.max())], tokens[:, : int(counts.max())])[rows, counts - 1]
         cache.rollback(committed)  # padding past a sequence's own pairs is forgotten
         out = []
         for k in range(drafts):
             out.append(choose(self.logits(model, g)))
             if k + 1 < drafts:
-                g = self._step(model, ctx, g[:, None], out[-1][:, None])[:, 0]
+                g = self._step(model, cache, g[:, None], out[-1][:, None])[:, 0]
         cache.rollback(committed)  # the drafts' own entries are approximations: re-fed after the verify
         return torch.stack(out, 1) if out else tokens.new_zeros(feats.shape[0], 0)
 

@@ -88,6 +88,16 @@ class DraftHeads(nn.Module):
     def begin(self, model: nn.Module, cond: torch.Tensor, max_len: int):
         return self.context(cond)
 
+    def restart(self, model: nn.Module, ctx, row: int, cond: torch.Tensor) -> None:
+        """Row `row` taken over by a new sequence over `cond` (1, M, dim) (continuous batching)."""
+        if ctx is not None:
+            k, v = self.context(cond)
+            ctx[0][row], ctx[1][row] = k[0], v[0]
+
+    def keep(self, ctx, rows: torch.Tensor):
+        """Only these rows (finished sequences leave the batch)."""
+        return None if ctx is None else (ctx[0][rows], ctx[1][rows])
+
     def propose(self, model, ctx, feats, tokens, counts, drafts: int,
                 choose: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """`drafts` draft tokens (B, drafts) from the newest backbone state feats[b, counts[b] - 1] alone (the

@@ -7,6 +7,7 @@ are never attended to, because the mask only admits keys at positions <= the que
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -65,6 +66,14 @@ class KVCache:
         self.lengths[row] = 0
         for (k, v), (new_k, new_v) in zip(self.cross, cross):
             k[row], v[row] = new_k[0], new_v[0]
+
+    def row(self, row: int) -> "KVCache":
+        """Sequence `row` alone, as a batch-1 cache whose buffers are views into this one's: a forward on it (a
+        joining sequence's BOS prefill) writes this cache's row and advances its length."""
+        view = copy.copy(self)
+        view.k, view.v, view.lengths = self.k[:, row : row + 1], self.v[:, row : row + 1], self.lengths[row : row + 1]
+        view.cross = [(k[row : row + 1], v[row : row + 1]) for k, v in self.cross]
+        return view
 
     def keep(self, rows: torch.Tensor) -> None:
         """Keep only these sequences (indices), in this order: finished ones leave the batch."""
