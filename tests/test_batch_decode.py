@@ -142,7 +142,7 @@ def test_a_batch_refuses_mixed_settings(engine):
         list(engine.stream_batch(conds, [DecodeSettings(mode="ar"), DecodeSettings(mode="spec")]))
 
 
-@pytest.mark.parametrize("mode", ["ar"])  # (speculative decoding goes in rounds: see Engine.stream_batch)
+@pytest.mark.parametrize("mode", ["ar", "spec"])
 def test_finished_objects_leave_the_batch_and_the_rest_is_unchanged(engine, mode, monkeypatch):
     from xspecmesh.model.kv_cache import KVCache
 
@@ -168,8 +168,8 @@ def test_one_slot_decodes_every_object_in_turn(engine):
 
 @pytest.mark.parametrize("mode, slots", [("spec", 2), ("naive", 2), ("ar", 1)])
 def test_a_cancelled_object_takes_no_slot(engine, mode, slots, monkeypatch):
-    """Objects in `stop` before they start (cancelled at once, or while waiting) never decode: speculative rounds
-    are made of the objects still wanted, and AR joining skips them."""
+    """Objects in `stop` before they start (cancelled at once, or while waiting) never decode: naive rounds are
+    made of the objects still wanted, and joining (AR, spec) skips them."""
     pts = clouds(5)
     conds = [engine.condition(p, s) for s, p in enumerate(pts)]
     settings = [DecodeSettings(mode=mode, temperature=0.0, max_tokens=30, seed=s) for s in range(5)]

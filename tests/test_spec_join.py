@@ -192,7 +192,7 @@ def test_engine_batch_of_five_in_two_slots_gives_each_objects_tokens_alone(engin
     got = stream(engine, pts, [dataclasses.replace(s) for s in settings], slots=2)
     for p, s, g in zip(pts, settings, got):
         res = engine.generate(p, s)
-        assert g["tokens"] == res.tokens and g["stats"]["done"]
+        assert g["tokens"] == res.tokens and g["stats"]["done"] and g["stats"]["steps"] == res.stats["steps"]
         assert g["stats"]["complete"] == res.stats["complete"] and g["stats"]["faces"] == res.stats["faces"]
         assert len(g["tokens"]) <= s.max_tokens
     assert got[3]["stats"]["faces"] == 5 and not got[3]["stats"]["complete"]

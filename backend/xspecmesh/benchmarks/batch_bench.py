@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from xspecmesh.decoding.engine import DecodeSettings, Engine
+from xspecmesh.decoding.engine import JOINING, DecodeSettings, Engine
 
 
 def decode_set(engine: Engine, points: list[np.ndarray], settings: DecodeSettings, batch: int,
@@ -46,7 +46,7 @@ def decode_set(engine: Engine, points: list[np.ndarray], settings: DecodeSetting
     groups = [list(range(len(points)))] if join else [list(range(f, min(len(points), f + batch)))
                                                       for f in range(0, len(points), batch)]
     for idx in groups if batch > 1 else []:
-        steps, batch_steps, earlier = {}, 0, 0  # (speculative decoding goes in rounds, each counting from 1)
+        steps, batch_steps, earlier = {}, 0, 0  # (naive decoding goes in rounds, each counting from 1)
         for i, upd in engine.stream_batch([conds[k] for k in idx], [replace(settings) for _ in idx], slots=batch):
             tokens[idx[i]] += upd.tokens
             steps[i] = upd.stats["steps"]
@@ -80,7 +80,7 @@ def bench_engine(engine: Engine, sets: dict[str, list[np.ndarray]], batches, mod
                 for b, join in [(b, True) for b in batches] + [(b, False) for b in rounds]:
                     m, tokens = decode_set(engine, points, settings, b, join)
                     alone = tokens if alone is None else alone
-                    how = "join" if join or b == 1 else "rounds"
+                    how = "join" if (join and mode in JOINING) or b == 1 else "rounds"
                     row = rows.setdefault((set_name, mode, b, how), {
                         "set": set_name, "mode": mode, "batch": b, "refill": how, "seconds": 0.0, "tokens": 0,
                         "objects": 0, "occupancy": [], "scr": 0.0, "identical": True})

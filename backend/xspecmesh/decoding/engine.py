@@ -21,6 +21,7 @@ from xspecmesh.decoding.autoregressive import DecodeStats, decode_ar, decode_nai
 from xspecmesh.decoding.token_sampling import SamplingConfig
 from xspecmesh.decoding.speculative import AcceptConfig, decode_speculative
 
+JOINING = ("ar", "spec")  # modes whose decoders batch continuously (`join`); the naive loop goes in rounds
 MIN_CLOUD_POINTS = 16  # the least a cloud may have to be resampled to the encoder's size (the add-on sends far more:
 # the protocol's MIN_POINTS)
 
@@ -293,7 +294,7 @@ class Engine:
         common = self._settings_stats(settings[0]) | {"batch": slots}
         # AR and spec join and leave (one decoder for all); the naive loop decodes in rounds of `slots`. An object
         # in `stop` takes no slot: rounds are made from the objects still wanted as each round starts.
-        joins = settings[0].mode != "naive"
+        joins = settings[0].mode in JOINING
         left = list(range(n))
         while left:
             left = [i for i in left if i not in stop]
@@ -314,6 +315,9 @@ class Engine:
             for slot, i in zip(free, waiting):
                 holder[slot] = i
                 rows[i].started = time.perf_counter()
+                # The speculative decoder prefills a joining object at once and streams that step's token with its
+                # next step's: one update, two of the object's steps (as `stream` counts them).
+                rows[i].steps += settings[i].mode == "spec"
                 out.append((slot, conds[i], gens[i]))
             return out
 

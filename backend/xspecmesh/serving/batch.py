@@ -2,9 +2,9 @@
 
 Each input `IN/a/b.obj` becomes `OUT/a/b_retopo.obj`, written atomically (a hidden temporary file in the same folder,
 then a rename), so an output that exists is whole and is skipped: a killed run, restarted, resumes where it stopped.
-Objects go through `Engine.stream_batch`, B decoding at once; in AR mode, when one finishes, the next file takes its
-place in the batch (continuous batching; docs/BENCHMARKS.md measures it against refilling between rounds), while
-speculative decoding goes in rounds of B. Files are loaded CHUNK × B at a time. A file that cannot be read or decoded is
+Objects go through `Engine.stream_batch`, B decoding at once; when one finishes, the next file takes its place in the
+batch (continuous batching, AR and speculative; docs/BENCHMARKS.md measures it against refilling between rounds;
+`--mode naive` goes in rounds of B). Files are loaded CHUNK × B at a time. A file that cannot be read or decoded is
 logged as failed and the run goes on. With several processes (torchrun) each takes every WORLD_SIZE-th file of the
 sorted list.
 """
@@ -22,8 +22,8 @@ from xspecmesh.errors import XSpecMeshError
 
 SUFFIXES = (".obj", ".ply", ".stl", ".off", ".glb")
 TAG = "_retopo"
-CHUNK = 8  # files loaded ahead per slot: AR batches drain (slots idle) only at the end of each chunk, speculative
-# ones at the end of each round of B as well
+CHUNK = 8  # files loaded ahead per slot: batches drain (slots idle) only at the end of each chunk (naive ones at the
+# end of each round of B as well)
 
 
 @dataclass

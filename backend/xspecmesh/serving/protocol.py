@@ -28,8 +28,8 @@ Replies (backend → add-on); every reply carries "id" (null when no request is 
 
 A request is answered by zero or more progress/faces lines and then exactly one `done` or `error`. Requests start in the
 order they arrive. A backend started with `--batch B` (B > 1, the default 8) decodes the queued requests that share
-their settings (all but seed, max_tokens, max_faces and fit) together, B at a time (in AR mode a waiting one takes the
-place of one that finished; in spec mode they go in rounds of B): their lines interleave, each request's own lines keep
+their settings (all but seed, max_tokens, max_faces and fit) together, B at a time (a waiting one takes the place of one
+that finished; in naive mode they go in rounds of B): their lines interleave, each request's own lines keep
 their order, and under greedy decoding each request gets the tokens it would get alone, up to floating-point rounding
 (CPU fp32 runs a different kernel for one row and for several).
 End of stdin lets the queued requests finish, then the backend exits.

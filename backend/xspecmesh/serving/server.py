@@ -8,8 +8,8 @@ then `done` (with the fitted triangles when the request's settings ask for `fit`
 current decoding step, or once the fit is over.
 
 Batching (`serve --batch B`, B > 1): the main thread takes the first queued request together with every queued one that
-shares its decode settings (all but seed and limits) and decodes them with `Engine.stream_batch`, B at a time (AR: a
-waiting request takes the place of one that finished; spec: in rounds of B); each keeps its own stream of lines, and a
+shares its decode settings (all but seed and limits) and decodes them with `Engine.stream_batch`, B at a time (a
+waiting request takes the place of one that finished; naive: in rounds of B); each keeps its own stream of lines, and a
 cancel drops only its request. Requests that arrive meanwhile wait for the next group. A request marked `"more": true`
 holds the start of new work until a request without it arrives, so a client can queue a whole collection before the
 first object starts.
