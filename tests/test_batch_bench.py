@@ -27,3 +27,14 @@ def test_every_batch_size_gives_the_tokens_of_one_at_a_time(engine):
         assert r["objects_per_minute"] > 0 and r["tokens_per_second"] > 0 and r["scr"] > 0
     assert all(r["speedup"] == 1.0 for r in rows if r["batch"] == 1)
     assert "| p | spec | 3 |" in batch_bench.table(rows)
+
+
+def test_rows_say_how_slots_were_refilled(engine):
+    """AR and spec join (and run once more in rounds when asked); the naive loop only goes in rounds."""
+    rng = np.random.default_rng(1)
+    points = [rng.normal(size=(200, 6)).astype(np.float32) for _ in range(3)]
+    rows = batch_bench.bench_engine(engine, {"p": points}, [1, 2], ["spec", "naive"], max_tokens=20, reps=1,
+                                    log=lambda m: None, rounds=[2])
+    assert [(r["mode"], r["batch"], r["refill"]) for r in rows] == [
+        ("spec", 1, "join"), ("spec", 2, "join"), ("spec", 2, "rounds"), ("naive", 1, "join"), ("naive", 2, "rounds")]
+    assert all(r["identical"] and r["objects"] == 3 for r in rows)

@@ -77,7 +77,8 @@ def bench_engine(engine: Engine, sets: dict[str, list[np.ndarray]], batches, mod
             for mode in modes:
                 settings = DecodeSettings(mode=mode, temperature=0.0, max_tokens=max_tokens, seed=0, fit=False)
                 alone = None
-                for b, join in [(b, True) for b in batches] + [(b, False) for b in rounds]:
+                # (a mode that cannot join goes in rounds anyway: no second run)
+                for b, join in [(b, True) for b in batches] + [(b, False) for b in rounds if mode in JOINING]:
                     m, tokens = decode_set(engine, points, settings, b, join)
                     alone = tokens if alone is None else alone
                     how = "join" if (join and mode in JOINING) or b == 1 else "rounds"
