@@ -30,7 +30,7 @@ def token_limit(model: MeshTransformer, max_tokens: int) -> int:
 class DecodeStats:
     """Returned (never logged) by every decoder; speculative decoding fills the extra fields."""
 
-    steps: int = 0  # backbone forwards (the prefill included)
+    steps: int = 0  # batched backbone forwards (the prefill included; not a joining sequence's own prefill)
     tokens: int = 0  # accepted tokens over all sequences (EOS excluded)
     seq_steps: int = 0  # steps summed over the sequences still running in them (= steps for one sequence)
     seconds: float = 0.0
@@ -60,7 +60,8 @@ class DecodeStats:
 
 
 # Continuous batching: after each step a decoder calls join(free slots) -> [(slot, cond (1, M, dim), generator)] for
-# the sequences that take those slots over; a new sequence starts at BOS in the next step.
+# the sequences that take those slots over; a new sequence starts at BOS (AR: in the next step; speculative decoding
+# prefills it at once).
 Join = Callable[[list[int]], list[tuple[int, torch.Tensor, torch.Generator]]]
 
 

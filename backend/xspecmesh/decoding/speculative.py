@@ -156,7 +156,7 @@ def decode_speculative(
                 stats.seq_steps += 1
                 first[slot] = _commit(one[:, None], torch.ones_like(one), emitted[slot : slot + 1],
                                       outer[slot : slot + 1], max_tokens, stats)[0]
-            stats.time_verify += time.perf_counter() - t0
+            stats.time_verify += time.perf_counter() - t0  # (backbone forwards)
             if first and bool(outer.all()):  # every sequence ended at its first token (a token limit of 1)
                 yield [first.pop(slot, []) for slot in range(b)]
                 continue
