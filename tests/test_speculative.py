@@ -280,3 +280,41 @@ def test_a_finished_row_feeds_the_drafter_nothing():
     seqs = run_to_end(steps, 2)
     assert seqs[0] == [] and len(seqs[1]) == 60
     assert contexts[0].lengths[0] == 1  # the pair fed with the prefill's token, nothing after
+
+
+
+def test_steps_without_drafts_pass_their_pairs_to_the_next_drafting_step(monkeypatch):
+    """A step that drafts nothing (adaptive D = 0) does not run the drafter; the pairs it commits reach the drafter at
+    the next step that drafts, so a draft decoder has then read exactly one pair per token emitted so far."""
+    from xspecmesh.decoding.adaptive import DraftLength
+
+    model = tiny_model(sharpen=30.0)
+    with torch.no_grad():
+        model.to_logits.bias[tok.EOS] -= 1e4  # both rows run to the limit
+    cond = condition(model, b=2)
+    drafter = tiny_heads(model, d=4, kind="eagle", output="factored")
+    lengths = iter([4, 0, 0, 2, 0, 3, 0, 0, 0, 1] * 20)
+    monkeypatch.setattr(DraftLength, "choose", lambda self: next(lengths))
+    emitted, seen, propose = [0, 0], [], drafter.propose
+
+    def spy(model, ctx, feats, tokens, counts, drafts, choose):
+        out = propose(model, ctx, feats, tokens, counts, drafts, choose)
+        seen.append((drafts, ctx.lengths.tolist(), list(emitted)))
+        return out
+
+    monkeypatch.setattr(drafter, "propose", spy)
+    for accepted in decode_speculative(model, drafter, cond, SamplingConfig(0.8, 20, 1.0),
+                                       AcceptConfig("threshold", 0.0), 4, 80, torch.Generator().manual_seed(2),
+                                       adaptive=True):
+        emitted = [e + len(a) for e, a in zip(emitted, accepted)]
+    assert len(seen) > 5 and all(drafts > 0 for drafts, _, _ in seen)  # never called for a step without drafts
+    assert all(read == sent for _, read, sent in seen[:-1])  # every committed pair read once, none lost
+
+
+def test_append_pairs_keeps_each_rows_own_pairs_in_order():
+    f0, t0, c0 = torch.arange(6.0).view(2, 3, 1), torch.tensor([[1, 2, 3], [4, 5, 6]]), torch.tensor([2, 0])
+    f1, t1, c1 = torch.arange(10.0, 14.0).view(2, 2, 1), torch.tensor([[7, 8], [9, 10]]), torch.tensor([1, 2])
+    feats, tokens, counts = speculative._append_pairs((f0, t0, c0), (f1, t1, c1))
+    assert counts.tolist() == [3, 2]
+    assert tokens[0].tolist() == [1, 2, 7] and tokens[1, :2].tolist() == [9, 10]
+    assert feats[0, :, 0].tolist() == [0.0, 1.0, 10.0] and feats[1, :2, 0].tolist() == [12.0, 13.0]

@@ -169,8 +169,8 @@ def decode_speculative(
         finished = leaving.rows(outer)
         rows = torch.arange(len(r), device=dev)
 
-        # 1. Draft greedy tokens under the grammar along the chain (a draft decoder also catches up on the pairs
-        # committed since its last call, so it runs even for a step without drafts).
+        # 1. Draft greedy tokens under the grammar along the chain (a draft decoder first catches up on the pairs
+        # committed since its last call).
         t0 = time.perf_counter()
         dk = chooser.choose() if chooser else d
         states = [state]
@@ -180,7 +180,9 @@ def decode_speculative(
             states.append(grammar.advance(states[-1], x))
             return x
 
-        drafts = heads.propose(model, head_ctx, feats, pending, counts, dk, choose)
+        # A step without drafts leaves the drafter alone: its pairs wait for the next step that drafts (a draft
+        # decoder would otherwise pay a forward to catch up every step, the cost adaptive D = 0 exists to avoid).
+        drafts = heads.propose(model, head_ctx, feats, pending, counts, dk, choose) if dk else r.new_zeros(len(r), 0)
         states = torch.stack(states, 1)  # (B, D+1): grammar state before each verified position's next token
         _sync(dev)
         t1 = time.perf_counter()
@@ -218,7 +220,8 @@ def decode_speculative(
         # pairs: until it leaves the batch or its slot is taken over, later verifies still run over it, and neither
         # cache may grow past max_tokens + d.
         cache.rollback(torch.where(finished, length, length + 1 + n_acc))
-        feats, pending, counts = hidden, new, torch.where(finished, 0, n_acc + 1)
+        fresh = hidden, new, torch.where(finished, 0, n_acc + 1)
+        feats, pending, counts = _append_pairs((feats, pending, counts), fresh) if not dk else fresh
         t3 = time.perf_counter()
         stats.time_draft += t1 - t0
         stats.time_verify += t2 - t1
@@ -231,6 +234,19 @@ def decode_speculative(
             out[slot] = tokens + out[slot]
         first = {}
         yield out
+
+
+def _append_pairs(old, new):
+    """Per row, the drafter's unread pairs (features (B, n, dim), tokens (B, n), counts (B,)): old's counts[b] first,
+    then new's."""
+    (f0, t0, c0), (f1, t1, c1) = old, new
+    total = c0 + c1
+    at = torch.arange(max(int(total.max()), 1), device=total.device).expand(len(total), -1)
+    mine = at < c0[:, None]
+    i0, i1 = at.clamp(max=f0.shape[1] - 1), (at - c0[:, None]).clamp(0, f1.shape[1] - 1)
+    feats = torch.where(mine[..., None], f0.gather(1, i0[..., None].expand(-1, -1, f0.shape[2])),
+                        f1.gather(1, i1[..., None].expand(-1, -1, f1.shape[2])))
+    return feats, torch.where(mine, t0.gather(1, i0), t1.gather(1, i1)), total
 
 
 def _commit(new, counts, emitted, finished, max_tokens, stats) -> list[list[int]]:
