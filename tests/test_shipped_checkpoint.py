@@ -12,6 +12,7 @@ from safetensors import safe_open
 from xspecmesh.model.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
 
 BOX = Path(__file__).parent / "data" / "reference" / "meshes" / "box.obj"
+PAPER_HEADS = DEFAULT_CHECKPOINT.with_name("paper_heads.safetensors")
 
 
 def test_it_is_committed_fp16_and_at_most_25_mb():
@@ -22,11 +23,21 @@ def test_it_is_committed_fp16_and_at_most_25_mb():
         assert all(f.get_slice(k).get_dtype() in ("F16", "I64") for k in f.keys())
 
 
-def test_it_is_the_small_preset_with_four_cross_attention_heads():
+def test_it_is_the_small_preset_with_a_four_draft_eagle_drafter():
     ck = load_checkpoint(DEFAULT_CHECKPOINT)
     assert ck.meta["preset"] == "small" and ck.model.cfg.dim == 256 and ck.model.cfg.depth == 6
-    assert ck.heads is not None and ck.heads.num_heads == 4 and ck.heads.cfg.kind == "cross"
+    assert ck.heads is not None and ck.heads.num_heads == 4 and ck.heads.cfg.kind == "eagle"
     assert ck.meta.get("families") and ck.meta.get("max_faces")  # what it was trained on, for the benchmarks
+
+
+def test_the_papers_heads_are_one_flag_away_on_the_same_backbone():
+    """--checkpoint backend/xspecmesh/weights/paper_heads.safetensors: the shipped backbone with the paper's heads."""
+    import torch
+
+    paper, shipped = load_checkpoint(PAPER_HEADS), load_checkpoint(DEFAULT_CHECKPOINT)
+    assert paper.heads.cfg.kind == "cross" and paper.heads.num_heads == 4
+    a, b = paper.model.state_dict(), shipped.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_generate_uses_it_by_default(tmp_path):
