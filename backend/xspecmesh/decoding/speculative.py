@@ -221,7 +221,8 @@ def decode_speculative(
         # cache may grow past max_tokens + d.
         cache.rollback(torch.where(finished, length, length + 1 + n_acc))
         fresh = hidden, new, torch.where(finished, 0, n_acc + 1)
-        feats, pending, counts = _append_pairs((feats, pending, counts), fresh) if not dk else fresh
+        unread = feats, pending, torch.where(finished, 0, counts)  # (pairs a step without drafts left unread)
+        feats, pending, counts = _append_pairs(unread, fresh) if not dk else fresh
         t3 = time.perf_counter()
         stats.time_draft += t1 - t0
         stats.time_verify += t2 - t1
