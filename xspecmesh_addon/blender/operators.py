@@ -240,15 +240,19 @@ class XSPECMESH_OT_cancel(bpy.types.Operator):
         return {"FINISHED"}
 
 
-class XSPECMESH_OT_test_backend(bpy.types.Operator):
-    """Start the backend with the current preferences and report its versions and device"""
-
-    bl_idname = "xspecmesh.test_backend"
-    bl_label = "Test Backend"
+class _BackendOperator:
+    """An operator on the backend process itself: not while a job uses it."""
 
     @classmethod
     def poll(cls, context):
         return job.ACTIVE is None
+
+
+class XSPECMESH_OT_test_backend(_BackendOperator, bpy.types.Operator):
+    """Start the backend with the current preferences and report its versions and device"""
+
+    bl_idname = "xspecmesh.test_backend"
+    bl_label = "Test Backend"
 
     def execute(self, context):
         service.stop()
@@ -261,15 +265,11 @@ class XSPECMESH_OT_test_backend(bpy.types.Operator):
         return {"FINISHED"}
 
 
-class XSPECMESH_OT_stop_backend(bpy.types.Operator):
+class XSPECMESH_OT_stop_backend(_BackendOperator, bpy.types.Operator):
     """Stop the backend process (it starts again with the next job)"""
 
     bl_idname = "xspecmesh.stop_backend"
     bl_label = "Stop Backend"
-
-    @classmethod
-    def poll(cls, context):
-        return job.ACTIVE is None
 
     def execute(self, context):
         running = service.current() is not None

@@ -221,8 +221,9 @@ def decode_speculative(
         # cache may grow past max_tokens + d.
         cache.rollback(torch.where(finished, length, length + 1 + n_acc))
         fresh = hidden, new, torch.where(finished, 0, n_acc + 1)
-        unread = feats, pending, torch.where(finished, 0, counts)  # (pairs a step without drafts left unread)
-        feats, pending, counts = _append_pairs(unread, fresh) if not dk else fresh
+        if not dk:  # the drafter did not run: the pairs it has not read yet go first (a finished row's are dropped)
+            fresh = _append_pairs((feats, pending, torch.where(finished, 0, counts)), fresh)
+        feats, pending, counts = fresh
         t3 = time.perf_counter()
         stats.time_draft += t1 - t0
         stats.time_verify += t2 - t1
