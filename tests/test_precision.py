@@ -101,6 +101,13 @@ def test_onednn_linear_matches_aten_and_leaves_training_alone():
     fast(x).sum().backward()  # with grad: aten's path, differentiable
     assert x.grad is not None
     assert set(fast.state_dict()) == {"weight", "bias"}
+    # the packed weight follows the weight, and a copy (an opaque oneDNN tensor cannot be copied) packs its own
+    with torch.no_grad():
+        fast.weight.mul_(2)
+        layer.weight.mul_(2)
+        torch.testing.assert_close(fast(x), layer(x), rtol=1e-5, atol=1e-5)
+        twin = copy.deepcopy(fast)
+        torch.testing.assert_close(twin(x), layer(x), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("op", [None, lambda x, w, b, *rest: torch.zeros(x.shape[0], w.shape[0])],

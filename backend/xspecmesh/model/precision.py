@@ -137,14 +137,29 @@ def onednn_linear_class():
         def forward(self, x):
             if (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
                     and x.numel() > x.shape[-1]):
-                return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+                return torch.ops.mkldnn._linear_pointwise(x, self._packed_weight(), self.bias, "none", [], "")
             return super().forward(x)
+
+        def _packed_weight(self):
+            """The weight in oneDNN's own blocked layout, made once and remade if the weight changes: on plain
+            weights oneDNN reorders them on every call, which cost a 5-row verify ~1.4 AR steps instead of ~1.1
+            (docs/BENCHMARKS.md, "Pre-packed weights")."""
+            key = (self.weight.data_ptr(), self.weight._version)
+            if self.__dict__.get("_packed_key") != key:
+                self.__dict__["_packed"] = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), None)
+                self.__dict__["_packed_key"] = key
+            return self.__dict__["_packed"]
+
+        def __getstate__(self):  # an opaque oneDNN tensor cannot be copied or pickled: the copy packs its own
+            state = super().__getstate__()
+            return {k: v for k, v in state.items() if k not in ("_packed", "_packed_key")}
 
     return OneDNNLinear
 
 
 def _onednn_linear_works() -> bool:
-    """oneDNN's private linear op exists in this build and agrees with aten's on a few rows."""
+    """oneDNN's private linear ops (weight packing, linear) exist in this build and agree with aten's on a few
+    rows."""
     import torch
     import torch.nn.functional as F
 
@@ -154,7 +169,8 @@ def _onednn_linear_works() -> bool:
         g = torch.Generator().manual_seed(0)
         x, w, b = torch.randn(3, 16, generator=g), torch.randn(8, 16, generator=g), torch.randn(8, generator=g)
         with torch.no_grad():
-            got = torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+            got = torch.ops.mkldnn._linear_pointwise(x, torch.ops.mkldnn._reorder_linear_weight(w, None), b, "none",
+                                                     [], "")
         return bool(torch.allclose(got, F.linear(x, w, b), rtol=1e-4, atol=1e-4))
     except Exception:  # missing from this build, or refusing this CPU: aten's linear it is
         return False
