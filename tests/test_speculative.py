@@ -4,6 +4,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 
@@ -227,9 +228,38 @@ def test_draft_length_choice():
             chooser.update(out[-1], [out[-1] if accepts else 0] * 2, 1.0 + 0.3 * out[-1])
         return out
 
-    # Heads that are never accepted: plain AR steps, but every 16th step probes the full length again.
-    assert choices(False) == [4 if i % 16 == 0 else 0 for i in range(40)]
-    assert choices(True) == [4] * 40  # heads always accepted: the full length throughout
+    # Heads that are never accepted: after one more short try (one rejection does not outweigh the prior), plain AR
+    # steps, but every 16th step probes the full length again.
+    assert choices(False) == [4, 1] + [4 if i % 16 == 0 else 0 for i in range(2, 40)]
+    always = choices(True)  # heads always accepted: longer and longer drafts, then the full length throughout
+    assert always[0] == 4 and always[1:] == sorted(always[1:16]) + [4] * 24 and always[1] >= 2
+
+
+def test_an_engine_keeps_its_draft_length_estimates_across_requests(tmp_path):
+    """Adaptive D learns across meshes: the same engine and settings hand the decoder the same chooser, which
+    keeps what earlier requests measured; another rule or batch size gets its own."""
+    from xspecmesh.decoding.adaptive import DraftLength
+    from xspecmesh.decoding.engine import DecodeSettings, Engine
+    from xspecmesh.model.checkpoint import write_random_checkpoint
+
+    engine = Engine.load(str(write_random_checkpoint(tmp_path / "t.safetensors", "tiny", heads=4)), "cpu")
+    points = np.random.default_rng(0).normal(size=(300, 6)).astype(np.float32)
+    used = []
+    real = speculative.decode_speculative
+
+    def spy(*args, adaptive, **kw):
+        used.append((adaptive, adaptive.steps))  # the chooser, and the steps it had chosen before this request
+        return real(*args, adaptive=adaptive, **kw)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("xspecmesh.decoding.engine.decode_speculative", spy)
+        s = DecodeSettings(mode="spec", heads=4, adaptive=True, max_tokens=30, fit=False)
+        for settings in (s, dataclasses.replace(s, seed=1), dataclasses.replace(s, accept="greedy")):
+            engine.generate(points, settings)
+    (first, before_first), (second, before_second), (greedy, before_greedy) = used
+    assert all(isinstance(c, DraftLength) for c, _ in used)
+    assert second is first and before_first == 0 < before_second  # the second request went on from the first's
+    assert greedy is not first and before_greedy == 0
 
 
 def uneven_accepts(monkeypatch):

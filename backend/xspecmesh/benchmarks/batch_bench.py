@@ -15,6 +15,8 @@ Three measurements:
           and whether every object's triangles agree.
   cli     (--cli N) `xspecmesh batch` on N mesh files with --batch 1 against --batch N (wall time of the command,
           model loading included), and whether the written files are byte-identical.
+serve and cli take the first N objects of the real set, or of the procedural one with `--paths-set procedural` (its
+shapes written as OBJ files for the CLI).
 """
 from __future__ import annotations
 
@@ -210,6 +212,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--serve", type=int, default=0, help="also N objects through serve --batch 1 vs N")
     p.add_argument("--cli", type=int, default=0, help="also `xspecmesh batch` on N mesh files, --batch 1 vs N")
+    p.add_argument("--paths-set", choices=("real", "procedural"), default="real",
+                   help="the set whose first N objects --serve and --cli take")
     p.add_argument("--checkpoint", default=None)
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
@@ -219,28 +223,37 @@ def main(argv=None) -> int:
     modes = args.modes.split(",")
     engine = Engine.load(args.checkpoint, "cpu")
     n = engine.model.cfg.encoder.num_points
-    sets = {}
+    if args.paths_set == "real" and (args.serve or args.cli) and not args.meshes:
+        p.error("--serve and --cli on the real set need --meshes")
+    inputs = {}
     if args.meshes:
-        sets["real"] = [i.points for i in mesh_inputs(args.meshes, args.count, n)[0]]
-    sets["procedural"] = [i.points for i in procedural_inputs(args.count, n)]
+        inputs["real"] = mesh_inputs(args.meshes, args.count, n)[0]
+    inputs["procedural"] = procedural_inputs(args.count, n)
+    sets = {name: [i.points for i in found] for name, found in inputs.items()}
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     result = {"threads": args.threads, "max_tokens": args.max_tokens, "reps": args.reps, "count": args.count,
               "checkpoint": engine.ckpt.path, "engine": bench_engine(engine, sets, batches, modes, args.max_tokens,
                                                                      args.reps, log, rounds)}
+    result["paths_set"] = args.paths_set
     if args.serve:
-        pts = (sets.get("real") or sets["procedural"])[: args.serve]
+        pts = sets[args.paths_set][: args.serve]
         result["serve"] = bench_serve(args.checkpoint, pts, modes, args.max_tokens, args.reps, args.threads, log)
     if args.cli:
-        if not args.meshes:
-            p.error("--cli needs --meshes")
-        from xspecmesh.serving.batch import find_tasks
+        with tempfile.TemporaryDirectory(prefix="xspecmesh-batch-bench-shapes-") as tmp:
+            if args.paths_set == "real":
+                from xspecmesh.serving.batch import find_tasks
 
-        files = [t.source for t in find_tasks(args.meshes, Path(tempfile.gettempdir()) / "unused")][: args.cli]
-        result["cli"] = bench_cli(args.checkpoint, files, modes, args.max_tokens, args.reps, args.threads, log)
+                files = [t.source for t in find_tasks(args.meshes, Path(tmp) / "unused")][: args.cli]
+            else:  # the procedural shapes as files, as a user's folder would hold them
+                files = []
+                for i in inputs["procedural"][: args.cli]:
+                    files.append(Path(tmp) / f"{i.name}.obj")
+                    i.reference.export(files[-1])
+            result["cli"] = bench_cli(args.checkpoint, files, modes, args.max_tokens, args.reps, args.threads, log)
     print(table(result["engine"]))
     for kind in ("serve", "cli"):
         for r in result.get(kind, []):
-            print(f"{kind} {r['mode']}: {r['objects']} objects, one at a time {r['seconds_one_at_a_time']:.1f} s, "
+            print(f"{kind} {r['mode']}: {r['objects']} {args.paths_set} objects, one at a time {r['seconds_one_at_a_time']:.1f} s, "
                   f"batched {r['seconds_batched']:.1f} s, {r['speedup']:.2f}x, identical: {r['identical']}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))

@@ -3,9 +3,12 @@
 A step with D drafts yields 1 + a1 + a1*a2 + ... tokens on average (a_k: how often head k is accepted when the heads
 before it were) and costs t(D) seconds. Weak heads make long drafts a loss — a rejected draft still pays for its
 verification — so we choose the D in 0..D_max with the most expected tokens per second; D = 0 is a plain AR step.
-Both estimates are exponential moving averages measured on the mesh being decoded (so the hardware's real cost of
-verifying D+1 positions is what counts), and every `probe_every` steps the full D_max is tried again so that
-acceptance estimates of far heads, and the cost of long drafts, stay fresh.
+Both estimates are exponential moving averages measured while decoding (so the hardware's real cost of
+verifying D+1 positions is what counts). A step's time runs from its start to the next step's, so the caller's work on
+the tokens each step yields (faces, messages) counts too: that per-step cost is what fewer, longer steps save. Every `probe_every` steps the full D_max is tried again so that
+acceptance estimates of far heads, and the cost of long drafts, stay fresh. An `Engine` keeps one chooser per D_max,
+batch size, acceptance rule and sampling setting across its requests, so a short mesh starts from what the ones before it measured rather than from
+the prior.
 """
 from __future__ import annotations
 
@@ -14,10 +17,11 @@ import numpy as np
 
 class DraftLength:
     def __init__(self, max_heads: int, decay: float = 0.9, probe_every: int = 16, prior_accept: float = 0.5,
-                 prior_cost_per_draft: float = 0.25, min_cost_per_draft: float = 0.05):
+                 prior_weight: float = 2.0, prior_cost_per_draft: float = 0.25, min_cost_per_draft: float = 0.05):
         self.max_heads, self.decay, self.probe_every = max_heads, decay, probe_every
         self.accept = np.full(max_heads, prior_accept)  # P(head k accepted | heads < k accepted)
         self.observed = np.zeros(max_heads)  # steps that verified head k's draft
+        self.prior_weight = prior_weight  # the prior counts as this many steps: one unlucky first draft is not final
         self.seconds = np.full(max_heads + 1, np.nan)  # EMA of a step's wall time, per D
         self.prior_cost = prior_cost_per_draft  # relative cost of one more draft, until measured
         self.min_cost = min_cost_per_draft  # a draft is never free: keeps timing noise from favouring long drafts
@@ -53,7 +57,7 @@ class DraftLength:
             if reached:
                 rate = sum(a > k for a in reached) / len(reached)
                 self.observed[k] += 1
-                w = max(1 - self.decay, 1 / self.observed[k])  # a running mean at first, then an EMA
+                w = max(1 - self.decay, 1 / (self.observed[k] + self.prior_weight))  # a running mean, then an EMA
                 self.accept[k] = (1 - w) * self.accept[k] + w * rate
         old = self.seconds[drafts]
         self.seconds[drafts] = seconds if np.isnan(old) else self.decay * old + (1 - self.decay) * seconds

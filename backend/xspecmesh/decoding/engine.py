@@ -17,6 +17,7 @@ from xspecmesh.model import precision as precisions
 from xspecmesh.model.checkpoint import Checkpoint, load_checkpoint
 from xspecmesh.errors import MeshError, SettingsError
 from xspecmesh.decoding import settings_schema
+from xspecmesh.decoding.adaptive import DraftLength
 from xspecmesh.decoding.autoregressive import DecodeStats, decode_ar, decode_naive, token_limit
 from xspecmesh.decoding.token_sampling import SamplingConfig
 from xspecmesh.decoding.speculative import AcceptConfig, decode_speculative
@@ -130,6 +131,7 @@ class Engine:
     def __init__(self, checkpoint: Checkpoint, device: torch.device, precision: str = "fp32"):
         self.ckpt, self.device, self.precision = checkpoint, device, precision
         self._siblings = {precision: self}  # the same checkpoint at other precisions, loaded on first use
+        self._draft_lengths: dict[tuple, DraftLength] = {}  # adaptive D's running estimates, kept across requests
 
     @classmethod
     def load(cls, checkpoint: str | None = None, device: str = "auto", precision: str = "auto") -> "Engine":
@@ -185,8 +187,12 @@ class Engine:
             if self.ckpt.heads is None:
                 raise SettingsError("this checkpoint has no drafting heads; use mode ar")
             accept = AcceptConfig(settings.accept, settings.delta, settings.topk_accept)
+            # Acceptance depends on the rule and the sampling, a step's cost on D and the batch: one chooser each.
+            key = (settings.heads, cond.shape[0], settings.accept, settings.delta, settings.topk_accept,
+                   settings.temperature, settings.top_k, settings.top_p)
+            adaptive = settings.adaptive and self._draft_lengths.setdefault(key, DraftLength(settings.heads))
             return decode_speculative(self.model, self.ckpt.heads, cond, accept=accept, num_heads=settings.heads,
-                                      adaptive=settings.adaptive, **common)
+                                      adaptive=adaptive, **common)
         if settings.mode == "naive":
             return decode_naive(self.model, cond, **common)
         return decode_ar(self.model, cond, **common)

@@ -97,14 +97,15 @@ def decode_speculative(
     generator: torch.Generator | None = None,
     stats: DecodeStats | None = None,
     cache: KVCache | None = None,
-    adaptive: bool = False,
+    adaptive: bool | DraftLength = False,
     finished: torch.Tensor | None = None,
     join: Join | None = None,
 ) -> Iterator[list[list[int]]]:
     """Speculative decoding of B sequences with D = num_heads drafts per step; yields per step, per sequence, the
     tokens accepted in that step (r, d1..da or the resampled/bonus token), like `decode_ar`. A caller-made `cache`
     (from `model.new_cache`) lets tests inspect it between steps. `adaptive` picks each step's draft length in
-    0..num_heads from running acceptance and cost estimates (`xspecmesh.decoding.adaptive`). `generator`, `finished`
+    0..num_heads from running acceptance and cost estimates (`xspecmesh.decoding.adaptive`): True starts them afresh,
+    a `DraftLength` (for num_heads) goes on from its own. `generator`, `finished`
     and `join` as in `decode_ar`: a joining sequence gets its slot's backbone cache row and drafter state afresh, its
     BOS prefilled at once (a batch-1 forward on its cache row) and its first token drawn from the backbone alone with
     its own generator, as decoding it alone would; that token is yielded with the sequence's first step."""
@@ -115,7 +116,9 @@ def decode_speculative(
     stats.accept_hist = [0] * (d + 1)
     stats.head_accepts, stats.head_trials = [0] * d, [0] * d
     stats.draft_hist = [0] * (d + 1)
-    chooser = DraftLength(d) if adaptive else None
+    chooser = adaptive if isinstance(adaptive, DraftLength) else DraftLength(d) if adaptive else None
+    if chooser and chooser.max_heads != d:
+        raise ValueError(f"the draft-length chooser is for {chooser.max_heads} drafts, not {d}")
     start = time.perf_counter()
     if accept.rule == "greedy":
         sampling = SamplingConfig(temperature=0.0, top_k=sampling.top_k, top_p=sampling.top_p)
@@ -140,6 +143,7 @@ def decode_speculative(
     yield out
 
     first: dict[int, list[int]] = {}  # slot -> the first token of a sequence that joined since the last step
+    last_step, last_start = None, 0.0  # adaptive D: (drafts, accepted per live row) of the last step, and its start
     while True:
         # 0. Continuous batching: finished slots taken over (before any row has left, so rows are slots here), or
         # finished rows leaving once nothing waits.
@@ -172,6 +176,8 @@ def decode_speculative(
         # 1. Draft greedy tokens under the grammar along the chain (a draft decoder first catches up on the pairs
         # committed since its last call).
         t0 = time.perf_counter()
+        if chooser and last_step:  # the last step's cost, its caller's work on the tokens it yielded included
+            chooser.update(*last_step, t0 - last_start)
         dk = chooser.choose() if chooser else d
         states = [state]
 
@@ -229,8 +235,7 @@ def decode_speculative(
         stats.time_verify += t2 - t1
         stats.time_other += t3 - t2
         stats.seconds = t3 - start
-        if chooser:
-            chooser.update(dk, accepted, t3 - t0)
+        last_step, last_start = (dk, accepted), t0
         out = leaving.by_slot(out, b)
         for slot, tokens in first.items():
             out[slot] = tokens + out[slot]
