@@ -38,3 +38,17 @@ def test_rows_say_how_slots_were_refilled(engine):
     assert [(r["mode"], r["batch"], r["refill"]) for r in rows] == [
         ("spec", 1, "join"), ("spec", 2, "join"), ("spec", 2, "rounds"), ("naive", 1, "join"), ("naive", 2, "rounds")]
     assert all(r["identical"] and r["objects"] == 3 for r in rows)
+
+
+def test_the_cli_part_runs_on_procedural_shapes_written_as_files(engine, tmp_path):
+    """`--cli` on the procedural set: the shapes go to `xspecmesh batch` as OBJ files; the row has the command's wall
+    time, its own summary's seconds and whether the outputs of --batch 1 and --batch N are the same bytes."""
+    import json
+
+    out = tmp_path / "bench.json"
+    assert batch_bench.main(["--count", "2", "--batch", "1,2", "--modes", "ar", "--max-tokens", "12", "--cli", "2",
+                             "--paths-set", "procedural", "--checkpoint", engine.ckpt.path, "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["cli"]
+    assert row["objects"] == 2 and row["identical"]
+    assert 0 < row["summary_seconds_batched"] < row["seconds_batched"]
+    assert 0 < row["summary_seconds_one_at_a_time"] < row["seconds_one_at_a_time"]
