@@ -194,3 +194,43 @@ def test_a_cancelled_object_takes_no_slot(engine, mode, slots, monkeypatch):
         seen.add(i)
         stop.add(3)  # cancelled while it waits
     assert sorted(decoded) == [0, 2, 4] and seen == {0, 2, 4}
+
+
+def fitted_batch(engine, points, settings):
+    conds = [engine.condition(p, s.seed) for p, s in zip(points, settings)]
+    out = {}
+    for i, upd in engine.stream_batch(conds, settings, points=points, slots=2):
+        if upd.done:
+            out[i] = upd
+    return [out[i] for i in range(len(points))]
+
+
+def test_a_batch_fits_its_objects_beside_the_decoding_as_a_fit_alone_would(engine, monkeypatch):
+    """Fits of a batch run in the worker process while the others decode; each object's result is the fit it gets
+    alone. A pool that refuses work (a broken worker) leaves the fit to this process, with the same result."""
+    from xspecmesh.decoding import fit_worker
+
+    pts = clouds(3)
+    settings = [DecodeSettings(mode="ar", temperature=0.0, max_tokens=90, seed=s, fit=True) for s in (1, 2, 3)]
+    want = [engine.generate(p, dataclasses.replace(s)) for p, s in zip(pts, settings)]
+    fitted = [w for w in want if w.fitted is not None]
+    assert fitted, "no object ended complete with faces: nothing was fitted"
+    for broken in (False, True):
+        if broken:
+            class Refusing:
+                def submit(self, *args):
+                    raise RuntimeError("a broken pool")
+
+            monkeypatch.setattr(fit_worker, "_POOL", Refusing())
+        got = fitted_batch(engine, pts, [dataclasses.replace(s) for s in settings])
+        if not broken:  # the worker did the fits
+            from concurrent.futures import ProcessPoolExecutor
+
+            assert isinstance(fit_worker._POOL, ProcessPoolExecutor)
+        for g, w in zip(got, want):
+            assert g.done and g.decoded
+            if w.fitted is None:
+                assert g.fitted is None
+            else:
+                np.testing.assert_allclose(g.fitted, w.fitted, atol=1e-5)
+                assert g.stats["fit_distance_after"] == w.stats["fit_distance_after"]

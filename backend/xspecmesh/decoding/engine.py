@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -17,6 +18,7 @@ from xspecmesh.model import precision as precisions
 from xspecmesh.model.checkpoint import Checkpoint, load_checkpoint
 from xspecmesh.errors import MeshError, SettingsError
 from xspecmesh.decoding import settings_schema
+from xspecmesh.decoding import fit_worker
 from xspecmesh.decoding.adaptive import DraftLength
 from xspecmesh.decoding.autoregressive import DecodeStats, decode_ar, decode_naive, token_limit
 from xspecmesh.decoding.token_sampling import SamplingConfig
@@ -250,7 +252,7 @@ class Engine:
             upd.done = upd.done and not fit
             yield upd
             if fit:
-                yield _fit(np.concatenate(parts), points, upd.stats, cancelled)
+                yield _fit_update(fit_worker.fit_here(np.concatenate(parts), points, upd.stats), upd.stats, cancelled)
 
     def generate(self, points, settings: DecodeSettings) -> GenerationResult:
         """`retopologize` run to the end, collected."""
@@ -329,6 +331,7 @@ class Engine:
 
         for i in holder:
             rows[i].started = time.perf_counter()
+        fits: dict[int, tuple[Future, dict]] = {}  # object -> its fit, running beside the batch, and its stats
         steps = self.decoder(torch.cat([conds[i] for i in holder]), settings[0], stats, [gens[i] for i in holder],
                              max(settings[i].max_tokens for i in group), finished,
                              join if joins and len(group) > 1 else None)
@@ -352,10 +355,25 @@ class Engine:
                         "seconds": round(seconds, 4), "tokens_per_second": round(len(row.tokens) / seconds, 2),
                         "batch_steps": stats.steps, "batch_tokens_per_second": stats.as_dict()["tokens_per_second"]}
                     yield i, upd
-                    if fit:
-                        yield i, _fit(np.concatenate(row.parts), points[i], upd.stats, lambda i=i: cancelled(i))
+                    if fit and len(group) > 1:  # others are decoding: fit in the worker process, beside them
+                        fits[i] = fit_worker.start(np.concatenate(row.parts), points[i], upd.stats), upd.stats
+                    elif fit:
+                        result = fit_worker.fit_here(np.concatenate(row.parts), points[i], upd.stats)
+                        yield i, _fit_update(result, upd.stats, lambda i=i: cancelled(i))
+                for i in [i for i, (job, _) in fits.items() if job.done()]:
+                    yield i, self._fitted(i, fits.pop(i), rows, points, cancelled)
+            for i in list(fits):  # decoding is over: the fits the worker has not started yet run here
+                yield i, self._fitted(i, fits.pop(i), rows, points, cancelled, idle=True)
         finally:
             steps.close()
+            for job, _ in fits.values():
+                job.cancel()
+
+    @staticmethod
+    def _fitted(i: int, running: tuple[Future, dict], rows, points, cancelled, idle: bool = False) -> StepUpdate:
+        job, stats = running
+        return _fit_update(fit_worker.result(job, np.concatenate(rows[i].parts), points[i], stats, idle), stats,
+                           lambda: cancelled(i))
 
 
 def batch_key(settings: DecodeSettings) -> tuple:
@@ -417,10 +435,9 @@ class _Row(_Decoded):
         return StepUpdate(new, tris, stats, done=self.done, decoded=self.done)
 
 
-def _fit(triangles: np.ndarray, points, stats: dict, cancelled: Callable[[], bool]) -> StepUpdate:
-    from xspecmesh.geometry.fit import fit_result  # scipy's sparse solvers: loaded only when a fit is asked for
-
-    fitted, fit_stats = fit_result(triangles, points, stats)
+def _fit_update(result: tuple, stats: dict, cancelled: Callable[[], bool]) -> StepUpdate:
+    """An object's last update from `fit.fit_result`'s (fitted, fit stats): dropped if it was cancelled meanwhile."""
+    fitted, fit_stats = result
     stats = stats | fit_stats
     if cancelled():
         stats = {k: v for k, v in stats.items() if not k.startswith("fit_")} | {"fit_skipped": "cancelled"}
