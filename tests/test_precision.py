@@ -108,6 +108,14 @@ def test_onednn_linear_matches_aten_and_leaves_training_alone():
         torch.testing.assert_close(fast(x), layer(x), rtol=1e-5, atol=1e-5)
         twin = copy.deepcopy(fast)
         torch.testing.assert_close(twin(x), layer(x), rtol=1e-5, atol=1e-5)
+    # a large layer takes oneDNN for one row too (an AR step), with the same result
+    big = torch.nn.Linear(512, precision.ONE_ROW_ONEDNN // 512)
+    fast_big = copy.deepcopy(big)
+    fast_big.__class__ = precision.onednn_linear_class()
+    one = torch.randn(1, 1, 512)
+    with torch.no_grad():
+        torch.testing.assert_close(fast_big(one), big(one), rtol=1e-4, atol=1e-4)
+    assert "_packed" in fast_big.__dict__ or precision.onednn_linear_class() is torch.nn.Linear
 
 
 @pytest.mark.parametrize("op", [None, lambda x, w, b, *rest: torch.zeros(x.shape[0], w.shape[0])],

@@ -26,6 +26,9 @@ PER_MESH_SUFFIXES = ("cross_attn.to_k", "cross_attn.to_v")
 INT8_ENGINES = ("x86", "fbgemm", "qnnpack")  # PyTorch's quantized CPU engines, preferred first
 NO_INT8 = "this PyTorch build has no int8 CPU kernels; use --precision fp32"
 AGREEMENT_NEEDED = 0.99
+# From this many weights up, a one-row fp32 linear is faster on oneDNN's packed weights than on aten's BLAS path (one
+# thread on our CPU: 256 x 2048 47 against 55 us, 256 x 5121 90 against 133; 256 x 768 28 against 20).
+ONE_ROW_ONEDNN = 1 << 19
 
 
 def add_argument(parser) -> None:
@@ -125,8 +128,9 @@ def onednn_linear_class():
     """nn.Linear whose inference forward on CPU fp32 over a few rows calls oneDNN's linear instead of aten's (BLAS)
     one. On our CPU the BLAS path costs 2-5x for 2-6 rows what it costs for one, so verifying D+1 positions cost
     several AR steps; oneDNN's cost grows little with the rows (docs/BENCHMARKS.md, CPU precision and overhead).
-    One row (an AR step) and training keep aten's path. The op is private: where `_onednn_linear_works` finds it
-    missing or wrong, this is nn.Linear itself."""
+    For one row (an AR step) aten's path is faster on small layers and oneDNN's on large ones (the 500M architecture's
+    AR step: 152 -> 127 ms), so one row takes oneDNN from ONE_ROW_ONEDNN weights up; training keeps aten's path. The op is private: where
+    `_onednn_linear_works` finds it missing or wrong, this is nn.Linear itself."""
     import torch
     from torch import nn
 
@@ -136,7 +140,7 @@ def onednn_linear_class():
     class OneDNNLinear(nn.Linear):
         def forward(self, x):
             if (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
-                    and x.numel() > x.shape[-1]):
+                    and (x.numel() > x.shape[-1] or self.weight.numel() >= ONE_ROW_ONEDNN)):
                 return torch.ops.mkldnn._linear_pointwise(x, self._packed_weight(), self.bias, "none", [], "")
             return super().forward(x)
 
