@@ -173,11 +173,11 @@ def bench_cli(checkpoint, files: list[Path], modes, max_tokens, reps, threads, l
                 for b in seconds:
                     out = Path(tmp) / f"out_{mode}_{b}_{rep}"
                     t = time.perf_counter()
-                    done = subprocess.run([sys.executable, "-m", "xspecmesh", "batch", str(src), "-o", str(out), "--batch",
-                                    str(b), "--mode", mode, "--temperature", "0", "--max-tokens", str(max_tokens),
-                                    "--device", "cpu", "--no-progress", "--json",
-                                    *(["--checkpoint", checkpoint] if checkpoint else [])],
-                                   env=env, check=True, capture_output=True)
+                    done = subprocess.run([sys.executable, "-m", "xspecmesh", "batch", str(src), "-o", str(out),
+                                           "--batch", str(b), "--mode", mode, "--temperature", "0", "--max-tokens",
+                                           str(max_tokens), "--device", "cpu", "--no-progress", "--json",
+                                           *(["--checkpoint", checkpoint] if checkpoint else [])],
+                                          env=env, check=True, capture_output=True)
                     seconds[b] += time.perf_counter() - t
                     own[b] += json.loads(done.stdout)["seconds"]
                     outs[b] = {p.name: p.read_bytes() for p in out.glob("*_retopo.*")}
@@ -258,8 +258,10 @@ def main(argv=None) -> int:
         for r in result.get(kind, []):
             own = (f" (the command's own summary: {r['summary_seconds_one_at_a_time']:.1f} s against "
                    f"{r['summary_seconds_batched']:.1f} s, {r['summary_speedup']:.2f}x)" if kind == "cli" else "")
-            print(f"{kind} {r['mode']}: {r['objects']} {args.paths_set} objects, one at a time {r['seconds_one_at_a_time']:.1f} s, "
-                  f"batched {r['seconds_batched']:.1f} s, {r['speedup']:.2f}x{own}, identical: {r['identical']}")
+            print(f"{kind} {r['mode']}: {r['objects']} {args.paths_set} objects, one at a time "
+                  f"{r['seconds_one_at_a_time']:.1f} s, batched {r['seconds_batched']:.1f} s, "
+                  f"{r['speedup']:.2f}x{own}, "
+                  f"identical: {r['identical']}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
     return 0

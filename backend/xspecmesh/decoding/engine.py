@@ -17,8 +17,7 @@ from xspecmesh.geometry import tokenizer as tok
 from xspecmesh.model import precision as precisions
 from xspecmesh.model.checkpoint import Checkpoint, load_checkpoint
 from xspecmesh.errors import MeshError, SettingsError
-from xspecmesh.decoding import settings_schema
-from xspecmesh.decoding import fit_worker
+from xspecmesh.decoding import fit_worker, settings_schema
 from xspecmesh.decoding.adaptive import DraftLength
 from xspecmesh.decoding.autoregressive import DecodeStats, decode_ar, decode_naive, token_limit
 from xspecmesh.decoding.token_sampling import SamplingConfig

@@ -19,10 +19,11 @@ from concurrent.futures import Future
 _POOL = None
 
 
-def _fit(*args):
-    from xspecmesh.geometry.fit import fit_result  # scipy's sparse solvers load only when a fit is asked for
+def fit_here(triangles, points, stats: dict) -> tuple:
+    """`fit.fit_result` in this process (imported on first use: scipy's sparse solvers load only for a fit)."""
+    from xspecmesh.geometry.fit import fit_result
 
-    return fit_result(*args)
+    return fit_result(triangles, points, stats)
 
 
 def _worker_start(parent: int) -> None:
@@ -49,7 +50,7 @@ def start(triangles, points, stats: dict) -> Future:
             _POOL = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
                                         initializer=_worker_start, initargs=(os.getpid(),))
             atexit.register(_POOL.shutdown, cancel_futures=True)  # not at teardown, when its modules are gone
-        return _POOL.submit(_fit, triangles, points, stats)
+        return _POOL.submit(fit_here, triangles, points, stats)
     except Exception as exc:  # a broken pool refuses work: `result` fits here instead
         _POOL = None
         failed = Future()
@@ -62,14 +63,9 @@ def result(job: Future, triangles, points, stats: dict, idle: bool = False) -> t
     when the caller is `idle` (nothing left to decode), if the worker has not started it yet: then both cores fit."""
     global _POOL
     if idle and job.cancel():
-        return _fit(triangles, points, stats)
+        return fit_here(triangles, points, stats)
     try:
         return job.result()
     except Exception:  # the worker was killed or ran out of memory, or the pool refused the fit
         _POOL = None
-        return _fit(triangles, points, stats)
-
-
-def fit_here(triangles, points, stats: dict) -> tuple:
-    """`fit.fit_result` in this process."""
-    return _fit(triangles, points, stats)
+        return fit_here(triangles, points, stats)

@@ -128,9 +128,10 @@ def onednn_linear_class():
     """nn.Linear whose inference forward on CPU fp32 over a few rows calls oneDNN's linear instead of aten's (BLAS)
     one. On our CPU the BLAS path costs 2-5x for 2-6 rows what it costs for one, so verifying D+1 positions cost
     several AR steps; oneDNN's cost grows little with the rows (docs/BENCHMARKS.md, CPU precision and overhead).
-    For one row (an AR step) aten's path is faster on small layers and oneDNN's on large ones (the 500M architecture's
-    AR step: 152 -> 127 ms), so one row takes oneDNN from ONE_ROW_ONEDNN weights up; training keeps aten's path. The op is private: where
-    `_onednn_linear_works` finds it missing or wrong, this is nn.Linear itself."""
+    For one row (an AR step) aten's path is faster on small layers and oneDNN's on large ones (the 500M
+    architecture's AR step: 152 -> 127 ms), so one row takes oneDNN from ONE_ROW_ONEDNN weights up; training keeps
+    aten's path. The op is private: where `_onednn_linear_works` finds it missing or wrong, this is nn.Linear
+    itself."""
     import torch
     from torch import nn
 
