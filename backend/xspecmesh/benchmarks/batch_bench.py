@@ -235,9 +235,8 @@ def main(argv=None) -> int:
     sets = {name: [i.points for i in found] for name, found in inputs.items()}
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     result = {"threads": args.threads, "max_tokens": args.max_tokens, "reps": args.reps, "count": args.count,
-              "checkpoint": engine.ckpt.path, "engine": bench_engine(engine, sets, batches, modes, args.max_tokens,
-                                                                     args.reps, log, rounds)}
-    result["paths_set"] = args.paths_set
+              "checkpoint": engine.ckpt.path, "paths_set": args.paths_set,
+              "engine": bench_engine(engine, sets, batches, modes, args.max_tokens, args.reps, log, rounds)}
     if args.serve:
         pts = sets[args.paths_set][: args.serve]
         result["serve"] = bench_serve(args.checkpoint, pts, modes, args.max_tokens, args.reps, args.threads, log)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -188,9 +187,9 @@ class Engine:
             if self.ckpt.heads is None:
                 raise SettingsError("this checkpoint has no drafting heads; use mode ar")
             accept = AcceptConfig(settings.accept, settings.delta, settings.topk_accept)
-            # Acceptance depends on the rule and the sampling, a step's cost on D and the batch: one chooser each.
-            key = (settings.heads, cond.shape[0], settings.accept, settings.delta, settings.topk_accept,
-                   settings.temperature, settings.top_k, settings.top_p)
+            # Acceptance depends on the rule and the sampling, a step's cost on D and the batch: one chooser for each
+            # batch size and each setting a batch must share.
+            key = (cond.shape[0], batch_key(settings))
             adaptive = settings.adaptive and self._draft_lengths.setdefault(key, DraftLength(settings.heads))
             return decode_speculative(self.model, self.ckpt.heads, cond, accept=accept, num_heads=settings.heads,
                                       adaptive=adaptive, **common)
@@ -330,7 +329,7 @@ class Engine:
 
         for i in holder:
             rows[i].started = time.perf_counter()
-        fits: dict[int, tuple[Future, dict]] = {}  # object -> its fit, running beside the batch, and its stats
+        fits: dict[int, fit_worker.Fit] = {}  # object -> its fit, running beside the batch
         steps = self.decoder(torch.cat([conds[i] for i in holder]), settings[0], stats, [gens[i] for i in holder],
                              max(settings[i].max_tokens for i in group), finished,
                              join if joins and len(group) > 1 else None)
@@ -355,24 +354,20 @@ class Engine:
                         "batch_steps": stats.steps, "batch_tokens_per_second": stats.as_dict()["tokens_per_second"]}
                     yield i, upd
                     if fit and len(group) > 1:  # others are decoding: fit in the worker process, beside them
-                        fits[i] = fit_worker.start(np.concatenate(row.parts), points[i], upd.stats), upd.stats
+                        fits[i] = fit_worker.start(np.concatenate(row.parts), points[i], upd.stats)
                     elif fit:
                         result = fit_worker.fit_here(np.concatenate(row.parts), points[i], upd.stats)
                         yield i, _fit_update(result, upd.stats, lambda i=i: cancelled(i))
-                for i in [i for i, (job, _) in fits.items() if job.done()]:
-                    yield i, self._fitted(i, fits.pop(i), rows, points, cancelled)
+                for i in [i for i, f in fits.items() if f.done()]:
+                    f = fits.pop(i)
+                    yield i, _fit_update(fit_worker.result(f), f.stats, lambda i=i: cancelled(i))
             for i in list(fits):  # decoding is over: the fits the worker has not started yet run here
-                yield i, self._fitted(i, fits.pop(i), rows, points, cancelled, idle=True)
+                f = fits.pop(i)
+                yield i, _fit_update(fit_worker.result(f, idle=True), f.stats, lambda i=i: cancelled(i))
         finally:
             steps.close()
-            for job, _ in fits.values():
-                job.cancel()
-
-    @staticmethod
-    def _fitted(i: int, running: tuple[Future, dict], rows, points, cancelled, idle: bool = False) -> StepUpdate:
-        job, stats = running
-        return _fit_update(fit_worker.result(job, np.concatenate(rows[i].parts), points[i], stats, idle), stats,
-                           lambda: cancelled(i))
+            for f in fits.values():
+                f.cancel()
 
 
 def batch_key(settings: DecodeSettings) -> tuple:

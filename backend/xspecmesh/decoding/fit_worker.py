@@ -15,6 +15,7 @@ import os
 import threading
 import time
 from concurrent.futures import Future
+from dataclasses import dataclass
 
 _POOL = None
 
@@ -39,8 +40,26 @@ def _worker_start(parent: int) -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
-def start(triangles, points, stats: dict) -> Future:
-    """`fit.fit_result(triangles, points, stats)` started in the worker (a failed future where the pool refuses)."""
+@dataclass(eq=False)
+class Fit:
+    """A fit started beside the batch: the worker's future (None where the pool refused it) and what it fits, so that
+    the caller can fit it itself."""
+
+    job: Future | None
+    triangles: object
+    points: object
+    stats: dict
+
+    def done(self) -> bool:
+        return self.job is None or self.job.done()
+
+    def cancel(self) -> None:
+        if self.job is not None:
+            self.job.cancel()
+
+
+def start(triangles, points, stats: dict) -> Fit:
+    """`fit.fit_result(triangles, points, stats)` started in the worker."""
     global _POOL
     try:
         if _POOL is None:
@@ -50,22 +69,20 @@ def start(triangles, points, stats: dict) -> Future:
             _POOL = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
                                         initializer=_worker_start, initargs=(os.getpid(),))
             atexit.register(_POOL.shutdown, cancel_futures=True)  # not at teardown, when its modules are gone
-        return _POOL.submit(fit_here, triangles, points, stats)
-    except Exception as exc:  # a broken pool refuses work: `result` fits here instead
-        _POOL = None
-        failed = Future()
-        failed.set_exception(exc)
-        return failed
+        job = _POOL.submit(fit_here, triangles, points, stats)
+    except Exception:  # a broken pool refuses work: `result` fits here instead
+        _POOL, job = None, None
+    return Fit(job, triangles, points, stats)
 
 
-def result(job: Future, triangles, points, stats: dict, idle: bool = False) -> tuple:
+def result(fit: Fit, idle: bool = False) -> tuple:
     """The (fitted, fit stats) of a fit from `start`, computed here if the worker could not (the pool is remade), or,
     when the caller is `idle` (nothing left to decode), if the worker has not started it yet: then both cores fit."""
     global _POOL
-    if idle and job.cancel():
-        return fit_here(triangles, points, stats)
+    if fit.job is None or (idle and fit.job.cancel()):
+        return fit_here(fit.triangles, fit.points, fit.stats)
     try:
-        return job.result()
-    except Exception:  # the worker was killed or ran out of memory, or the pool refused the fit
+        return fit.job.result()
+    except Exception:  # the worker was killed or ran out of memory
         _POOL = None
-        return fit_here(triangles, points, stats)
+        return fit_here(fit.triangles, fit.points, fit.stats)
