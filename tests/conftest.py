@@ -24,11 +24,12 @@ def tiny_model(seed: int = 0, sharpen: float = 1.0) -> MeshTransformer:
     return model
 
 
-def tiny_heads(model: MeshTransformer, d: int = 4, kind: str = "cross", seed: int = 1, output: str = "shared") -> Drafter:
-    """A random drafter; a draft decoder's weights are all drawn at random (its zero-started branches would
-    otherwise make it ignore the tokens and the history that the tests are about)."""
+def tiny_heads(model: MeshTransformer, d: int = 4, kind: str = "cross", seed: int = 1, output: str = "shared",
+               **cfg) -> Drafter:
+    """A random drafter (`cfg`: more HeadsConfig fields); a draft decoder's weights are all drawn at random (its
+    zero-started branches would otherwise make it ignore the tokens, the history and the taps the tests are about)."""
     torch.manual_seed(seed)
-    drafter = build_drafter(model.cfg, HeadsConfig(num_heads=d, kind=kind, output=output)).eval()
+    drafter = build_drafter(model.cfg, HeadsConfig(num_heads=d, kind=kind, output=output, **cfg)).eval()
     if kind in DECODER_KINDS:
         with torch.no_grad():
             for p in drafter.parameters():

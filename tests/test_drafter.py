@@ -10,6 +10,7 @@ from xspecmesh.decoding.speculative import AcceptConfig, decode_speculative
 from xspecmesh.decoding.token_sampling import SamplingConfig
 from xspecmesh.errors import CheckpointError, SettingsError
 from xspecmesh.model.checkpoint import load_checkpoint, write_random_checkpoint
+from xspecmesh.model.config import HeadsConfig
 from xspecmesh.model.drafter import DraftDecoder
 from xspecmesh.training.trainer import TrainConfig, Trainer
 
@@ -18,14 +19,17 @@ from test_speculative import GREEDY, ar, condition, spec
 from test_train import FAST, batch, changed, snapshot  # noqa: F401 (batch is a fixture)
 
 KINDS = ["eagle", "grounded"]
-DRAFTERS = [("eagle", "factored"), ("eagle", "shared"), ("grounded", "factored")]  # (kind, output)
+DRAFTERS = [dict(kind="eagle", output="factored"), dict(kind="eagle", output="shared"),
+            dict(kind="grounded", output="factored"), dict(kind="grounded", output="factored", taps=(1,)),
+            dict(kind="eagle", output="factored", taps=(1,), positions=True)]  # HeadsConfig fields
+DRAFTER_IDS = ["-".join(f"{k}={v}" for k, v in c.items()) for c in DRAFTERS]
 
 
 class Recorder:
     """Wraps a drafter and records, per step, the committed length and the logits each draft was chosen from."""
 
     def __init__(self, drafter):
-        self.drafter, self.num_heads, self.calls = drafter, drafter.num_heads, []
+        self.drafter, self.num_heads, self.taps, self.calls = drafter, drafter.num_heads, drafter.taps, []
 
     def begin(self, model, cond, max_len):
         return self.drafter.begin(model, cond, max_len)
@@ -42,14 +46,14 @@ class Recorder:
         return out
 
 
-@pytest.mark.parametrize("kind, output", DRAFTERS)
-def test_drafts_at_inference_are_the_teacher_forced_drafts(kind, output):
+@pytest.mark.parametrize("drafter_cfg", DRAFTERS, ids=DRAFTER_IDS)
+def test_drafts_at_inference_are_the_teacher_forced_drafts(drafter_cfg):
     """Every draft whose predecessors were accepted was computed from the same inputs as in training (the
     backbone's features for the committed pairs, the drafter's own for the chain): the decoder's cache bookkeeping,
     ragged catch-up over a batch of two included, matches the unrolled training forward."""
     model = tiny_model(sharpen=30.0)
     cond = condition(model, b=2)
-    drafter = tiny_heads(model, d=4, kind=kind, output=output)
+    drafter = tiny_heads(model, d=4, **drafter_cfg)
     rec = Recorder(drafter)
     emitted = [[], []]
     starts = []  # per step: tokens emitted before it, per sequence
@@ -64,7 +68,7 @@ def test_drafts_at_inference_are_the_teacher_forced_drafts(kind, output):
         for b in range(2):
             seq = emitted[b]
             inputs = torch.tensor([[0] + seq])
-            _, hidden = model(inputs, cond=cond[b : b + 1])
+            _, hidden = model(inputs, cond=cond[b : b + 1], taps=drafter.taps)
             want = drafter(model, hidden, inputs, cond[b : b + 1])  # (1, T, D, V)
             for (seen, drafts), before in zip(rec.calls, starts[1:]):
                 m = before[b]  # r = seq[m - 1] was sampled from the backbone's state at input m - 1
@@ -76,33 +80,33 @@ def test_drafts_at_inference_are_the_teacher_forced_drafts(kind, output):
     assert checked > 40
 
 
-@pytest.mark.parametrize("kind, output", DRAFTERS)
+@pytest.mark.parametrize("drafter_cfg", DRAFTERS, ids=DRAFTER_IDS)
 @pytest.mark.parametrize("d", [1, 4])
-def test_greedy_speculative_equals_greedy_ar(kind, output, d):
+def test_greedy_speculative_equals_greedy_ar(drafter_cfg, d):
     model = tiny_model(sharpen=30.0)
     cond = condition(model, b=3)
     stats = DecodeStats()
-    assert spec(model, tiny_heads(model, d=4, kind=kind, output=output), cond, GREEDY, AcceptConfig("greedy"), 150, d=d,
+    assert spec(model, tiny_heads(model, d=4, **drafter_cfg), cond, GREEDY, AcceptConfig("greedy"), 150, d=d,
                 stats=stats) == ar(model, cond, GREEDY, 150)
     assert stats.scr >= 1.0
 
 
-@pytest.mark.parametrize("kind, output", DRAFTERS)
-def test_threshold_delta_one_reproduces_ar_sampling(kind, output):
+@pytest.mark.parametrize("drafter_cfg", DRAFTERS, ids=DRAFTER_IDS)
+def test_threshold_delta_one_reproduces_ar_sampling(drafter_cfg):
     model = tiny_model(sharpen=30.0)
     cond = condition(model, b=2)
     sampling = SamplingConfig(0.8, 20, 1.0)
-    got = spec(model, tiny_heads(model, kind=kind, output=output), cond, sampling, AcceptConfig("threshold", 1.0), 150, seed=11)
+    got = spec(model, tiny_heads(model, **drafter_cfg), cond, sampling, AcceptConfig("threshold", 1.0), 150, seed=11)
     assert got == ar(model, cond, sampling, 150, seed=11)
 
 
-@pytest.mark.parametrize("kind, output", DRAFTERS)
-def test_adaptive_draft_length_with_a_draft_decoder(kind, output):
+@pytest.mark.parametrize("drafter_cfg", DRAFTERS, ids=DRAFTER_IDS)
+def test_adaptive_draft_length_with_a_draft_decoder(drafter_cfg):
     """Steps without drafts still feed the decoder the committed pairs: greedy stays token-identical."""
     model = tiny_model(sharpen=30.0)
     cond = condition(model, b=2)
     stats = DecodeStats()
-    steps = decode_speculative(model, tiny_heads(model, d=4, kind=kind, output=output), cond, GREEDY, AcceptConfig("greedy"), 4, 150,
+    steps = decode_speculative(model, tiny_heads(model, d=4, **drafter_cfg), cond, GREEDY, AcceptConfig("greedy"), 4, 150,
                                None, stats, adaptive=True)
     assert run_to_end(steps, 2) == ar(model, cond, GREEDY, 150)
     assert stats.draft_hist[0] > 0  # random drafts: some plain AR steps were chosen
@@ -158,6 +162,18 @@ def test_engine_reports_the_drafter_kind(tmp_path):
     assert info["drafter"] == "eagle" and info["heads"] == 2
 
 
+def test_taps_are_checked_and_recorded(tmp_path):
+    model = tiny_model()
+    with pytest.raises(ValueError, match="outside"):
+        DraftDecoder(model.cfg, HeadsConfig(kind="eagle", taps=(3,)))  # the tiny backbone has 2 layers
+    with pytest.raises(ValueError, match="eagle"):
+        DraftDecoder(model.cfg, HeadsConfig(kind="grounded", positions=True))
+    cfg = HeadsConfig(kind="eagle", output="factored", taps=[2, 1], positions=True)
+    assert cfg.taps == (1, 2) and HeadsConfig.from_json(cfg.to_json()) == cfg
+    _, hidden = model(torch.zeros(1, 3, dtype=torch.long), cond=condition(model), taps=cfg.taps)
+    assert hidden.shape[-1] == 3 * model.cfg.dim
+
+
 def test_unknown_drafter_kind_is_a_clear_error(tmp_path):
     import json
 
@@ -175,11 +191,12 @@ def test_unknown_drafter_kind_is_a_clear_error(tmp_path):
         Trainer(TrainConfig(stage="heads", init=str(path), out=str(tmp_path / "h"), head_type="telepathy", **FAST))
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_stage1_trains_a_draft_decoder_on_own_samples_and_stage2_continues_it(tmp_path, batch, kind):  # noqa: F811
+@pytest.mark.parametrize("kind, extra", [("eagle", {}), ("grounded", {}),
+                                         ("eagle", {"head_taps": "1", "head_positions": True})])
+def test_stage1_trains_a_draft_decoder_on_own_samples_and_stage2_continues_it(tmp_path, batch, kind, extra):  # noqa: F811
     init = write_random_checkpoint(tmp_path / "bb.safetensors", "tiny", heads=0)
     tr = Trainer(TrainConfig(stage="heads", init=str(init), out=str(tmp_path / "h"), steps=6, lr=3e-3, num_heads=3,
-                             head_type=kind, self_samples=0.5, **FAST))
+                             head_type=kind, self_samples=0.5, **extra, **FAST))
     model_before, heads_before = snapshot(tr.model), snapshot(tr.heads)
     first = tr.loss(*batch)[0].item()
     tr.run()
@@ -187,9 +204,12 @@ def test_stage1_trains_a_draft_decoder_on_own_samples_and_stage2_continues_it(tm
     assert tr.sample_draws > 0  # some micro-batches were the backbone's own samples
     assert tr.loss(*batch)[0].item() < first
     stage1 = tmp_path / "h" / "model.safetensors"
-    assert load_checkpoint(stage1).heads.cfg.kind == kind
+    assert load_checkpoint(stage1).heads.cfg == tr.heads.cfg and tr.heads.cfg.kind == kind
+    if extra:  # the tapped layers' input columns started at zero and learned
+        assert tr.heads.cfg.taps == (1,) and tr.heads.cfg.positions
+        assert tr.heads.fc.weight[:, tr.heads.own_width :].abs().sum() > 0
     lora = Trainer(TrainConfig(stage="lora", init=str(stage1), out=str(tmp_path / "l"), steps=2, num_heads=3,
-                               head_type=kind, **FAST))
+                               head_type=kind, **extra, **FAST))
     lora.run()
     ck = load_checkpoint(tmp_path / "l" / "model.safetensors")
-    assert isinstance(ck.heads, DraftDecoder) and ck.heads.cfg.kind == kind
+    assert isinstance(ck.heads, DraftDecoder) and ck.heads.cfg == tr.heads.cfg

@@ -41,7 +41,7 @@ class OracleHeads:
     """Drafts the backbone's own future greedy tokens: what perfectly trained heads would propose."""
 
     def __init__(self, future: list[int]):
-        self.future, self.pos, self.num_heads = future, 0, 8
+        self.future, self.pos, self.num_heads, self.taps = future, 0, 8, ()
 
     def begin(self, model, cond, max_len):
         return None

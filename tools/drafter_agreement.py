@@ -33,7 +33,7 @@ def agreement(path: str, count: int, batch: int = 16) -> dict:
         cond = model.encode(points)
         for name, (inp, tgt) in {"truth": (inputs, targets),
                                  "samples": own_samples(model, cond, 3 * shapes.max_faces, gen)}.items():
-            logits, hidden = model(inp, cond=cond)
+            logits, hidden = model(inp, cond=cond, taps=drafter.taps)
             _, agree = head_distillation_loss(draft_logits(drafter, model, hidden, inp, cond), logits, tgt, 1.0, 0.0)
             sums[name] = [s + a * len(inp) for s, a in zip(sums[name], agree)]
     return {"checkpoint": path, "kind": drafter.cfg.kind, "output": getattr(drafter.cfg, "output", "shared"),

@@ -10,6 +10,7 @@ import torch
 
 from xspecmesh.benchmarks.bench import json_safe, machine_info, shape_config_for
 from xspecmesh.decoding.engine import Engine
+from xspecmesh.model.drafter import draft_logits
 
 
 def validation_pairs_for(engine: Engine, args) -> list:
@@ -25,8 +26,9 @@ def predictions(engine: Engine, inputs: torch.Tensor, points: torch.Tensor) -> t
     """Teacher-forced top-1 tokens of the backbone (B, T) and of the heads (B, T, D) (None without heads)."""
     model, heads = engine.model, engine.ckpt.heads
     cond = model.encode(points.to(engine.device, model.bos.dtype))
-    logits, hidden = model(inputs.to(engine.device), cond=cond)
-    drafts = None if heads is None else heads(hidden, heads.context(cond), model.to_logits).argmax(-1).cpu()
+    inputs = inputs.to(engine.device)
+    logits, hidden = model(inputs, cond=cond, taps=heads.taps if heads is not None else ())
+    drafts = None if heads is None else draft_logits(heads, model, hidden, inputs, cond).argmax(-1).cpu()
     return logits.argmax(-1).cpu(), drafts
 
 

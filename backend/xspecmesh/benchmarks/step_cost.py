@@ -105,7 +105,7 @@ def _step_fns(engine: Engine, points: np.ndarray, prefix: torch.Tensor, depths, 
     cond = engine.condition(points, seed=0)
     prefix = prefix.to(dev)  # position 0 reads as BOS
     cache = model.new_cache(cond, prefix.shape[1] + max(depths) + 2)
-    _, hidden = model(prefix, cache=cache)
+    _, hidden = model(prefix, cache=cache, taps=heads.taps)
     h = hidden[:, -1:]
     # A draft decoder's own cache holds the prefix too.
     ctx = heads.begin(model, cond, prefix.shape[1] + draft_calls + max(depths) + 2)
@@ -122,7 +122,7 @@ def _step_fns(engine: Engine, points: np.ndarray, prefix: torch.Tensor, depths, 
                              lambda logits: logits.argmax(-1))  # (1, D) greedy drafts
 
     def verify(drafts):
-        model(torch.cat([last, drafts], 1), cache=cache)
+        model(torch.cat([last, drafts], 1), cache=cache, taps=heads.taps)
         cache.rollback(start_len)
 
     return ar, draft, verify

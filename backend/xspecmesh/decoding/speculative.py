@@ -76,11 +76,13 @@ def accept_drafts(rule: AcceptConfig, logits, probs, drafts, generator):
     return n_acc, nxt
 
 
-def _first_token(model: MeshTransformer, cache: KVCache, sampling: SamplingConfig, grammar: Grammar, state, generator):
+def _first_token(model: MeshTransformer, heads: Drafter, cache: KVCache, sampling: SamplingConfig, grammar: Grammar,
+                 state, generator):
     """The BOS prefill of `cache`'s sequences (all empty) and their first token, from the backbone alone: (token (B,),
-    grammar state after it, the backbone's feature it was sampled from (B, 1, dim))."""
+    grammar state after it, the backbone's feature it was sampled from (B, 1, ·), as the drafter reads it)."""
     b = cache.lengths.shape[0]
-    logits, hidden = model(torch.zeros(b, 1, dtype=torch.long, device=cache.lengths.device), cache=cache)
+    logits, hidden = model(torch.zeros(b, 1, dtype=torch.long, device=cache.lengths.device), cache=cache,
+                           taps=heads.taps)
     r = draw(distribution(logits[:, -1], sampling, grammar.mask(state)), generator)
     return r, grammar.advance(state, r), hidden[:, -1:]
 
@@ -133,7 +135,7 @@ def decode_speculative(
     leaving = Leaving(b, dev)
 
     # Prefill BOS; the first token comes from the backbone alone.
-    r, state, feats = _first_token(model, cache, sampling, grammar, grammar.start(b), generator)
+    r, state, feats = _first_token(model, heads, cache, sampling, grammar, grammar.start(b), generator)
     # The pairs (backbone feature, token sampled from it) committed since the drafter last ran: the last is [h, r].
     pending, counts = r[:, None], torch.ones_like(r)
     stats.steps += 1
@@ -154,7 +156,7 @@ def decode_speculative(
             for slot, c in joined:
                 heads.restart(model, head_ctx, slot, c)
                 emitted[slot] = 0
-                one, state[slot : slot + 1], h = _first_token(model, cache.row(slot), sampling, grammar,
+                one, state[slot : slot + 1], h = _first_token(model, heads, cache.row(slot), sampling, grammar,
                                                               state[slot : slot + 1], [generator[slot]])
                 r[slot], feats[slot, :1], pending[slot, :1], counts[slot] = one[0], h[0], one, 1
                 stats.seq_steps += 1
@@ -195,7 +197,7 @@ def decode_speculative(
 
         # 2. Verify: one backbone forward over the D+1 new positions.
         length = cache.lengths.clone()
-        logits, hidden = model(torch.cat([r[:, None], drafts], 1), cache=cache)
+        logits, hidden = model(torch.cat([r[:, None], drafts], 1), cache=cache, taps=heads.taps)
         _sync(dev)
         t2 = time.perf_counter()
 

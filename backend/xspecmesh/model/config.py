@@ -80,6 +80,13 @@ class HeadsConfig:
     # draft decoders: "factored" per-axis logits (3 x 8 block + 3 x 16 offset values + 4 classes, summed into the
     # vocabulary: 76 outputs instead of 5121) or "shared" (the backbone's output projection)
     output: str = "shared"
+    # draft decoders, EAGLE-3 style: the backbone layers (1-based) whose outputs the committed pairs carry besides
+    # the final state, and whether the pairs carry the backbone's position embedding
+    taps: tuple[int, ...] = ()
+    positions: bool = False
+
+    def __post_init__(self):
+        self.taps = tuple(sorted(int(t) for t in self.taps))  # (a list when read from JSON)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)

@@ -15,6 +15,11 @@ Two kinds share the block and differ only in what its self-attention sees:
               were approximations)
     grounded  only the current step's chain [h_j, r], [g_1, d1], ... (Hydra-like: no cache across steps)
 
+Optionally (EAGLE-3's feature fusion) the committed pairs also carry the outputs of some of the backbone's middle
+layers (`taps`, each through its own LayerNorm), which hold what the last layer has already turned into a guess at
+the next token, and the backbone's position embedding of the token (`positions`), so that attention can find "the
+vertex before" by place. A draft's own feature has no taps: their input columns are skipped, not fed zeros.
+
 The token embedding is the backbone's (shared, not stored). The output is either the backbone's projection onto the
 5121-token vocabulary (a dim x 5121 matrix read for every draft) or, far cheaper, factored by axis: a BPT token names three axis values (8 per axis for a block, 16 for an offset), so the
 drafter emits 3 x 8 + 3 x 16 axis logits and 4 class logits and a token's logit is the sum of its class's and its
@@ -64,7 +69,15 @@ class DraftDecoder(nn.Module):
         self.model_cfg = dataclasses.replace(model_cfg, ff_mult=cfg.ff_mult)
         # [feature, token embedding] -> block input; starts as the feature alone and the block's residual branches
         # at zero, so the untrained drafter's first draft reads the (renormalised) backbone state: a sane start.
-        self.fc = nn.Linear(2 * dim, dim)
+        if cfg.positions and cfg.kind != "eagle":
+            raise ValueError("position embeddings need the eagle kind (a grounded chain has no positions)")
+        if cfg.taps and not 1 <= min(cfg.taps) <= max(cfg.taps) <= model_cfg.depth:
+            raise ValueError(f"taps {cfg.taps} name layers outside the backbone's 1..{model_cfg.depth}")
+        self.taps = cfg.taps
+        self.tap_norms = nn.ModuleList(nn.LayerNorm(dim) for _ in self.taps)
+        # fc's input: [feature, token embedding, (position embedding), (tapped layers...)]; the extras start at zero
+        self.own_width = (3 if cfg.positions else 2) * dim
+        self.fc = nn.Linear(self.own_width + len(self.taps) * dim, dim)
         with torch.no_grad():
             self.fc.weight.zero_()
             self.fc.weight[:, :dim].copy_(torch.eye(dim))
@@ -86,8 +99,18 @@ class DraftDecoder(nn.Module):
             return model.to_logits(feats)
         return factored_logits(self.to_axes(feats))
 
-    def _pairs(self, model: nn.Module, feats: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.cat([feats, model.token_embed(tokens.clamp(min=0))], -1))
+    def _pairs(self, model: nn.Module, feats: torch.Tensor, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Block inputs for pairs at drafter positions `pos` (the position of the feature, which is the backbone's
+        position index of the token): `feats` the backbone's (with taps) or the drafter's own (without)."""
+        dim = model.cfg.dim
+        parts = [feats[..., :dim], model.token_embed(tokens.clamp(min=0))]
+        if self.cfg.positions:
+            parts.append(model.pos_embed(pos.clamp(max=model.cfg.max_seq_len - 1)).expand(*tokens.shape, -1))
+        x = nn.functional.linear(torch.cat(parts, -1), self.fc.weight[:, : self.own_width], self.fc.bias)
+        if self.taps and feats.shape[-1] > dim:
+            taps = [norm(t) for norm, t in zip(self.tap_norms, feats[..., dim:].split(dim, -1))]
+            x = x + nn.functional.linear(torch.cat(taps, -1), self.fc.weight[:, self.own_width :])
+        return x
 
     # -- decoding ----------------------------------------------------------------------------------------------
     def begin(self, model: nn.Module, cond: torch.Tensor, max_len: int) -> KVCache:
@@ -111,7 +134,7 @@ class DraftDecoder(nn.Module):
     def _step(self, model, cache: KVCache, feats, tokens) -> torch.Tensor:
         seq_pos = cache.lengths[:, None] + torch.arange(tokens.shape[1], device=tokens.device)
         at = cache.prepare(seq_pos)
-        x = self.block(self._pairs(model, feats, tokens), cache.cross[0], lambda k, v: cache.write(0, at, k, v),
+        x = self.block(self._pairs(model, feats, tokens, seq_pos), cache.cross[0], lambda k, v: cache.write(0, at, k, v),
                        at.mask)
         cache.lengths += tokens.shape[1]
         return self.out_norm(x)
@@ -145,7 +168,8 @@ class DraftDecoder(nn.Module):
         Unroll step s at chain start j reads [g_(s-1), t_(j+s)] (g_0 = the backbone's h_j) and attends to the
         step-1 entries at positions <= j (true features, as the cache holds at inference) plus its own chain's
         earlier entries; a grounded drafter sees its own chain only. The tokens are the sequence's: a draft only
-        matters when the ones before it were accepted, i.e. equal to the sequence's tokens."""
+        matters when the ones before it were accepted, i.e. equal to the sequence's tokens. `hidden`: the backbone's
+        features, `model(..., taps=self.taps)`."""
         b, t, _ = hidden.shape
         dev = hidden.device
         cross = self.block.cross_attn.context_kv(cond)
@@ -163,7 +187,8 @@ class DraftDecoder(nn.Module):
             tokens = torch.cat([inputs, inputs.new_zeros(b, s + 1)], 1)[:, s + 1 : s + 1 + t]  # t_(j+s+1)
             first = causal if self.cfg.kind == "eagle" else eye
             mask = torch.cat([first] + [eye] * s, 1)
-            feats = self.out_norm(self.block(self._pairs(model, feats, tokens), cross, kv, mask))
+            pos = torch.arange(s, s + t, device=dev)[None]
+            feats = self.out_norm(self.block(self._pairs(model, feats, tokens, pos), cross, kv, mask))
             out.append(self.logits(model, feats))
         return torch.stack(out, 2)
 

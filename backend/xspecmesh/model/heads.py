@@ -22,6 +22,8 @@ def _stacked(d: int, i: int, o: int, std: float = 0.02) -> nn.Parameter:
 
 
 class DraftHeads(nn.Module):
+    taps: tuple[int, ...] = ()  # backbone layers read besides the final state (none: the paper's heads)
+
     def __init__(self, model_cfg: ModelConfig, cfg: HeadsConfig):
         super().__init__()
         self.cfg = cfg

@@ -237,9 +237,12 @@ class MeshTransformer(nn.Module):
         return torch.where(is_bos[..., None], self.bos.to(x.dtype).expand_as(x), x)
 
     def forward(
-        self, tokens: torch.Tensor, cond: torch.Tensor | None = None, cache: KVCache | None = None
+        self, tokens: torch.Tensor, cond: torch.Tensor | None = None, cache: KVCache | None = None,
+        taps: tuple[int, ...] = (),
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits and final hidden states (after the final norm) for every input position.
+        """Logits and final hidden states (after the final norm) for every input position; with `taps`, the hidden
+        states are followed by the outputs of those layers (1-based), concatenated: (B, n, dim * (1 + len(taps))),
+        the features a drafter that reads the backbone's middle layers needs.
 
         Without a cache, `tokens` is whole sequences starting at input position 0 (BOS) and `cond` is required.
         With a cache, `tokens` are appended after each sequence's cached length, written into the cache, and the
@@ -253,15 +256,18 @@ class MeshTransformer(nn.Module):
             cross = cache.cross
             at = cache.prepare(seq_pos)
         x = self.embed(tokens, seq_pos)
+        tapped = []
         for i, layer in enumerate(self.layers):
             if cache is None:
                 x = layer(x, cross[i], lambda k, v: (k, v), causal=True)
             else:
                 x = layer(x, cross[i], lambda k, v: cache.write(i, at, k, v), at.mask)
+            if i + 1 in taps:
+                tapped.append(x)
         if cache is not None:
             cache.lengths += n
         hidden = self.final_norm(x)
-        return self.to_logits(hidden), hidden
+        return self.to_logits(hidden), torch.cat([hidden, *tapped], -1) if tapped else hidden
 
 
 def _init_weights(m: nn.Module) -> None:

@@ -33,6 +33,8 @@ class TrainConfig:
     num_heads: int = 6
     head_type: str = "cross"  # cross (the paper's cross-attention heads) | mlp (the ablation) | eagle | grounded
     head_ff_mult: int = 1  # feed-forward width of the heads / the draft decoder's block, times the model width
+    head_taps: str = ""  # eagle/grounded: backbone layers (comma-separated, 1-based) the drafter also reads (EAGLE-3)
+    head_positions: bool = False  # eagle: the drafter's pairs carry the backbone's position embedding
     head_full_vocab: bool = False  # eagle/grounded: the backbone's output projection instead of per-axis logits
     # stage heads: share of micro-batches replaced by the backbone's own AR samples (not in stage lora, whose λ-weighted
     # cross-entropy would then sharpen the backbone towards its own samples)

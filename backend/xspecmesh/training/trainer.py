@@ -244,7 +244,9 @@ class Trainer:
             self.model, self.preset_name = ckpt.model, ckpt.meta.get("preset")
             factored = cfg.head_type in DECODER_KINDS and not cfg.head_full_vocab
             hcfg = HeadsConfig(num_heads=cfg.num_heads, kind=cfg.head_type, ff_mult=cfg.head_ff_mult,
-                               shared_output=not cfg.head_own_output, output="factored" if factored else "shared")
+                               shared_output=not cfg.head_own_output, output="factored" if factored else "shared",
+                               taps=[int(t) for t in cfg.head_taps.split(",") if t.strip()],
+                               positions=cfg.head_positions)
             keep = ckpt.heads is not None and ckpt.heads.cfg == hcfg
             if cfg.stage == "lora" and not keep:
                 found = ckpt.heads.cfg if ckpt.heads is not None else "no heads"
@@ -296,10 +298,10 @@ class Trainer:
             if self.cfg.stage == "heads":
                 with torch.no_grad():
                     cond = self.model.encode(points)
-                    logits, hidden = self.model(inputs, cond=cond)
+                    logits, hidden = self.model(inputs, cond=cond, taps=self.taps)
             else:
                 cond = model.module.encode(points) if self.ddp.get("model") else self.model.encode(points)
-                logits, hidden = self._forward(model, inputs, cond)
+                logits, hidden = self._forward(model, inputs, cond, self.taps)
             ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1)
             if self.cfg.stage == "backbone":
                 acc = (logits.argmax(-1) == targets)[targets >= 0].float().mean().item()
@@ -314,8 +316,13 @@ class Trainer:
                       **{f"agree{k + 1}": a for k, a in enumerate(agree)}}
 
     @staticmethod
-    def _forward(model, inputs, cond):
-        return model(inputs, cond=cond)
+    def _forward(model, inputs, cond, taps=()):
+        return model(inputs, cond=cond, taps=taps)
+
+    @property
+    def taps(self) -> tuple[int, ...]:
+        """The backbone layers the drafter reads besides the final state."""
+        return self.heads.taps if self.heads is not None else ()
 
     def sampled_batch(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         was_training = self.model.training
@@ -423,7 +430,7 @@ class Trainer:
         for i in range(0, len(self._val), 8):
             inputs, targets, points = (t.to(self.device) for t in collate(self._val[i : i + 8]))
             cond = model.encode(points)
-            logits, hidden = model(inputs, cond=cond)
+            logits, hidden = model(inputs, cond=cond, taps=heads.taps if heads is not None else ())
             valid = targets >= 0
             totals["loss"] = totals.get("loss", 0) + F.cross_entropy(
                 logits[valid].float(), targets[valid], reduction="sum").item()
