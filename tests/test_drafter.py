@@ -2,6 +2,8 @@
 training, on tiny random models."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -172,6 +174,34 @@ def test_taps_are_checked_and_recorded(tmp_path):
     assert cfg.taps == (1, 2) and HeadsConfig.from_json(cfg.to_json()) == cfg
     _, hidden = model(torch.zeros(1, 3, dtype=torch.long), cond=condition(model), taps=cfg.taps)
     assert hidden.shape[-1] == 3 * model.cfg.dim
+
+
+@pytest.mark.parametrize("old, new", [(dict(), dict(taps=(1, 2), positions=True)), (dict(taps=(2,)), dict(taps=(2,), positions=True)),
+                                      (dict(), dict(positions=True))])
+def test_a_grown_drafter_computes_what_it_grew_from(old, new):
+    from xspecmesh.model.drafter import grow
+
+    model = tiny_model()
+    cond = condition(model)
+    small = tiny_heads(model, kind="eagle", output="factored", **old)
+    big = grow(small, dataclasses.replace(small.cfg, **new))
+    inputs = torch.tensor([[0, 3, 600, 7, 900, 4608 + 9, 12]])
+    with torch.no_grad():
+        want = small(model, model(inputs, cond=cond, taps=small.taps)[1], inputs, cond)
+        got = big(model, model(inputs, cond=cond, taps=big.taps)[1], inputs, cond)
+    assert big.cfg.taps == new.get("taps", ()) and torch.allclose(got, want, atol=1e-5)
+    assert grow(big, small.cfg) is None  # inputs are only ever added
+    assert grow(small, dataclasses.replace(small.cfg, ff_mult=2)) is None
+
+
+def test_training_taps_goes_on_from_the_checkpoints_drafter(tmp_path):
+    init = write_random_checkpoint(tmp_path / "m.safetensors", "tiny", heads=3, head_kind="eagle")
+    before = load_checkpoint(init).heads
+    tr = Trainer(TrainConfig(stage="heads", init=str(init), out=str(tmp_path / "h"), num_heads=3, head_type="eagle",
+                             head_full_vocab=True, head_taps="1", head_positions=True, **FAST))
+    assert tr.heads.cfg.taps == (1,) and tr.heads.cfg.positions
+    assert torch.equal(tr.heads.fc.weight[:, : before.own_width], before.fc.weight)
+    assert torch.equal(tr.heads.block.ff.out.weight, before.block.ff.out.weight)
 
 
 def test_unknown_drafter_kind_is_a_clear_error(tmp_path):

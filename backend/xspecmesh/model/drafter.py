@@ -219,6 +219,25 @@ def drafter_for_backbone(model: nn.Module, cfg: HeadsConfig) -> Drafter:
     return drafter
 
 
+def grow(old: Drafter, cfg: HeadsConfig) -> DraftDecoder | None:
+    """A draft decoder with config `cfg` that computes exactly what `old` does, when `cfg` only adds inputs to it
+    (the position embedding, taps where `old` had none): the new input columns of its first layer start at zero,
+    everything else is copied. None when `cfg` is not such a growth of `old`'s config."""
+    if not isinstance(old, DraftDecoder) or old.cfg.taps not in ((), cfg.taps) or old.cfg.positions > cfg.positions:
+        return None
+    if dataclasses.replace(old.cfg, taps=cfg.taps, positions=cfg.positions) != cfg:
+        return None
+    new = DraftDecoder(old.model_cfg, cfg)
+    state = old.state_dict()
+    with torch.no_grad():
+        weight = new.fc.weight.zero_()
+        weight[:, : old.own_width].copy_(state.pop("fc.weight")[:, : old.own_width])  # [feature, token, (position)]
+        if old.taps:
+            weight[:, new.own_width :].copy_(old.fc.weight[:, old.own_width :])
+    new.load_state_dict(state, strict=False)
+    return new
+
+
 def draft_logits(drafter: Drafter, model: nn.Module, hidden, inputs, cond, call: nn.Module | None = None):
     """Teacher-forced draft logits (B, T, D, V) over whole sequences, any kind; `call` is the module to run (a DDP
     wrapper of `drafter` while training)."""

@@ -36,7 +36,7 @@ from xspecmesh.model.config import HeadsConfig, preset
 from xspecmesh.training.data import ShapeConfig, TrainingPair, iter_pairs, load_mesh_dir, validation_pairs
 from xspecmesh.errors import CheckpointError, SettingsError
 from xspecmesh.training.config import TrainConfig
-from xspecmesh.model.drafter import DECODER_KINDS, KINDS, draft_logits, drafter_for_backbone
+from xspecmesh.model.drafter import DECODER_KINDS, KINDS, draft_logits, drafter_for_backbone, grow
 from xspecmesh.model.transformer import MeshTransformer
 
 # The decoder's attention and feed-forward projections (the point encoder keeps its weights).
@@ -252,7 +252,8 @@ class Trainer:
                 found = ckpt.heads.cfg if ckpt.heads is not None else "no heads"
                 raise SettingsError(f"stage lora continues the stage-1 heads, but {cfg.init} has {found}; "
                                     f"pass the heads checkpoint and the same --num-heads/--head-type")
-            self.heads = ckpt.heads if keep else drafter_for_backbone(self.model, hcfg)
+            # A drafter that only gains inputs (taps, positions) goes on from the checkpoint's, computing the same.
+            self.heads = ckpt.heads if keep else grow(ckpt.heads, hcfg) or drafter_for_backbone(self.model, hcfg)
         if cfg.axis_factors:
             add_axis_factors(self.model)
         self.model.to(self.device)
