@@ -18,10 +18,10 @@ def engine(tmp_path_factory):
 def test_every_batch_size_gives_the_tokens_of_one_at_a_time(engine):
     rng = np.random.default_rng(0)
     points = [rng.normal(size=(200, 6)).astype(np.float32) for _ in range(3)]
-    rows = batch_bench.bench_engine(engine, {"p": points}, [1, 2, 3], ["ar", "spec"], max_tokens=40, reps=1,
+    modes = ["ar", "spec", "spec+adaptive"]
+    rows = batch_bench.bench_engine(engine, {"p": points}, [1, 2, 3], modes, max_tokens=40, reps=1,
                                     log=lambda m: None)
-    assert [(r["mode"], r["batch"]) for r in rows] == [("ar", 1), ("ar", 2), ("ar", 3), ("spec", 1), ("spec", 2),
-                                                       ("spec", 3)]
+    assert [(r["mode"], r["batch"]) for r in rows] == [(m, b) for m in modes for b in (1, 2, 3)]
     for r in rows:
         assert r["identical"] and r["objects"] == 3 and r["tokens"] > 0 and 0 < r["occupancy"] <= 1
         assert r["objects_per_minute"] > 0 and r["tokens_per_second"] > 0 and r["scr"] > 0

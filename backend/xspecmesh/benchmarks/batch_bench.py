@@ -9,7 +9,8 @@ Three measurements:
           `serve --batch` run), a waiting object taking the slot of one that finished; with --rounds also in rounds
           of B that each wait for their longest object. B = 1 is today's path, `Engine.stream` one object after
           another. Greedy decoding (temperature 0), so every B must give every object the tokens it gets alone:
-          `identical` checks it. `occupancy`: the share of slot-steps that decoded a live object.
+          `identical` checks it. `occupancy`: the share of slot-steps that decoded a live object. Mode
+          `spec+adaptive`: speculative with the adaptive draft length (a chooser per batch size, as the engine keeps).
   serve   (--serve N) N objects sent at once to a `xspecmesh serve --batch B` process, as the add-on's collection
           mode sends them, B = 1 (one at a time) against B = N; seconds from the first request to the last `done`,
           and whether every object's triangles agree.
@@ -78,13 +79,14 @@ def bench_engine(engine: Engine, sets: dict[str, list[np.ndarray]], batches, mod
     for rep in range(reps):
         for set_name, points in sets.items():
             for mode in modes:
-                settings = DecodeSettings(mode=mode, temperature=0.0, max_tokens=max_tokens, seed=0, fit=False)
+                settings = DecodeSettings(mode=mode.removesuffix("+adaptive"), adaptive=mode.endswith("+adaptive"),
+                                          temperature=0.0, max_tokens=max_tokens, seed=0, fit=False)
                 alone = None
                 # (a mode that cannot join goes in rounds anyway: no second run)
-                for b, join in [(b, True) for b in batches] + [(b, False) for b in rounds if mode in JOINING]:
+                for b, join in [(b, True) for b in batches] + [(b, False) for b in rounds if settings.mode in JOINING]:
                     m, tokens = decode_set(engine, points, settings, b, join)
                     alone = tokens if alone is None else alone
-                    how = "join" if (join and mode in JOINING) or b == 1 else "rounds"
+                    how = "join" if (join and settings.mode in JOINING) or b == 1 else "rounds"
                     row = rows.setdefault((set_name, mode, b, how), {
                         "set": set_name, "mode": mode, "batch": b, "refill": how, "seconds": 0.0, "tokens": 0,
                         "objects": 0, "occupancy": [], "scr": 0.0, "identical": True})
@@ -224,6 +226,7 @@ def main(argv=None) -> int:
     batches = [int(b) for b in args.batch.split(",")]
     rounds = [int(b) for b in args.rounds.split(",") if b]
     modes = args.modes.split(",")
+    plain = [m for m in modes if not m.endswith("+adaptive")]  # (serve and cli: the request's own settings)
     engine = Engine.load(args.checkpoint, "cpu")
     n = engine.model.cfg.encoder.num_points
     if args.paths_set == "real" and (args.serve or args.cli) and not args.meshes:
@@ -239,7 +242,7 @@ def main(argv=None) -> int:
               "engine": bench_engine(engine, sets, batches, modes, args.max_tokens, args.reps, log, rounds)}
     if args.serve:
         pts = sets[args.paths_set][: args.serve]
-        result["serve"] = bench_serve(args.checkpoint, pts, modes, args.max_tokens, args.reps, args.threads, log)
+        result["serve"] = bench_serve(args.checkpoint, pts, plain, args.max_tokens, args.reps, args.threads, log)
     if args.cli:
         with tempfile.TemporaryDirectory(prefix="xspecmesh-batch-bench-shapes-") as tmp:
             if args.paths_set == "real":
@@ -251,7 +254,7 @@ def main(argv=None) -> int:
                 for i in inputs["procedural"][: args.cli]:
                     files.append(Path(tmp) / f"{i.name}.obj")
                     i.reference.export(files[-1])
-            result["cli"] = bench_cli(args.checkpoint, files, modes, args.max_tokens, args.reps, args.threads, log)
+            result["cli"] = bench_cli(args.checkpoint, files, plain, args.max_tokens, args.reps, args.threads, log)
     print(table(result["engine"]))
     for kind in ("serve", "cli"):
         for r in result.get(kind, []):
