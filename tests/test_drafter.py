@@ -200,7 +200,7 @@ def test_training_taps_goes_on_from_the_checkpoints_drafter(tmp_path):
     tr = Trainer(TrainConfig(stage="heads", init=str(init), out=str(tmp_path / "h"), num_heads=3, head_type="eagle",
                              head_full_vocab=True, head_taps="1", head_positions=True, **FAST))
     assert tr.heads.cfg.taps == (1,) and tr.heads.cfg.positions
-    assert torch.equal(tr.heads.fc.weight[:, : before.own_width], before.fc.weight)
+    assert torch.equal(tr.heads.fc.weight[:, : before.fc.in_features], before.fc.weight)
     assert torch.equal(tr.heads.block.ff.out.weight, before.block.ff.out.weight)
 
 
@@ -237,7 +237,7 @@ def test_stage1_trains_a_draft_decoder_on_own_samples_and_stage2_continues_it(tm
     assert load_checkpoint(stage1).heads.cfg == tr.heads.cfg and tr.heads.cfg.kind == kind
     if extra:  # the tapped layers' input columns started at zero and learned
         assert tr.heads.cfg.taps == (1,) and tr.heads.cfg.positions
-        assert tr.heads.fc.weight[:, tr.heads.own_width :].abs().sum() > 0
+        assert tr.heads.tap_fc.weight.abs().sum() > 0
     lora = Trainer(TrainConfig(stage="lora", init=str(stage1), out=str(tmp_path / "l"), steps=2, num_heads=3,
                                head_type=kind, **extra, **FAST))
     lora.run()

@@ -216,3 +216,19 @@ def test_bf16_on_cuda():
     low.precision = "bf16"
     result = precision_check.agreement(ref, low, sequences(2, 40, model.cfg.encoder.num_points))
     assert result["agreement"] >= 0.99
+
+
+def test_a_drafter_with_taps_drafts_at_int8():
+    """The tapped layers' projection is a linear like the others: quantized, and decoding with it runs (not
+    token-identical to int8 AR: dynamic quantization scales each forward's activations, and a verify holds more rows)."""
+    from test_speculative import GREEDY, condition, spec
+    from xspecmesh.decoding.autoregressive import DecodeStats
+    from xspecmesh.decoding.speculative import AcceptConfig
+
+    model = tiny_model()
+    e = engine_at(model, tiny_heads(model, d=2, kind="eagle", output="factored", taps=(1,), positions=True), "int8")
+    assert isinstance(e.ckpt.heads.tap_fc, dynamic.Linear) and isinstance(e.ckpt.heads.fc, dynamic.Linear)
+    cond = condition(e.model, b=2)
+    stats = DecodeStats()
+    out = spec(e.model, e.ckpt.heads, cond, GREEDY, AcceptConfig("greedy"), 80, d=2, stats=stats)
+    assert all(len(seq) > 0 for seq in out) and sum(stats.head_trials) > 0

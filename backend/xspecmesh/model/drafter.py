@@ -73,15 +73,18 @@ class DraftDecoder(nn.Module):
             raise ValueError("position embeddings need the eagle kind (a grounded chain has no positions)")
         if cfg.taps and not 1 <= min(cfg.taps) <= max(cfg.taps) <= model_cfg.depth:
             raise ValueError(f"taps {cfg.taps} name layers outside the backbone's 1..{model_cfg.depth}")
+        # fc's input: [feature, token embedding, (position embedding)]; tap_fc's: the tapped layers, each normalised.
+        # Everything but the feature starts at zero.
         self.taps = cfg.taps
-        self.tap_norms = nn.ModuleList(nn.LayerNorm(dim) for _ in self.taps)
-        # fc's input: [feature, token embedding, (position embedding), (tapped layers...)]; the extras start at zero
-        self.own_width = (3 if cfg.positions else 2) * dim
-        self.fc = nn.Linear(self.own_width + len(self.taps) * dim, dim)
+        self.fc = nn.Linear((3 if cfg.positions else 2) * dim, dim)
         with torch.no_grad():
             self.fc.weight.zero_()
             self.fc.weight[:, :dim].copy_(torch.eye(dim))
             self.fc.bias.zero_()
+        self.tap_norms = nn.ModuleList(nn.LayerNorm(dim) for _ in self.taps)
+        self.tap_fc = nn.Linear(len(self.taps) * dim, dim, bias=False) if self.taps else None
+        if self.tap_fc is not None:
+            nn.init.zeros_(self.tap_fc.weight)
         self.block = DecoderBlock(self.model_cfg)
         for lin in (self.block.self_attn.to_out, self.block.cross_attn.to_out, self.block.ff.out):
             nn.init.zeros_(lin.weight)
@@ -106,10 +109,9 @@ class DraftDecoder(nn.Module):
         parts = [feats[..., :dim], model.token_embed(tokens.clamp(min=0))]
         if self.cfg.positions:
             parts.append(model.pos_embed(pos.clamp(max=model.cfg.max_seq_len - 1)).expand(*tokens.shape, -1))
-        x = nn.functional.linear(torch.cat(parts, -1), self.fc.weight[:, : self.own_width], self.fc.bias)
-        if self.taps and feats.shape[-1] > dim:
-            taps = [norm(t) for norm, t in zip(self.tap_norms, feats[..., dim:].split(dim, -1))]
-            x = x + nn.functional.linear(torch.cat(taps, -1), self.fc.weight[:, self.own_width :])
+        x = self.fc(torch.cat(parts, -1))
+        if self.tap_fc is not None and feats.shape[-1] > dim:
+            x = x + self.tap_fc(torch.cat([norm(t) for norm, t in zip(self.tap_norms, feats[..., dim:].split(dim, -1))], -1))
         return x
 
     # -- decoding ----------------------------------------------------------------------------------------------
@@ -230,11 +232,9 @@ def grow(old: Drafter, cfg: HeadsConfig) -> DraftDecoder | None:
     new = DraftDecoder(old.model_cfg, cfg)
     state = old.state_dict()
     with torch.no_grad():
-        weight = new.fc.weight.zero_()
-        weight[:, : old.own_width].copy_(state.pop("fc.weight")[:, : old.own_width])  # [feature, token, (position)]
-        if old.taps:
-            weight[:, new.own_width :].copy_(old.fc.weight[:, old.own_width :])
-    new.load_state_dict(state, strict=False)
+        weight = state.pop("fc.weight")  # [feature, token, (position)]: a position column block is new
+        new.fc.weight.zero_()[:, : weight.shape[1]].copy_(weight)
+    new.load_state_dict(state, strict=False)  # the rest, taps included where old had them; new ones stay at zero
     return new
 
 
