@@ -4,8 +4,9 @@ A step with D drafts yields 1 + a1 + a1*a2 + ... tokens on average (a_k: how oft
 before it were) and costs t(D) seconds. Weak heads make long drafts a loss — a rejected draft still pays for its
 verification — so we choose the D in 0..D_max with the most expected tokens per second; D = 0 is a plain AR step.
 Both estimates are exponential moving averages measured while decoding (so the hardware's real cost of verifying
-D+1 positions is what counts). A step's time runs from its start to the next step's, so the caller's work on the
-tokens each step yields (faces, messages) counts too: that per-step cost is what fewer, longer steps save. Every
+D+1 positions is what counts). A step's time runs from its start to the next step's (less the joins of new sequences
+in a batch, which no D changes), so the caller's work on the tokens each step yields (faces, messages) counts too:
+that per-step cost is what fewer, longer steps save. Every
 `probe_every` steps the full D_max is tried again so that acceptance estimates of far heads, and the cost of long
 drafts, stay fresh. An `Engine` keeps one chooser per D_max, batch size, acceptance rule and sampling setting across
 its requests, so a short mesh starts from what the ones before it measured rather than from the prior.

@@ -147,6 +147,9 @@ def decode_speculative(
     first: dict[int, list[int]] = {}  # slot -> the first token of a sequence that joined since the last step
     last_step, last_start = None, 0.0  # adaptive D: (drafts, accepted per live row) of the last step, and its start
     while True:
+        # (adaptive D: the last step ran from its start to here, its caller's work on its tokens included; the joins
+        # below are per-sequence work that no choice of D changes, so they are not part of it)
+        last_seconds = time.perf_counter() - last_start
         # 0. Continuous batching: finished slots taken over (before any row has left, so rows are slots here), or
         # finished rows leaving once nothing waits.
         if join is not None and not leaving.draining:
@@ -178,8 +181,8 @@ def decode_speculative(
         # 1. Draft greedy tokens under the grammar along the chain (a draft decoder first catches up on the pairs
         # committed since its last call).
         t0 = time.perf_counter()
-        if chooser and last_step:  # the last step's cost, its caller's work on the tokens it yielded included
-            chooser.update(*last_step, t0 - last_start)
+        if chooser and last_step:
+            chooser.update(*last_step, last_seconds)
         dk = chooser.choose() if chooser else d
         states = [state]
 
