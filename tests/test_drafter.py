@@ -108,7 +108,8 @@ def test_adaptive_draft_length_with_a_draft_decoder(drafter_cfg):
     model = tiny_model(sharpen=30.0)
     cond = condition(model, b=2)
     stats = DecodeStats()
-    steps = decode_speculative(model, tiny_heads(model, d=4, **drafter_cfg), cond, GREEDY, AcceptConfig("greedy"), 4, 150,
+    drafter = tiny_heads(model, d=4, **drafter_cfg)
+    steps = decode_speculative(model, drafter, cond, GREEDY, AcceptConfig("greedy"), 4, 150,
                                None, stats, adaptive=True)
     assert run_to_end(steps, 2) == ar(model, cond, GREEDY, 150)
     assert stats.draft_hist[0] > 0  # random drafts: some plain AR steps were chosen
@@ -176,7 +177,8 @@ def test_taps_are_checked_and_recorded(tmp_path):
     assert hidden.shape[-1] == 3 * model.cfg.dim
 
 
-@pytest.mark.parametrize("old, new", [(dict(), dict(taps=(1, 2), positions=True)), (dict(taps=(2,)), dict(taps=(2,), positions=True)),
+@pytest.mark.parametrize("old, new", [(dict(), dict(taps=(1, 2), positions=True)),
+                                      (dict(taps=(2,)), dict(taps=(2,), positions=True)),
                                       (dict(), dict(positions=True))])
 def test_a_grown_drafter_computes_what_it_grew_from(old, new):
     from xspecmesh.model.drafter import grow
@@ -223,7 +225,8 @@ def test_unknown_drafter_kind_is_a_clear_error(tmp_path):
 
 @pytest.mark.parametrize("kind, extra", [("eagle", {}), ("grounded", {}),
                                          ("eagle", {"head_taps": "1", "head_positions": True})])
-def test_stage1_trains_a_draft_decoder_on_own_samples_and_stage2_continues_it(tmp_path, batch, kind, extra):  # noqa: F811
+def test_stage1_trains_a_draft_decoder_on_own_samples_and_stage2_continues_it(tmp_path, batch,  # noqa: F811
+                                                                               kind, extra):
     init = write_random_checkpoint(tmp_path / "bb.safetensors", "tiny", heads=0)
     tr = Trainer(TrainConfig(stage="heads", init=str(init), out=str(tmp_path / "h"), steps=6, lr=3e-3, num_heads=3,
                              head_type=kind, self_samples=0.5, **extra, **FAST))

@@ -220,7 +220,8 @@ def test_bf16_on_cuda():
 
 def test_a_drafter_with_taps_drafts_at_int8():
     """The tapped layers' projection is a linear like the others: quantized, and decoding with it runs (not
-    token-identical to int8 AR: dynamic quantization scales each forward's activations, and a verify holds more rows)."""
+    token-identical to int8 AR: dynamic quantization scales each forward's activations, and a verify holds more
+    rows)."""
     from test_speculative import GREEDY, condition, spec
     from xspecmesh.decoding.autoregressive import DecodeStats
     from xspecmesh.decoding.speculative import AcceptConfig

@@ -16,9 +16,10 @@ Two kinds share the block and differ only in what its self-attention sees:
     grounded  only the current step's chain [h_j, r], [g_1, d1], ... (Hydra-like: no cache across steps)
 
 Optionally (EAGLE-3's feature fusion) the committed pairs also carry the outputs of some of the backbone's middle
-layers (`taps`, each through its own LayerNorm), which hold what the last layer has already turned into a guess at
-the next token, and the backbone's position embedding of the token (`positions`), so that attention can find "the
-vertex before" by place. A draft's own feature has no taps: their input columns are skipped, not fed zeros.
+layers (`taps`, each through its own LayerNorm), which still hold what the sequence so far is (the current vertex and
+patch) where the last layer holds its guess at the next token, and the backbone's position embedding of the token
+(`positions`), so that attention can find "the vertex before" by place. A draft's own feature has no taps: the tap
+projection is skipped for it, not fed zeros.
 
 The token embedding is the backbone's (shared, not stored). The output is either the backbone's projection onto the
 5121-token vocabulary (a dim x 5121 matrix read for every draft) or, far cheaper, factored by axis: a BPT token names three axis values (8 per axis for a block, 16 for an offset), so the
@@ -67,14 +68,13 @@ class DraftDecoder(nn.Module):
         self.cfg = cfg
         dim = model_cfg.dim
         self.model_cfg = dataclasses.replace(model_cfg, ff_mult=cfg.ff_mult)
-        # [feature, token embedding] -> block input; starts as the feature alone and the block's residual branches
-        # at zero, so the untrained drafter's first draft reads the (renormalised) backbone state: a sane start.
         if cfg.positions and cfg.kind != "eagle":
             raise ValueError("position embeddings need the eagle kind (a grounded chain has no positions)")
         if cfg.taps and not 1 <= min(cfg.taps) <= max(cfg.taps) <= model_cfg.depth:
             raise ValueError(f"taps {cfg.taps} name layers outside the backbone's 1..{model_cfg.depth}")
-        # fc's input: [feature, token embedding, (position embedding)]; tap_fc's: the tapped layers, each normalised.
-        # Everything but the feature starts at zero.
+        # [feature, token embedding, (position embedding)] -> block input (fc), plus the normalised tapped layers
+        # (tap_fc); it starts as the feature alone and the block's residual branches at zero, so the untrained
+        # drafter's first draft reads the (renormalised) backbone state: a sane start.
         self.taps = cfg.taps
         self.fc = nn.Linear((3 if cfg.positions else 2) * dim, dim)
         with torch.no_grad():
@@ -111,7 +111,8 @@ class DraftDecoder(nn.Module):
             parts.append(model.pos_embed(pos.clamp(max=model.cfg.max_seq_len - 1)).expand(*tokens.shape, -1))
         x = self.fc(torch.cat(parts, -1))
         if self.tap_fc is not None and feats.shape[-1] > dim:
-            x = x + self.tap_fc(torch.cat([norm(t) for norm, t in zip(self.tap_norms, feats[..., dim:].split(dim, -1))], -1))
+            taps = feats[..., dim:].split(dim, -1)
+            x = x + self.tap_fc(torch.cat([norm(t) for norm, t in zip(self.tap_norms, taps)], -1))
         return x
 
     # -- decoding ----------------------------------------------------------------------------------------------
@@ -136,8 +137,8 @@ class DraftDecoder(nn.Module):
     def _step(self, model, cache: KVCache, feats, tokens) -> torch.Tensor:
         seq_pos = cache.lengths[:, None] + torch.arange(tokens.shape[1], device=tokens.device)
         at = cache.prepare(seq_pos)
-        x = self.block(self._pairs(model, feats, tokens, seq_pos), cache.cross[0], lambda k, v: cache.write(0, at, k, v),
-                       at.mask)
+        x = self.block(self._pairs(model, feats, tokens, seq_pos), cache.cross[0],
+                       lambda k, v: cache.write(0, at, k, v), at.mask)
         cache.lengths += tokens.shape[1]
         return self.out_norm(x)
 
