@@ -233,3 +233,12 @@ def test_a_drafter_with_taps_drafts_at_int8():
     stats = DecodeStats()
     out = spec(e.model, e.ckpt.heads, cond, GREEDY, AcceptConfig("greedy"), 80, d=2, stats=stats)
     assert all(len(seq) > 0 for seq in out) and sum(stats.head_trials) > 0
+
+
+def test_the_precision_check_scores_a_draft_decoder():
+    """The teacher-forced head agreement runs any drafter's training form (it once called the paper heads' API)."""
+    model = tiny_model()
+    heads = tiny_heads(model, d=2, kind="eagle", output="factored", taps=(1,), positions=True)
+    result = precision_check.agreement(engine_at(model, heads, "fp32"), engine_at(model, heads, "int8"),
+                                       sequences(2, 40, model.cfg.encoder.num_points))
+    assert len(result["head_agreement"]) == 2 and all(0 <= a <= 1 for a in result["head_agreement"])
