@@ -330,6 +330,11 @@ class Engine:
         for i in holder:
             rows[i].started = time.perf_counter()
         fits: dict[int, fit_worker.Fit] = {}  # object -> its fit, running beside the batch
+
+        def fitted(i: int, idle: bool = False) -> StepUpdate:
+            running = fits.pop(i)
+            return _fit_update(fit_worker.result(running, idle), running.stats, lambda: cancelled(i))
+
         steps = self.decoder(torch.cat([conds[i] for i in holder]), settings[0], stats, [gens[i] for i in holder],
                              max(settings[i].max_tokens for i in group), finished,
                              join if joins and len(group) > 1 else None)
@@ -359,11 +364,9 @@ class Engine:
                         result = fit_worker.fit_here(np.concatenate(row.parts), points[i], upd.stats)
                         yield i, _fit_update(result, upd.stats, lambda i=i: cancelled(i))
                 for i in [i for i, f in fits.items() if f.done()]:
-                    f = fits.pop(i)
-                    yield i, _fit_update(fit_worker.result(f), f.stats, lambda i=i: cancelled(i))
+                    yield i, fitted(i)
             for i in list(fits):  # decoding is over: the fits the worker has not started yet run here
-                f = fits.pop(i)
-                yield i, _fit_update(fit_worker.result(f, idle=True), f.stats, lambda i=i: cancelled(i))
+                yield i, fitted(i, idle=True)
         finally:
             steps.close()
             for f in fits.values():

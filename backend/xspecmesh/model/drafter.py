@@ -75,14 +75,13 @@ class DraftDecoder(nn.Module):
         # [feature, token embedding, (position embedding)] -> block input (fc), plus the normalised tapped layers
         # (tap_fc); it starts as the feature alone and the block's residual branches at zero, so the untrained
         # drafter's first draft reads the (renormalised) backbone state: a sane start.
-        self.taps = cfg.taps
         self.fc = nn.Linear((3 if cfg.positions else 2) * dim, dim)
         with torch.no_grad():
             self.fc.weight.zero_()
             self.fc.weight[:, :dim].copy_(torch.eye(dim))
             self.fc.bias.zero_()
-        self.tap_norms = nn.ModuleList(nn.LayerNorm(dim) for _ in self.taps)
-        self.tap_fc = nn.Linear(len(self.taps) * dim, dim, bias=False) if self.taps else None
+        self.tap_norms = nn.ModuleList(nn.LayerNorm(dim) for _ in cfg.taps)
+        self.tap_fc = nn.Linear(len(cfg.taps) * dim, dim, bias=False) if cfg.taps else None
         if self.tap_fc is not None:
             nn.init.zeros_(self.tap_fc.weight)
         self.block = DecoderBlock(self.model_cfg)
@@ -92,6 +91,10 @@ class DraftDecoder(nn.Module):
                 nn.init.zeros_(lin.bias)
         self.out_norm = nn.LayerNorm(dim)
         self.to_axes = nn.Linear(dim, FACTORED_WIDTH) if cfg.output == "factored" else None
+
+    @property
+    def taps(self) -> tuple[int, ...]:
+        return self.cfg.taps  # the backbone layers read besides the final state
 
     @property
     def num_heads(self) -> int:
@@ -226,7 +229,8 @@ def grow(old: Drafter, cfg: HeadsConfig) -> DraftDecoder | None:
     """A draft decoder with config `cfg` that computes exactly what `old` does, when `cfg` only adds inputs to it
     (the position embedding, taps where `old` had none): the new input columns of its first layer start at zero,
     everything else is copied. None when `cfg` is not such a growth of `old`'s config."""
-    if not isinstance(old, DraftDecoder) or old.cfg.taps not in ((), cfg.taps) or old.cfg.positions > cfg.positions:
+    if not isinstance(old, DraftDecoder) or old.cfg.taps not in ((), cfg.taps) or (old.cfg.positions
+                                                                                  and not cfg.positions):
         return None
     if dataclasses.replace(old.cfg, taps=cfg.taps, positions=cfg.positions) != cfg:
         return None

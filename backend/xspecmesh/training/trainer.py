@@ -431,7 +431,7 @@ class Trainer:
         for i in range(0, len(self._val), 8):
             inputs, targets, points = (t.to(self.device) for t in collate(self._val[i : i + 8]))
             cond = model.encode(points)
-            logits, hidden = model(inputs, cond=cond, taps=heads.taps if heads is not None else ())
+            logits, hidden = model(inputs, cond=cond, taps=self.taps)
             valid = targets >= 0
             totals["loss"] = totals.get("loss", 0) + F.cross_entropy(
                 logits[valid].float(), targets[valid], reduction="sum").item()
