@@ -206,6 +206,23 @@ def test_training_taps_goes_on_from_the_checkpoints_drafter(tmp_path):
     assert torch.equal(tr.heads.block.ff.out.weight, before.block.ff.out.weight)
 
 
+def test_heads_init_starts_the_drafter_from_another_backbones_checkpoint(tmp_path):
+    backbone = write_random_checkpoint(tmp_path / "bb.safetensors", "tiny", heads=0, seed=1)
+    other = write_random_checkpoint(tmp_path / "other.safetensors", "tiny", heads=3, head_kind="eagle")
+    source = load_checkpoint(other).heads
+    tr = Trainer(TrainConfig(stage="heads", init=str(backbone), heads_init=str(other), out=str(tmp_path / "h"),
+                             num_heads=3, head_type="eagle", head_full_vocab=True, head_positions=True, **FAST))
+    assert tr.heads.cfg.positions and torch.equal(tr.heads.block.ff.out.weight, source.block.ff.out.weight)
+    assert not torch.equal(tr.model.token_embed.weight, load_checkpoint(other).model.token_embed.weight)
+    with pytest.raises(SettingsError, match="no drafter"):
+        Trainer(TrainConfig(stage="heads", init=str(other), heads_init=str(backbone), out=str(tmp_path / "x"),
+                            num_heads=3, head_type="eagle", **FAST))
+    small = write_random_checkpoint(tmp_path / "small.safetensors", "small", heads=3, head_kind="eagle")
+    with pytest.raises(SettingsError, match="config"):
+        Trainer(TrainConfig(stage="heads", init=str(backbone), heads_init=str(small), out=str(tmp_path / "y"),
+                            num_heads=3, head_type="eagle", **FAST))
+
+
 def test_unknown_drafter_kind_is_a_clear_error(tmp_path):
     import json
 

@@ -10,6 +10,7 @@ class TrainConfig:
     out: str = "runs/backbone"
     preset: str = "small"  # backbone stage without --init
     init: str | None = None  # checkpoint to start from (required for heads and lora)
+    heads_init: str | None = None  # heads: start the drafter from this checkpoint's (another backbone of --init's shape)
     steps: int = 20000
     token_budget: int = 4096  # tokens per micro-batch (sequences bucketed by length)
     grad_accum: int = 1

@@ -247,13 +247,22 @@ class Trainer:
                                shared_output=not cfg.head_own_output, output="factored" if factored else "shared",
                                taps=[int(t) for t in cfg.head_taps.split(",") if t.strip()],
                                positions=cfg.head_positions)
-            keep = ckpt.heads is not None and ckpt.heads.cfg == hcfg
+            start = ckpt.heads
+            if cfg.heads_init:  # a drafter trained on another backbone (e.g. the one this backbone was tuned from)
+                if cfg.stage != "heads":
+                    raise SettingsError("--heads-init is for stage heads; stage lora continues --init's heads")
+                source = load_checkpoint(cfg.heads_init)
+                if source.heads is None or source.model.cfg != ckpt.model.cfg:
+                    raise SettingsError(f"--heads-init {cfg.heads_init} needs a drafter on a backbone of --init's "
+                                        f"config; it has {'no drafter' if source.heads is None else source.model.cfg}")
+                start = source.heads
+            keep = start is not None and start.cfg == hcfg
             if cfg.stage == "lora" and not keep:
-                found = ckpt.heads.cfg if ckpt.heads is not None else "no heads"
+                found = start.cfg if start is not None else "no heads"
                 raise SettingsError(f"stage lora continues the stage-1 heads, but {cfg.init} has {found}; "
                                     f"pass the heads checkpoint and the same --num-heads/--head-type")
-            # A drafter that only gains inputs (taps, positions) goes on from the checkpoint's, computing the same.
-            self.heads = ckpt.heads if keep else grow(ckpt.heads, hcfg) or drafter_for_backbone(self.model, hcfg)
+            # A drafter that only gains inputs (taps, positions) goes on from the start's, computing the same.
+            self.heads = start if keep else grow(start, hcfg) or drafter_for_backbone(self.model, hcfg)
         if cfg.axis_factors:
             add_axis_factors(self.model)
         self.model.to(self.device)
