@@ -61,15 +61,18 @@ def start_blender(package: Path, checkpoint: Path, device: str):
     return bpy
 
 
-SAMPLES = ("scan", "chamfered")
+SAMPLES = ("scan", "chamfered", "bracket")
 
 
 def make_sample(bpy, kind: str = "scan"):
-    """A block of the kind the shipped model was trained on (axis-aligned plain and chamfered boxes), made high-poly.
+    """A high-poly part of a kind the shipped model was trained on.
 
     scan: a plain block as a 3D scan would give it: densely subdivided (Simple) and its surface made slightly uneven
     by a Displace modifier (cloud noise, ±0.015 on a 2 m block). chamfered: a block with 45° chamfers on every edge,
-    densified by Simple subdivision (the shipped model gets its faces but not yet their connectivity right)."""
+    densified by Simple subdivision. bracket: an L-bracket (base plate and upright flange) with an octagonal hole
+    through the base, made by Boolean modifiers and densified by a voxel Remesh, as a scan of a machined part is."""
+    if kind == "bracket":
+        return _bracket(bpy)
     bpy.ops.mesh.primitive_cube_add(size=1.0, location=(0.0, 0.0, 0.0))
     part = bpy.context.active_object
     part.name = "Part"
@@ -87,6 +90,29 @@ def make_sample(bpy, kind: str = "scan"):
         uneven = part.modifiers.new("Uneven", "DISPLACE")
         uneven.texture, uneven.strength, uneven.mid_level = noise, 0.03, 0.5
         uneven.texture_coords = "GLOBAL"  # the noise does not stretch with the block's proportions
+    return part
+
+
+def _bracket(bpy):
+    def box(name, size, location):
+        bpy.ops.mesh.primitive_cube_add(size=1.0, location=location)
+        obj = bpy.context.active_object
+        obj.name, obj.scale = name, size
+        bpy.ops.object.transform_apply(scale=True)
+        return obj
+
+    part = box("Part", (2.0, 1.2, 0.3), (0.0, 0.0, 0.15))
+    flange = box("Flange", (0.3, 1.2, 1.3), (-0.85, 0.0, 0.8))  # overlaps the base: one body after the union
+    bpy.ops.mesh.primitive_cylinder_add(vertices=8, radius=0.25, depth=1.0, location=(0.35, 0.0, 0.15))
+    hole = bpy.context.active_object
+    for other, operation in ((flange, "UNION"), (hole, "DIFFERENCE")):
+        boolean = part.modifiers.new(other.name, "BOOLEAN")
+        boolean.object, boolean.operation = other, operation
+    dense = part.modifiers.new("Dense", "REMESH")
+    dense.mode, dense.voxel_size = "VOXEL", 0.04
+    for other in (flange, hole):
+        other.hide_set(True)
+        other.hide_render = True
     return part
 
 
@@ -296,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--sample", choices=SAMPLES, default="scan",
-                        help="the object to retopologize: a scanned block (default) or a chamfered block")
+                        help="the object to retopologize: a scanned block (default), a chamfered block or an "
+                             "L-bracket with a hole")
     parser.add_argument("--no-fit", dest="fit", action="store_false",
                         help="keep the vertices where the model put them (Fit to Source off)")
     parser.add_argument("--width", type=int, default=1280, help="picture width in pixels (height is half)")
