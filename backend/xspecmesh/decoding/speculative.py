@@ -250,15 +250,20 @@ def decode_speculative(
 
 def _append_pairs(old, new):
     """Per row, the drafter's unread pairs (features (B, n, dim), tokens (B, n), counts (B,)): old's counts[b] first,
-    then new's."""
+    then new's. Written into old's buffers where they have room (grown by doubling where not), so a run of steps
+    without drafts costs each step only its own pairs, not a copy of all the unread ones."""
     (f0, t0, c0), (f1, t1, c1) = old, new
     total = c0 + c1
-    at = torch.arange(max(int(total.max()), 1), device=total.device).expand(len(total), -1)
-    mine = at < c0[:, None]
-    i0, i1 = at.clamp(max=f0.shape[1] - 1), (at - c0[:, None]).clamp(0, f1.shape[1] - 1)
-    feats = torch.where(mine[..., None], f0.gather(1, i0[..., None].expand(-1, -1, f0.shape[2])),
-                        f1.gather(1, i1[..., None].expand(-1, -1, f1.shape[2])))
-    return feats, torch.where(mine, t0.gather(1, i0), t1.gather(1, i1)), total
+    need = int(total.max())
+    if need > f0.shape[1]:
+        grow = max(need, 2 * f0.shape[1]) - f0.shape[1]
+        f0 = torch.cat([f0, f0.new_zeros(f0.shape[0], grow, f0.shape[2])], 1)
+        t0 = torch.cat([t0, t0.new_zeros(t0.shape[0], grow)], 1)
+    rows, cols = (torch.arange(f1.shape[1], device=c1.device) < c1[:, None]).nonzero(as_tuple=True)
+    at = c0[rows] + cols
+    f0[rows, at] = f1[rows, cols]
+    t0[rows, at] = t1[rows, cols]
+    return f0, t0, total
 
 
 def _commit(new, counts, emitted, finished, max_tokens, stats) -> list[list[int]]:
