@@ -59,3 +59,36 @@ def test_demo_pipeline_with_a_tiny_checkpoint(tmp_path):
     obj = (out / "demo_retopo.obj").read_text()
     assert sum(line.startswith("f ") for line in obj.splitlines()) == spec["faces"]
     assert (out / "demo.blend").stat().st_size > 10_000
+
+
+SAMPLE_CHECK = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import bpy, numpy as np, trimesh
+import demo
+found = {}
+for kind in demo.SAMPLES:
+    for obj in list(bpy.data.objects):
+        bpy.data.objects.remove(obj)
+    part = demo.make_sample(bpy, kind)
+    mesh = part.evaluated_get(bpy.context.evaluated_depsgraph_get()).to_mesh()
+    mesh.calc_loop_triangles()
+    verts = np.array([tuple(v.co) for v in mesh.vertices])
+    tris = trimesh.Trimesh(verts, np.array([tuple(t.vertices) for t in mesh.loop_triangles]))
+    found[kind] = [len(tris.faces), bool(tris.is_watertight), int(tris.euler_number), tris.extents.tolist()]
+print(json.dumps(found))
+"""
+
+
+@pytest.mark.blender
+@pytest.mark.skipif(importlib.util.find_spec("bpy") is None, reason="bpy is not installed")
+def test_every_demo_sample_is_a_closed_high_poly_part():
+    proc = subprocess.run([sys.executable, "-c", SAMPLE_CHECK, str(ROOT / "tools")], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(found) == set(demo.SAMPLES)
+    for kind, (faces, closed, euler, extents) in found.items():
+        assert faces > 1000 and closed, kind
+        assert euler == (0 if kind == "bracket" else 2), kind  # the bracket's hole goes through: genus 1
+    assert found["bracket"][3] == pytest.approx([2.0, 1.2, 1.45], abs=0.05)  # base 2 x 1.2, flange up to 1.45
