@@ -65,7 +65,8 @@ SAMPLES = ("scan", "chamfered", "bracket")
 
 
 def make_sample(bpy, kind: str = "scan"):
-    """A high-poly part of a kind the shipped model was trained on.
+    """A high-poly part. scan and chamfered are of the kind the shipped model was trained on (axis-aligned boxes);
+    bracket is a hard-surface part of the kind the parts campaign trains for (docs/TRAINING.md).
 
     scan: a plain block as a 3D scan would give it: densely subdivided (Simple) and its surface made slightly uneven
     by a Displace modifier (cloud noise, ±0.015 on a 2 m block). chamfered: a block with 45° chamfers on every edge,
