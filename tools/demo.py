@@ -74,11 +74,7 @@ def make_sample(bpy, kind: str = "scan"):
     through the base, made by Boolean modifiers and densified by a voxel Remesh, as a scan of a machined part is."""
     if kind == "bracket":
         return _bracket(bpy)
-    bpy.ops.mesh.primitive_cube_add(size=1.0, location=(0.0, 0.0, 0.0))
-    part = bpy.context.active_object
-    part.name = "Part"
-    part.scale = (2.0, 1.3, 0.6)
-    bpy.ops.object.transform_apply(scale=True)
+    part = _box(bpy, "Part", (2.0, 1.3, 0.6), (0.0, 0.0, 0.0))
     if kind == "chamfered":
         bevel = part.modifiers.new("Chamfer", "BEVEL")
         bevel.width, bevel.segments = 0.12, 1
@@ -94,16 +90,18 @@ def make_sample(bpy, kind: str = "scan"):
     return part
 
 
-def _bracket(bpy):
-    def box(name, size, location):
-        bpy.ops.mesh.primitive_cube_add(size=1.0, location=location)
-        obj = bpy.context.active_object
-        obj.name, obj.scale = name, size
-        bpy.ops.object.transform_apply(scale=True)
-        return obj
+def _box(bpy, name: str, size, location):
+    """A box object of this size (scale applied) centred at `location`."""
+    bpy.ops.mesh.primitive_cube_add(size=1.0, location=location)
+    obj = bpy.context.active_object
+    obj.name, obj.scale = name, size
+    bpy.ops.object.transform_apply(scale=True)
+    return obj
 
-    part = box("Part", (2.0, 1.2, 0.3), (0.0, 0.0, 0.15))
-    flange = box("Flange", (0.3, 1.2, 1.3), (-0.85, 0.0, 0.8))  # overlaps the base: one body after the union
+
+def _bracket(bpy):
+    part = _box(bpy, "Part", (2.0, 1.2, 0.3), (0.0, 0.0, 0.15))
+    flange = _box(bpy, "Flange", (0.3, 1.2, 1.3), (-0.85, 0.0, 0.8))  # overlaps the base: one body after the union
     bpy.ops.mesh.primitive_cylinder_add(vertices=8, radius=0.25, depth=1.0, location=(0.35, 0.0, 0.15))
     hole = bpy.context.active_object
     for other, operation in ((flange, "UNION"), (hole, "DIFFERENCE")):
