@@ -24,7 +24,10 @@ def test_closed_needs_every_edge_twice():
 def test_summary_applies_the_targets():
     row = dict(closed=True, cd=0.03, bbox_cd=0.05, faces=10, shape_faces=12)
     good = eval_families.summary([row] * 5)
-    assert good["pass"] and good["cd_goal"] == 0.035 and good["faces_within_2x"] == 1.0
+    assert good["pass"] and good["cd_goal"] == 0.035 and good["faces_within_2x"] == 1.0 and good["on_target"] == 1
+    box = dict(row, cd=0.05)  # the bounding box itself: closed, never on target
+    far = dict(row, closed=False, cd=0.01)  # near but open
+    assert eval_families.summary([row, box, far, box])["on_target"] == 0.25
     empty = dict(row, closed=False, cd=math.nan, faces=0)  # an empty result counts as infinitely far
     assert eval_families.summary([row, empty, empty])["cd_10k"] == math.inf
     too_many = eval_families.summary([dict(row, faces=30)] * 5)
