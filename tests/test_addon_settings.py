@@ -25,13 +25,14 @@ def test_request_settings_are_what_the_backend_accepts():
     from xspecmesh.decoding.engine import DecodeSettings
 
     settings = request.DecodeRequest(mode="ar", heads=3, delta=0.25, accept="exact", seed=9, adaptive=True,
-                                     fit=False).settings()
+                                     candidates=4, fit=False).settings()
     assert set(settings) == {"mode", "heads", "adaptive", "delta", "accept", "temperature", "top_k", "top_p",
-                             "max_tokens", "max_faces", "seed", "fit"}
+                             "max_tokens", "max_faces", "seed", "candidates", "fit"}
     assert settings["mode"] == "ar" and settings["heads"] == 3 and settings["delta"] == 0.25
     assert settings["adaptive"] is True and settings["fit"] is False and request.DecodeRequest().fit is True
     json.dumps(settings, allow_nan=False)
     assert DecodeSettings.from_dict(settings).adaptive  # the backend takes every field as sent
+    assert DecodeSettings.from_dict(settings).candidates == 4
     assert DecodeSettings.from_dict(request.DecodeRequest().settings()).fit
 
 

@@ -234,3 +234,41 @@ def test_a_batch_fits_its_objects_beside_the_decoding_as_a_fit_alone_would(engin
             else:
                 np.testing.assert_allclose(g.fitted, w.fitted, atol=1e-5)
                 assert g.stats["fit_distance_after"] == w.stats["fit_distance_after"]
+
+
+@pytest.mark.parametrize("mode", ["ar", "spec"])
+def test_candidates_keep_the_closed_or_nearest_of_their_seeds(engine, mode, monkeypatch):
+    """candidates = 3: the object is decoded with seeds s, s+1, s+2 in one batch and the result is one of those
+    decodes (its tokens as decoding that seed alone gives them), the one ranked best; only it streams triangles."""
+    from xspecmesh.decoding import engine as engine_module
+
+    pts = clouds(1)[0]
+    s = DecodeSettings(mode=mode, temperature=1.0, max_tokens=90, seed=20, fit=False)
+    singles = [alone(engine, pts, dataclasses.replace(s, seed=20 + j))[0] for j in range(3)]
+    assert len({tuple(t) for t in singles}) == 3
+    asked = []  # candidates are ranked in seed order: put the second one first, whatever its geometry
+
+    def middle_first(tris, stats, points):
+        asked.append(len(tris))
+        return (len(asked) != 2,)
+
+    monkeypatch.setattr(engine_module, "_candidate_rank", middle_first)
+    updates = list(engine.stream(pts, dataclasses.replace(s, candidates=3)))
+    assert updates[-1].done and updates[-1].stats["candidate"] == 1 and updates[-1].stats["candidates"] == 3
+    assert sum(len(u.tokens) for u in updates) == len(updates[-1].tokens)  # the earlier updates: progress only
+    assert updates[-1].tokens == singles[1]
+    assert len(updates[-1].triangles) == len(alone(engine, pts, dataclasses.replace(s, seed=21))[1])
+
+
+def test_candidate_rank_prefers_closed_then_complete_then_near():
+    import trimesh
+
+    from xspecmesh.decoding.engine import _candidate_rank
+    from xspecmesh.geometry.mesh import sample_surface
+
+    box = trimesh.creation.box((1.0, 0.6, 0.4))
+    points = sample_surface(box, 2000, seed=0)
+    tight, loose = box.vertices[box.faces], 1.5 * box.vertices[box.faces]
+    ranked = sorted([("open", tight[1:], True), ("loose", loose, True), ("tight", tight, True),
+                     ("cut", tight, False)], key=lambda c: _candidate_rank(c[1], {"complete": c[2]}, points))
+    assert [name for name, *_ in ranked] == ["tight", "loose", "cut", "open"]

@@ -15,12 +15,6 @@ sys.path.insert(0, str(ROOT / "tools"))
 import eval_families  # noqa: E402
 
 
-def test_closed_needs_every_edge_twice():
-    box = trimesh.creation.box()
-    assert eval_families.closed(eval_families.soup(box.vertices[box.faces]))  # welded before counting
-    assert not eval_families.closed(eval_families.soup(box.vertices[box.faces[1:]]))
-
-
 def test_summary_applies_the_targets():
     row = dict(closed=True, cd=0.03, bbox_cd=0.05, faces=10, shape_faces=12)
     good = eval_families.summary([row] * 5)

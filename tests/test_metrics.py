@@ -6,7 +6,8 @@ import pytest
 import trimesh
 
 from xspecmesh.errors import MeshError
-from xspecmesh.geometry.metrics import GEOMETRY_KEYS, bbox_mesh, chamfer_hausdorff, evaluate, topology
+from xspecmesh.geometry.metrics import (GEOMETRY_KEYS, bbox_mesh, chamfer_hausdorff, closed, distance_to_points,
+                                       evaluate, topology)
 
 
 @pytest.fixture(scope="module")
@@ -100,3 +101,20 @@ def test_bbox_mesh(sphere):
     box = bbox_mesh(ellipsoid)
     assert np.allclose(box.bounds, ellipsoid.bounds)
     assert len(box.faces) == 12 and box.is_watertight and box.volume > 0
+
+
+def test_closed_welds_a_triangle_soup_and_needs_every_edge_twice():
+    box = trimesh.creation.box()
+    assert closed(box.vertices[box.faces])
+    assert not closed(box.vertices[box.faces[1:]])  # one face missing: a hole
+    assert not closed(np.zeros((0, 3, 3)))
+
+
+def test_distance_to_points_prefers_the_surface_the_points_came_from(sphere):
+    from xspecmesh.geometry.mesh import sample_surface
+
+    points = sample_surface(sphere, 4000, seed=1)
+    box = bbox_mesh(sphere)
+    near, far = (distance_to_points(m.vertices[m.faces], points) for m in (sphere, box))
+    assert 2 * near < far  # (near is the sampling floor, ~0.07 for a unit sphere at 2048 samples)
+    assert distance_to_points(np.zeros((0, 3, 3)), points) == math.inf

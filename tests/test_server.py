@@ -399,7 +399,7 @@ JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st
                     lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c, max_size=3),
                     max_leaves=8)
 SETTING_KEYS = ["mode", "heads", "delta", "accept", "topk_accept", "temperature", "top_k", "top_p", "max_tokens",
-                "max_faces", "seed", "fit", "bogus"]
+                "max_faces", "seed", "candidates", "fit", "bogus"]
 
 
 @st.composite
@@ -487,3 +487,19 @@ def test_fit_setting_sends_the_fitted_mesh_with_done(tmp_path):
             _, after = np.unique(fitted, axis=0, return_inverse=True)
             pairs = set(zip(before.ravel(), after.ravel()))
             assert len(pairs) == len(set(before.ravel())) == len(set(after.ravel()))  # same corners coincide
+
+
+def test_candidates_stream_the_kept_mesh_once(checkpoint, tmp_path):
+    """A request with candidates = 3 through a real server: progress while the three decode, then the kept one's
+    faces, and done naming which seed it was."""
+    pts = np.frombuffer(points_bytes(), dtype="<f4").reshape(-1, 6)
+    with raw_server(checkpoint, tmp_path / "stderr.txt") as srv:
+        srv.wait_for(lambda m: m["type"] == "hello")
+        settings_ = {"mode": "ar", "max_tokens": 40, "seed": 3, "candidates": 3, "fit": False}
+        srv.send(protocol.encode(protocol.generate("c", pts.tobytes(), len(pts), settings_)))
+        done = srv.wait_for(lambda m: m["id"] == "c" and m["type"] in ("done", "error"), timeout=60)
+        assert done["type"] == "done", done
+        msgs = [json.loads(line) for line in srv.lines]
+        faces = [t for m in msgs if m.get("id") == "c" and m["type"] == "faces" for t in m["triangles"]]
+    assert done["stats"]["candidates"] == 3 and done["stats"]["candidate"] in (0, 1, 2)
+    assert len(faces) == done["stats"]["faces"]

@@ -33,25 +33,16 @@ from tqdm import tqdm
 from xspecmesh.benchmarks.bench import md_table, mesh_inputs
 from xspecmesh.decoding.engine import DecodeSettings, Engine
 from xspecmesh.geometry import tokenizer
-from xspecmesh.geometry.metrics import bbox_mesh, evaluate, topology
+from xspecmesh.geometry.metrics import bbox_mesh, closed, evaluate, soup
 from xspecmesh.training.data import ShapeConfig, validation_pairs
 
 CLOSED_TARGET, CD_FLOOR, FACES_TARGET, OVERALL_CLOSED_TARGET = 0.8, 0.035, 0.7, 0.75
 
 
-def closed(mesh: trimesh.Trimesh) -> bool:
-    t = topology(mesh)
-    return t["faces"] > 0 and t["boundary_edges"] == 0 and t["non_manifold_edges"] == 0
-
-
-def soup(triangles: np.ndarray) -> trimesh.Trimesh:
-    return trimesh.Trimesh(triangles.reshape(-1, 3), np.arange(len(triangles) * 3).reshape(-1, 3), process=False)
-
-
 def score(engine: Engine, points: np.ndarray, shape: trimesh.Trimesh, seed: int, settings: DecodeSettings) -> dict:
     result = engine.generate(points, dataclasses.replace(settings, seed=seed))
     out = soup(result.triangles) if len(result.triangles) else None
-    return {"closed": out is not None and closed(out),
+    return {"closed": closed(result.triangles),
             "cd": evaluate(out, shape, seed=seed)["cd_10k"],  # NaN for an empty result: counts against the median
             "bbox_cd": evaluate(bbox_mesh(shape), shape, seed=seed)["cd_10k"],
             "faces": len(result.triangles), "shape_faces": len(shape.faces), "triangles": result.triangles}
@@ -120,6 +111,8 @@ def main(argv=None) -> int:
     p.add_argument("--mesh-count", type=int, default=None, help="at most this many files of --meshes")
     p.add_argument("--temperature", type=float, default=DecodeSettings.temperature)
     p.add_argument("--max-tokens", type=int, default=1200, help="AR token cap per result (default 1200)")
+    p.add_argument("--candidates", type=int, default=1,
+                   help="decode this many per shape and keep the best (the candidates setting; default 1)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--device", default="auto")
     p.add_argument("--sheet", default=None, help="PNG contact sheet: each family's first shape beside its result")
@@ -130,7 +123,8 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     engine = Engine.load(args.checkpoint, args.device)
-    settings = DecodeSettings(mode="ar", temperature=args.temperature, max_tokens=args.max_tokens)
+    settings = DecodeSettings(mode="ar", temperature=args.temperature, max_tokens=args.max_tokens,
+                              candidates=args.candidates)
     config = ShapeConfig.parse(args.families, max_faces=args.max_faces, axis_aligned=True, axis_turns=args.axis_turns)
     num_points = engine.model.cfg.encoder.num_points
     groups: dict[str, list[tuple[np.ndarray, trimesh.Trimesh]]] = {}
@@ -156,7 +150,8 @@ def main(argv=None) -> int:
                "overall_pass": procedural["closed"] >= OVERALL_CLOSED_TARGET
                and procedural["faces_within_2x"] >= FACES_TARGET, "skipped_meshes": skipped,
                "settings": {"count": args.count, "max_faces": args.max_faces, "axis_turns": args.axis_turns,
-                            "temperature": args.temperature, "max_tokens": args.max_tokens}}
+                            "temperature": args.temperature, "max_tokens": args.max_tokens,
+                            "candidates": args.candidates}}
     if args.sheet:
         contact_sheet(examples, args.sheet,
                       f"{Path(engine.ckpt.path).name}: held-out shape (left), AR result (right, seed 0)")

@@ -49,6 +49,7 @@ class XSPECMESH_PT_main(bpy.types.Panel):
         col.prop(settings, "max_faces")
         col.prop(settings, "temperature")
         col.prop(settings, "seed")
+        col.prop(settings, "candidates")
         col.prop(settings, "fit")
         col.prop(settings, "object_axes")
         col.prop(settings, "hide_source")

@@ -61,6 +61,7 @@ class XSpecMeshSettings(bpy.types.PropertyGroup):
                            soft_max=20000)
     temperature: _number("temperature", "Temperature", soft_max=2.0)
     seed: _number("seed", "Seed")
+    candidates: _number("candidates", "Candidates")
     fit: _flag("fit", "Fit to Source")
     object_axes: BoolProperty(
         name="Object Axes", description="Read the object in its own axes, leaving out its rotation (the result still "
@@ -71,7 +72,8 @@ class XSpecMeshSettings(bpy.types.PropertyGroup):
     def to_request(self) -> DecodeRequest:
         return DecodeRequest(mode=self.mode, heads=self.heads, adaptive=self.adaptive, delta=self.delta,
                              accept=self.accept, temperature=self.temperature, max_faces=self.max_faces or None,
-                             seed=self.seed, fit=self.fit, heads_cap=service.heads_cap())
+                             seed=self.seed, candidates=self.candidates, fit=self.fit,
+                             heads_cap=service.heads_cap())
 
 
 def register_scene_property() -> None:

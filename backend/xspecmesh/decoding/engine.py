@@ -13,6 +13,7 @@ import torch
 
 from xspecmesh import __version__
 from xspecmesh.geometry import tokenizer as tok
+from xspecmesh.geometry.metrics import closed, distance_to_points
 from xspecmesh.model import precision as precisions
 from xspecmesh.model.checkpoint import Checkpoint, load_checkpoint
 from xspecmesh.errors import MeshError, SettingsError
@@ -46,6 +47,7 @@ class DecodeSettings:
     max_tokens: int = _DEFAULTS["max_tokens"]
     max_faces: int | None = _DEFAULTS["max_faces"]  # stop once this many faces are complete (None: no limit)
     seed: int = _DEFAULTS["seed"]
+    candidates: int = _DEFAULTS["candidates"]  # decode this many samples (seeds seed, seed + 1, ...), keep the best
     precision: str = _DEFAULTS["precision"]  # weights: auto (the engine's own: `--precision` of the command), fp32, ...
     fit: bool = _DEFAULTS["fit"]  # after decoding, move the vertices onto the input surface (Engine.retopologize)
 
@@ -211,6 +213,10 @@ class Engine:
         if engine is not self:
             yield from engine.stream(points, settings)
             return
+        if settings.candidates > 1:  # the batch path decodes them together and keeps one (the fit is the caller's)
+            cond, plain = self.condition(points, settings.seed), dataclasses.replace(settings, fit=False)
+            yield from (upd for _, upd in self.stream_batch([cond], [plain], points=[points]))
+            return
         start = time.perf_counter()
         cond = self.condition(points, settings.seed)
         stats = DecodeStats()
@@ -290,6 +296,9 @@ class Engine:
         engine = self.at_precision(settings[0].precision)  # (batch_key: one precision for the whole batch)
         if engine is not self:
             yield from engine.stream_batch(conds, settings, stop, slots, points, cancelled)
+            return
+        if settings[0].candidates > 1:
+            yield from self._best_of(conds, settings, stop, slots, points, cancelled)
             return
         n = len(conds)
         slots = min(slots or n, n)
@@ -371,6 +380,55 @@ class Engine:
             steps.close()
             for f in fits.values():
                 f.cancel()
+
+
+    def _best_of(self, conds, settings, stop, slots, points, cancelled):
+        """`stream_batch` with candidates = K > 1: every object decoded K times in one batch (seeds seed .. seed + K - 1,
+        each as that seed alone decodes it; K slots per object), then the candidate that is closed (watertight after welding), else complete, and nearest the
+        object's points is kept. Until then an object's updates carry progress only (no triangles); the kept
+        candidate's triangles come in one update, its fit (when asked, run here) after it."""
+        k, stop = settings[0].candidates, stop if stop is not None else set()
+        subs = [dataclasses.replace(s, candidates=1, fit=False, seed=(s.seed + j) % 2**31)
+                for s in settings for j in range(k)]
+        inner_stop: set[int] = set()
+        triangles: list[list[np.ndarray]] = [[] for _ in subs]
+        tokens: list[list[int]] = [[] for _ in subs]
+        last: list[dict] = [{} for _ in subs]
+        left = [k] * len(conds)  # candidates of each object still decoding
+        empty = np.zeros((0, 3, 3), dtype=np.float32)
+        # Each candidate as its seed alone would decode it: its own sample of the points, where they are given.
+        sub_conds = [conds[r // k] if points is None else self.condition(points[r // k], sub.seed)
+                     for r, sub in enumerate(subs)]
+        for r, upd in self.stream_batch(sub_conds, subs, inner_stop, (slots or len(conds)) * k):
+            i = r // k
+            if i in stop:
+                inner_stop.update(range(i * k, i * k + k))
+                continue
+            triangles[r].append(upd.triangles)
+            tokens[r] += upd.tokens
+            last[r] = upd.stats | {"candidates": k}
+            left[i] -= upd.done
+            if left[i]:
+                yield i, StepUpdate([], empty, last[r])
+                continue
+            rows = range(i * k, i * k + k)
+            meshes = {q: np.concatenate(triangles[q]) for q in rows}
+            where = points[i] if points is not None else None
+            kept = min(rows, key=lambda q: _candidate_rank(meshes[q], last[q], where))
+            stats = last[kept] | {"candidate": kept - i * k, "seconds": max(last[q]["seconds"] for q in rows),
+                                  "closed_candidates": sum(closed(meshes[q]) for q in rows)}
+            fit = settings[i].fit and points is not None and len(meshes[kept]) > 0
+            yield i, StepUpdate(tokens[kept], meshes[kept], stats, done=not fit, decoded=True)
+            if fit:
+                result = fit_worker.fit_here(meshes[kept], points[i], stats)
+                yield i, _fit_update(result, stats, lambda i=i: cancelled(i))
+
+
+def _candidate_rank(triangles: np.ndarray, stats: dict, points) -> tuple:
+    """Sort key of one candidate of `candidates`: closed first, then complete (ended at EOS), then nearest the
+    points it was decoded from (without them: more faces, the fuller mesh)."""
+    near = distance_to_points(triangles, points) if points is not None else -len(triangles)
+    return not closed(triangles), not stats.get("complete"), near
 
 
 def batch_key(settings: DecodeSettings) -> tuple:

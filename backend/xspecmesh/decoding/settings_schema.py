@@ -11,6 +11,8 @@ Decisions, one behaviour on every path:
   vertices on a 128-level grid); `generate --no-fit` or the panel's checkbox turns it off. Benchmarks never fit.
 - `max_faces` has no limit by default (None; the panel's 0): the model ends the mesh itself and `max_tokens` bounds it.
 - `seed` is 0 .. 2**31 - 1, what Blender's integer properties hold, so a seed from the CLI can be typed into the panel.
+- `candidates` > 1 decodes that many samples of one object in one batch and keeps one (closed, then nearest the
+  input points: `Engine.stream_batch`); the others are dropped, so only the kept one's faces are streamed.
 - A value outside its range is refused with one message naming the setting, never silently clamped (the panel's
   fields cannot leave the range). The one adjustment: more heads than the checkpoint has are lowered to its count
   (`cap_heads`), so the same settings work with any checkpoint.
@@ -114,6 +116,8 @@ DECODE = (
     Setting("max_faces", int, None, "stop once this many faces are complete (default: no limit)", min=1,
             optional=True),
     Setting("seed", int, 0, "random seed for sampling the surface and decoding", min=0, max=2**31 - 1),
+    Setting("candidates", int, 1, "decode this many meshes at once (seeds seed, seed + 1, ...) and keep the best: "
+            "closed first, then nearest the source's surface; its faces arrive when all are done", min=1, max=16),
     Setting("precision", str, "auto", "weight precision of the decoder and drafter; auto: the backend's own "
             "(its --precision: bf16 on a CUDA GPU that supports it, int8 on a CPU when the checkpoint passed the int8 "
             "quality check, else fp32)", choices=(

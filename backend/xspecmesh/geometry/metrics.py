@@ -114,6 +114,30 @@ def topology(mesh: trimesh.Trimesh) -> dict:
     }
 
 
+def soup(triangles: np.ndarray) -> trimesh.Trimesh:
+    """(T, 3, 3) triangles as a mesh of 3T vertices (`topology` welds equal positions itself)."""
+    tris = np.asarray(triangles, dtype=np.float64).reshape(-1, 3)
+    return trimesh.Trimesh(tris, np.arange(len(tris)).reshape(-1, 3), process=False)
+
+
+def closed(triangles: np.ndarray) -> bool:
+    """Watertight after welding equal vertices: some faces, and every edge used by exactly two of them."""
+    t = topology(soup(triangles))
+    return t["faces"] > 0 and t["boundary_edges"] == 0 and t["non_manifold_edges"] == 0
+
+
+def distance_to_points(triangles: np.ndarray, points: np.ndarray, samples: int = 2048, seed: int = 0) -> float:
+    """Chamfer distance between a decoded mesh's surface and the point cloud it was decoded from, both in the
+    normalized frame: how well a result covers its input without the reference mesh (inf for no surface)."""
+    from xspecmesh.geometry.mesh import sample_surface
+
+    try:
+        ours = sample_surface(soup(triangles), samples, seed=seed)
+    except MeshError:
+        return float("inf")
+    return chamfer_hausdorff(ours, np.asarray(points)[:, :3])[0]
+
+
 def bbox_mesh(mesh: trimesh.Trimesh) -> trimesh.Trimesh:
     """The input's axis-aligned bounding box as a 12-triangle mesh: the floor any trained model must beat."""
     verts = np.asarray(mesh.vertices, dtype=np.float64)
