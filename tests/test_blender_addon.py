@@ -165,7 +165,8 @@ class Session:
         self.prefs.checkpoint = self.args.checkpoint
         self.prefs.device = "cpu"
         s = self.settings
-        for name in ("mode", "delta", "heads", "accept", "temperature", "seed", "hide_source", "object_axes", "fit"):
+        for name in ("mode", "delta", "heads", "accept", "temperature", "seed", "candidates", "hide_source",
+                     "object_axes", "fit"):
             s.property_unset(name)
         s.max_faces = 4
 
@@ -314,8 +315,8 @@ def scenario_settings_reach_backend(s: Session):
     bpy.ops.xspecmesh.retopologize()
     info = s.stats(bpy.data.objects["Cube_retopo"])
     req = info["request"]
-    assert (req["mode"], req["heads"], req["delta"], req["accept"], req["seed"], req["max_faces"], req["fit"]) == \
-        ("spec", 2, 1.0, "threshold", 7, 6, False), req
+    assert (req["mode"], req["heads"], req["delta"], req["accept"], req["seed"], req["max_faces"], req["fit"],
+            req["candidates"]) == ("spec", 2, 1.0, "threshold", 7, 6, False, 1), req
     assert abs(req["temperature"] - 0.7) < 1e-6
     stats = info["stats"]
     assert "fit_seconds" not in stats, stats
@@ -329,6 +330,12 @@ def scenario_settings_reach_backend(s: Session):
     # the backend would fit it, but this mesh was cut at max_faces (a random model does not stop by itself)
     assert "limit" in stats["fit_skipped"], stats
     assert "not fitted to the source (cut at the face or token limit)" in s.job.LAST.outcomes[0].summary()
+    st.candidates = 2
+    s.activate(src)
+    bpy.ops.xspecmesh.retopologize()
+    info = s.stats(bpy.data.objects["Cube_retopo.002"])
+    assert info["request"]["candidates"] == 2, info  # two decoded, one kept
+    assert info["stats"]["candidates"] == 2 and info["stats"]["candidate"] in (0, 1), info
 
 
 def scenario_ar_mode_and_hide_source(s: Session):
