@@ -92,3 +92,4 @@ def test_every_demo_sample_is_a_closed_high_poly_part():
         assert faces > 1000 and closed, kind
         assert euler == (0 if kind == "bracket" else 2), kind  # the bracket's hole goes through: genus 1
     assert found["bracket"][3] == pytest.approx([2.0, 1.2, 1.45], abs=0.05)  # base 2 x 1.2, flange up to 1.45
+    assert found["cross"][3] == pytest.approx([2.0, 1.6, 0.4], abs=0.05)

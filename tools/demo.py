@@ -61,19 +61,24 @@ def start_blender(package: Path, checkpoint: Path, device: str):
     return bpy
 
 
-SAMPLES = ("scan", "chamfered", "bracket")
+SAMPLES = ("cross", "bracket", "scan", "chamfered")
 
 
-def make_sample(bpy, kind: str = "scan"):
-    """A high-poly part. scan and chamfered are of the kind the shipped model was trained on (axis-aligned boxes);
-    bracket is a hard-surface part of the kind the parts campaign trains for (docs/TRAINING.md).
+def make_sample(bpy, kind: str = "cross"):
+    """A high-poly part, as a user would select it. cross (the default) and bracket are compound hard-surface parts of
+    the kinds the shipped model was trained on (docs/TRAINING.md; it handles crosses, not yet L-sections with a
+    hole); scan and chamfered are the blocks the earlier box model knew.
 
+    cross: a cross-shaped connector plate (two bars, 2 x 0.5 and 0.5 x 1.6, 0.4 thick) joined by a Boolean union and
+    densified by a voxel Remesh, as a scan of a machined part is.
     scan: a plain block as a 3D scan would give it: densely subdivided (Simple) and its surface made slightly uneven
     by a Displace modifier (cloud noise, ±0.015 on a 2 m block). chamfered: a block with 45° chamfers on every edge,
     densified by Simple subdivision. bracket: an L-bracket (base plate and upright flange) with an octagonal hole
     through the base, made by Boolean modifiers and densified by a voxel Remesh, as a scan of a machined part is."""
     if kind == "bracket":
         return _bracket(bpy)
+    if kind == "cross":
+        return _cross(bpy)
     part = _box(bpy, "Part", (2.0, 1.3, 0.6), (0.0, 0.0, 0.0))
     if kind == "chamfered":
         bevel = part.modifiers.new("Chamfer", "BEVEL")
@@ -99,17 +104,29 @@ def _box(bpy, name: str, size, location):
     return obj
 
 
+def _cross(bpy):
+    part = _box(bpy, "Part", (2.0, 0.5, 0.4), (0.0, 0.0, 0.2))
+    bar = _box(bpy, "Bar", (0.5, 1.6, 0.4), (0.0, 0.0, 0.2))
+    return _remeshed(part, {bar: "UNION"}, voxel_size=0.03)
+
+
 def _bracket(bpy):
     part = _box(bpy, "Part", (2.0, 1.2, 0.3), (0.0, 0.0, 0.15))
     flange = _box(bpy, "Flange", (0.3, 1.2, 1.3), (-0.85, 0.0, 0.8))  # overlaps the base: one body after the union
     bpy.ops.mesh.primitive_cylinder_add(vertices=8, radius=0.25, depth=1.0, location=(0.35, 0.0, 0.15))
     hole = bpy.context.active_object
-    for other, operation in ((flange, "UNION"), (hole, "DIFFERENCE")):
+    return _remeshed(part, {flange: "UNION", hole: "DIFFERENCE"}, voxel_size=0.04)
+
+
+def _remeshed(part, others: dict, voxel_size: float):
+    """`part` with a Boolean modifier for each of `others` (object -> operation), then a voxel Remesh; the others
+    hidden."""
+    for other, operation in others.items():
         boolean = part.modifiers.new(other.name, "BOOLEAN")
         boolean.object, boolean.operation = other, operation
     dense = part.modifiers.new("Dense", "REMESH")
-    dense.mode, dense.voxel_size = "VOXEL", 0.04
-    for other in (flange, hole):
+    dense.mode, dense.voxel_size = "VOXEL", voxel_size
+    for other in others:
         other.hide_set(True)
         other.hide_render = True
     return part
@@ -176,7 +193,8 @@ def _wire_copy(scene, obj, name: str, thickness: float, color) -> object:
         if mod.type == "WIREFRAME":
             wire.modifiers.remove(mod)
     mod = wire.modifiers.new("Edges", "WIREFRAME")
-    mod.thickness, mod.use_replace, mod.use_even_offset = thickness, True, True
+    # Even offset keeps edge widths equal but turns the sharp corners of sliver triangles into long spikes.
+    mod.thickness, mod.use_replace, mod.use_even_offset = thickness, True, False
     scene.collection.objects.link(wire)
     wire.color = color
     return wire
@@ -281,7 +299,7 @@ def run(args) -> int:
     n_in = len(source_mesh.faces)
     print(f"input: '{source.name}', {n_in} triangles after modifiers", flush=True)
     common = dict(max_faces=args.max_faces, seed=args.seed, temperature=args.temperature, hide_source=False,
-                  fit=args.fit)
+                  fit=args.fit, candidates=args.candidates)
     warm, _ = retopologize(bpy, source, "warmup", mode="spec", **{**common, "max_faces": 8})
     bpy.data.objects.remove(warm)  # first-call costs (thread pools, allocator) out of the timings
     bpy.context.view_layer.update()
@@ -319,10 +337,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--temperature", type=float, default=0.5)
     parser.add_argument("--max-faces", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--candidates", type=int, default=4,
+                        help="decode this many per run and keep the closed one nearest the input (default 4, what "
+                             "parts call for; the panel's Candidates)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument("--sample", choices=SAMPLES, default="scan",
-                        help="the object to retopologize: a scanned block (default), a chamfered block or an "
-                             "L-bracket with a hole")
+    parser.add_argument("--sample", choices=SAMPLES, default="cross",
+                        help="the object to retopologize: a cross-shaped plate (default), an L-bracket with a hole, "
+                             "a scanned block or a chamfered block")
     parser.add_argument("--no-fit", dest="fit", action="store_false",
                         help="keep the vertices where the model put them (Fit to Source off)")
     parser.add_argument("--width", type=int, default=1280, help="picture width in pixels (height is half)")
