@@ -381,11 +381,10 @@ class Engine:
             for f in fits.values():
                 f.cancel()
 
-
     def _best_of(self, conds, settings, stop, slots, points, cancelled):
-        """`stream_batch` with candidates = K > 1: every object decoded K times in one batch (seeds seed .. seed + K - 1,
-        each as that seed alone decodes it; K slots per object), then the candidate that is closed (watertight after welding), else complete, and nearest the
-        object's points is kept. Until then an object's updates carry progress only (no triangles); the kept
+        """`stream_batch` with candidates = K > 1: every object decoded K times in one batch (seeds seed .. seed + K
+        - 1, each as that seed alone decodes it; K slots per object), then one kept (`_candidate_rank`: closed, complete,
+        nearest the object's points). Until then an object's updates carry progress only (no triangles); the kept
         candidate's triangles come in one update, its fit (when asked, run here) after it."""
         k, stop = settings[0].candidates, stop if stop is not None else set()
         subs = [dataclasses.replace(s, candidates=1, fit=False, seed=(s.seed + j) % 2**31)
