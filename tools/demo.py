@@ -1,11 +1,12 @@
 """The main job (`python3 build.py demo`): the add-on in headless Blender, AR against XSpecMesh on one object.
 
 Builds and validates the extension zip, installs it into a fresh headless Blender (the bpy module of this Python),
-models a high-poly part of the kind the shipped model was trained on (a chamfered block, densified by a Simple
-subdivision modifier), runs Retopologize in AR mode and in
-XSpecMesh mode with the same seed, and prints faces, seconds, SCR, speedup and Chamfer/Hausdorff distance to the
-input (`xspecmesh.geometry.metrics.evaluate`). Writes out/demo.blend, out/demo_retopo.obj (the XSpecMesh result), out/demo.png
-(input and result side by side, result edges drawn by a Wireframe-modifier copy) and out/demo.json.
+models a high-poly part of a kind the shipped model was trained on (`make_sample`: by default a cross-shaped plate,
+a Boolean union voxel-remeshed like a scan), runs Retopologize in AR mode, XSpecMesh mode and XSpecMesh with adaptive
+heads with the same seed and candidates, and prints faces, seconds, SCR, speedup, Chamfer/Hausdorff distance to the
+input (`xspecmesh.geometry.metrics.evaluate`), open edges and the fit. Writes out/demo.blend, out/demo_retopo.obj (the
+XSpecMesh result), out/demo.png (input and result side by side, result edges drawn by a Wireframe-modifier copy) and
+out/demo.json.
 
 Without the shipped checkpoint (backend/xspecmesh/weights/default.safetensors) it stops with one message; pass
 `--checkpoint PATH` to use another (the tests use a tiny random one).
