@@ -229,8 +229,18 @@ def test_draft_length_choice():
         return out
 
     # Heads that are never accepted: after one more short try (one rejection does not outweigh the prior), plain AR
-    # steps, but every 16th step probes the full length again.
-    assert choices(False) == [4, 1] + [4 if i % 16 == 0 else 0 for i in range(2, 40)]
+    # steps, with probes of the full length 16 steps after the first, then 32 after that (plain steps still best).
+    never = choices(False)
+    assert never[:2] == [4, 1] and [i for i, d in enumerate(never) if d == 4] == [0, 16] and set(never[2:16]) == {0}
+    chooser = DraftLength(4)
+    for _ in range(300):
+        d = chooser.choose()
+        chooser.update(d, [0] * 2, 1.0 + 0.3 * d)
+    assert chooser.interval == chooser.max_probe_every == 64  # the interval doubles up to its cap
+    for _ in range(64):  # the heads become perfect: the next probe finds drafts worth it and probes often again
+        d = chooser.choose()
+        chooser.update(d, [d] * 2, 1.0 + 0.3 * d)
+    assert chooser.interval == 16 and chooser.best() == 4
     always = choices(True)  # heads always accepted: longer and longer drafts, then the full length throughout
     assert always[0] == 4 and always[1:] == sorted(always[1:16]) + [4] * 24 and always[1] >= 2
 

@@ -8,8 +8,11 @@ D+1 positions is what counts). A step's time runs from its start to the next ste
 in a batch, which no D changes), so the caller's work on the tokens each step yields (faces, messages) counts too:
 that per-step cost is what fewer, longer steps save. Every
 `probe_every` steps the full D_max is tried again so that acceptance estimates of far heads, and the cost of long
-drafts, stay fresh. An `Engine` keeps one chooser per D_max, batch size, acceptance rule and sampling setting across
-its requests, so a short mesh starts from what the ones before it measured rather than from the prior.
+drafts, stay fresh. A probe costs several plain steps where drafting does not pay (a large batch, weak heads), so
+while probes keep finding plain steps best the interval doubles, up to `max_probe_every`; a probe that finds drafts
+worth it again brings it back to `probe_every`. An `Engine` keeps one chooser per D_max, batch size, acceptance
+rule and sampling setting across its requests, so a short mesh starts from what the ones before it measured rather
+than from the prior.
 """
 from __future__ import annotations
 
@@ -17,9 +20,12 @@ import numpy as np
 
 
 class DraftLength:
-    def __init__(self, max_heads: int, decay: float = 0.9, probe_every: int = 16, prior_accept: float = 0.5,
-                 prior_weight: float = 2.0, prior_cost_per_draft: float = 0.25, min_cost_per_draft: float = 0.05):
-        self.max_heads, self.decay, self.probe_every = max_heads, decay, probe_every
+    def __init__(self, max_heads: int, decay: float = 0.9, probe_every: int = 16, max_probe_every: int = 64,
+                 prior_accept: float = 0.5, prior_weight: float = 2.0, prior_cost_per_draft: float = 0.25,
+                 min_cost_per_draft: float = 0.05):
+        self.max_heads, self.decay = max_heads, decay
+        self.probe_every, self.max_probe_every = probe_every, max_probe_every
+        self.interval, self.last_probe, self.probing = probe_every, -probe_every, False  # steps between probes
         self.accept = np.full(max_heads, prior_accept)  # P(head k accepted | heads < k accepted)
         self.observed = np.zeros(max_heads)  # steps that verified head k's draft
         self.prior_weight = prior_weight  # the prior counts as this many steps: one unlucky first draft is not final
@@ -45,11 +51,16 @@ class DraftLength:
             slope = base * self.prior_cost
         return base + slope * d
 
+    def best(self) -> int:
+        return int(np.argmax(self.expected_tokens() / self.cost()))
+
     def choose(self) -> int:
         self.steps += 1
-        if self.steps % self.probe_every == 1:
+        self.probing = self.steps - self.last_probe >= self.interval
+        if self.probing:
+            self.last_probe = self.steps
             return self.max_heads
-        return int(np.argmax(self.expected_tokens() / self.cost()))
+        return self.best()
 
     def update(self, drafts: int, accepted: list[int], seconds: float) -> None:
         """After a step with `drafts` drafts: `accepted` drafts per live sequence and the step's wall time."""
@@ -60,6 +71,10 @@ class DraftLength:
                 self.observed[k] += 1
                 w = max(1 - self.decay, 1 / (self.observed[k] + self.prior_weight))  # a running mean, then an EMA
                 self.accept[k] = (1 - w) * self.accept[k] + w * rate
+        if self.probing:  # did this probe yield tokens faster than a plain step would have?
+            paid = (1 + np.mean(accepted)) / seconds > 1 / self.cost()[0] if accepted else False
+            idle = self.best() == 0 and not paid
+            self.interval = min(2 * self.interval, self.max_probe_every) if idle else self.probe_every
         old = self.seconds[drafts]
         self.seconds[drafts] = seconds if np.isnan(old) else self.decay * old + (1 - self.decay) * seconds
 
