@@ -71,8 +71,9 @@ class DraftLength:
                 self.observed[k] += 1
                 w = max(1 - self.decay, 1 / (self.observed[k] + self.prior_weight))  # a running mean, then an EMA
                 self.accept[k] = (1 - w) * self.accept[k] + w * rate
-        if self.probing:  # did this probe yield tokens faster than a plain step would have?
-            paid = (1 + np.mean(accepted)) / seconds > 1 / self.cost()[0] if accepted else False
+        if self.probing:  # did this probe yield tokens faster than a plain step would have? (unknown at first)
+            measured = not np.isnan(self.seconds).all()  # else cost() is the prior's, in relative units
+            paid = not measured or bool(accepted) and (1 + np.mean(accepted)) / seconds > 1 / self.cost()[0]
             idle = self.best() == 0 and not paid
             self.interval = min(2 * self.interval, self.max_probe_every) if idle else self.probe_every
         old = self.seconds[drafts]

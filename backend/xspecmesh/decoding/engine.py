@@ -382,9 +382,9 @@ class Engine:
                 f.cancel()
 
     def _best_of(self, conds, settings, stop, slots, points, cancelled):
-        """`stream_batch` with candidates = K > 1: every object decoded K times in one batch (seeds seed .. seed + K
-        - 1, each as that seed alone decodes it; K slots per object), then one kept (`_candidate_rank`: closed, complete,
-        nearest the object's points). Until then an object's updates carry progress only (no triangles); the kept
+        """`stream_batch` with candidates = K > 1: every object decoded K times in one batch (K slots per object; the
+        seeds from its seed on, each candidate as that seed alone decodes it), then one kept (`_candidate_rank`:
+        closed, complete, nearest the object's points). Until then an object's updates carry progress only (no triangles); the kept
         candidate's triangles come in one update, its fit (when asked, run here) after it."""
         k, stop = settings[0].candidates, stop if stop is not None else set()
         subs = [dataclasses.replace(s, candidates=1, fit=False, seed=(s.seed + j) % 2**31)
