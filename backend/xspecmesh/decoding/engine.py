@@ -384,8 +384,8 @@ class Engine:
     def _best_of(self, conds, settings, stop, slots, points, cancelled):
         """`stream_batch` with candidates = K > 1: every object decoded K times in one batch (K slots per object; the
         seeds from its seed on, each candidate as that seed alone decodes it), then one kept (`_candidate_rank`:
-        closed, complete, nearest the object's points). Until then an object's updates carry progress only (no triangles); the kept
-        candidate's triangles come in one update, its fit (when asked, run here) after it."""
+        closed, complete, nearest the object's points). Until then an object's updates carry progress only (no
+        triangles); the kept candidate's triangles come in one update, its fit (when asked, run here) after it."""
         k, stop = settings[0].candidates, stop if stop is not None else set()
         subs = [dataclasses.replace(s, candidates=1, fit=False, seed=(s.seed + j) % 2**31)
                 for s in settings for j in range(k)]
@@ -395,8 +395,9 @@ class Engine:
         last: list[dict] = [{} for _ in subs]
         left = [k] * len(conds)  # candidates of each object still decoding
         empty = np.zeros((0, 3, 3), dtype=np.float32)
-        # Each candidate as its seed alone would decode it: its own sample of the points, where they are given.
-        sub_conds = [conds[r // k] if points is None else self.condition(points[r // k], sub.seed)
+        # Each candidate as its seed alone would decode it: its own sample of the points, where they are given (the
+        # first candidate's seed is the object's, whose condition the caller made).
+        sub_conds = [conds[r // k] if points is None or r % k == 0 else self.condition(points[r // k], sub.seed)
                      for r, sub in enumerate(subs)]
         for r, upd in self.stream_batch(sub_conds, subs, inner_stop, (slots or len(conds)) * k):
             i = r // k
@@ -413,9 +414,10 @@ class Engine:
             rows = range(i * k, i * k + k)
             meshes = {q: np.concatenate(triangles[q]) for q in rows}
             where = points[i] if points is not None else None
-            kept = min(rows, key=lambda q: _candidate_rank(meshes[q], last[q], where))
+            ranks = {q: _candidate_rank(meshes[q], last[q], where) for q in rows}
+            kept = min(rows, key=ranks.__getitem__)
             stats = last[kept] | {"candidate": kept - i * k, "seconds": max(last[q]["seconds"] for q in rows),
-                                  "closed_candidates": sum(closed(meshes[q]) for q in rows)}
+                                  "closed_candidates": sum(not rank[0] for rank in ranks.values())}
             fit = settings[i].fit and points is not None and len(meshes[kept]) > 0
             yield i, StepUpdate(tokens[kept], meshes[kept], stats, done=not fit, decoded=True)
             if fit:
