@@ -226,6 +226,22 @@ def test_gpu_recipe_runs_end_to_end_on_cpu_at_tiny_scale(tmp_path):
     assert (dest / "state.safetensors").exists()
 
 
+def test_gpu_drafter_recipe_runs_end_to_end_on_cpu_at_tiny_scale(tmp_path):
+    """tools/gpu_drafter.sh at seconds' scale on the CPU: trains an eagle drafter on the backbone's own samples too,
+    saves, and exports the shipped-default form."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    init = write_random_checkpoint(tmp_path / "tiny.safetensors", "tiny", heads=0)
+    env = dict(os.environ, DEVICE="cpu", INIT=str(init), TAPS="1", STEPS="2", TOKEN_BUDGET="600", WORKERS="1",
+               VAL_COUNT="2", SELF_SAMPLES="1", PYTHON=sys.executable)
+    dest = tmp_path / "drafter"
+    proc = subprocess.run(["bash", os.path.join(root, "tools", "gpu_drafter.sh"), str(dest)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    shipped = load_checkpoint(dest / "default.safetensors")
+    assert (shipped.meta["step"], shipped.meta["stage"], shipped.heads.cfg.kind) == (2, "heads", "eagle")
+    assert tuple(shipped.heads.taps) == (1,) and shipped.max_heads == 4
+
+
 def test_large_token_budgets_fill_batches_beyond_the_default_pool():
     pairs = validation_pairs(8, config=ShapeConfig(families=("box",), max_faces=12), num_points=16)
     stream = (pairs[i % len(pairs)] for i in range(10**6))
