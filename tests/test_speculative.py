@@ -245,6 +245,31 @@ def test_draft_length_choice():
     assert always[0] == 4 and always[1:] == sorted(always[1:16]) + [4] * 24 and always[1] >= 2
 
 
+def test_each_decode_probes_first_and_weighs_its_own_acceptance():
+    """A chooser that one object drove to plain steps (no draft accepted, probes backed off to every 64 steps) probes
+    at the next decode's first step and follows that object's acceptance within a few steps; without `begin` it
+    would keep plain steps until its next rare probe."""
+    from xspecmesh.decoding.adaptive import DraftLength
+
+    def next_object(begin: bool) -> list[int]:
+        chooser = DraftLength(4)
+        for _ in range(300):
+            d = chooser.choose()
+            chooser.update(d, [0], 1.0 + 0.2 * d)
+        assert chooser.best() == 0 and chooser.interval == 64
+        if begin:
+            chooser.begin()
+        out = []
+        for _ in range(20):  # an object whose drafts are all accepted
+            out.append(chooser.choose())
+            chooser.update(out[-1], [out[-1]], 1.0 + 0.2 * out[-1])
+        return out
+
+    fresh, stale = next_object(True), next_object(False)
+    assert fresh[0] == 4 and 0 not in fresh and fresh[-8:] == [4] * 8
+    assert stale[:4] == [0] * 4 and stale.count(0) > 10
+
+
 def test_an_engine_keeps_its_draft_length_estimates_across_requests(tmp_path):
     """Adaptive D learns across meshes: the same engine and settings hand the decoder the same chooser, which
     keeps what earlier requests measured; another rule or batch size gets its own."""

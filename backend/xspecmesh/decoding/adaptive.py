@@ -12,7 +12,9 @@ drafts, stay fresh. A probe costs several plain steps where drafting does not pa
 while probes keep finding plain steps best the interval doubles, up to `max_probe_every`; a probe that finds drafts
 worth it again brings it back to `probe_every`. An `Engine` keeps one chooser per D_max, batch size, acceptance
 rule and sampling setting across its requests, so a short mesh starts from what the ones before it measured rather
-than from the prior.
+than from the prior; but acceptance is the object's as much as the drafter's (one degenerate sample drives it near
+zero, and probes backed off to every 64 steps would then leave the next objects on plain steps), so each decode
+`begin`s with a probe and lets its own first steps outweigh what earlier ones left.
 """
 from __future__ import annotations
 
@@ -50,6 +52,13 @@ class DraftLength:
             base = self.seconds[k] / (1.0 + self.prior_cost * k)
             slope = base * self.prior_cost
         return base + slope * d
+
+    def begin(self) -> None:
+        """A new decode: probe at its first step, and let its acceptance evidence count as fresh (the estimates so far
+        stay the starting point, weighted as the prior is)."""
+        self.observed = np.minimum(self.observed, self.prior_weight)
+        self.interval = self.probe_every
+        self.last_probe = self.steps - self.interval
 
     def best(self) -> int:
         return int(np.argmax(self.expected_tokens() / self.cost()))

@@ -121,6 +121,8 @@ def decode_speculative(
     chooser = adaptive if isinstance(adaptive, DraftLength) else DraftLength(d) if adaptive else None
     if chooser and chooser.max_heads != d:
         raise ValueError(f"the draft-length chooser is for {chooser.max_heads} drafts, not {d}")
+    if chooser:
+        chooser.begin()
     start = time.perf_counter()
     if accept.rule == "greedy":
         sampling = SamplingConfig(temperature=0.0, top_k=sampling.top_k, top_p=sampling.top_p)
