@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One GPU leg of drafter training (docs/TRAINING.md, "The drafter on a GPU"): `xspecmesh train heads` continuing the shipped
-# drafter on the shipped backbone (frozen), with --device cuda, big token batches, shapes drawn by data-loader
+# One GPU leg of drafter training (docs/TRAINING.md, "The drafter on a GPU"): `xspecmesh train heads` continuing the
+# shipped drafter on the shipped backbone (frozen), with --device cuda, big token batches, shapes drawn by data-loader
 # processes on the host's cores, a share of micro-batches replaced by the backbone's own samples (affordable on a GPU,
 # 20x a step on the CPU), ended and saved after MINUTES of training.
 #
