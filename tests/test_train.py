@@ -63,6 +63,36 @@ def test_stage1_changes_only_heads(tmp_path, batch):
     assert (ck.meta["families"], ck.meta["max_faces"], ck.meta["axis_aligned"]) == (None, 40, False)
 
 
+def test_own_samples_are_decoded_a_pool_of_micro_batches_at_a_time(tmp_path, monkeypatch):
+    """--sample-pool 3: one AR decode serves three micro-batches of own samples, each over its own shapes and cut to
+    its own longest sample; a fourth draw decodes the next pool."""
+    from xspecmesh.training import trainer as trainer_module
+
+    decoded, seen = [], []
+    real_samples = trainer_module.own_samples
+
+    def counting(model, cond, max_tokens, generator=None):
+        decoded.append(len(cond))
+        return real_samples(model, cond, max_tokens, generator)
+
+    monkeypatch.setattr(trainer_module, "own_samples", counting)
+    init = write_random_checkpoint(tmp_path / "bb.safetensors", "tiny", heads=0)
+    tr = Trainer(TrainConfig(stage="heads", init=str(init), out=str(tmp_path / "h"), steps=4, num_heads=2,
+                             head_type="eagle", self_samples=1.0, sample_pool=3, **FAST))
+    real_loss = tr.loss
+
+    def spy(inputs, targets, points):
+        seen.append((len(inputs), len(points), inputs.shape[1], int((targets >= 0).any(0).nonzero().max()) + 1))
+        return real_loss(inputs, targets, points)
+
+    monkeypatch.setattr(tr, "loss", spy)
+    tr.run()
+    assert len(decoded) == 2 and decoded[0] == sum(n for n, _, _, _ in seen[:3])
+    assert all(rows == shapes and width == used for rows, shapes, width, used in seen)
+    with pytest.raises(SettingsError, match="sample-pool"):
+        Trainer(TrainConfig(stage="heads", init=str(init), out=str(tmp_path / "x"), sample_pool=0, **FAST))
+
+
 def test_training_distribution_is_configured_and_recorded(tmp_path):
     cfg = TrainConfig(stage="backbone", out=str(tmp_path), steps=1, families="box, cone", axis_aligned=True, **FAST)
     assert shape_config(cfg) == ShapeConfig(max_faces=40, families=("box", "cone"), axis_aligned=True)

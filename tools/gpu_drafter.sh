@@ -10,7 +10,8 @@
 # and DEST/default.safetensors (the same exported as the shipped default: fp16, provenance). Every setting below can
 # be overridden from the environment; the tiny CPU check is
 #   DEVICE=cpu STEPS=2 TOKEN_BUDGET=600 WORKERS=1 VAL_COUNT=2 SELF_SAMPLES=1 tools/gpu_drafter.sh /tmp/drafter
-# As run (2026-11-30, one H200, docs/TRAINING.md): STEPS=800 WARMUP=30 MINUTES=6.5, then again with MINUTES=2.6.
+# As run (2026-11-30, one H200, docs/TRAINING.md): STEPS=800 WARMUP=30 MINUTES=6.5, then again with MINUTES=2.6,
+# both before --sample-pool existed (i.e. SAMPLE_POOL=1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEST=${1:-runs/drafter}
@@ -23,6 +24,7 @@ TOKEN_BUDGET=${TOKEN_BUDGET:-32768}  # padded tokens per batch: ~150 part sequen
 LR=${LR:-1e-3}
 WARMUP=${WARMUP:-50}
 SELF_SAMPLES=${SELF_SAMPLES:-0.15}  # share of batches that are the backbone's own samples
+SAMPLE_POOL=${SAMPLE_POOL:-8}  # own-sample micro-batches decoded at once (the first leg decoded one at a time: 1)
 WORKERS=${WORKERS:-14}  # shape-drawing processes (16 cores: two left for the trainer)
 MINUTES=${MINUTES:-6.5}
 VAL_COUNT=${VAL_COUNT:-64}
@@ -31,7 +33,8 @@ export PYTHONPATH=backend${PYTHONPATH:+:$PYTHONPATH}
 "$PYTHON" -m xspecmesh train heads --device "$DEVICE" --init "$INIT" --resume --out "$DEST" \
     --num-heads 4 --head-type eagle --head-taps "$TAPS" --head-positions \
     --families hard_surface --axis-aligned --axis-turns 24 --max-faces 160 --token-budget "$TOKEN_BUDGET" \
-    --lr "$LR" --warmup "$WARMUP" --steps "$STEPS" --self-samples "$SELF_SAMPLES" --max-minutes "$MINUTES" \
+    --lr "$LR" --warmup "$WARMUP" --steps "$STEPS" --self-samples "$SELF_SAMPLES" \
+    --sample-pool "$SAMPLE_POOL" --max-minutes "$MINUTES" \
     --workers "$WORKERS" --save-every 200 --eval-every "$STEPS" --val-count "$VAL_COUNT" --gen-count 0 \
     --log-every 10
 "$PYTHON" tools/export_default.py "$DEST/model.safetensors" "$DEST/default.safetensors"

@@ -204,6 +204,8 @@ class Trainer:
             raise SettingsError(f"unknown --head-type {cfg.head_type!r}; choose one of {', '.join(KINDS)}")
         if not 0.0 <= cfg.self_samples <= 1.0:
             raise SettingsError(f"--self-samples is a share between 0 and 1, got {cfg.self_samples}")
+        if cfg.sample_pool < 1:
+            raise SettingsError(f"--sample-pool is a number of micro-batches, 1 or more, got {cfg.sample_pool}")
         if cfg.axis_factors and cfg.stage != "backbone":
             raise SettingsError("--axis-factors is for the backbone stage (the heads read the merged rows)")
         self.cfg = cfg
@@ -334,14 +336,23 @@ class Trainer:
         """The backbone layers the drafter reads besides the final state."""
         return self.heads.taps if self.heads is not None else ()
 
-    def sampled_batch(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def sampled_batches(self, points: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The backbone's own samples (inputs, targets) for each micro-batch of shapes in `points`, decoded as one
+        batch, each cut to its own longest sample."""
         was_training = self.model.training
         self.model.eval()
         gen = torch.Generator(device=self.device).manual_seed(self.cfg.seed + self.sample_draws)
         self.sample_draws += 1
         with torch.no_grad():
-            out = own_samples(self.model, self.model.encode(points), 3 * self.cfg.max_faces, gen)
+            inputs, targets = own_samples(self.model, self.model.encode(torch.cat(points)), 3 * self.cfg.max_faces,
+                                          gen)
         self.model.train(was_training)
+        out, start = [], 0
+        for p in points:
+            rows = slice(start, start + len(p))
+            width = int((targets[rows] >= 0).any(0).nonzero().max()) + 1
+            out.append((inputs[rows, :width], targets[rows, :width]))
+            start += len(p)
         return out
 
     # -- loop --------------------------------------------------------------------------------------------------
@@ -360,6 +371,7 @@ class Trainer:
         tokens_seen, t0 = 0, time.perf_counter()
         sample_rng = np.random.default_rng(cfg.seed + 104729 * step)
         self.sample_draws = step
+        own: list = []  # own-sample micro-batches drawn ahead (--sample-pool): (inputs, targets, points)
         end = min(cfg.steps, cfg.stop_at or cfg.steps)
         while step < end:
             for group in self.optimizer.param_groups:
@@ -368,7 +380,10 @@ class Trainer:
             for _ in range(cfg.grad_accum):
                 inputs, targets, points = (t.to(self.device) for t in next(stream))
                 if cfg.stage == "heads" and sample_rng.random() < cfg.self_samples:
-                    inputs, targets = self.sampled_batch(points)
+                    if not own:
+                        shapes = [points] + [next(stream)[2].to(self.device) for _ in range(cfg.sample_pool - 1)]
+                        own = [(*batch, p) for batch, p in zip(self.sampled_batches(shapes), shapes)]
+                    inputs, targets, points = own.pop(0)
                 loss, last = self.loss(inputs, targets, points)
                 (loss / cfg.grad_accum).backward()
                 tokens_seen += int((targets >= 0).sum())
