@@ -257,14 +257,14 @@ def test_gpu_recipe_runs_end_to_end_on_cpu_at_tiny_scale(tmp_path):
 
 
 def test_gpu_drafter_recipe_runs_end_to_end_on_cpu_at_tiny_scale(tmp_path):
-    """tools/gpu_drafter.sh at seconds' scale on the CPU: trains an eagle drafter on the backbone's own samples too,
-    saves, and exports the shipped-default form."""
+    """tools/gpu_train.sh with STAGE=heads at seconds' scale on the CPU: trains an eagle drafter on the backbone's own
+    samples too, saves, and exports the shipped-default form."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     init = write_random_checkpoint(tmp_path / "tiny.safetensors", "tiny", heads=0)
-    env = dict(os.environ, DEVICE="cpu", INIT=str(init), TAPS="1", STEPS="2", TOKEN_BUDGET="600", WORKERS="1",
-               VAL_COUNT="2", SELF_SAMPLES="1", PYTHON=sys.executable)
+    env = dict(os.environ, STAGE="heads", DEVICE="cpu", INIT=str(init), TAPS="1", STEPS="2", TOKEN_BUDGET="600",
+               WORKERS="1", VAL_COUNT="2", SELF_SAMPLES="1", PYTHON=sys.executable)
     dest = tmp_path / "drafter"
-    proc = subprocess.run(["bash", os.path.join(root, "tools", "gpu_drafter.sh"), str(dest)], env=env,
+    proc = subprocess.run(["bash", os.path.join(root, "tools", "gpu_train.sh"), str(dest)], env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     shipped = load_checkpoint(dest / "default.safetensors")
