@@ -52,7 +52,9 @@ def test_variants_cover_every_configuration_once():
     assert len(set(vs)) == len(vs)
     twins = bench.variants(heads=(2,), adaptive=True)
     assert [(v.mode, v.adaptive) for v in twins] == [("ar", False), ("spec", False), ("spec", True)]
-    assert twins[2].settings(0, 10).adaptive and twins[2].label == "spec D=2* threshold δ=0.5"
+    assert twins[2].settings(0, 10).adaptive and twins[2].label == "spec D=2*+tree threshold δ=0.5"
+    trees = bench.variants(heads=(2,), trees=(False, True))
+    assert [(v.tree, v.settings(0, 10).tree) for v in trees[1:]] == [(False, False), (True, True)]
 
 
 def test_bench_rows_have_the_documented_fields(result):

@@ -28,7 +28,8 @@ DRAFTER_IDS = ["-".join(f"{k}={v}" for k, v in c.items()) for c in DRAFTERS]
 
 
 class Recorder:
-    """Wraps a drafter and records, per step, the committed length and the logits each draft was chosen from."""
+    """Wraps a drafter and records, per step, the logits (as training computes them from the drafter's features) each
+    draft was chosen from, and the drafts."""
 
     def __init__(self, drafter):
         self.drafter, self.num_heads, self.taps, self.calls = drafter, drafter.num_heads, drafter.taps, []
@@ -36,31 +37,38 @@ class Recorder:
     def begin(self, model, cond, max_len):
         return self.drafter.begin(model, cond, max_len)
 
-    def propose(self, model, ctx, feats, tokens, counts, drafts, choose):
-        seen = []
+    def propose(self, model, ctx, feats, tokens, counts, drafts, walk):
+        seen, best = [], type(self.drafter)._best
 
-        def record(logits):
-            seen.append(logits.clone())
-            return choose(logits)
+        def record(model, g, walk):
+            seen.append(self.drafter.logits(model, g).clone())
+            return best(self.drafter, model, g, walk)
 
-        out = self.drafter.propose(model, ctx, feats, tokens, counts, drafts, record)
+        self.drafter._best = record
+        try:
+            out = self.drafter.propose(model, ctx, feats, tokens, counts, drafts, walk)
+        finally:
+            del self.drafter._best
         self.calls.append((seen, out.clone()))
         return out
 
 
-@pytest.mark.parametrize("drafter_cfg", DRAFTERS, ids=DRAFTER_IDS)
-def test_drafts_at_inference_are_the_teacher_forced_drafts(drafter_cfg):
+@pytest.mark.parametrize("drafter_cfg, tree", [(c, False) for c in DRAFTERS] + [(DRAFTERS[1], True), (DRAFTERS[4], True)],
+                         ids=DRAFTER_IDS + [DRAFTER_IDS[1] + "-tree", DRAFTER_IDS[4] + "-tree"])  # (the tree where this
+def test_drafts_at_inference_are_the_teacher_forced_drafts(drafter_cfg, tree):  # seed keeps an alternative)
     """Every draft whose predecessors were accepted was computed from the same inputs as in training (the
     backbone's features for the committed pairs, the drafter's own for the chain): the decoder's cache bookkeeping,
-    ragged catch-up over a batch of two included, matches the unrolled training forward."""
+    ragged catch-up over a batch of two included, matches the unrolled training forward; with the draft tree also
+    after steps that kept the alternative first draft (its feature is handed on in d1's place)."""
     model = tiny_model(sharpen=30.0)
     cond = condition(model, b=2)
     drafter = tiny_heads(model, d=4, **drafter_cfg)
     rec = Recorder(drafter)
     emitted = [[], []]
     starts = []  # per step: tokens emitted before it, per sequence
+    stats = DecodeStats()
     steps = decode_speculative(model, rec, cond, SamplingConfig(0.8, 20, 1.0), AcceptConfig("threshold", 0.02), 4,
-                               120, torch.Generator().manual_seed(3))
+                               120, torch.Generator().manual_seed(3), stats, tree=tree)
     for accepted in steps:
         starts.append([len(e) for e in emitted])
         for e, a in zip(emitted, accepted):
@@ -80,16 +88,17 @@ def test_drafts_at_inference_are_the_teacher_forced_drafts(drafter_cfg):
                     assert torch.allclose(logits[b], want[0, m - 1, k], atol=1e-4), (b, m, k)
                     checked += 1
     assert checked > 40
+    assert (stats.alternatives > 0) == tree
 
 
 @pytest.mark.parametrize("drafter_cfg", DRAFTERS, ids=DRAFTER_IDS)
-@pytest.mark.parametrize("d", [1, 4])
-def test_greedy_speculative_equals_greedy_ar(drafter_cfg, d):
+@pytest.mark.parametrize("d, tree", [(1, False), (4, False), (4, True)])
+def test_greedy_speculative_equals_greedy_ar(drafter_cfg, d, tree):
     model = tiny_model(sharpen=30.0)
     cond = condition(model, b=3)
     stats = DecodeStats()
     assert spec(model, tiny_heads(model, d=4, **drafter_cfg), cond, GREEDY, AcceptConfig("greedy"), 150, d=d,
-                stats=stats) == ar(model, cond, GREEDY, 150)
+                stats=stats, tree=tree) == ar(model, cond, GREEDY, 150)
     assert stats.scr >= 1.0
 
 
@@ -135,6 +144,34 @@ def test_factored_logits_sum_each_tokens_axis_and_class_logits():
     rows, cls = torch.from_numpy(axis_rows(tok.VOCAB_SIZE)), torch.from_numpy(tok.token_classes())
     axes = torch.cat([x[:, :NULL_ROW], torch.zeros(2, 1)], 1)  # EOS has no axis values
     assert torch.allclose(factored_logits(x), axes[:, rows].sum(-1) + x[:, NULL_ROW:][:, cls])
+
+
+def test_factored_best_is_the_allowed_token_with_the_highest_factored_logit():
+    from xspecmesh.model.drafter import FACTORED_WIDTH, factored_best, factored_logits
+    from xspecmesh.decoding.token_sampling import NUM_STATES, Grammar
+
+    grammar, g = Grammar(), torch.Generator().manual_seed(0)
+    x = torch.randn(500, FACTORED_WIDTH, generator=g) * 3
+    state = torch.randint(0, NUM_STATES, (500,), generator=g)
+    want = factored_logits(x).masked_fill(~grammar.mask(state), float("-inf")).argmax(-1)
+    assert torch.equal(factored_best(x, grammar.next[state] >= 0), want)
+
+
+def test_inference_folds_the_first_layer_and_follows_weight_changes():
+    """Without gradients the drafter's input layer reads lookup tables made from its weights (`_inference_weights`);
+    they give what the layer gives, and are remade when a weight changes (as in training between evaluations)."""
+    model = tiny_model()
+    drafter = tiny_heads(model, d=2, kind="eagle", output="factored", taps=(1,), positions=True)
+    g = torch.Generator().manual_seed(1)
+    feats = torch.randn(2, 3, 2 * model.cfg.dim, generator=g)
+    tokens, pos = torch.randint(0, 5121, (2, 3), generator=g), torch.tensor([[0, 5, 9], [3, 4, 2000]])
+    for _ in range(2):
+        with torch.no_grad():
+            folded = drafter._pairs(model, feats, tokens, pos)
+        assert torch.allclose(folded, drafter._pairs(model, feats, tokens, pos), atol=1e-5)
+        with torch.no_grad():
+            drafter.fc.weight.add_(0.1)
+            model.token_embed.weight.mul_(2.0)
 
 
 def test_factored_output_starts_as_the_least_squares_fit_of_the_backbones():

@@ -32,8 +32,9 @@ def ar(model, cond, sampling, n, seed=0):
     return run_to_end(decode_ar(model, cond, sampling, n, torch.Generator().manual_seed(seed)), cond.shape[0])
 
 
-def spec(model, heads, cond, sampling, rule, n, d=4, seed=0, stats=None):
-    steps = decode_speculative(model, heads, cond, sampling, rule, d, n, torch.Generator().manual_seed(seed), stats)
+def spec(model, heads, cond, sampling, rule, n, d=4, seed=0, stats=None, tree=False):
+    steps = decode_speculative(model, heads, cond, sampling, rule, d, n, torch.Generator().manual_seed(seed), stats,
+                               tree=tree)
     return run_to_end(steps, cond.shape[0])
 
 
@@ -46,25 +47,26 @@ class OracleHeads:
     def begin(self, model, cond, max_len):
         return None
 
-    def propose(self, model, ctx, feats, tokens, counts, drafts, choose):
+    def propose(self, model, ctx, feats, tokens, counts, drafts, walk):
         out = []
         for k in range(drafts):
             logits = torch.full((1, 5121), -1e4)
             if self.pos + k < len(self.future):
                 logits[0, self.future[self.pos + k]] = 0.0
-            out.append(choose(logits))
+            out.append(walk.best(logits))
         return torch.stack(out, 1) if out else torch.zeros(1, 0, dtype=torch.long)
 
 
-@pytest.mark.parametrize("d", [1, 3, 6])
-def test_greedy_speculative_equals_greedy_ar_with_untrained_heads(d):
+@pytest.mark.parametrize("d, tree", [(1, False), (3, False), (6, False), (1, True), (4, True)])
+def test_greedy_speculative_equals_greedy_ar_with_untrained_heads(d, tree):
     model = tiny_model(sharpen=30.0)
     cond = condition(model, b=3)
     want = ar(model, cond, GREEDY, 150)
     stats = DecodeStats()
-    got = spec(model, tiny_heads(model, d=6), cond, GREEDY, AcceptConfig("greedy"), 150, d=d, stats=stats)
+    got = spec(model, tiny_heads(model, d=6), cond, GREEDY, AcceptConfig("greedy"), 150, d=d, stats=stats, tree=tree)
     assert got == want
     assert sum(stats.accept_hist) > 0 and stats.scr >= 1.0
+    assert (stats.alternatives > 0) == tree  # with the tree, some steps kept the runner-up
 
 
 @pytest.mark.parametrize("shared", [True, False])
@@ -93,14 +95,15 @@ def test_oracle_heads_reach_scr_near_d_plus_one():
     assert stats.accept_hist[4] >= stats.steps - 3
 
 
-def test_threshold_delta_one_reproduces_ar_sampling():
+@pytest.mark.parametrize("tree", [False, True])
+def test_threshold_delta_one_reproduces_ar_sampling(tree):
     model = tiny_model(sharpen=30.0)
     cond = condition(model, b=2)
     sampling = SamplingConfig(0.8, 20, 1.0)  # (a top-p cut can flip on float noise between batched and single forwards)
     want = ar(model, cond, sampling, 200, seed=11)
     stats = DecodeStats()
     got = spec(model, tiny_heads(model), cond, sampling, AcceptConfig("threshold", delta=1.0), 200, seed=11,
-               stats=stats)
+               stats=stats, tree=tree)
     assert got == want
     assert stats.accept_hist[0] == sum(stats.accept_hist)  # no draft was ever accepted
 
@@ -139,14 +142,17 @@ def test_topk_rule_accepts_only_top_k_tokens():
     assert set(lengths[1:-1]) == {5} and sum(lengths) == 120
 
 
-def test_cache_equals_fresh_prefill_after_every_step():
+@pytest.mark.parametrize("tree", [False, True])
+def test_cache_equals_fresh_prefill_after_every_step(tree):
+    """Also with the draft tree, whose kept alternative is moved to the slot after r."""
     model = tiny_model(sharpen=30.0)
     cond = condition(model, b=2)
     heads = tiny_heads(model)
     cache = model.new_cache(cond, 400)
     seqs = [[], []]
+    stats = DecodeStats()
     steps = decode_speculative(model, heads, cond, SamplingConfig(0.8, 20, 0.95), AcceptConfig("threshold", 0.3), 4,
-                               120, torch.Generator().manual_seed(2), None, cache)
+                               120, torch.Generator().manual_seed(2), stats, cache, tree=tree)
     checked = 0
     for accepted in steps:
         for s, a in zip(seqs, accepted):
@@ -163,6 +169,7 @@ def test_cache_equals_fresh_prefill_after_every_step():
             assert torch.allclose(cache.v[:, b, :, :n], fresh.v[:, 0, :, :n], atol=1e-5)
             checked += 1
     assert checked > 10
+    assert (stats.alternatives > 0) == tree
 
 
 def first_tokens(seqs, n=4):
@@ -174,19 +181,23 @@ def total_variation(a: collections.Counter, b: collections.Counter) -> float:
     return 0.5 * sum(abs(a[k] / na - b[k] / nb) for k in set(a) | set(b))
 
 
-@pytest.mark.parametrize("kind, output, n, d, floor", [("cross", "shared", 3, 2, 0.06),
-                                                      ("eagle", "factored", 4, 3, 0.08)])
-def test_exact_rule_preserves_the_sampling_distribution(kind, output, n, d, floor):
+@pytest.mark.parametrize("kind, output, n, d, floor, tree", [("cross", "shared", 3, 2, 0.06, False),
+                                                            ("eagle", "factored", 4, 3, 0.08, False),
+                                                            ("cross", "shared", 3, 2, 0.06, True)])
+def test_exact_rule_preserves_the_sampling_distribution(kind, output, n, d, floor, tree):
     """Over 2000 samples the joint law of the first n tokens matches plain sampling, with the paper's heads and with
-    a draft decoder (whose drafts read the tokens before them); accepting every draft (a wrong rule) is far off,
-    which shows the bound has power."""
+    a draft decoder (whose drafts read the tokens before them), and with the draft tree's alternative first draft;
+    accepting every draft (a wrong rule) is far off, which shows the bound has power."""
     model = tiny_model(sharpen=8.0)
     sampling = SamplingConfig(1.0, 3, 1.0)
     cond = condition(model).expand(2000, -1, -1).contiguous()
     heads = tiny_heads(model, kind=kind, output=output)
     plain = first_tokens(ar(model, cond, sampling, n, seed=1), n)
     plain2 = first_tokens(ar(model, cond, sampling, n, seed=2), n)
-    exact = first_tokens(spec(model, heads, cond, sampling, AcceptConfig("exact"), n, d=d, seed=3), n)
+    stats = DecodeStats()
+    exact = first_tokens(spec(model, heads, cond, sampling, AcceptConfig("exact"), n, d=d, seed=3, stats=stats,
+                              tree=tree), n)
+    assert (stats.alternatives > 100) == tree
     wrong = first_tokens(spec(model, heads, cond, sampling, AcceptConfig("threshold", 0.0), n, d=d, seed=3), n)
     noise = total_variation(plain, plain2)
     assert total_variation(plain, exact) < max(floor, 2.5 * noise)
@@ -299,9 +310,9 @@ def test_an_engine_keeps_its_draft_length_estimates_across_requests(tmp_path):
 
 def uneven_accepts(monkeypatch):
     """Row 0 accepts every draft, row 1 none (a well-drafted mesh and a hard one in one batch)."""
-    def forced(rule, logits, probs, drafts, generator):
+    def forced(rule, logits, probs, drafts, generator, alternative=None):
         n = torch.tensor([drafts.shape[1], 0])
-        return n, probs[torch.arange(2), n]
+        return n, probs[torch.arange(2), n], torch.zeros(2, dtype=torch.bool)
 
     monkeypatch.setattr(speculative, "accept_drafts", forced)
 
@@ -362,8 +373,8 @@ def test_steps_without_drafts_pass_their_pairs_to_the_next_drafting_step(monkeyp
     monkeypatch.setattr(DraftLength, "choose", lambda self: next(lengths))
     emitted, seen, propose = [0, 0], [], drafter.propose
 
-    def spy(model, ctx, feats, tokens, counts, drafts, choose):
-        out = propose(model, ctx, feats, tokens, counts, drafts, choose)
+    def spy(model, ctx, feats, tokens, counts, drafts, walk):
+        out = propose(model, ctx, feats, tokens, counts, drafts, walk)
         seen.append((drafts, ctx.lengths.tolist(), list(emitted)))
         return out
 

@@ -15,6 +15,7 @@ import torch
 from xspecmesh.geometry import tokenizer
 from xspecmesh.benchmarks.bench import cell, json_safe, machine_info, md_table
 from xspecmesh.decoding.engine import Engine
+from xspecmesh.decoding.token_sampling import HAVE_3, DraftWalk, Grammar
 from xspecmesh.errors import SettingsError
 
 
@@ -117,9 +118,12 @@ def _step_fns(engine: Engine, points: np.ndarray, prefix: torch.Tensor, depths, 
         model(last, cache=cache)
         cache.rollback(start_len)
 
+    grammar = Grammar(dev)
+    any_class = torch.tensor([HAVE_3], device=dev)  # (a patch's third vertex is done: any class may follow)
+
     def draft(d):
         return heads.propose(model, ctx, h, last, torch.ones(1, dtype=torch.long, device=dev), d,
-                             lambda logits: logits.argmax(-1))  # (1, D) greedy drafts
+                             DraftWalk(grammar, any_class))  # (1, D) greedy drafts
 
     def verify(drafts):
         model(torch.cat([last, drafts], 1), cache=cache, taps=heads.taps)

@@ -67,6 +67,9 @@ def register(sub) -> None:
                         "fp32, on --count validation shapes")
     p.add_argument("--adaptive", action="store_true",
                    help="also run every speculative configuration with an adaptive draft length (rows 'spec adaptive')")
+    p.add_argument("--tree", choices=("on", "off", "both"), default="on" if DEFAULT["tree"] else "off",
+                   help="the draft tree (the drafter's runner-up for the first draft verified too): on, off, or both "
+                        "side by side (rows '+tree' have it; default: the decode default)")
     p.add_argument("--naive", action="store_true", help="also run the naive reference loop (our AR vs naive)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of Markdown tables")
     p.add_argument("--plot", default=None, metavar="PNG", help="draw speedup/SCR/CD against δ and D to this PNG")
@@ -170,7 +173,8 @@ def run(args: argparse.Namespace) -> int:
     for line in skipped:
         print(f"skipped {line}", file=sys.stderr)
     sampling = {} if args.temperature is None else {"temperature": args.temperature}
-    main = bench.variants(args.heads, args.delta, args.accept, args.naive, args.adaptive)
+    trees = {"on": (True,), "off": (False,), "both": (False, True)}[args.tree]
+    main = bench.variants(args.heads, args.delta, args.accept, args.naive, args.adaptive, trees)
     variants, others = list(main), dict(siblings)
     for name, sibling in siblings.items():
         variants += bench.on_model(main, name, sibling.max_heads)

@@ -38,6 +38,7 @@ class DecodeStats:
     head_accepts: list[int] = field(default_factory=list)  # per head: drafts accepted
     head_trials: list[int] = field(default_factory=list)  # per head: drafts reaching verification
     draft_hist: list[int] = field(default_factory=list)  # draft_hist[d] = steps drafting d tokens
+    alternatives: int = 0  # steps that kept the draft tree's alternative first draft (counted in accept_hist[1])
     time_draft: float = 0.0
     time_verify: float = 0.0
     time_other: float = 0.0
@@ -54,6 +55,7 @@ class DecodeStats:
             d["accept_hist"] = list(self.accept_hist)
             d["head_accept_rates"] = [round(a / t, 4) if t else 0.0 for a, t in zip(self.head_accepts, self.head_trials)]
             d["draft_hist"] = list(self.draft_hist)
+            d["alternatives"] = self.alternatives
             d["time_split"] = {"draft": round(self.time_draft, 4), "verify": round(self.time_verify, 4),
                                "other": round(self.time_other, 4)}
         return d

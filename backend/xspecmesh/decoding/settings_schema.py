@@ -100,6 +100,8 @@ DECODE = (
             min=1, max=MAX_HEADS),
     Setting("adaptive", bool, False, "choose each step's number of drafts (0 up to heads) from the acceptance and step "
             "cost measured so far, so weak heads never make decoding much slower than AR"),
+    Setting("tree", bool, True, "also verify the heads' second choice for the first drafted token, kept when their "
+            "first choice is rejected (a draft tree of two branches; one more position per verification)"),
     Setting("delta", float, 0.5, "threshold rule: a drafted token is kept while the backbone's probability of it "
             "exceeds delta (the paper uses 0.5)", min=0.0, max=1.0),
     Setting("accept", str, "threshold", "acceptance rule for drafted tokens", choices=(

@@ -29,7 +29,7 @@ from xspecmesh.decoding.settings_schema import MAX_HEADS, SETTINGS
 from xspecmesh.model.drafter import Drafter
 from xspecmesh.model.kv_cache import KVCache
 from xspecmesh.model.transformer import MeshTransformer
-from xspecmesh.decoding.token_sampling import Grammar, SamplingConfig, distribution, draw, uniform
+from xspecmesh.decoding.token_sampling import DraftWalk, Grammar, SamplingConfig, distribution, draw, uniform
 
 RULES = SETTINGS["accept"].values
 
@@ -46,16 +46,23 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def accept_drafts(rule: AcceptConfig, logits, probs, drafts, generator):
-    """How many leading drafts each sequence keeps (B,), and the distribution its next token is drawn from (B, V).
+def accept_drafts(rule: AcceptConfig, logits, probs, drafts, generator, alternative=None):
+    """How many leading drafts each sequence keeps (B,), the distribution its next token is drawn from (B, V), and
+    whether it kept the alternative first draft instead (B,) bool (then 1 draft is kept).
 
-    logits/probs: (B, D+1, V) masked backbone logits and sampling distributions at [r, d1..dD]; drafts: (B, D)."""
+    logits/probs: (B, D+1, V) masked backbone logits and sampling distributions at [r, d1..dD], then with an
+    `alternative` (B,) (a second candidate for d1; -1: none) one more row, at the alternative; drafts: (B, D). The
+    alternative is tried where d1 is rejected, by the same rule against what is left of the distribution at r (for
+    `exact`: d1 removed, so that every token keeps the probability plain sampling gives it)."""
     d = drafts.shape[1]
+    rows = torch.arange(drafts.shape[0], device=drafts.device)
     p_x = probs[:, :d].gather(-1, drafts[..., None]).squeeze(-1)
+    if rule.rule == "exact":  # (with an alternative, one more number: its test's)
+        u = uniform((drafts.shape[0], d + (alternative is not None)), generator, p_x.device, p_x.dtype)
     if rule.rule == "threshold":
         ok = p_x > rule.delta if rule.delta > 0 else torch.ones_like(p_x, dtype=torch.bool)
     elif rule.rule == "exact":
-        ok = uniform(p_x.shape, generator, p_x.device, p_x.dtype) < p_x
+        ok = u[:, :d] < p_x
     elif rule.rule == "greedy":
         ok = drafts == logits[:, :d].argmax(-1)
     elif rule.rule == "topk":
@@ -63,17 +70,47 @@ def accept_drafts(rule: AcceptConfig, logits, probs, drafts, generator):
     else:
         raise ValueError(f"unknown acceptance rule {rule.rule!r}")
     n_acc = ok.long().cumprod(-1).sum(-1)
-    rows = torch.arange(drafts.shape[0], device=drafts.device)
-    if rule.rule == "greedy":
-        nxt = torch.nn.functional.one_hot(logits[rows, n_acc].argmax(-1), logits.shape[-1]).to(probs.dtype)
-    else:
-        nxt = probs[rows, n_acc]
-    if rule.rule == "exact" and d > 0:  # a rejected draft is removed from the residual distribution
-        rejected = n_acc < d
-        x = drafts[rows, n_acc.clamp(max=d - 1)]
-        removed = nxt.scatter(-1, x[:, None], 0.0)
-        nxt = torch.where(rejected[:, None] & (removed.sum(-1, keepdim=True) > 0), removed, nxt)
-    return n_acc, nxt
+
+    def next_distribution(at):
+        if rule.rule == "greedy":
+            return torch.nn.functional.one_hot(logits[rows, at].argmax(-1), logits.shape[-1]).to(probs.dtype)
+        return probs[rows, at]
+
+    def without(dist, x, where):  # (exact) a rejected token leaves the distribution, unless nothing would be left
+        removed = dist.scatter(-1, x[:, None], 0.0)
+        return torch.where(where[:, None] & (removed.sum(-1, keepdim=True) > 0), removed, dist)
+
+    nxt = next_distribution(n_acc)
+    if rule.rule == "exact" and d > 0:
+        nxt = without(nxt, drafts[rows, n_acc.clamp(max=d - 1)], n_acc < d)
+    took = torch.zeros_like(n_acc, dtype=torch.bool)
+    if alternative is not None and d > 0:
+        a = alternative.clamp(min=0)
+        if rule.rule == "threshold":
+            ok = probs[rows, 0, a] > rule.delta if rule.delta > 0 else torch.ones_like(took)
+        elif rule.rule == "exact":  # against the rest of the distribution at r, d1 removed
+            ok = u[:, d] * nxt.sum(-1) < nxt[rows, a]
+        elif rule.rule == "greedy":
+            ok = a == logits[:, 0].argmax(-1)
+        else:
+            ok = (logits[:, 0].topk(rule.topk, dim=-1).indices == a[:, None]).any(-1)
+        tried = (n_acc == 0) & (alternative >= 0)
+        took = tried & ok
+        nxt = torch.where(took[:, None], next_distribution(torch.full_like(n_acc, d + 1)), nxt)
+        if rule.rule == "exact":
+            nxt = without(nxt, a, tried & ~ok)
+        n_acc = torch.where(took, 1, n_acc)
+    return n_acc, nxt, took
+
+
+def tree_shape(drafts: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The verify's tree for [r, d1..dD, a]: (depth (D+2,), sees (D+2, D+2)) as `MeshTransformer.forward` takes it;
+    the chain is causal, the alternative a sits at d1's depth and sees r and itself."""
+    n = drafts + 2
+    depth = torch.cat([torch.arange(drafts + 1), torch.ones(1, dtype=torch.long)]).to(device)
+    sees = torch.ones(n, n, dtype=torch.bool, device=device).tril()
+    sees[-1, 1:-1] = False
+    return depth, sees
 
 
 def _first_token(model: MeshTransformer, heads: Drafter, cache: KVCache, sampling: SamplingConfig, grammar: Grammar,
@@ -102,6 +139,7 @@ def decode_speculative(
     adaptive: bool | DraftLength = False,
     finished: torch.Tensor | None = None,
     join: Join | None = None,
+    tree: bool = False,
 ) -> Iterator[list[list[int]]]:
     """Speculative decoding of B sequences with D = num_heads drafts per step; yields per step, per sequence, the
     tokens accepted in that step (r, d1..da or the resampled/bonus token), like `decode_ar`. A caller-made `cache`
@@ -110,7 +148,8 @@ def decode_speculative(
     a `DraftLength` (for num_heads) goes on from its own. `generator`, `finished`
     and `join` as in `decode_ar`: a joining sequence gets its slot's backbone cache row and drafter state afresh, its
     BOS prefilled at once (a batch-1 forward on its cache row) and its first token drawn from the backbone alone with
-    its own generator, as decoding it alone would; that token is yielded with the sequence's first step."""
+    its own generator, as decoding it alone would; that token is yielded with the sequence's first step. `tree`: each
+    step also verifies the drafter's runner-up for the first draft (`DraftWalk`), kept where d1 is rejected."""
     stats = stats if stats is not None else DecodeStats()
     dev, b, d = cond.device, cond.shape[0], num_heads
     if not 1 <= d <= min(MAX_HEADS, heads.num_heads):
@@ -129,8 +168,8 @@ def decode_speculative(
     grammar = Grammar(dev)
     max_tokens = token_limit(model, max_tokens)
     # A row verifies only while it holds fewer than max_tokens positions, and a finished row goes back to that
-    # (step 5), so a verify's d + 1 new positions never reach past max_tokens + d, in either cache.
-    cache = cache if cache is not None else model.new_cache(cond, max_tokens + d)
+    # (step 5), so a verify's d + 1 new positions (d + 2 with the tree) never reach past max_tokens + d (+ 1).
+    cache = cache if cache is not None else model.new_cache(cond, max_tokens + d + tree)
     head_ctx = heads.begin(model, cond, max_tokens + d)
     emitted = torch.zeros(b, dtype=torch.long, device=dev)
     outer = finished if finished is not None else torch.zeros(b, dtype=torch.bool, device=dev)
@@ -186,37 +225,44 @@ def decode_speculative(
         if chooser and last_step:
             chooser.update(*last_step, last_seconds)
         dk = chooser.choose() if chooser else d
-        states = [state]
-
-        def choose(draft_logits):
-            x = draft_logits.float().masked_fill(~grammar.mask(states[-1]), float("-inf")).argmax(-1)
-            states.append(grammar.advance(states[-1], x))
-            return x
-
+        branch = tree and dk > 0
+        walk = DraftWalk(grammar, state, branch)
         # A step without drafts leaves the drafter alone: its pairs wait for the next step that drafts (a draft
         # decoder would otherwise pay a forward to catch up every step, the cost adaptive D = 0 exists to avoid).
-        drafts = heads.propose(model, head_ctx, feats, pending, counts, dk, choose) if dk else r.new_zeros(len(r), 0)
-        states = torch.stack(states, 1)  # (B, D+1): grammar state before each verified position's next token
+        drafts = heads.propose(model, head_ctx, feats, pending, counts, dk, walk) if dk else r.new_zeros(len(r), 0)
+        verified = torch.cat([r[:, None], drafts], 1)
+        states = torch.stack(walk.states, 1)  # (B, D+1): grammar state before each verified position's next token
+        if branch:  # the tree: the runner-up for d1 verified after the chain, as a sibling of d1
+            alt = walk.alternative
+            verified = torch.cat([verified, alt.clamp(min=0)[:, None]], 1)
+            states = torch.cat([states, grammar.advance(state, alt.clamp(min=0))[:, None]], 1)
         _sync(dev)
         t1 = time.perf_counter()
 
-        # 2. Verify: one backbone forward over the D+1 new positions.
+        # 2. Verify: one backbone forward over the D+1 new positions (D+2 with the tree).
         length = cache.lengths.clone()
-        logits, hidden = model(torch.cat([r[:, None], drafts], 1), cache=cache, taps=heads.taps)
+        logits, hidden = model(verified, cache=cache, taps=heads.taps, tree=tree_shape(dk, dev) if branch else None)
         _sync(dev)
         t2 = time.perf_counter()
 
-        # 3. Accept a prefix, 4. resample the first rejected position (or a bonus token after a full accept).
+        # 3. Accept a prefix (or the alternative), 4. resample the first rejected position (or a bonus token after a
+        # full accept).
         logits = logits.float().masked_fill(~grammar.allowed[states], float("-inf"))
         probs = distribution(logits, sampling)
-        n_acc, nxt_probs = accept_drafts(accept, logits, probs, drafts, generator)
-        n_acc = torch.where(finished, torch.zeros_like(n_acc), n_acc)
+        n_acc, nxt_probs, took = accept_drafts(accept, logits, probs, drafts, generator, alt if branch else None)
+        n_acc, took = torch.where(finished, 0, n_acc), took & ~finished
         r = draw(nxt_probs, generator)
 
-        # 5. Commit: keep r_prev, d1..da in the cache; the new r is fed next step.
-        state = grammar.advance(states[rows, n_acc], r)
+        # 5. Commit: keep r_prev, d1..da (or the alternative) in the cache; the new r is fed next step.
+        state = grammar.advance(states[rows, torch.where(took, dk + 1, n_acc)], r)
         new = torch.cat([drafts, torch.zeros_like(r)[:, None]], 1)
         new[rows, n_acc] = r
+        if branch and bool(took.any()):  # the alternative goes where d1 was: token, cache slot, feature
+            moved = took.nonzero()[:, 0]
+            new[moved, 0] = alt[moved]
+            cache.move(moved, length[moved] + dk + 1, length[moved] + 1)
+            hidden[moved, 1] = hidden[moved, dk + 1]
+        hidden = hidden[:, : dk + 1]
         live = ~finished
         accepted = n_acc[live].tolist()
         stats.draft_hist[dk] += 1
@@ -225,13 +271,14 @@ def decode_speculative(
             for k in range(min(a + 1, dk)):
                 stats.head_trials[k] += 1
                 stats.head_accepts[k] += int(k < a)
+        stats.alternatives += int(took.sum())
         stats.steps += 1
         stats.seq_steps += int(live.sum())
         out = _commit(new, n_acc + 1, emitted, finished, max_tokens, stats)
         leaving.write(outer, finished)
         # A finished row (this step included) keeps the cache it had before this verify and hands the drafter no
         # pairs: until it leaves the batch or its slot is taken over, later verifies still run over it, and neither
-        # cache may grow past max_tokens + d.
+        # cache may grow past its size.
         cache.rollback(torch.where(finished, length, length + 1 + n_acc))
         fresh = hidden, new, torch.where(finished, 0, n_acc + 1)
         if not dk:  # the drafter did not run: the pairs it has not read yet go first (a finished row's are dropped)

@@ -120,3 +120,33 @@ class Grammar:
         for t in tokens:
             state = self.advance(state, torch.tensor([t], device=state.device))
         return int(state)
+
+
+class DraftWalk:
+    """The grammar along one step's chain of drafts: each draft is the drafter's best token among those the grammar
+    allows after the drafts before it. `states` grows to the state before each verified position's token. With
+    `branch`, the first pick also keeps the runner-up (`alternative`, -1 where the grammar allows one token only):
+    a second candidate for the first draft, a draft tree of two branches at depth one."""
+
+    def __init__(self, grammar: Grammar, state: torch.Tensor, branch: bool = False):
+        self.grammar, self.states = grammar, [state]
+        self.alternative: torch.Tensor | None = None
+        self.branching = branch  # the next pick keeps its runner-up
+
+    def classes(self) -> torch.Tensor:
+        """(B, 4) the token classes the next draft may take."""
+        return self.grammar.next[self.states[-1]] >= 0
+
+    def best(self, logits: torch.Tensor) -> torch.Tensor:
+        """The next drafts from full logits (B, V): the allowed token with the highest logit, taken."""
+        logits = logits.float().masked_fill(~self.grammar.mask(self.states[-1]), float("-inf"))
+        if not self.branching:
+            return self.take(logits.argmax(-1))
+        top = logits.topk(2, -1)
+        self.alternative = torch.where(top.values[:, 1] > float("-inf"), top.indices[:, 1], -1)
+        self.branching = False
+        return self.take(top.indices[:, 0])
+
+    def take(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.states.append(self.grammar.advance(self.states[-1], tokens))
+        return tokens

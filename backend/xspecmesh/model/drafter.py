@@ -31,9 +31,10 @@ context, which is what the `exact` acceptance rule needs to stay lossless.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from xspecmesh.geometry import tokenizer as tok
@@ -41,6 +42,9 @@ from xspecmesh.model.config import HeadsConfig, ModelConfig
 from xspecmesh.model.heads import DraftHeads
 from xspecmesh.model.kv_cache import KVCache
 from xspecmesh.model.transformer import DecoderBlock
+
+if TYPE_CHECKING:
+    from xspecmesh.decoding.token_sampling import DraftWalk
 
 DECODER_KINDS = ("eagle", "grounded")
 KINDS = ("cross", "mlp", *DECODER_KINDS)
@@ -56,6 +60,34 @@ def factored_logits(x: torch.Tensor) -> torch.Tensor:
     blocks = (bx[..., :, None, None] + by[..., None, :, None] + bz[..., None, None, :]).flatten(-3)
     offsets = (ox[..., :, None, None] + oy[..., None, :, None] + oz[..., None, None, :]).flatten(-3)
     return torch.cat([blocks + cls[..., :1], offsets + cls[..., 1:2], blocks + cls[..., 2:3], cls[..., 3:]], -1)
+
+
+def factored_best(x: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """The token that `factored_logits(x)` ranks highest among the allowed classes (B, 4), without forming its 5121
+    logits: a class's best token takes the best value on each of its axes."""
+    blocks = x[..., : 3 * _B].unflatten(-1, (3, _B)).max(-1)
+    offsets = x[..., 3 * _B : 3 * _B + 3 * _O].unflatten(-1, (3, _O)).max(-1)
+    block_value, offset_value = blocks.values.sum(-1), offsets.values.sum(-1)
+    value = x[..., 3 * _B + 3 * _O :] + torch.stack([block_value, offset_value, block_value,
+                                                     torch.zeros_like(block_value)], -1)
+    cls = value.masked_fill(~classes, float("-inf")).argmax(-1)
+    (bx, by, bz), (ox, oy, oz) = blocks.indices.unbind(-1), offsets.indices.unbind(-1)
+    block, offset = (bx * _B + by) * _B + bz, (ox * _O + oy) * _O + oz
+    ids = torch.stack([block, tok.OFFSET_BASE + offset, tok.SPECIAL_BASE + block, torch.full_like(block, tok.EOS)], -1)
+    return ids.gather(-1, cls[..., None])[..., 0]
+
+
+def _float_weights(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A linear layer's (weight, bias) as plain tensors (an int8 layer's are behind methods)."""
+    weight, bias = layer.weight, layer.bias
+    return (weight().dequantize(), bias()) if callable(weight) else (weight, bias)
+
+
+class _Inference(NamedTuple):
+    feat: torch.Tensor  # (dim, dim) the first layer's feature columns
+    by_token: torch.Tensor  # (V, dim) its token part per token, the bias included
+    by_pos: torch.Tensor | None  # (positions, dim) its position part per position
+    qkv: torch.Tensor  # (3 dim, dim) the self-attention's q, k, v projections stacked
 
 
 class DraftDecoder(nn.Module):
@@ -109,14 +141,43 @@ class DraftDecoder(nn.Module):
         """Block inputs for pairs at drafter positions `pos` (the position of the feature, which is the backbone's
         position index of the token): `feats` the backbone's (with taps) or the drafter's own (without)."""
         dim = model.cfg.dim
-        parts = [feats[..., :dim], model.token_embed(tokens.clamp(min=0))]
-        if self.cfg.positions:
-            parts.append(model.pos_embed(pos.clamp(max=model.cfg.max_seq_len - 1)).expand(*tokens.shape, -1))
-        x = self.fc(torch.cat(parts, -1))
+        tokens, pos = tokens.clamp(min=0), pos.clamp(max=model.cfg.max_seq_len - 1)
+        if torch.is_grad_enabled():
+            parts = [feats[..., :dim], model.token_embed(tokens)]
+            if self.cfg.positions:
+                parts.append(model.pos_embed(pos).expand(*tokens.shape, -1))
+            x = self.fc(torch.cat(parts, -1))
+        else:  # the same sum, its token and position parts looked up (`_inference_weights`)
+            w = self._inference_weights(model)
+            x = F.linear(feats[..., :dim], w.feat) + w.by_token[tokens]
+            if w.by_pos is not None:
+                x = x + w.by_pos[pos]
         if self.tap_fc is not None and feats.shape[-1] > dim:
             taps = feats[..., dim:].split(dim, -1)
             x = x + self.tap_fc(torch.cat([norm(t) for norm, t in zip(self.tap_norms, taps)], -1))
         return x
+
+    def _inference_weights(self, model: nn.Module) -> "_Inference":
+        """Weights rearranged for inference, made once (remade when one of them changes): the first layer split by
+        input, fc([f, e(t), p(pos)]) = W_f f + T[t] + P[pos] with the tables T = W_e E + b (V, dim) and P = W_p P
+        (positions, dim), and the self-attention's q/k/v as one matrix. A draft then reads a dim x dim matrix and two
+        table rows where it read a 3 dim x dim one, and runs one product for q/k/v where it ran three: on a CPU a
+        drafting step is bound by the bytes it reads and by its op count."""
+        attn = self.block.self_attn
+        layers = (self.fc, attn.to_q, attn.to_k, attn.to_v)
+        params = [p for p in (*(m.weight for m in layers), model.token_embed.weight, model.pos_embed.weight)
+                  if isinstance(p, torch.Tensor)]  # (an int8 layer's weight is a method, and never changes)
+        key = (*map(id, layers), *((p.data_ptr(), p._version, p.dtype) for p in params))
+        if self.__dict__.get("_inference_key") != key:
+            weight, bias = _float_weights(self.fc)
+            table, dim = model.token_embed.weight, model.cfg.dim
+            weight, bias = weight.to(table.dtype), bias.to(table.dtype)
+            by_pos = F.linear(model.pos_embed.weight, weight[:, 2 * dim :]) if self.cfg.positions else None
+            qkv = torch.cat([_float_weights(m)[0] for m in layers[1:]]).to(table.dtype)
+            self.__dict__["_inference"] = _Inference(weight[:, :dim].contiguous(), F.linear(table, weight[:, dim : 2 * dim],
+                                                                                            bias), by_pos, qkv)
+            self.__dict__["_inference_key"] = key
+        return self.__dict__["_inference"]
 
     # -- decoding ----------------------------------------------------------------------------------------------
     def begin(self, model: nn.Module, cond: torch.Tensor, max_len: int) -> KVCache:
@@ -137,32 +198,53 @@ class DraftDecoder(nn.Module):
         ctx.keep(rows)
         return ctx
 
-    def _step(self, model, cache: KVCache, feats, tokens) -> torch.Tensor:
-        seq_pos = cache.lengths[:, None] + torch.arange(tokens.shape[1], device=tokens.device)
+    def _extend(self, model, cache: KVCache, feats, tokens, counts) -> torch.Tensor:
+        """Commit each row's first counts[b] pairs of feats/tokens (B, n, ·) to the drafter's cache; return the
+        block's output at the last of them (B, dim). This is the block's forward (`DecoderBlock`, which training
+        runs) cut to what a draft reads: keys and values for every new pair, the rest only at each row's last pair
+        (a one-layer drafter's other outputs feed nothing), with the weights of `_inference_weights`."""
+        b, n = tokens.shape
+        rows, last = torch.arange(b, device=tokens.device), counts - 1
+        seq_pos = cache.lengths[:, None] + torch.arange(n, device=tokens.device)
         at = cache.prepare(seq_pos)
-        x = self.block(self._pairs(model, feats, tokens, seq_pos), cache.cross[0],
-                       lambda k, v: cache.write(0, at, k, v), at.mask)
-        cache.lengths += tokens.shape[1]
-        return self.out_norm(x)
+        block, attn, cross = self.block, self.block.self_attn, self.block.cross_attn
+        x = self._pairs(model, feats, tokens, seq_pos)
+        q, k, v = F.linear(block.self_norm(x), self._inference_weights(model).qkv).unflatten(-1, (3, attn.heads, -1)
+                                                                                              ).unbind(2)
+        keys, values = cache.write(0, at, F.normalize(k, dim=-1).transpose(1, 2), v.transpose(1, 2))
+        mask = None if at.mask is None else at.mask[rows, :, last][:, :, None]  # (B, 1, 1, keys): the last pair's
+        x = x[rows, last][:, None]
+        x = x + attn.attend(q[rows, last][:, :, None], keys, values, mask)
+        x = x + cross.attend(cross.split(cross.to_q(block.cross_norm(x))), *cache.cross[0], None)
+        x = x + block.ff(block.ff_norm(x))
+        cache.lengths += counts  # (padding past a row's own pairs is forgotten)
+        return self.out_norm(x[:, 0])
 
-    def propose(self, model, cache: KVCache, feats, tokens, counts, drafts: int,
-                choose: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    def _best(self, model: nn.Module, feats: torch.Tensor, walk: DraftWalk) -> torch.Tensor:
+        """The greedy draft from the drafter's features (B, dim), grammar-masked, taken by `walk`."""
+        if self.to_axes is None:
+            return walk.best(model.to_logits(feats))
+        if walk.branching:  # a runner-up is wanted too: from the full logits, once per step
+            return walk.best(factored_logits(self.to_axes(feats)))
+        return walk.take(factored_best(self.to_axes(feats), walk.classes()))
+
+    def propose(self, model, cache: KVCache, feats, tokens, counts, drafts: int, walk: DraftWalk) -> torch.Tensor:
         """`drafts` greedy draft tokens (B, drafts). feats/tokens (B, n, ·): the pairs committed since the last call,
         counts[b] of them valid per sequence, the last being [h, r] (none for a finished sequence, whose drafts are
-        ignored); `choose(logits)` picks each draft (grammar). `cache`: from `begin`."""
-        rows = torch.arange(feats.shape[0], device=feats.device)
+        ignored); `walk` keeps each draft to what the grammar allows after the ones before it. `cache`: from
+        `begin`."""
         if self.cfg.kind == "grounded":
-            last = counts - 1
+            rows, last = torch.arange(feats.shape[0], device=feats.device), counts - 1
             feats, tokens, counts = feats[rows, last][:, None], tokens[rows, last][:, None], torch.ones_like(counts)
             cache.rollback(torch.zeros_like(cache.lengths))
-        committed = cache.lengths + counts
-        g = self._step(model, cache, feats[:, : int(counts.max())], tokens[:, : int(counts.max())])[rows, counts - 1]
-        cache.rollback(committed)  # padding past a sequence's own pairs is forgotten
+        n = int(counts.max())
+        g = self._extend(model, cache, feats[:, :n], tokens[:, :n], counts)
+        committed, one = cache.lengths.clone(), torch.ones_like(counts)
         out = []
         for k in range(drafts):
-            out.append(choose(self.logits(model, g)))
+            out.append(self._best(model, g, walk))
             if k + 1 < drafts:
-                g = self._step(model, cache, g[:, None], out[-1][:, None])[:, 0]
+                g = self._extend(model, cache, g[:, None], out[-1][:, None], one)
         cache.rollback(committed)  # the drafts' own entries are approximations: re-fed after the verify
         return torch.stack(out, 1) if out else tokens.new_zeros(feats.shape[0], 0)
 

@@ -8,13 +8,16 @@ harmless, merely rarely accepted.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from xspecmesh.model.config import HeadsConfig, ModelConfig
+
+if TYPE_CHECKING:
+    from xspecmesh.decoding.token_sampling import DraftWalk
 
 
 def _stacked(d: int, i: int, o: int, std: float = 0.02) -> nn.Parameter:
@@ -100,12 +103,11 @@ class DraftHeads(nn.Module):
         """Only these rows (finished sequences leave the batch)."""
         return None if ctx is None else (ctx[0][rows], ctx[1][rows])
 
-    def propose(self, model, ctx, feats, tokens, counts, drafts: int,
-                choose: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    def propose(self, model, ctx, feats, tokens, counts, drafts: int, walk: DraftWalk) -> torch.Tensor:
         """`drafts` draft tokens (B, drafts) from the newest backbone state feats[b, counts[b] - 1] alone (the
-        paper's heads never see the tokens); `choose(logits)` picks each in turn (the grammar)."""
+        paper's heads never see the tokens); `walk` picks each in turn under the grammar."""
         if not drafts:
             return tokens.new_zeros(feats.shape[0], 0)
         h = feats[torch.arange(feats.shape[0], device=feats.device), counts - 1]
         logits = self(h[:, None], ctx, model.to_logits, heads=drafts)[:, 0]  # all D heads in one batched call
-        return torch.stack([choose(logits[:, k]) for k in range(drafts)], 1)
+        return torch.stack([walk.best(logits[:, k]) for k in range(drafts)], 1)

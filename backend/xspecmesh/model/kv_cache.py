@@ -34,9 +34,11 @@ class KVCache:
     def max_len(self) -> int:
         return self.k.shape[3]
 
-    def prepare(self, seq_pos: torch.Tensor) -> CacheWrite:
-        """For new tokens at input positions seq_pos (B, n): the attention mask over cached keys and how many key
-        slots the forward needs. One host read per forward, not per layer."""
+    def prepare(self, seq_pos: torch.Tensor, sees: torch.Tensor | None = None) -> CacheWrite:
+        """For new tokens at slots seq_pos (B, n), each sequence's next n: the attention mask over cached keys and
+        how many key slots the forward needs. One host read per forward, not per layer. Each new token sees every
+        key before the new ones and, among the new ones, those before it and itself, or with `sees` (n, n) bool
+        those that sees[i] names (a draft tree: a branch does not see its siblings)."""
         starts = seq_pos[:, 0].tolist()
         n = seq_pos.shape[1]
         upto = max(starts) + n
@@ -46,7 +48,11 @@ class KVCache:
         if start is not None and n == 1:
             return CacheWrite(seq_pos, None, upto, start)  # every cached key is visible
         keys = torch.arange(upto, device=seq_pos.device)
-        return CacheWrite(seq_pos, keys[None, None, None, :] <= seq_pos[:, None, :, None], upto, start)
+        if sees is None:
+            return CacheWrite(seq_pos, keys[None, None, None, :] <= seq_pos[:, None, :, None], upto, start)
+        rel = keys[None, :] - seq_pos[:, :1]  # (B, keys): a key's place among the new tokens (< 0: before them)
+        new = sees[:, rel.clamp(0, n - 1)].transpose(0, 1) & (rel < n)[:, None]  # (B, n, keys)
+        return CacheWrite(seq_pos, ((rel < 0)[:, None] | new)[:, None], upto, start)
 
     def write(self, layer: int, at: CacheWrite, k: torch.Tensor, v: torch.Tensor):
         """Store k, v (B, H, n, d) where `at` (from `prepare`) says; return the layer's keys/values for slots
@@ -79,6 +85,12 @@ class KVCache:
         """Keep only these sequences (indices), in this order: finished ones leave the batch."""
         self.k, self.v, self.lengths = self.k[:, rows], self.v[:, rows], self.lengths[rows]
         self.cross = [(k[rows], v[rows]) for k, v in self.cross]
+
+    def move(self, rows: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """In sequences `rows`, every layer's keys/values at slot src[i] copied to slot dst[i] (an accepted tree
+        branch moved to where the sequence goes on)."""
+        for buf in (self.k, self.v):
+            buf[:, rows, :, dst] = buf[:, rows, :, src]
 
     def rollback(self, lengths: torch.Tensor) -> None:
         """Forget every position at or past `lengths` (per sequence); later writes overwrite them."""

@@ -238,7 +238,7 @@ class MeshTransformer(nn.Module):
 
     def forward(
         self, tokens: torch.Tensor, cond: torch.Tensor | None = None, cache: KVCache | None = None,
-        taps: tuple[int, ...] = (),
+        taps: tuple[int, ...] = (), tree: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits and final hidden states (after the final norm) for every input position; with `taps`, the hidden
         states are followed by the outputs of those layers (1-based), concatenated: (B, n, dim * (1 + len(taps))),
@@ -246,7 +246,9 @@ class MeshTransformer(nn.Module):
 
         Without a cache, `tokens` is whole sequences starting at input position 0 (BOS) and `cond` is required.
         With a cache, `tokens` are appended after each sequence's cached length, written into the cache, and the
-        cache length advances by n (roll back what verification rejects)."""
+        cache length advances by n (roll back what verification rejects). `tree` = (depth (n,), sees (n, n) bool), with
+        a cache: the new tokens form a tree rather than a chain, token i at position depth[i] after the cached ones
+        and attending to the new tokens sees[i] names (`KVCache.prepare`); they still fill the next n slots."""
         b, n = tokens.shape
         if cache is None:
             seq_pos = torch.arange(n, device=tokens.device).expand(b, n)
@@ -254,7 +256,9 @@ class MeshTransformer(nn.Module):
         else:
             seq_pos = cache.lengths[:, None] + torch.arange(n, device=tokens.device)
             cross = cache.cross
-            at = cache.prepare(seq_pos)
+            at = cache.prepare(seq_pos, None if tree is None else tree[1])
+            if tree is not None:
+                seq_pos = cache.lengths[:, None] + tree[0]
         x = self.embed(tokens, seq_pos)
         tapped = []
         for i, layer in enumerate(self.layers):
