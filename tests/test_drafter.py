@@ -146,17 +146,6 @@ def test_factored_logits_sum_each_tokens_axis_and_class_logits():
     assert torch.allclose(factored_logits(x), axes[:, rows].sum(-1) + x[:, NULL_ROW:][:, cls])
 
 
-def test_factored_best_is_the_allowed_token_with_the_highest_factored_logit():
-    from xspecmesh.model.drafter import FACTORED_WIDTH, factored_best, factored_logits
-    from xspecmesh.decoding.token_sampling import NUM_STATES, Grammar
-
-    grammar, g = Grammar(), torch.Generator().manual_seed(0)
-    x = torch.randn(500, FACTORED_WIDTH, generator=g) * 3
-    state = torch.randint(0, NUM_STATES, (500,), generator=g)
-    want = factored_logits(x).masked_fill(~grammar.mask(state), float("-inf")).argmax(-1)
-    assert torch.equal(factored_best(x, grammar.next[state] >= 0), want)
-
-
 def test_inference_folds_the_first_layer_and_follows_weight_changes():
     """Without gradients the drafter's input layer reads lookup tables made from its weights (`_inference_weights`);
     they give what the layer gives, and are remade when a weight changes (as in training between evaluations)."""

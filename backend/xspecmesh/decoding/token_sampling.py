@@ -133,10 +133,6 @@ class DraftWalk:
         self.alternative: torch.Tensor | None = None
         self.branching = branch  # the next pick keeps its runner-up
 
-    def classes(self) -> torch.Tensor:
-        """(B, 4) the token classes the next draft may take."""
-        return self.grammar.next[self.states[-1]] >= 0
-
     def best(self, logits: torch.Tensor) -> torch.Tensor:
         """The next drafts from full logits (B, V): the allowed token with the highest logit, taken."""
         logits = logits.float().masked_fill(~self.grammar.mask(self.states[-1]), float("-inf"))
