@@ -52,9 +52,10 @@ def test_variants_cover_every_configuration_once():
     assert len(set(vs)) == len(vs)
     twins = bench.variants(heads=(2,), adaptive=True)
     assert [(v.mode, v.adaptive) for v in twins] == [("ar", False), ("spec", False), ("spec", True)]
-    assert twins[2].settings(0, 10).adaptive and twins[2].label == "spec D=2*+tree threshold δ=0.5"
-    trees = bench.variants(heads=(2,), trees=(False, True))
-    assert [(v.tree, v.settings(0, 10).tree) for v in trees[1:]] == [(False, False), (True, True)]
+    assert twins[2].settings(0, 10).adaptive and twins[2].label == "spec D=2*+tree threshold δ=0.5 c=0.4"
+    trees = bench.variants(heads=(2,), trees=(False, True), confidences=(0.0, 0.3))
+    assert [(v.tree, v.settings(0, 10).tree, v.settings(0, 10).confidence) for v in trees[1:]] == [
+        (False, False, 0.0), (False, False, 0.3), (True, True, 0.0), (True, True, 0.3)]
 
 
 def test_bench_rows_have_the_documented_fields(result):

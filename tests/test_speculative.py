@@ -32,9 +32,9 @@ def ar(model, cond, sampling, n, seed=0):
     return run_to_end(decode_ar(model, cond, sampling, n, torch.Generator().manual_seed(seed)), cond.shape[0])
 
 
-def spec(model, heads, cond, sampling, rule, n, d=4, seed=0, stats=None, tree=False):
+def spec(model, heads, cond, sampling, rule, n, d=4, seed=0, stats=None, tree=False, confidence=0.0):
     steps = decode_speculative(model, heads, cond, sampling, rule, d, n, torch.Generator().manual_seed(seed), stats,
-                               tree=tree)
+                               tree=tree, confidence=confidence)
     return run_to_end(steps, cond.shape[0])
 
 
@@ -172,6 +172,30 @@ def test_cache_equals_fresh_prefill_after_every_step(tree):
     assert (stats.alternatives > 0) == tree
 
 
+@pytest.mark.parametrize("kind", ["cross", "eagle"])
+def test_a_confidence_stop_drafts_fewer_and_keeps_greedy_identity(kind):
+    model = tiny_model(sharpen=30.0)
+    cond = condition(model, b=2)
+    stats = DecodeStats()
+    heads = tiny_heads(model, d=4, kind=kind)
+    steps = decode_speculative(model, heads, cond, GREEDY, AcceptConfig("greedy"), 4, 150, None, stats,
+                               confidence=0.99)
+    assert run_to_end(steps, 2) == ar(model, cond, GREEDY, 150)
+    assert stats.draft_hist[1] > 0  # (untrained drafters are never that sure: their chains end at the first draft)
+
+
+def test_the_walk_ends_the_chain_only_when_every_sequence_doubts_its_draft():
+    from xspecmesh.decoding.token_sampling import HAVE_3, NEED_3, DraftWalk, Grammar
+
+    walk = DraftWalk(Grammar(), torch.tensor([HAVE_3, NEED_3]), confidence=0.5)
+    sure, unsure = torch.full((tok.VOCAB_SIZE,), -50.0), torch.zeros(tok.VOCAB_SIZE)
+    sure[tok.OFFSET_BASE + 7] = 50.0  # (an offset: allowed in both states)
+    walk.best(torch.stack([sure, unsure]))
+    assert not walk.done  # one sequence is sure of its draft: the chain goes on
+    walk.best(torch.stack([unsure, unsure]))
+    assert walk.done
+
+
 def first_tokens(seqs, n=4):
     return collections.Counter(tuple(s[:n]) for s in seqs)
 
@@ -181,13 +205,15 @@ def total_variation(a: collections.Counter, b: collections.Counter) -> float:
     return 0.5 * sum(abs(a[k] / na - b[k] / nb) for k in set(a) | set(b))
 
 
-@pytest.mark.parametrize("kind, output, n, d, floor, tree", [("cross", "shared", 3, 2, 0.06, False),
-                                                            ("eagle", "factored", 4, 3, 0.08, False),
-                                                            ("cross", "shared", 3, 2, 0.06, True)])
-def test_exact_rule_preserves_the_sampling_distribution(kind, output, n, d, floor, tree):
+@pytest.mark.parametrize("kind, output, n, d, floor, tree, confidence", [("cross", "shared", 3, 2, 0.06, False, 0.0),
+                                                                        ("eagle", "factored", 4, 3, 0.08, False, 0.0),
+                                                                        ("cross", "shared", 3, 2, 0.06, True, 0.0),
+                                                                        ("cross", "shared", 3, 2, 0.06, True, 0.3)])
+def test_exact_rule_preserves_the_sampling_distribution(kind, output, n, d, floor, tree, confidence):
     """Over 2000 samples the joint law of the first n tokens matches plain sampling, with the paper's heads and with
-    a draft decoder (whose drafts read the tokens before them), and with the draft tree's alternative first draft;
-    accepting every draft (a wrong rule) is far off, which shows the bound has power."""
+    a draft decoder (whose drafts read the tokens before them), with the draft tree's alternative first draft and
+    with chains ended by the confidence stop; accepting every draft (a wrong rule) is far off, which shows the bound
+    has power."""
     model = tiny_model(sharpen=8.0)
     sampling = SamplingConfig(1.0, 3, 1.0)
     cond = condition(model).expand(2000, -1, -1).contiguous()
@@ -196,7 +222,7 @@ def test_exact_rule_preserves_the_sampling_distribution(kind, output, n, d, floo
     plain2 = first_tokens(ar(model, cond, sampling, n, seed=2), n)
     stats = DecodeStats()
     exact = first_tokens(spec(model, heads, cond, sampling, AcceptConfig("exact"), n, d=d, seed=3, stats=stats,
-                              tree=tree), n)
+                              tree=tree, confidence=confidence), n)
     assert (stats.alternatives > 100) == tree
     wrong = first_tokens(spec(model, heads, cond, sampling, AcceptConfig("threshold", 0.0), n, d=d, seed=3), n)
     noise = total_variation(plain, plain2)

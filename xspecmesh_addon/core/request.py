@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from .settings_schema import cap_heads, check
 
-# What a request carries: every decode setting but topk_accept and tree, which the panel does not offer (the backend's
-# defaults), and precision, a preference the backend is started with (`serve --precision`; a request's auto means that
+# What a request carries: every decode setting but topk_accept, tree and confidence, which the panel does not offer (the
+# backend's defaults), and precision, a preference the backend is started with (`serve --precision`; a request's auto means that
 # one).
 REQUEST_SETTINGS = ("mode", "heads", "adaptive", "delta", "accept", "temperature", "top_k", "top_p", "max_tokens",
                     "max_faces", "seed", "candidates", "fit")

@@ -47,6 +47,7 @@ class Variant:
     model: str = ""  # "" is the main checkpoint; else the name of a --compare checkpoint
     adaptive: bool = False  # speculative: draft length chosen per step (xspecmesh.decoding.adaptive)
     tree: bool = DecodeSettings.tree  # speculative: the drafter's runner-up for the first draft verified too
+    confidence: float = DecodeSettings.confidence  # speculative: drafts end after one the drafter doubts this much
 
     @property
     def label(self) -> str:
@@ -54,26 +55,31 @@ class Variant:
         if self.mode != "spec":
             return self.mode + at
         return (f"spec D={self.heads}{'*' if self.adaptive else ''}{'+tree' if self.tree else ''} {self.accept}"
-                + (f" δ={self.delta:g}" if self.delta is not None else "") + at)
+                + (f" δ={self.delta:g}" if self.delta is not None else "")
+                + (f" c={self.confidence:g}" if self.confidence else "") + at)
 
     def settings(self, seed: int, max_tokens: int, **sampling) -> DecodeSettings:
         s = DecodeSettings(mode=self.mode, seed=seed, max_tokens=max_tokens, fit=False, **sampling)  # decoding only
         if self.mode == "spec":
-            s.heads, s.accept, s.adaptive, s.tree = self.heads, self.accept, self.adaptive, self.tree
+            s.heads, s.accept, s.adaptive, s.tree, s.confidence = (self.heads, self.accept, self.adaptive, self.tree,
+                                                                   self.confidence)
             if self.delta is not None:
                 s.delta = self.delta
         return s
 
 
 def variants(heads=(4,), deltas=(0.5,), accepts=("threshold",), naive: bool = False,
-             adaptive: bool = False, trees=(DecodeSettings.tree,)) -> list[Variant]:
+             adaptive: bool = False, trees=(DecodeSettings.tree,),
+             confidences=(DecodeSettings.confidence,)) -> list[Variant]:
     """AR first, then every speculative configuration (δ only varies the threshold rule), each also with an
-    adaptive draft length if asked and with each draft-tree choice in `trees`, then naive if asked."""
+    adaptive draft length if asked, with each draft-tree choice in `trees` and each confidence stop in
+    `confidences`, then naive if asked."""
     out = [Variant("ar")]
     for d, rule in itertools.product(heads, accepts):
         for delta in (deltas if rule == "threshold" else (None,)):
-            for adapt, tree in itertools.product((False, True) if adaptive else (False,), trees):
-                v = Variant("spec", int(d), None if delta is None else float(delta), rule, adaptive=adapt, tree=tree)
+            for adapt, tree, conf in itertools.product((False, True) if adaptive else (False,), trees, confidences):
+                v = Variant("spec", int(d), None if delta is None else float(delta), rule, adaptive=adapt, tree=tree,
+                            confidence=float(conf))
                 if v not in out:
                     out.append(v)
     return out + ([Variant("naive")] if naive else [])
@@ -214,7 +220,8 @@ def run_bench(engine: Engine, inputs: list[BenchInput], variant_list: list[Varia
 
 def _variant_fields(v: Variant) -> dict:
     return {"mode": v.mode, "heads": v.heads, "delta": v.delta, "accept": v.accept, "model": v.model,
-            "adaptive": v.adaptive, "tree": v.tree if v.mode == "spec" else None}
+            "adaptive": v.adaptive, "tree": v.tree if v.mode == "spec" else None,
+            "confidence": v.confidence if v.mode == "spec" else None}
 
 
 def _mean(xs) -> float | None:
@@ -307,6 +314,7 @@ def md_table(header: list[str], rows) -> list[str]:
 
 def _mode(row: dict) -> str:
     return (row["mode"] + (" adaptive" if row.get("adaptive") else "") + (" +tree" if row.get("tree") else "")
+            + (f" c={row['confidence']:g}" if row.get("confidence") else "")
             + (f" @{row['model']}" if row.get("model") else ""))
 
 

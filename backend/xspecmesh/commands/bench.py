@@ -70,6 +70,9 @@ def register(sub) -> None:
     p.add_argument("--tree", choices=("on", "off", "both"), default="on" if DEFAULT["tree"] else "off",
                    help="the draft tree (the drafter's runner-up for the first draft verified too): on, off, or both "
                         "side by side (rows '+tree' have it; default: the decode default)")
+    p.add_argument("--confidence", type=_list(float), default=[DEFAULT["confidence"]], metavar="C[,C]",
+                   help="comma-separated confidence stops: a step's drafts end after one the drafter gives less "
+                        f"probability than C (0: always D drafts; default {DEFAULT['confidence']}; rows 'c=C')")
     p.add_argument("--naive", action="store_true", help="also run the naive reference loop (our AR vs naive)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of Markdown tables")
     p.add_argument("--plot", default=None, metavar="PNG", help="draw speedup/SCR/CD against δ and D to this PNG")
@@ -174,7 +177,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"skipped {line}", file=sys.stderr)
     sampling = {} if args.temperature is None else {"temperature": args.temperature}
     trees = {"on": (True,), "off": (False,), "both": (False, True)}[args.tree]
-    main = bench.variants(args.heads, args.delta, args.accept, args.naive, args.adaptive, trees)
+    main = bench.variants(args.heads, args.delta, args.accept, args.naive, args.adaptive, trees, args.confidence)
     variants, others = list(main), dict(siblings)
     for name, sibling in siblings.items():
         variants += bench.on_model(main, name, sibling.max_heads)

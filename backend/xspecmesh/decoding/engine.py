@@ -39,6 +39,7 @@ class DecodeSettings:
     heads: int = _DEFAULTS["heads"]  # D drafting heads (the first D of the checkpoint's)
     adaptive: bool = _DEFAULTS["adaptive"]  # choose each step's draft length in 0..heads from running estimates (ours)
     tree: bool = _DEFAULTS["tree"]  # also verify the drafter's runner-up for the first draft (ours)
+    confidence: float = _DEFAULTS["confidence"]  # end a step's drafts after one the drafter doubts this much (ours)
     delta: float = _DEFAULTS["delta"]  # threshold rule: accept while p(x) > delta
     accept: str = _DEFAULTS["accept"]  # threshold | exact | greedy | topk
     topk_accept: int = _DEFAULTS["topk_accept"]  # K of the topk rule
@@ -195,7 +196,8 @@ class Engine:
             key = (cond.shape[0], batch_key(settings))
             adaptive = settings.adaptive and self._draft_lengths.setdefault(key, DraftLength(settings.heads))
             return decode_speculative(self.model, self.ckpt.heads, cond, accept=accept, num_heads=settings.heads,
-                                      adaptive=adaptive, tree=settings.tree, **common)
+                                      adaptive=adaptive, tree=settings.tree, confidence=settings.confidence,
+                                      **common)
         if settings.mode == "naive":
             return decode_naive(self.model, cond, **common)
         return decode_ar(self.model, cond, **common)

@@ -102,6 +102,9 @@ DECODE = (
             "cost measured so far, so weak heads never make decoding much slower than AR"),
     Setting("tree", bool, True, "also verify the heads' second choice for the first drafted token, kept when their "
             "first choice is rejected (a draft tree of two branches; one more position per verification)"),
+    Setting("confidence", float, 0.4, "end a step's drafts after one the heads give less than this probability "
+            "(such drafts are rarely accepted, and drafting past them costs; 0: always draft heads tokens)",
+            min=0.0, max=1.0),
     Setting("delta", float, 0.5, "threshold rule: a drafted token is kept while the backbone's probability of it "
             "exceeds delta (the paper uses 0.5)", min=0.0, max=1.0),
     Setting("accept", str, "threshold", "acceptance rule for drafted tokens", choices=(

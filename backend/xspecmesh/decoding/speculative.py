@@ -140,6 +140,7 @@ def decode_speculative(
     finished: torch.Tensor | None = None,
     join: Join | None = None,
     tree: bool = False,
+    confidence: float = 0.0,
 ) -> Iterator[list[list[int]]]:
     """Speculative decoding of B sequences with D = num_heads drafts per step; yields per step, per sequence, the
     tokens accepted in that step (r, d1..da or the resampled/bonus token), like `decode_ar`. A caller-made `cache`
@@ -149,7 +150,8 @@ def decode_speculative(
     and `join` as in `decode_ar`: a joining sequence gets its slot's backbone cache row and drafter state afresh, its
     BOS prefilled at once (a batch-1 forward on its cache row) and its first token drawn from the backbone alone with
     its own generator, as decoding it alone would; that token is yielded with the sequence's first step. `tree`: each
-    step also verifies the drafter's runner-up for the first draft (`DraftWalk`), kept where d1 is rejected."""
+    step also verifies the drafter's runner-up for the first draft (`DraftWalk`), kept where d1 is rejected;
+    `confidence` > 0 ends a step's drafts after one the drafter gives less probability than that (`DraftWalk`)."""
     stats = stats if stats is not None else DecodeStats()
     dev, b, d = cond.device, cond.shape[0], num_heads
     if not 1 <= d <= min(MAX_HEADS, heads.num_heads):
@@ -226,10 +228,11 @@ def decode_speculative(
             chooser.update(*last_step, last_seconds)
         dk = chooser.choose() if chooser else d
         branch = tree and dk > 0
-        walk = DraftWalk(grammar, state, branch)
+        walk = DraftWalk(grammar, state, branch, confidence)
         # A step without drafts leaves the drafter alone: its pairs wait for the next step that drafts (a draft
         # decoder would otherwise pay a forward to catch up every step, the cost adaptive D = 0 exists to avoid).
         drafts = heads.propose(model, head_ctx, feats, pending, counts, dk, walk) if dk else r.new_zeros(len(r), 0)
+        dk = drafts.shape[1]  # (fewer where the drafter's confidence ended the chain)
         verified = torch.cat([r[:, None], drafts], 1)
         states = torch.stack(walk.states, 1)  # (B, D+1): grammar state before each verified position's next token
         if branch:  # the tree: the runner-up for d1 verified after the chain, as a sibling of d1

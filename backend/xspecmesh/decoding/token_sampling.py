@@ -124,18 +124,25 @@ class Grammar:
 
 class DraftWalk:
     """The grammar along one step's chain of drafts: each draft is the drafter's best token among those the grammar
-    allows after the drafts before it. `states` grows to the state before each verified position's token. With
-    `branch`, the first pick also keeps the runner-up (`alternative`, -1 where the grammar allows one token only):
-    a second candidate for the first draft, a draft tree of two branches at depth one."""
+    allows after the drafts before it. `states` grows to the state before each verified position's token.
 
-    def __init__(self, grammar: Grammar, state: torch.Tensor, branch: bool = False):
+    With `branch`, the first pick also keeps the runner-up (`alternative`, -1 where the grammar allows one token
+    only): a second candidate for the first draft, a draft tree of two branches at depth one. With `confidence` > 0
+    the chain ends (`done`) after a draft to which the drafter gives less probability than that in every sequence:
+    the drafts after it would rarely be accepted, and drafting and verifying them costs (EAGLE-2's dynamic drafts,
+    on a chain)."""
+
+    def __init__(self, grammar: Grammar, state: torch.Tensor, branch: bool = False, confidence: float = 0.0):
         self.grammar, self.states = grammar, [state]
         self.alternative: torch.Tensor | None = None
         self.branching = branch  # the next pick keeps its runner-up
+        self.confidence, self.done = confidence, False
 
     def best(self, logits: torch.Tensor) -> torch.Tensor:
         """The next drafts from full logits (B, V): the allowed token with the highest logit, taken."""
         logits = logits.float().masked_fill(~self.grammar.mask(self.states[-1]), float("-inf"))
+        if self.confidence > 0:
+            self.done = bool((logits.softmax(-1).amax(-1) < self.confidence).all())
         if not self.branching:
             return self.take(logits.argmax(-1))
         top = logits.topk(2, -1)

@@ -211,10 +211,10 @@ class DraftDecoder(nn.Module):
         return walk.best(self.logits(model, feats))
 
     def propose(self, model, cache: KVCache, feats, tokens, counts, drafts: int, walk: DraftWalk) -> torch.Tensor:
-        """`drafts` greedy draft tokens (B, drafts). feats/tokens (B, n, ·): the pairs committed since the last call,
-        counts[b] of them valid per sequence, the last being [h, r] (none for a finished sequence, whose drafts are
-        ignored); `walk` keeps each draft to what the grammar allows after the ones before it. `cache`: from
-        `begin`."""
+        """Up to `drafts` greedy draft tokens (B, k): fewer where `walk` ends the chain (its confidence stop).
+        feats/tokens (B, n, ·): the pairs committed since the last call, counts[b] of them valid per sequence, the
+        last being [h, r] (none for a finished sequence, whose drafts are ignored); `walk` keeps each draft to what
+        the grammar allows after the ones before it. `cache`: from `begin`."""
         if self.cfg.kind == "grounded":
             rows, last = torch.arange(feats.shape[0], device=feats.device), counts - 1
             feats, tokens, counts = feats[rows, last][:, None], tokens[rows, last][:, None], torch.ones_like(counts)
@@ -225,8 +225,10 @@ class DraftDecoder(nn.Module):
         out = []
         for k in range(drafts):
             out.append(self._best(model, g, walk))
-            if k + 1 < drafts:
+            if k + 1 < drafts and not walk.done:
                 g = self._extend(model, cache, g[:, None], out[-1][:, None], one)
+            elif walk.done:
+                break
         cache.rollback(committed)  # the drafts' own entries are approximations: re-fed after the verify
         return torch.stack(out, 1) if out else tokens.new_zeros(feats.shape[0], 0)
 

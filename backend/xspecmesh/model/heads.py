@@ -104,10 +104,15 @@ class DraftHeads(nn.Module):
         return None if ctx is None else (ctx[0][rows], ctx[1][rows])
 
     def propose(self, model, ctx, feats, tokens, counts, drafts: int, walk: DraftWalk) -> torch.Tensor:
-        """`drafts` draft tokens (B, drafts) from the newest backbone state feats[b, counts[b] - 1] alone (the
-        paper's heads never see the tokens); `walk` picks each in turn under the grammar."""
+        """Up to `drafts` draft tokens (B, k) from the newest backbone state feats[b, counts[b] - 1] alone (the
+        paper's heads never see the tokens); `walk` picks each in turn under the grammar, and may end the chain."""
         if not drafts:
             return tokens.new_zeros(feats.shape[0], 0)
         h = feats[torch.arange(feats.shape[0], device=feats.device), counts - 1]
         logits = self(h[:, None], ctx, model.to_logits, heads=drafts)[:, 0]  # all D heads in one batched call
-        return torch.stack([walk.best(logits[:, k]) for k in range(drafts)], 1)
+        out = []
+        for k in range(drafts):
+            out.append(walk.best(logits[:, k]))
+            if walk.done:
+                break
+        return torch.stack(out, 1)
