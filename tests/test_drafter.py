@@ -53,9 +53,12 @@ class Recorder:
         return out
 
 
-@pytest.mark.parametrize("drafter_cfg, tree", [(c, False) for c in DRAFTERS] + [(DRAFTERS[1], True), (DRAFTERS[4], True)],
-                         ids=DRAFTER_IDS + [DRAFTER_IDS[1] + "-tree", DRAFTER_IDS[4] + "-tree"])  # (the tree where this
-def test_drafts_at_inference_are_the_teacher_forced_drafts(drafter_cfg, tree):  # seed keeps an alternative)
+TREE_CASES = [(c, False) for c in DRAFTERS] + [(DRAFTERS[1], True), (DRAFTERS[4], True)]  # (the tree where this
+TREE_IDS = DRAFTER_IDS + [DRAFTER_IDS[1] + "-tree", DRAFTER_IDS[4] + "-tree"]  # seed keeps some alternative)
+
+
+@pytest.mark.parametrize("drafter_cfg, tree", TREE_CASES, ids=TREE_IDS)
+def test_drafts_at_inference_are_the_teacher_forced_drafts(drafter_cfg, tree):
     """Every draft whose predecessors were accepted was computed from the same inputs as in training (the
     backbone's features for the committed pairs, the drafter's own for the chain): the decoder's cache bookkeeping,
     ragged catch-up over a batch of two included, matches the unrolled training forward; with the draft tree also

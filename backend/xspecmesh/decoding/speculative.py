@@ -13,6 +13,10 @@
                plain sampling's, since the drafts are deterministic
     greedy     accept iff x = argmax p: token-identical to greedy AR decoding
     topk       accept if x is among the backbone's K most likely tokens (the paper's ablation)
+
+Ours, both deterministic functions of the drafter's outputs, so the rules keep their guarantees: the chain ends
+early after a draft the drafter doubts (`confidence`), and the drafter's runner-up for d1 is verified in the same
+forward as a sibling of d1 and kept where d1 is rejected (`tree`; see `accept_drafts`).
 """
 from __future__ import annotations
 

@@ -158,9 +158,9 @@ class DraftDecoder(nn.Module):
             table, dim = model.token_embed.weight, model.cfg.dim
             weight, bias = weight.to(table.dtype), bias.to(table.dtype)
             by_pos = F.linear(model.pos_embed.weight, weight[:, 2 * dim :]) if self.cfg.positions else None
+            by_token = F.linear(table, weight[:, dim : 2 * dim], bias)
             qkv = torch.cat([_float_weights(m)[0] for m in layers[1:]]).to(table.dtype)
-            self.__dict__["_inference"] = _Inference(weight[:, :dim].contiguous(), F.linear(table, weight[:, dim : 2 * dim],
-                                                                                            bias), by_pos, qkv)
+            self.__dict__["_inference"] = _Inference(weight[:, :dim].contiguous(), by_token, by_pos, qkv)
             self.__dict__["_inference_key"] = key
         return self.__dict__["_inference"]
 
@@ -225,10 +225,10 @@ class DraftDecoder(nn.Module):
         out = []
         for k in range(drafts):
             out.append(self._best(model, g, walk))
-            if k + 1 < drafts and not walk.done:
-                g = self._extend(model, cache, g[:, None], out[-1][:, None], one)
-            elif walk.done:
+            if walk.done:
                 break
+            if k + 1 < drafts:
+                g = self._extend(model, cache, g[:, None], out[-1][:, None], one)
         cache.rollback(committed)  # the drafts' own entries are approximations: re-fed after the verify
         return torch.stack(out, 1) if out else tokens.new_zeros(feats.shape[0], 0)
 
