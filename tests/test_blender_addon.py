@@ -253,8 +253,9 @@ def scenario_settings_match_schema(s: Session):
     props = s.settings.bl_rna.properties
     for setting in s.schema.DECODE:
         if setting.name not in props:
-            assert setting.name in ("topk_accept", "top_k", "top_p", "max_tokens", "precision"), setting.name  # not
-            # in the panel (precision is a preference, checked below)
+            assert setting.name in ("topk_accept", "top_k", "top_p", "max_tokens", "precision", "tree",
+                                    "confidence"), setting.name  # not in the panel (precision is a preference,
+            # checked below; tree and confidence are speed settings whose defaults the backend applies)
             continue
         prop = props[setting.name]
         if setting.choices:
@@ -268,7 +269,7 @@ def scenario_settings_match_schema(s: Session):
                 assert (prop.hard_min, prop.hard_max) == (setting.min, setting.max), setting.name
     s.settings.property_unset("max_faces")
     assert s.settings.to_request().settings() == {k: v for k, v in s.schema.defaults().items()
-                                                  if k not in ("topk_accept", "precision")}
+                                                  if k not in ("topk_accept", "precision", "tree", "confidence")}
     s.settings.seed = 2**31 - 1
     assert s.settings.to_request().seed == 2**31 - 1
     assert s.prefs.precision == "auto" and {i.identifier for i in s.prefs.bl_rna.properties["precision"].enum_items} \
