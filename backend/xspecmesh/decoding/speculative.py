@@ -20,6 +20,7 @@ forward as a sibling of d1 and kept where d1 is rejected (`tree`; see `accept_dr
 """
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -107,9 +108,11 @@ def accept_drafts(rule: AcceptConfig, logits, probs, drafts, generator, alternat
     return n_acc, nxt, took
 
 
-def tree_shape(drafts: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+@functools.lru_cache(maxsize=None)
+def tree_shape(drafts: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """The verify's tree for [r, d1..dD, a]: (depth (D+2,), sees (D+2, D+2)) as `MeshTransformer.forward` takes it;
-    the chain is causal, the alternative a sits at d1's depth and sees r and itself."""
+    the chain is causal, the alternative a sits at d1's depth and sees r and itself. Made once per D and device (the
+    callers only read it)."""
     n = drafts + 2
     depth = torch.cat([torch.arange(drafts + 1), torch.ones(1, dtype=torch.long)]).to(device)
     sees = torch.ones(n, n, dtype=torch.bool, device=device).tril()
@@ -242,7 +245,7 @@ def decode_speculative(
         if branch:  # the tree: the runner-up for d1 verified after the chain, as a sibling of d1
             alt = walk.alternative
             verified = torch.cat([verified, alt.clamp(min=0)[:, None]], 1)
-            states = torch.cat([states, grammar.advance(state, alt.clamp(min=0))[:, None]], 1)
+            states = torch.cat([states, grammar.advance(state, verified[:, -1])[:, None]], 1)
         _sync(dev)
         t1 = time.perf_counter()
 

@@ -134,8 +134,7 @@ class DraftWalk:
 
     def __init__(self, grammar: Grammar, state: torch.Tensor, branch: bool = False, confidence: float = 0.0):
         self.grammar, self.states = grammar, [state]
-        self.alternative: torch.Tensor | None = None
-        self.branching = branch  # the next pick keeps its runner-up
+        self.branch, self.alternative = branch, None
         self.confidence, self.done = confidence, False
 
     def best(self, logits: torch.Tensor) -> torch.Tensor:
@@ -143,11 +142,10 @@ class DraftWalk:
         logits = logits.float().masked_fill(~self.grammar.mask(self.states[-1]), float("-inf"))
         if self.confidence > 0:
             self.done = bool((logits.softmax(-1).amax(-1) < self.confidence).all())
-        if not self.branching:
+        if not (self.branch and len(self.states) == 1):  # (only the first draft has a runner-up kept)
             return self.take(logits.argmax(-1))
         top = logits.topk(2, -1)
         self.alternative = torch.where(top.values[:, 1] > float("-inf"), top.indices[:, 1], -1)
-        self.branching = False
         return self.take(top.indices[:, 0])
 
     def take(self, tokens: torch.Tensor) -> torch.Tensor:

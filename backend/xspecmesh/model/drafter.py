@@ -122,9 +122,11 @@ class DraftDecoder(nn.Module):
             return model.to_logits(feats)
         return factored_logits(self.to_axes(feats))
 
-    def _pairs(self, model: nn.Module, feats: torch.Tensor, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    def _pairs(self, model: nn.Module, feats: torch.Tensor, tokens: torch.Tensor, pos: torch.Tensor,
+               w: "_Inference | None" = None) -> torch.Tensor:
         """Block inputs for pairs at drafter positions `pos` (the position of the feature, which is the backbone's
-        position index of the token): `feats` the backbone's (with taps) or the drafter's own (without)."""
+        position index of the token): `feats` the backbone's (with taps) or the drafter's own (without). `w`: the
+        caller's `_inference_weights`, where it has them."""
         dim = model.cfg.dim
         tokens, pos = tokens.clamp(min=0), pos.clamp(max=model.cfg.max_seq_len - 1)
         if torch.is_grad_enabled():
@@ -133,7 +135,7 @@ class DraftDecoder(nn.Module):
                 parts.append(model.pos_embed(pos).expand(*tokens.shape, -1))
             x = self.fc(torch.cat(parts, -1))
         else:  # the same sum, its token and position parts looked up (`_inference_weights`)
-            w = self._inference_weights(model)
+            w = w or self._inference_weights(model)
             x = F.linear(feats[..., :dim], w.feat) + w.by_token[tokens]
             if w.by_pos is not None:
                 x = x + w.by_pos[pos]
@@ -193,9 +195,9 @@ class DraftDecoder(nn.Module):
         seq_pos = cache.lengths[:, None] + torch.arange(n, device=tokens.device)
         at = cache.prepare(seq_pos)
         block, attn, cross = self.block, self.block.self_attn, self.block.cross_attn
-        x = self._pairs(model, feats, tokens, seq_pos)
-        q, k, v = F.linear(block.self_norm(x), self._inference_weights(model).qkv).unflatten(-1, (3, attn.heads, -1)
-                                                                                              ).unbind(2)
+        w = self._inference_weights(model)
+        x = self._pairs(model, feats, tokens, seq_pos, w)
+        q, k, v = F.linear(block.self_norm(x), w.qkv).unflatten(-1, (3, attn.heads, -1)).unbind(2)
         keys, values = cache.write(0, at, F.normalize(k, dim=-1).transpose(1, 2), v.transpose(1, 2))
         mask = None if at.mask is None else at.mask[rows, :, last][:, :, None]  # (B, 1, 1, keys): the last pair's
         x = x[rows, last][:, None]
