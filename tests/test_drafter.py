@@ -150,20 +150,24 @@ def test_factored_logits_sum_each_tokens_axis_and_class_logits():
 
 
 def test_inference_folds_the_first_layer_and_follows_weight_changes():
-    """Without gradients the drafter's input layer reads lookup tables made from its weights (`_inference_weights`);
-    they give what the layer gives, and are remade when a weight changes (as in training between evaluations)."""
+    """Without gradients the drafter's input layer reads lookup tables and a folded tap product made from its weights
+    (`_inference_weights`); they give what the layer gives, and are remade when a weight changes (as in training
+    between evaluations), a tap norm's included."""
     model = tiny_model()
     drafter = tiny_heads(model, d=2, kind="eagle", output="factored", taps=(1,), positions=True)
     g = torch.Generator().manual_seed(1)
     feats = torch.randn(2, 3, 2 * model.cfg.dim, generator=g)
     tokens, pos = torch.randint(0, 5121, (2, 3), generator=g), torch.tensor([[0, 5, 9], [3, 4, 2000]])
-    for _ in range(2):
+    for _ in range(3):
         with torch.no_grad():
             folded = drafter._pairs(model, feats, tokens, pos)
         assert torch.allclose(folded, drafter._pairs(model, feats, tokens, pos), atol=1e-5)
         with torch.no_grad():
             drafter.fc.weight.add_(0.1)
             model.token_embed.weight.mul_(2.0)
+            drafter.tap_fc.weight.mul_(-1.5)
+            drafter.tap_norms[0].weight.add_(0.2)
+            drafter.tap_norms[0].bias.sub_(0.3)
 
 
 def test_factored_output_starts_as_the_least_squares_fit_of_the_backbones():

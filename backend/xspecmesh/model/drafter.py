@@ -70,6 +70,8 @@ def _float_weights(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]
 
 class _Inference(NamedTuple):
     feat: torch.Tensor  # (dim, dim) the first layer's feature columns
+    tapped: torch.Tensor | None  # (dim, (1 + taps) dim) the same, then tap_fc with each tap norm's scale folded in
+    tap_bias: torch.Tensor | None  # (dim,) tap_fc applied to the tap norms' shifts
     by_token: torch.Tensor  # (V, dim) its token part per token, the bias included
     by_pos: torch.Tensor | None  # (positions, dim) its position part per position
     qkv: torch.Tensor  # (3 dim, dim) the self-attention's q, k, v projections stacked
@@ -134,25 +136,32 @@ class DraftDecoder(nn.Module):
             if self.cfg.positions:
                 parts.append(model.pos_embed(pos).expand(*tokens.shape, -1))
             x = self.fc(torch.cat(parts, -1))
-        else:  # the same sum, its token and position parts looked up (`_inference_weights`)
-            w = w or self._inference_weights(model)
-            x = F.linear(feats[..., :dim], w.feat) + w.by_token[tokens]
-            if w.by_pos is not None:
-                x = x + w.by_pos[pos]
-        if self.tap_fc is not None and feats.shape[-1] > dim:
-            taps = feats[..., dim:].split(dim, -1)
-            x = x + self.tap_fc(torch.cat([norm(t) for norm, t in zip(self.tap_norms, taps)], -1))
-        return x
+            if self.tap_fc is not None and feats.shape[-1] > dim:
+                taps = feats[..., dim:].split(dim, -1)
+                x = x + self.tap_fc(torch.cat([norm(t) for norm, t in zip(self.tap_norms, taps)], -1))
+            return x
+        # The same sum at inference, its token and position parts looked up and the taps' norms folded into one
+        # product with the feature (`_inference_weights`).
+        w = w or self._inference_weights(model)
+        if w.tapped is not None and feats.shape[-1] > dim:
+            taps = F.layer_norm(feats[..., dim:].unflatten(-1, (-1, dim)), (dim,), eps=self.tap_norms[0].eps)
+            x = F.linear(torch.cat([feats[..., :dim], taps.flatten(-2)], -1), w.tapped, w.tap_bias)
+        else:
+            x = F.linear(feats[..., :dim], w.feat)
+        x = x + w.by_token[tokens]
+        return x if w.by_pos is None else x + w.by_pos[pos]
 
     def _inference_weights(self, model: nn.Module) -> "_Inference":
         """Weights rearranged for inference, made once (remade when one of them changes): the first layer split by
         input, fc([f, e(t), p(pos)]) = W_f f + T[t] + P[pos] with the tables T = W_e E + b (V, dim) and P = W_p P
-        (positions, dim), and the self-attention's q/k/v as one matrix. A draft then reads a dim x dim matrix and two
-        table rows where it read a 3 dim x dim one, and runs one product for q/k/v where it ran three: on a CPU a
-        drafting step is bound by the bytes it reads and by its op count."""
+        (positions, dim), the tap norms' scales and shifts folded into tap_fc and its product joined to W_f's, and the
+        self-attention's q/k/v as one matrix. A draft then reads a dim x dim matrix and two table rows where it read a
+        3 dim x dim one, and runs one product where it ran three (q/k/v; feature and taps): on a CPU a drafting step is
+        bound by the bytes it reads and by its op count."""
         attn = self.block.self_attn
-        layers = (self.fc, attn.to_q, attn.to_k, attn.to_v)
-        params = [p for p in (*(m.weight for m in layers), model.token_embed.weight, model.pos_embed.weight)
+        layers = (self.fc, attn.to_q, attn.to_k, attn.to_v, *([self.tap_fc] if self.tap_fc is not None else []))
+        params = [p for p in (*(m.weight for m in layers), *(p for n in self.tap_norms for p in (n.weight, n.bias)),
+                              model.token_embed.weight, model.pos_embed.weight)
                   if isinstance(p, torch.Tensor)]  # (an int8 layer's weight is a method, and never changes)
         key = (*map(id, layers), *((p.data_ptr(), p._version, p.dtype) for p in params))
         if self.__dict__.get("_inference_key") != key:
@@ -161,8 +170,15 @@ class DraftDecoder(nn.Module):
             weight, bias = weight.to(table.dtype), bias.to(table.dtype)
             by_pos = F.linear(model.pos_embed.weight, weight[:, 2 * dim :]) if self.cfg.positions else None
             by_token = F.linear(table, weight[:, dim : 2 * dim], bias)
-            qkv = torch.cat([_float_weights(m)[0] for m in layers[1:]]).to(table.dtype)
-            self.__dict__["_inference"] = _Inference(weight[:, :dim].contiguous(), by_token, by_pos, qkv)
+            qkv = torch.cat([_float_weights(m)[0] for m in layers[1:4]]).to(table.dtype)
+            tapped = tap_bias = None
+            if self.tap_fc is not None:  # tap_fc(norm(t)) = tap_fc((t - mean) / std * scale) + tap_fc(shift)
+                taps = _float_weights(self.tap_fc)[0].to(table.dtype).split(dim, 1)
+                norms = [(n.weight.to(table.dtype), n.bias.to(table.dtype)) for n in self.tap_norms]
+                tapped = torch.cat([weight[:, :dim]] + [t * scale for t, (scale, _) in zip(taps, norms)], 1)
+                tap_bias = sum(t @ shift for t, (_, shift) in zip(taps, norms))
+            self.__dict__["_inference"] = _Inference(weight[:, :dim].contiguous(), tapped, tap_bias, by_token, by_pos,
+                                                     qkv)
             self.__dict__["_inference_key"] = key
         return self.__dict__["_inference"]
 
@@ -185,23 +201,26 @@ class DraftDecoder(nn.Module):
         ctx.keep(rows)
         return ctx
 
-    def _extend(self, model, cache: KVCache, feats, tokens, counts) -> torch.Tensor:
+    def _extend(self, model, cache: KVCache, feats, tokens, counts, w: _Inference, same: bool) -> torch.Tensor:
         """Commit each row's first counts[b] pairs of feats/tokens (B, n, ·) to the drafter's cache; return the
         block's output at the last of them (B, dim). This is the block's forward (`DecoderBlock`, which training
         runs) cut to what a draft reads: keys and values for every new pair, the rest only at each row's last pair
-        (a one-layer drafter's other outputs feed nothing), with the weights of `_inference_weights`."""
+        (a one-layer drafter's other outputs feed nothing), with the weights `w` of `_inference_weights`. `same`:
+        every row has n pairs (its last pair is then the last slot, which sees every key of an equal-length batch)."""
         b, n = tokens.shape
         rows, last = torch.arange(b, device=tokens.device), counts - 1
         seq_pos = cache.lengths[:, None] + torch.arange(n, device=tokens.device)
         at = cache.prepare(seq_pos)
         block, attn, cross = self.block, self.block.self_attn, self.block.cross_attn
-        w = self._inference_weights(model)
         x = self._pairs(model, feats, tokens, seq_pos, w)
         q, k, v = F.linear(block.self_norm(x), w.qkv).unflatten(-1, (3, attn.heads, -1)).unbind(2)
         keys, values = cache.write(0, at, F.normalize(k, dim=-1).transpose(1, 2), v.transpose(1, 2))
-        mask = None if at.mask is None else at.mask[rows, :, last][:, :, None]  # (B, 1, 1, keys): the last pair's
-        x = x[rows, last][:, None]
-        x = x + attn.attend(q[rows, last][:, :, None], keys, values, mask)
+        if same:  # the last slot (a view), whose row of the mask is the last
+            x, q, mask = x[:, -1:], q[:, -1, :, None], None if at.mask is None else at.mask[:, :, -1:]
+        else:  # each row's last pair, and its row of the mask (B, 1, 1, keys)
+            x, q = x[rows, last][:, None], q[rows, last][:, :, None]
+            mask = None if at.mask is None else at.mask[rows, :, last][:, :, None]
+        x = x + attn.attend(q, keys, values, mask)
         x = x + cross.attend(cross.split(cross.to_q(block.cross_norm(x))), *cache.cross[0], None)
         x = x + block.ff(block.ff_norm(x))
         cache.lengths += counts  # (padding past a row's own pairs is forgotten)
@@ -221,8 +240,10 @@ class DraftDecoder(nn.Module):
             rows, last = torch.arange(feats.shape[0], device=feats.device), counts - 1
             feats, tokens, counts = feats[rows, last][:, None], tokens[rows, last][:, None], torch.ones_like(counts)
             cache.rollback(torch.zeros_like(cache.lengths))
-        n = int(counts.max())
-        g = self._extend(model, cache, feats[:, :n], tokens[:, :n], counts)
+        w = self._inference_weights(model)
+        counted = counts.tolist()
+        n = max(counted)
+        g = self._extend(model, cache, feats[:, :n], tokens[:, :n], counts, w, min(counted) == n)
         committed, one = cache.lengths.clone(), torch.ones_like(counts)
         out = []
         for k in range(drafts):
@@ -230,7 +251,7 @@ class DraftDecoder(nn.Module):
             if walk.done:
                 break
             if k + 1 < drafts:
-                g = self._extend(model, cache, g[:, None], out[-1][:, None], one)
+                g = self._extend(model, cache, g[:, None], out[-1][:, None], one, w, True)
         cache.rollback(committed)  # the drafts' own entries are approximations: re-fed after the verify
         return torch.stack(out, 1) if out else tokens.new_zeros(feats.shape[0], 0)
 

@@ -18,7 +18,7 @@ class CacheWrite:
     """Where one forward's new tokens go, worked out once by `KVCache.prepare` and used by every layer's `write`."""
 
     seq_pos: torch.Tensor  # (B, n) input positions of the new tokens
-    mask: torch.Tensor | None  # (B, 1, n, upto) keys each query may see; None: all of them
+    mask: torch.Tensor | None  # (B, 1, n, upto) additive: 0 at the keys each query may see, else -inf; None: all
     upto: int  # key slots the forward reads: [0, upto)
     start: int | None  # the common first position when every sequence has the same length (a slice write)
 
@@ -49,10 +49,14 @@ class KVCache:
             return CacheWrite(seq_pos, None, upto, start)  # every cached key is visible
         keys = torch.arange(upto, device=seq_pos.device)
         if sees is None:
-            return CacheWrite(seq_pos, keys[None, None, None, :] <= seq_pos[:, None, :, None], upto, start)
-        rel = keys[None, :] - seq_pos[:, :1]  # (B, keys): a key's place among the new tokens (< 0: before them)
-        new = sees[:, rel.clamp(0, n - 1)].transpose(0, 1) & (rel < n)[:, None]  # (B, n, keys)
-        return CacheWrite(seq_pos, ((rel < 0)[:, None] | new)[:, None], upto, start)
+            visible = keys[None, None, None, :] <= seq_pos[:, None, :, None]
+        else:
+            rel = keys[None, :] - seq_pos[:, :1]  # (B, keys): a key's place among the new tokens (< 0: before them)
+            new = sees[:, rel.clamp(0, n - 1)].transpose(0, 1) & (rel < n)[:, None]  # (B, n, keys)
+            visible = ((rel < 0)[:, None] | new)[:, None]
+        # Additive, in the cache's dtype: attention would otherwise turn a boolean mask into this in every layer.
+        mask = torch.zeros(visible.shape, dtype=self.k.dtype, device=seq_pos.device).masked_fill_(~visible, -torch.inf)
+        return CacheWrite(seq_pos, mask, upto, start)
 
     def write(self, layer: int, at: CacheWrite, k: torch.Tensor, v: torch.Tensor):
         """Store k, v (B, H, n, d) where `at` (from `prepare`) says; return the layer's keys/values for slots
