@@ -170,6 +170,28 @@ def test_inference_folds_the_first_layer_and_follows_weight_changes():
             drafter.tap_norms[0].bias.sub_(0.3)
 
 
+def test_a_factored_outputs_best_token_is_found_from_its_axes():
+    """`factored_best` (the host-side search of a factored output) gives what masking and searching its 5121 logits
+    gives: the best allowed token, its probability, the runner-up; in every grammar state, ties included."""
+    from xspecmesh.decoding.token_sampling import NUM_STATES, Grammar
+    from xspecmesh.model.drafter import FACTORED_WIDTH, factored_best, factored_logits
+
+    grammar = Grammar()
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(400, FACTORED_WIDTH, generator=g) * 3
+    y[::4] = y[::4].round()  # (many ties)
+    states = torch.arange(400) % NUM_STATES
+    logits = factored_logits(y).masked_fill(~grammar.mask(states), float("-inf"))
+    top = logits.topk(2, -1)
+    for i in range(len(y)):
+        token, prob, second = factored_best(y[i].tolist(), grammar.classes[int(states[i])], True)
+        assert logits[i, token] == top.values[i, 0] and (i % 4 or token == int(logits[i].argmax()))
+        assert prob == pytest.approx(float(logits[i].softmax(-1).max()), rel=1e-5)
+        assert (second == -1) == (top.values[i, 1] == float("-inf"))
+        assert second == -1 or second != token and logits[i, second] == top.values[i, 1]
+        assert factored_best(y[i].tolist(), grammar.classes[int(states[i])], False)[2] == -1
+
+
 def test_factored_output_starts_as_the_least_squares_fit_of_the_backbones():
     from xspecmesh.model.config import HeadsConfig
     from xspecmesh.model.drafter import FACTORED_WIDTH, drafter_for_backbone, factored_logits

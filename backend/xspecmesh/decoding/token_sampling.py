@@ -102,6 +102,7 @@ class Grammar:
         self.next = nxt.to(device)
         self.cls = torch.from_numpy(tok.token_classes(vocab_size)).to(device)
         self.allowed = (self.next >= 0)[:, self.cls]  # (states, V)
+        self.classes = [[c for c in range(4) if nxt[s, c] >= 0] for s in range(NUM_STATES)]  # allowed, per state
 
     def start(self, batch: int) -> torch.Tensor:
         return torch.full((batch,), START, dtype=torch.long, device=self.next.device)
@@ -137,16 +138,30 @@ class DraftWalk:
         self.branch, self.alternative = branch, None
         self.confidence, self.done = confidence, False
 
+    @property
+    def wants_runner_up(self) -> bool:
+        return self.branch and len(self.states) == 1  # (only the first draft has a runner-up kept)
+
     def best(self, logits: torch.Tensor) -> torch.Tensor:
         """The next drafts from full logits (B, V): the allowed token with the highest logit, taken."""
         logits = logits.float().masked_fill(~self.grammar.mask(self.states[-1]), float("-inf"))
-        if self.confidence > 0:
-            self.done = bool((logits.softmax(-1).amax(-1) < self.confidence).all())
-        if not (self.branch and len(self.states) == 1):  # (only the first draft has a runner-up kept)
-            return self.take(logits.argmax(-1))
+        confidence = logits.softmax(-1).amax(-1).tolist() if self.confidence > 0 else None
+        if not self.wants_runner_up:
+            return self.pick(logits.argmax(-1), confidence)
         top = logits.topk(2, -1)
-        self.alternative = torch.where(top.values[:, 1] > float("-inf"), top.indices[:, 1], -1)
-        return self.take(top.indices[:, 0])
+        return self.pick(top.indices[:, 0], confidence, torch.where(top.values[:, 1] > float("-inf"),
+                                                                    top.indices[:, 1], -1))
+
+    def pick(self, tokens: torch.Tensor, confidence: list[float] | None = None,
+             runner_up: torch.Tensor | None = None) -> torch.Tensor:
+        """Take the drafts `tokens` (B,) that a drafter found best among the allowed ones (`best`, or a drafter's
+        own search), given the probability it gives each (needed with a confidence stop) and, where
+        `wants_runner_up`, its second best (-1: none)."""
+        if self.confidence > 0:
+            self.done = all(p < self.confidence for p in confidence)
+        if self.wants_runner_up:
+            self.alternative = runner_up
+        return self.take(tokens)
 
     def take(self, tokens: torch.Tensor) -> torch.Tensor:
         self.states.append(self.grammar.advance(self.states[-1], tokens))
