@@ -38,6 +38,11 @@ class BenchInput:
     reference: trimesh.Trimesh  # what the output is compared with, same frame
 
 
+def _marks(tree: bool | None, confidence: float | None) -> tuple[str, str]:
+    """How labels and tables mark our speculative options: the draft tree, then the confidence stop."""
+    return "+tree" if tree else "", f" c={confidence:g}" if confidence else ""
+
+
 @dataclass(frozen=True)
 class Variant:
     mode: str  # ar | spec | naive
@@ -54,9 +59,9 @@ class Variant:
         at = f" @{self.model}" if self.model else ""
         if self.mode != "spec":
             return self.mode + at
-        return (f"spec D={self.heads}{'*' if self.adaptive else ''}{'+tree' if self.tree else ''} {self.accept}"
-                + (f" δ={self.delta:g}" if self.delta is not None else "")
-                + (f" c={self.confidence:g}" if self.confidence else "") + at)
+        tree, stop = _marks(self.tree, self.confidence)
+        return (f"spec D={self.heads}{'*' if self.adaptive else ''}{tree} {self.accept}"
+                + (f" δ={self.delta:g}" if self.delta is not None else "") + stop + at)
 
     def settings(self, seed: int, max_tokens: int, **sampling) -> DecodeSettings:
         s = DecodeSettings(mode=self.mode, seed=seed, max_tokens=max_tokens, fit=False, **sampling)  # decoding only
@@ -313,8 +318,8 @@ def md_table(header: list[str], rows) -> list[str]:
 
 
 def _mode(row: dict) -> str:
-    return (row["mode"] + (" adaptive" if row.get("adaptive") else "") + (" +tree" if row.get("tree") else "")
-            + (f" c={row['confidence']:g}" if row.get("confidence") else "")
+    tree, stop = _marks(row.get("tree"), row.get("confidence"))
+    return (row["mode"] + (" adaptive" if row.get("adaptive") else "") + (" " + tree if tree else "") + stop
             + (f" @{row['model']}" if row.get("model") else ""))
 
 
