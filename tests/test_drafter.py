@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 import torch
 
+import xspecmesh.decoding.speculative as speculative
 from xspecmesh.decoding.autoregressive import DecodeStats, run_to_end
 from xspecmesh.decoding.speculative import AcceptConfig, decode_speculative
 from xspecmesh.decoding.token_sampling import SamplingConfig
@@ -17,7 +18,7 @@ from xspecmesh.model.drafter import DraftDecoder
 from xspecmesh.training.trainer import TrainConfig, Trainer
 
 from conftest import tiny_heads, tiny_model
-from test_speculative import GREEDY, ar, condition, spec
+from test_speculative import GREEDY, _Ticks, ar, condition, spec
 from test_train import FAST, batch, changed, snapshot  # noqa: F401 (batch is a fixture)
 
 KINDS = ["eagle", "grounded"]
@@ -115,8 +116,9 @@ def test_threshold_delta_one_reproduces_ar_sampling(drafter_cfg):
 
 
 @pytest.mark.parametrize("drafter_cfg", DRAFTERS, ids=DRAFTER_IDS)
-def test_adaptive_draft_length_with_a_draft_decoder(drafter_cfg):
+def test_adaptive_draft_length_with_a_draft_decoder(drafter_cfg, monkeypatch):
     """Steps without drafts still feed the decoder the committed pairs: greedy stays token-identical."""
+    monkeypatch.setattr(speculative, "time", _Ticks())  # (choices by acceptance, not the machine's timing)
     model = tiny_model(sharpen=30.0)
     cond = condition(model, b=2)
     stats = DecodeStats()
