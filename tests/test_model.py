@@ -71,6 +71,30 @@ def test_ragged_lengths(model, cond):
     assert cache.lengths.tolist() == [15, 10]
 
 
+def test_a_cache_grows_as_its_sequences_do(model, cond, monkeypatch):
+    """A cache that starts with 4 slots grows through single steps, a verification-sized block and ragged rows,
+    up to its limit, and computes what a full forward does; a row view (a joining sequence's) may not grow."""
+    from xspecmesh.model.kv_cache import KVCache
+
+    monkeypatch.setattr(KVCache, "FIRST_SLOTS", 4)
+    t = tokens()
+    full, _ = model(t, cond=cond)
+    cache = model.new_cache(cond, 24)
+    assert cache.k.shape[3] == 4
+    steps = [model(t[:, i : i + 1], cache=cache)[0] for i in range(5)]  # 4 -> 8 slots
+    cache.rollback(torch.tensor([5, 3]))
+    ragged, _ = model(torch.stack([t[0, 5:9], t[1, 3:7]]), cache=cache)  # 9 slots -> 16
+    assert cache.k.shape[3] == 16
+    rest, _ = model(torch.stack([t[0, 9:], t[1, 7:22]]), cache=cache)  # 24 slots: the limit, not 32
+    assert cache.k.shape[3] == 24 and cache.lengths.tolist() == [24, 22]
+    assert torch.allclose(torch.cat(steps, 1), full[:, :5], atol=ATOL)
+    assert torch.allclose(ragged[0], full[0, 5:9], atol=ATOL) and torch.allclose(ragged[1], full[1, 3:7], atol=ATOL)
+    assert torch.allclose(rest[0], full[0, 9:], atol=ATOL) and torch.allclose(rest[1], full[1, 7:22], atol=ATOL)
+    small = model.new_cache(cond, 24)
+    with pytest.raises(ValueError, match="cannot grow"):
+        model(t[:1, :5], cache=small.row(0))
+
+
 def test_rollback_cannot_grow(model, cond):
     cache = model.new_cache(cond, 16)
     model(tokens(n=4), cache=cache)

@@ -1,6 +1,8 @@
 """An explicit, preallocated KV cache for B sequences of ragged lengths, with rollback.
 
 Self-attention keys/values live in one buffer per layer, written in place at each sequence's own positions; the
+buffer starts small and doubles as the sequences grow (up to `max_len`), so that a short mesh does not pay for zeroing
+(and faulting in) the longest one's memory; the
 cross-attention keys/values over the condition are computed once per mesh and kept in `cross`. Speculative
 verification writes D+1 positions, then `rollback` forgets the rejected ones: stale entries past a sequence's length
 are never attended to, because the mask only admits keys at positions <= the query's.
@@ -24,15 +26,28 @@ class CacheWrite:
 
 
 class KVCache:
+    FIRST_SLOTS = 128  # slots allocated at first (a few hundred kB a layer at width 256); doubled when needed
+
     def __init__(self, layers: int, batch: int, heads: int, max_len: int, head_dim: int, device, dtype):
-        self.k = torch.zeros(layers, batch, heads, max_len, head_dim, device=device, dtype=dtype)
+        self.max_len = max_len  # the most slots a sequence may use
+        self.k = torch.zeros(layers, batch, heads, min(max_len, self.FIRST_SLOTS), head_dim, device=device,
+                             dtype=dtype)
         self.v = torch.zeros_like(self.k)
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)  # cached input positions per sequence
         self.cross: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer (k, v) over the condition
+        self.view = False  # a `row` of another cache, sharing its buffers (which must then not be replaced)
 
-    @property
-    def max_len(self) -> int:
-        return self.k.shape[3]
+    def _grow(self, slots: int) -> None:
+        """Room for at least `slots` slots: the buffers replaced by ones twice as long or more (at most max_len),
+        what they held copied; unwritten slots are zero, as attention over them must stay finite."""
+        if self.view:
+            raise ValueError("a row view of a cache cannot grow; grow the cache it was taken from")
+        size = min(self.max_len, max(slots, 2 * self.k.shape[3]))
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            new = old.new_zeros(*old.shape[:3], size, old.shape[4])
+            new[:, :, :, : old.shape[3]] = old
+            setattr(self, name, new)
 
     def prepare(self, seq_pos: torch.Tensor, sees: torch.Tensor | None = None) -> CacheWrite:
         """For new tokens at slots seq_pos (B, n), each sequence's next n: the attention mask over cached keys and
@@ -44,6 +59,8 @@ class KVCache:
         upto = max(starts) + n
         if upto > self.max_len:
             raise ValueError(f"sequence longer than the cache ({upto} > {self.max_len})")
+        if upto > self.k.shape[3]:
+            self._grow(upto)
         start = starts[0] if min(starts) == max(starts) else None
         if start is not None and n == 1:
             return CacheWrite(seq_pos, None, upto, start)  # every cached key is visible
@@ -82,6 +99,7 @@ class KVCache:
         joining sequence's BOS prefill) writes this cache's row and advances its length."""
         view = copy.copy(self)
         view.k, view.v, view.lengths = self.k[:, row : row + 1], self.v[:, row : row + 1], self.lengths[row : row + 1]
+        view.view = True
         view.cross = [(k[row : row + 1], v[row : row + 1]) for k, v in self.cross]
         return view
 
