@@ -26,9 +26,12 @@ PER_MESH_SUFFIXES = ("cross_attn.to_k", "cross_attn.to_v")
 INT8_ENGINES = ("x86", "fbgemm", "qnnpack")  # PyTorch's quantized CPU engines, preferred first
 NO_INT8 = "this PyTorch build has no int8 CPU kernels; use --precision fp32"
 AGREEMENT_NEEDED = 0.99
-# From this many weights up, a one-row fp32 linear is faster on oneDNN's packed weights than on aten's BLAS path (one
-# thread on our CPU: 256 x 2048 47 against 55 us, 256 x 5121 90 against 133; 256 x 768 28 against 20).
-ONE_ROW_ONEDNN = 1 << 19
+# From this many weights up, a one-row fp32 linear is faster on oneDNN's packed weights than on aten's BLAS path, as a
+# decode meets them: each weight read once per step, from L3 or memory (one thread, 48 weights in turn: 768 x 256 28
+# against 47 us, 1024 x 256 36 against 67, 512 x 256 21 against 23, 256 x 256 14 against 6; AR steps 2.47 ms at 2^17,
+# 2.52 at 2^18, 2.59 at 2^19, 2.55 at 2^16). A single weight timed in a loop stays in cache and favours aten (768 x
+# 256: 20 against 12 us), which set 2^19 before (docs/BENCHMARKS.md, "One-row kernels, measured cold").
+ONE_ROW_ONEDNN = 1 << 17
 
 
 def add_argument(parser) -> None:
