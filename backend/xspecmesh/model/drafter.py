@@ -263,12 +263,12 @@ class DraftDecoder(nn.Module):
         b, n = tokens.shape
         rows, last = torch.arange(b, device=tokens.device), counts - 1
         seq_pos = cache.lengths[:, None] + torch.arange(n, device=tokens.device)
-        at = cache.prepare(seq_pos)
+        at = cache.prepare(seq_pos, last_only=same)
         block, attn, cross = self.block, self.block.self_attn, self.block.cross_attn
         x = self._pairs(model, feats, tokens, seq_pos, w)
         q, k, v = F.linear(block.self_norm(x), w.qkv).unflatten(-1, (3, attn.heads, -1)).unbind(2)
         keys, values = cache.write(0, at, F.normalize(k, dim=-1).transpose(1, 2), v.transpose(1, 2))
-        if same:  # the last slot (a view), whose row of the mask is the last
+        if same:  # the last slot (a view): it sees every key of rows of equal length (no mask), else its mask row
             x, q, mask = x[:, -1:], q[:, -1, :, None], None if at.mask is None else at.mask[:, :, -1:]
         else:  # each row's last pair, and its row of the mask (B, 1, 1, keys)
             x, q = x[rows, last][:, None], q[rows, last][:, :, None]

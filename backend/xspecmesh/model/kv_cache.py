@@ -49,11 +49,13 @@ class KVCache:
             new[:, :, :, : old.shape[3]] = old
             setattr(self, name, new)
 
-    def prepare(self, seq_pos: torch.Tensor, sees: torch.Tensor | None = None) -> CacheWrite:
+    def prepare(self, seq_pos: torch.Tensor, sees: torch.Tensor | None = None, last_only: bool = False) -> CacheWrite:
         """For new tokens at slots seq_pos (B, n), each sequence's next n: the attention mask over cached keys and
         how many key slots the forward needs. One host read per forward, not per layer. Each new token sees every
         key before the new ones and, among the new ones, those before it and itself, or with `sees` (n, n) bool
-        those that sees[i] names (a draft tree: a branch does not see its siblings)."""
+        those that sees[i] names (a draft tree: a branch does not see its siblings). `last_only`: only the last new
+        token will attend (a one-layer drafter's catch-up), which in sequences of equal length sees every key: no
+        mask then."""
         starts = seq_pos[:, 0].tolist()
         n = seq_pos.shape[1]
         upto = max(starts) + n
@@ -62,7 +64,7 @@ class KVCache:
         if upto > self.k.shape[3]:
             self._grow(upto)
         start = starts[0] if min(starts) == max(starts) else None
-        if start is not None and n == 1:
+        if start is not None and (n == 1 or last_only):
             return CacheWrite(seq_pos, None, upto, start)  # every cached key is visible
         keys = torch.arange(upto, device=seq_pos.device)
         if sees is None:
