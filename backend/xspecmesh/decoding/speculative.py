@@ -61,6 +61,15 @@ def accept_drafts(rule: AcceptConfig, logits, probs, drafts, generator, alternat
     `exact`: d1 removed, so that every token keeps the probability plain sampling gives it)."""
     d = drafts.shape[1]
     rows = torch.arange(drafts.shape[0], device=drafts.device)
+
+    def next_distribution(at):
+        if rule.rule == "greedy":
+            return torch.nn.functional.one_hot(logits[rows, at].argmax(-1), logits.shape[-1]).to(probs.dtype)
+        return probs[rows, at]
+
+    if d == 0:  # (a step without drafts: adaptive D = 0) nothing to accept, the next token is drawn at r
+        none = torch.zeros_like(rows)
+        return none, next_distribution(none), none.bool()
     p_x = probs[:, :d].gather(-1, drafts[..., None]).squeeze(-1)
     if rule.rule == "exact":  # (with an alternative, one more number: its test's)
         u = uniform((drafts.shape[0], d + (alternative is not None)), generator, p_x.device, p_x.dtype)
@@ -75,11 +84,6 @@ def accept_drafts(rule: AcceptConfig, logits, probs, drafts, generator, alternat
     else:
         raise ValueError(f"unknown acceptance rule {rule.rule!r}")
     n_acc = ok.long().cumprod(-1).sum(-1)
-
-    def next_distribution(at):
-        if rule.rule == "greedy":
-            return torch.nn.functional.one_hot(logits[rows, at].argmax(-1), logits.shape[-1]).to(probs.dtype)
-        return probs[rows, at]
 
     def without(dist, x, where):  # (exact) a rejected token leaves the distribution, unless nothing would be left
         removed = dist.scatter(-1, x[:, None], 0.0)
@@ -291,7 +295,9 @@ def decode_speculative(
         # cache may grow past its size.
         cache.rollback(torch.where(finished, length, length + 1 + n_acc))
         fresh = hidden, new, torch.where(finished, 0, n_acc + 1)
-        if not dk:  # the drafter did not run: the pairs it has not read yet go first (a finished row's are dropped)
+        # A step without drafts leaves the pairs unread: a drafter that reads all of them (a draft decoder's
+        # catch-up) gets them before this step's (a finished row's are dropped); the paper's heads read the newest.
+        if not dk and heads.reads_history:
             fresh = _append_pairs((feats, pending, torch.where(finished, 0, counts)), fresh)
         feats, pending, counts = fresh
         t3 = time.perf_counter()

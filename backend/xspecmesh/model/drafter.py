@@ -131,6 +131,8 @@ class _Inference(NamedTuple):
 
 
 class DraftDecoder(nn.Module):
+    reads_history = True  # the committed pairs `propose` reads: every one since its last call (the catch-up)
+
     def __init__(self, model_cfg: ModelConfig, cfg: HeadsConfig):
         super().__init__()
         if cfg.kind not in DECODER_KINDS or cfg.output not in OUTPUTS:

@@ -26,6 +26,7 @@ def _stacked(d: int, i: int, o: int, std: float = 0.02) -> nn.Parameter:
 
 class DraftHeads(nn.Module):
     taps: tuple[int, ...] = ()  # backbone layers read besides the final state (none: the paper's heads)
+    reads_history = False  # the committed pairs `propose` reads: the newest only
 
     def __init__(self, model_cfg: ModelConfig, cfg: HeadsConfig):
         super().__init__()
