@@ -30,7 +30,7 @@ AGREEMENT_NEEDED = 0.99
 # decode meets them: each weight read once per step, from L3 or memory (one thread, 48 weights in turn: 768 x 256 28
 # against 47 us, 1024 x 256 36 against 67, 512 x 256 21 against 23, 256 x 256 14 against 6; AR steps 2.47 ms at 2^17,
 # 2.52 at 2^18, 2.59 at 2^19, 2.55 at 2^16). A single weight timed in a loop stays in cache and favours aten (768 x
-# 256: 20 against 12 us), which set 2^19 before (docs/BENCHMARKS.md, "One-row kernels, measured cold").
+# 256: 20 against 12 us), which set 2^19 before (docs/BENCHMARKS.md, "2026-12-01, third session").
 ONE_ROW_ONEDNN = 1 << 17
 
 
