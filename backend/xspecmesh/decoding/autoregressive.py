@@ -1,6 +1,7 @@
-"""Auto-regressive decoding: the fast loop (preallocated KV cache, condition K/V computed once, one new token per
-step) and a deliberately naive loop in the style of the published code (cache grown by concatenation, prefix
-re-embedded, cross-attention recomputed every step), kept as a benchmark baseline and as a correctness oracle.
+"""Auto-regressive decoding: the fast loop (a KV cache written in place and grown by doubling, condition K/V computed
+once, one new token per step) and a deliberately naive loop in the style of the published code (cache grown by
+concatenation, prefix re-embedded, cross-attention recomputed every step), kept as a benchmark baseline and as a
+correctness oracle.
 
 Both are generators: each step yields, per sequence, the list of tokens accepted in that step (empty once a sequence
 has finished), so callers stream, detokenize and cancel between steps.

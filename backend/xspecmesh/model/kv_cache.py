@@ -1,11 +1,11 @@
-"""An explicit, preallocated KV cache for B sequences of ragged lengths, with rollback.
+"""An explicit KV cache for B sequences of ragged lengths, with rollback.
 
 Self-attention keys/values live in one buffer per layer, written in place at each sequence's own positions; the
 buffer starts small and doubles as the sequences grow (up to `max_len`), so that a short mesh does not pay for zeroing
-(and faulting in) the longest one's memory; the
-cross-attention keys/values over the condition are computed once per mesh and kept in `cross`. Speculative
-verification writes D+1 positions, then `rollback` forgets the rejected ones: stale entries past a sequence's length
-are never attended to, because the mask only admits keys at positions <= the query's.
+(and faulting in) the longest one's memory. The cross-attention keys/values over the condition are computed once per
+mesh and kept in `cross`. Speculative verification writes D+1 positions, then `rollback` forgets the rejected ones:
+stale entries past a sequence's length are never attended to, because the mask only admits keys at positions <= the
+query's.
 """
 from __future__ import annotations
 
@@ -35,12 +35,12 @@ class KVCache:
         self.v = torch.zeros_like(self.k)
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)  # cached input positions per sequence
         self.cross: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer (k, v) over the condition
-        self.view = False  # a `row` of another cache, sharing its buffers (which must then not be replaced)
+        self.is_view = False  # a `row` of another cache, sharing its buffers (which must then not be replaced)
 
     def _grow(self, slots: int) -> None:
         """Room for at least `slots` slots: the buffers replaced by ones twice as long or more (at most max_len),
         what they held copied; unwritten slots are zero, as attention over them must stay finite."""
-        if self.view:
+        if self.is_view:
             raise ValueError("a row view of a cache cannot grow; grow the cache it was taken from")
         size = min(self.max_len, max(slots, 2 * self.k.shape[3]))
         for name in ("k", "v"):
@@ -101,7 +101,7 @@ class KVCache:
         joining sequence's BOS prefill) writes this cache's row and advances its length."""
         view = copy.copy(self)
         view.k, view.v, view.lengths = self.k[:, row : row + 1], self.v[:, row : row + 1], self.lengths[row : row + 1]
-        view.view = True
+        view.is_view = True
         view.cross = [(k[row : row + 1], v[row : row + 1]) for k, v in self.cross]
         return view
 

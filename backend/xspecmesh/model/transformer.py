@@ -218,7 +218,7 @@ class MeshTransformer(nn.Module):
         return [layer.cross_attn.context_kv(cond) for layer in self.layers]
 
     def new_cache(self, cond: torch.Tensor, max_len: int | None = None) -> KVCache:
-        """A preallocated cache for cond's batch, with every layer's cross-attention K/V computed once."""
+        """A cache for cond's batch (growing up to max_len), with every layer's cross-attention K/V computed once."""
         cfg = self.cfg
         max_len = min(max_len or cfg.max_seq_len + 1, cfg.max_seq_len + 1)
         cache = KVCache(cfg.depth, cond.shape[0], cfg.heads, max_len, cfg.head_dim, cond.device, cond.dtype)
