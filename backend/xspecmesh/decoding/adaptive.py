@@ -18,7 +18,9 @@ zero, and probes backed off to every 64 steps would then leave the next objects 
 """
 from __future__ import annotations
 
+import itertools
 import math
+import operator
 
 
 class DraftLength:
@@ -97,9 +99,8 @@ class DraftLength:
     def expected_tokens(self) -> list[float]:
         """E[tokens] of a step with D = 0..max drafts; a head never verified yet is assumed as good as the one
         before it (heads further out are rarely better)."""
-        out, reach, before = [1.0], 1.0, None
-        for rate, seen in zip(self.accept, self.observed):
-            rate = rate if seen or before is None else before
-            reach, before = reach * rate, rate
-            out.append(out[-1] + reach)
-        return out
+        a = list(self.accept)
+        for k in range(1, len(a)):
+            if not self.observed[k]:
+                a[k] = a[k - 1]
+        return list(itertools.accumulate(itertools.accumulate(a, operator.mul), initial=1.0))

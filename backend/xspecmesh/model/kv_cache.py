@@ -55,7 +55,7 @@ class KVCache:
         key before the new ones and, among the new ones, those before it and itself, or with `sees` (n, n) bool
         those that sees[i] names (a draft tree: a branch does not see its siblings). `last_only`: only the last new
         token will attend (a one-layer drafter's catch-up), which in sequences of equal length sees every key: no
-        mask then."""
+        mask then. The buffers grow here when the new tokens need more slots than they have."""
         starts = seq_pos[:, 0].tolist()
         n = seq_pos.shape[1]
         upto = max(starts) + n
