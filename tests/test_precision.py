@@ -179,6 +179,19 @@ def test_engine_loads_another_precision_once_per_request_setting(tmp_path):
         DecodeSettings.from_dict({"precision": "int4"})
 
 
+def test_fp32_on_cpu_puts_the_backbone_and_paper_heads_on_onednn_and_a_draft_decoder_on_aten():
+    """oneDNN's linear serves the backbone and the paper's heads (large one-row products, few-row verifies); a draft
+    decoder's small one-row products stay on aten's path, which is faster for them."""
+    linear = precision.onednn_linear_class()
+    for kind, cfg, kernel in (("cross", dict(shared_output=False), linear), ("eagle", {}, torch.nn.Linear)):
+        model = tiny_model()
+        heads = tiny_heads(model, d=2, kind=kind, **cfg)
+        precision.apply(model, heads, "fp32")
+        assert type(model.layers[0].ff.proj) is linear and type(model.to_logits) is linear
+        found = {type(m) for m in heads.modules() if isinstance(m, torch.nn.Linear)}
+        assert found == {kernel}, kind
+
+
 def test_auto_picks_int8_for_a_checkpoint_that_passed(tmp_path):
     model = tiny_model()
     path = save_checkpoint(tmp_path / "passed.safetensors", model, tiny_heads(model, d=1), dtype="float32",

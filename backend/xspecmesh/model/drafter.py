@@ -244,6 +244,7 @@ class DraftDecoder(nn.Module):
         cfg = self.model_cfg
         cache = KVCache(1, cond.shape[0], cfg.heads, max_len, cfg.head_dim, cond.device, cond.dtype)
         cache.cross = [self.block.cross_attn.context_kv(cond)]
+        self._inference_weights(model)  # (checked once per mesh, not per step: the check costs a tenth of a draft)
         return cache
 
     def restart(self, model: nn.Module, ctx: KVCache, row: int, cond: torch.Tensor) -> None:
@@ -303,7 +304,7 @@ class DraftDecoder(nn.Module):
             rows, last = torch.arange(feats.shape[0], device=feats.device), counts - 1
             feats, tokens, counts = feats[rows, last][:, None], tokens[rows, last][:, None], torch.ones_like(counts)
             cache.rollback(torch.zeros_like(cache.lengths))
-        w = self._inference_weights(model)
+        w = self.__dict__["_inference"]  # (made or checked by `begin`)
         counted = counts.tolist()
         n = max(counted)
         g = self._extend(model, cache, feats[:, :n], tokens[:, :n], counts, w, min(counted) == n)

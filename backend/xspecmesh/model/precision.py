@@ -85,7 +85,12 @@ def apply(model, heads, precision: str) -> None:
     if precision == "fp32":
         if next(model.parameters()).device.type == "cpu":
             linear = onednn_linear_class()  # nn.Linear itself where oneDNN's op is missing or wrong: no change
-            for module in _per_token_linears(model, heads):
+            # A draft decoder's products stay on aten's path: all one-row and small, its weights read again within
+            # microseconds, where aten's path is the faster (drafting -8%, paired; docs/BENCHMARKS.md, "2026-12-01,
+            # fourth session"). The paper's heads' vocabulary projections are large, as the backbone's.
+            from xspecmesh.model.drafter import DraftDecoder
+
+            for module in _per_token_linears(model, None if isinstance(heads, DraftDecoder) else heads):
                 module.__class__ = linear  # same parameters and state dict, another kernel
         return
     if precision == "bf16":
