@@ -65,6 +65,7 @@ def test_grammar_rules():
     s = g.run([10, 600, 700, 800, 4700, 900])  # after a patch centre the next vertex re-emits its block
     assert not g.allowed[s][512:4608].any() and g.allowed[s][:512].all()
     assert g.run([10, 600, 700, 800, tok.EOS]) == DONE and g.run([]) == START
+    assert g.run([600]) == DONE and g.run([10, 11]) == DONE  # a forbidden token (never drawn under the mask) ends it
 
 
 def test_100_sampled_sequences_decode_to_valid_triangles():

@@ -99,9 +99,10 @@ class Grammar:
         for s, row in _NEXT.items():
             for c, t in row.items():
                 nxt[s, c] = t
-        self.next = nxt.to(device)
-        self.cls = torch.from_numpy(tok.token_classes(vocab_size)).to(device)
-        self.allowed = (self.next >= 0)[:, self.cls]  # (states, V)
+        cls = torch.from_numpy(tok.token_classes(vocab_size))
+        self.cls = cls.to(device)
+        self.allowed = (nxt >= 0)[:, cls].to(device)  # (states, V)
+        self.next = torch.where(nxt >= 0, nxt, DONE).to(device)  # (a forbidden class leads to DONE)
         self.classes = [[c for c in range(4) if nxt[s, c] >= 0] for s in range(NUM_STATES)]  # allowed, per state
 
     def start(self, batch: int) -> torch.Tensor:
@@ -112,8 +113,7 @@ class Grammar:
 
     def advance(self, state: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Next state; a forbidden token sends the sequence to DONE (it never happens for masked draws)."""
-        nxt = self.next[state, self.cls[tokens]]
-        return torch.where(nxt >= 0, nxt, torch.full_like(nxt, DONE))
+        return self.next[state, self.cls[tokens]]
 
     def run(self, tokens: list[int]) -> int:
         """State after a whole sequence (host-side, for tests and resuming)."""
