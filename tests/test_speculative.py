@@ -196,6 +196,20 @@ def test_the_walk_ends_the_chain_only_when_every_sequence_doubts_its_draft():
     assert walk.done
 
 
+def test_the_walk_keeps_a_runner_up_only_where_the_first_draft_is_doubted():
+    from xspecmesh.decoding.token_sampling import HAVE_3, DraftWalk, Grammar
+
+    walk = DraftWalk(Grammar(), torch.tensor([HAVE_3, HAVE_3, HAVE_3]), branch=True)
+    sure, unsure, torn = torch.full((3, tok.VOCAB_SIZE), -50.0)
+    sure[tok.OFFSET_BASE + 7], sure[tok.OFFSET_BASE + 9] = 50.0, 40.0  # (first choice ~1 - e^-10)
+    unsure[tok.OFFSET_BASE + 7], unsure[tok.OFFSET_BASE + 9] = 1.0, 0.0  # (0.73)
+    torn[tok.OFFSET_BASE + 7], torn[tok.OFFSET_BASE + 9] = 0.1, 0.0  # (0.52)
+    assert walk.best(torch.stack([sure, unsure, torn])).tolist() == [tok.OFFSET_BASE + 7] * 3
+    assert walk.alternative.tolist() == [-1, -1, tok.OFFSET_BASE + 9]  # (0.7 is the line)
+    walk.best(torch.stack([torn, torn, torn]))
+    assert walk.alternative.tolist() == [-1, -1, tok.OFFSET_BASE + 9]  # (the first draft's only)
+
+
 def first_tokens(seqs, n=4):
     return collections.Counter(tuple(s[:n]) for s in seqs)
 

@@ -15,8 +15,8 @@
     topk       accept if x is among the backbone's K most likely tokens (the paper's ablation)
 
 Ours, both deterministic functions of the drafter's outputs, so the rules keep their guarantees: the chain ends
-early after a draft the drafter doubts (`confidence`), and the drafter's runner-up for d1 is verified in the same
-forward as a sibling of d1 and kept where d1 is rejected (`tree`; see `accept_drafts`).
+early after a draft the drafter doubts (`confidence`), and where it doubts d1 its runner-up is verified in the same
+forward as a sibling of d1 and kept where d1 is rejected (`tree`; see `accept_drafts` and `DraftWalk`).
 """
 from __future__ import annotations
 
@@ -246,8 +246,9 @@ def decode_speculative(
         dk = drafts.shape[1]  # (fewer where the drafter's confidence ended the chain)
         verified = torch.cat([r[:, None], drafts], 1)
         states = torch.stack(walk.states, 1)  # (B, D+1): grammar state before each verified position's next token
+        alt = walk.alternative
+        branch = branch and bool((alt >= 0).any())  # (no sequence kept a runner-up: a plain chain)
         if branch:  # the tree: the runner-up for d1 verified after the chain, as a sibling of d1
-            alt = walk.alternative
             verified = torch.cat([verified, alt.clamp(min=0)[:, None]], 1)
             states = torch.cat([states, grammar.advance(state, verified[:, -1])[:, None]], 1)
         _sync(dev)
