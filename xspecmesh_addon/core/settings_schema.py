@@ -100,8 +100,9 @@ DECODE = (
             min=1, max=MAX_HEADS),
     Setting("adaptive", bool, False, "choose each step's number of drafts (0 up to heads) from the acceptance and step "
             "cost measured so far, so weak heads never make decoding much slower than AR"),
-    Setting("tree", bool, True, "also verify the heads' second choice for the first drafted token, kept when their "
-            "first choice is rejected (a draft tree of two branches; one more position per verification)"),
+    Setting("tree", bool, True, "also verify the heads' second choice for the first drafted token where they doubt "
+            "the first (below 0.7), kept when their first choice is rejected (a draft tree of two branches; one more "
+            "position in such a verification)"),
     Setting("confidence", float, 0.4, "end a step's drafts after one the heads give less than this probability "
             "(such drafts are rarely accepted, and drafting past them costs; 0: always draft heads tokens)",
             min=0.0, max=1.0),
