@@ -21,6 +21,7 @@ from __future__ import annotations
 import itertools
 import math
 import operator
+import statistics
 
 
 class DraftLength:
@@ -49,10 +50,8 @@ class DraftLength:
         if not known:
             return [1.0 + self.prior_cost * d for d in range(self.max_heads + 1)]
         if len(known) >= 2:
-            mean_d, mean_s = (sum(x) / len(known) for x in zip(*known))
-            slope = (sum((d - mean_d) * (s - mean_s) for d, s in known)
-                     / sum((d - mean_d) ** 2 for d, _ in known))
-            base = max(mean_s - slope * mean_d, 1e-9)
+            slope, base = statistics.linear_regression(*zip(*known))
+            base = max(base, 1e-9)
             slope = max(slope, self.min_cost * base)  # the fitted line everywhere: smoother than single measurements
         else:
             ((k, seconds),) = known
@@ -90,7 +89,7 @@ class DraftLength:
                 self.accept[k] = (1 - w) * self.accept[k] + w * rate
         if self.probing:  # did this probe yield tokens faster than a plain step would have? (unknown at first)
             measured = not all(math.isnan(s) for s in self.seconds)  # else cost() is the prior's, in relative units
-            paid = not measured or bool(accepted) and (1 + sum(accepted) / len(accepted)) / seconds > 1 / self.cost()[0]
+            paid = not measured or bool(accepted) and (1 + statistics.fmean(accepted)) / seconds > 1 / self.cost()[0]
             idle = self.best() == 0 and not paid
             self.interval = min(2 * self.interval, self.max_probe_every) if idle else self.probe_every
         old = self.seconds[drafts]

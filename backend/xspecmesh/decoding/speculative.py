@@ -90,10 +90,10 @@ def accept_drafts(rule: AcceptConfig, logits, probs, drafts, generator, alternat
         return torch.where(where[:, None] & (removed.sum(-1, keepdim=True) > 0), removed, dist)
 
     nxt = next_distribution(n_acc)
-    if rule.rule == "exact" and d > 0:
+    if rule.rule == "exact":
         nxt = without(nxt, drafts[rows, n_acc.clamp(max=d - 1)], n_acc < d)
     took = torch.zeros_like(n_acc, dtype=torch.bool)
-    if alternative is not None and d > 0:
+    if alternative is not None:
         a = alternative.clamp(min=0)
         if rule.rule == "threshold":
             ok = probs[rows, 0, a] > rule.delta if rule.delta > 0 else torch.ones_like(took)
