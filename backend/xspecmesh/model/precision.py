@@ -85,9 +85,10 @@ def apply(model, heads, precision: str) -> None:
     if precision == "fp32":
         if next(model.parameters()).device.type == "cpu":
             linear = onednn_linear_class()  # nn.Linear itself where oneDNN's op is missing or wrong: no change
-            # A draft decoder's products stay on aten's path: all one-row and small, its weights read again within
-            # microseconds, where aten's path is the faster (drafting -8%, paired; docs/BENCHMARKS.md, "2026-12-01,
-            # fourth session"). The paper's heads' vocabulary projections are large, as the backbone's.
+            # A draft decoder's products stay on aten's path: they are small (<= 2^17 weights) and read again within
+            # microseconds, where aten's path is the faster (one sequence: drafting -8%; a batch of 8: -5% a token;
+            # docs/BENCHMARKS.md, "2026-12-01, fourth session"). The paper's heads' vocabulary projections are large,
+            # as the backbone's.
             from xspecmesh.model.drafter import DraftDecoder
 
             for module in _per_token_linears(model, None if isinstance(heads, DraftDecoder) else heads):
