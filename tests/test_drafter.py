@@ -29,7 +29,7 @@ DRAFTER_IDS = ["-".join(f"{k}={v}" for k, v in c.items()) for c in DRAFTERS]
 
 
 class Recorder:
-    """Wraps a drafter and records, per step, the logits (as training computes them from the drafter's features) each
+    """Wraps a drafter and records, per step, the outputs (as training computes them from the drafter's features) each
     draft was chosen from, and the drafts."""
 
     def __init__(self, drafter):
@@ -42,7 +42,7 @@ class Recorder:
         seen, best = [], type(self.drafter)._best
 
         def record(model, g, walk):
-            seen.append(self.drafter.logits(model, g).clone())
+            seen.append(self.drafter.outputs(model, g).clone())
             return best(self.drafter, model, g, walk)
 
         self.drafter._best = record
@@ -83,13 +83,13 @@ def test_drafts_at_inference_are_the_teacher_forced_drafts(drafter_cfg, tree):
             seq = emitted[b]
             inputs = torch.tensor([[0] + seq])
             _, hidden = model(inputs, cond=cond[b : b + 1], taps=drafter.taps)
-            want = drafter(model, hidden, inputs, cond[b : b + 1])  # (1, T, D, V)
+            want = drafter(model, hidden, inputs, cond[b : b + 1])  # (1, T, D, ·)
             for (seen, drafts), before in zip(rec.calls, starts[1:]):
                 m = before[b]  # r = seq[m - 1] was sampled from the backbone's state at input m - 1
-                for k, logits in enumerate(seen):
+                for k, out in enumerate(seen):
                     if m + k >= len(seq) or drafts[b, :k].tolist() != seq[m : m + k]:
                         break
-                    assert torch.allclose(logits[b], want[0, m - 1, k], atol=1e-4), (b, m, k)
+                    assert torch.allclose(out[b], want[0, m - 1, k], atol=1e-4), (b, m, k)
                     checked += 1
     assert checked > 40
     assert (stats.alternatives > 0) == tree
@@ -320,3 +320,30 @@ def test_stage1_trains_a_draft_decoder_on_own_samples_and_stage2_continues_it(tm
     lora.run()
     ck = load_checkpoint(tmp_path / "l" / "model.safetensors")
     assert isinstance(ck.heads, DraftDecoder) and ck.heads.cfg == tr.heads.cfg
+
+
+def test_a_factored_drafters_loss_in_closed_form_is_the_loss_over_its_logits():
+    """Training's factored loss (from the FACTORED_WIDTH values: log-normaliser, the teacher's class and axis
+    marginals, argmax) gives the loss, gradient and agreement that the 5121 logits `factored_logits` makes give."""
+    from xspecmesh.model.drafter import FACTORED_WIDTH, factored_argmax, factored_log_normalizer, factored_logits
+    from xspecmesh.training.trainer import head_distillation_loss
+
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(2, 7, 3, FACTORED_WIDTH, generator=g) * 2).requires_grad_()
+    teacher = torch.randn(2, 7, 5121, generator=g) * 3
+    teacher[0, 2, 4700] += 20  # (confident rows, a special block's among them, as a backbone's often are)
+    teacher[1, 1, 5120] += 20
+    targets = torch.randint(0, 5121, (2, 7), generator=g)
+    targets[1, 5:] = -1  # (padding)
+    y = x.detach().clone().requires_grad_()
+    dense, dense_agree = head_distillation_loss(factored_logits(y), teacher, targets, 0.8, 0.1)
+    closed, closed_agree = head_distillation_loss(x, teacher, targets, 0.8, 0.1, factored=True)
+    dense.backward()
+    closed.backward()
+    assert closed.item() == pytest.approx(dense.item(), rel=1e-5)
+    assert torch.allclose(x.grad, y.grad, atol=1e-6)
+    assert closed_agree == dense_agree
+    flat = x.detach().flatten(0, 2)
+    flat[::5] = flat[::5].round()  # (ties: the lower token id wins in both)
+    assert torch.allclose(factored_log_normalizer(flat), factored_logits(flat).logsumexp(-1), atol=1e-5)
+    assert torch.equal(factored_argmax(flat), factored_logits(flat).argmax(-1))

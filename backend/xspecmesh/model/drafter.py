@@ -63,6 +63,37 @@ def factored_logits(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([blocks + cls[..., :1], offsets + cls[..., 1:2], blocks + cls[..., 2:3], cls[..., 3:]], -1)
 
 
+# A factored output's token logits are linear in its values, factored_logits(x) = x @ basis.T with a 0/1 basis (V,
+# FACTORED_WIDTH) naming each token's class and axis values; training's loss needs only these closed forms of it.
+def factor_basis(device=None, dtype=torch.float32) -> torch.Tensor:
+    """(V, FACTORED_WIDTH): row v has a 1 at token v's class and at its three axis values (EOS: its class only)."""
+    return factored_logits(torch.eye(FACTORED_WIDTH, device=device, dtype=dtype)).T
+
+
+def factored_log_normalizer(x: torch.Tensor) -> torch.Tensor:
+    """log Σ exp over the 5121 logits of `factored_logits(x)`, from its FACTORED_WIDTH values: a class's tokens are
+    every combination of its axes' values, so its log-sum-exp is its class value plus each axis's."""
+    lse = [a.logsumexp(-1) for a in x[..., : 3 * _B + 3 * _O].split([_B] * 3 + [_O] * 3, -1)]
+    blocks, offsets, cls = lse[0] + lse[1] + lse[2], lse[3] + lse[4] + lse[5], x[..., 3 * _B + 3 * _O :]
+    return torch.stack([blocks + cls[..., 0], offsets + cls[..., 1], blocks + cls[..., 2], cls[..., 3]],
+                       -1).logsumexp(-1)
+
+
+def factored_argmax(x: torch.Tensor) -> torch.Tensor:
+    """`factored_logits(x).argmax(-1)` from the FACTORED_WIDTH values: each class's best is the best value on every
+    axis; the first best class (in token order) wins, as the argmax's first maximum does."""
+    best = [a.max(-1) for a in x[..., : 3 * _B + 3 * _O].split([_B] * 3 + [_O] * 3, -1)]
+    value = [best[i].values + best[i + 1].values + best[i + 2].values for i in (0, 3)]
+    index = [(best[i].indices * size + best[i + 1].indices) * size + best[i + 2].indices
+             for i, size in ((0, _B), (3, _O))]
+    cls = x[..., 3 * _B + 3 * _O :]
+    c = torch.stack([value[0] + cls[..., 0], value[1] + cls[..., 1], value[0] + cls[..., 2], cls[..., 3]],
+                    -1).argmax(-1)
+    first = torch.tensor([0, tok.OFFSET_BASE, tok.SPECIAL_BASE, tok.EOS], device=x.device)[c]
+    within = torch.stack([index[0], index[1], index[0], torch.zeros_like(index[0])], -1).gather(-1, c[..., None])
+    return first + within[..., 0]
+
+
 # Per class (plain block, offset, special block): its axes (block or offset) and its first token id.
 _CLASS_AXES = {tok.PLAIN: (0, tok.PLAIN), tok.OFFSET: (1, tok.OFFSET_BASE), tok.SPECIAL: (0, tok.SPECIAL_BASE)}
 
@@ -174,10 +205,13 @@ class DraftDecoder(nn.Module):
     def num_heads(self) -> int:
         return self.cfg.num_heads  # the drafts trained for (the unroll length); more are possible, not better
 
-    def logits(self, model: nn.Module, feats: torch.Tensor) -> torch.Tensor:
-        if self.to_axes is None:
-            return model.to_logits(feats)
-        return factored_logits(self.to_axes(feats))
+    @property
+    def factored(self) -> bool:
+        return self.to_axes is not None
+
+    def outputs(self, model: nn.Module, feats: torch.Tensor) -> torch.Tensor:
+        """Token logits (V), or a factored output's FACTORED_WIDTH values."""
+        return self.to_axes(feats) if self.factored else model.to_logits(feats)
 
     def _pairs(self, model: nn.Module, feats: torch.Tensor, tokens: torch.Tensor, pos: torch.Tensor,
                w: "_Inference | None" = None) -> torch.Tensor:
@@ -286,8 +320,8 @@ class DraftDecoder(nn.Module):
         """The greedy draft from the drafter's features (B, dim), grammar-masked, taken by `walk`. A factored output's
         is found from its 76 values on the host (`factored_best`): a few dozen microseconds of Python where making,
         masking and searching its 5121 logits takes some twenty tensor ops."""
-        if self.to_axes is None:
-            return walk.best(self.logits(model, feats))
+        if not self.factored:
+            return walk.best(model.to_logits(feats))
         second = walk.wants_runner_up
         found = [factored_best(y, walk.grammar.classes[s], second)
                  for y, s in zip(self.to_axes(feats).tolist(), walk.states[-1].tolist())]
@@ -321,8 +355,8 @@ class DraftDecoder(nn.Module):
 
     # -- training ----------------------------------------------------------------------------------------------
     def forward(self, model, hidden: torch.Tensor, inputs: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """Teacher-forced, unrolled on the drafter's own features (training-time test): (B, T, D, V), entry
-        [:, j, k-1] predicts the token k positions after the backbone's next, as the paper's heads do.
+        """Teacher-forced, unrolled on the drafter's own features (training-time test): (B, T, D, ·) `outputs`,
+        entry [:, j, k-1] predicting the token k positions after the backbone's next, as the paper's heads do.
 
         Unroll step s at chain start j reads [g_(s-1), t_(j+s)] (g_0 = the backbone's h_j) and attends to the
         step-1 entries at positions <= j (true features, as the cache holds at inference) plus its own chain's
@@ -348,7 +382,7 @@ class DraftDecoder(nn.Module):
             mask = torch.cat([first] + [eye] * s, 1)
             pos = torch.arange(s, s + t, device=dev)[None]
             feats = self.out_norm(self.block(self._pairs(model, feats, tokens, pos), cross, kv, mask))
-            out.append(self.logits(model, feats))
+            out.append(self.outputs(model, feats))
         return torch.stack(out, 2)
 
 
@@ -368,9 +402,9 @@ def drafter_for_backbone(model: nn.Module, cfg: HeadsConfig) -> Drafter:
     if cfg.kind not in DECODER_KINDS:
         return DraftHeads.for_backbone(model, cfg)
     drafter = DraftDecoder(model.cfg, cfg)
-    if drafter.to_axes is not None:
+    if drafter.factored:
         with torch.no_grad():
-            basis = factored_logits(torch.eye(FACTORED_WIDTH)).T  # (V, FACTORED_WIDTH): token logit = basis @ y
+            basis = factor_basis()
             full = torch.cat([model.to_logits.weight, model.to_logits.bias[:, None]], 1).float()
             fit = torch.linalg.pinv(basis) @ full  # (FACTORED_WIDTH, dim + 1); the basis is rank-deficient
             drafter.to_axes.weight.copy_(fit[:, :-1])
@@ -396,10 +430,21 @@ def grow(old: Drafter, cfg: HeadsConfig) -> DraftDecoder | None:
     return new
 
 
-def draft_logits(drafter: Drafter, model: nn.Module, hidden, inputs, cond, call: nn.Module | None = None):
-    """Teacher-forced draft logits (B, T, D, V) over whole sequences, any kind; `call` is the module to run (a DDP
-    wrapper of `drafter` while training)."""
+def is_factored(drafter: Drafter) -> bool:
+    return isinstance(drafter, DraftDecoder) and drafter.factored
+
+
+def draft_outputs(drafter: Drafter, model: nn.Module, hidden, inputs, cond, call: nn.Module | None = None):
+    """Teacher-forced draft outputs (B, T, D, ·) over whole sequences, any kind: token logits (V), or a factored
+    drafter's FACTORED_WIDTH values (`is_factored`); `call` is the module to run (a DDP wrapper of `drafter` while
+    training)."""
     call = call if call is not None else drafter
     if isinstance(drafter, DraftDecoder):
         return call(model, hidden, inputs, cond)
     return call(hidden, drafter.context(cond), model.to_logits)
+
+
+def draft_logits(drafter: Drafter, model: nn.Module, hidden, inputs, cond) -> torch.Tensor:
+    """Teacher-forced draft logits (B, T, D, V) over whole sequences, any kind."""
+    out = draft_outputs(drafter, model, hidden, inputs, cond)
+    return factored_logits(out) if is_factored(drafter) else out
