@@ -347,3 +347,14 @@ def test_a_factored_drafters_loss_in_closed_form_is_the_loss_over_its_logits():
     flat[::5] = flat[::5].round()  # (ties: the lower token id wins in both)
     assert torch.allclose(factored_log_normalizer(flat), factored_logits(flat).logsumexp(-1), atol=1e-5)
     assert torch.equal(factored_argmax(flat), factored_logits(flat).argmax(-1))
+
+
+def test_drafting_before_begin_says_what_is_missing():
+    from xspecmesh.decoding.token_sampling import DraftWalk, Grammar
+
+    model = tiny_model()
+    drafter = tiny_heads(model, d=2, kind="eagle", output="factored")
+    feats, tokens = torch.zeros(1, 1, model.cfg.dim), torch.zeros(1, 1, dtype=torch.long)
+    walk = DraftWalk(Grammar(), Grammar().start(1))
+    with pytest.raises(RuntimeError, match="call begin first"), torch.no_grad():
+        drafter.propose(model, None, feats, tokens, torch.ones(1, dtype=torch.long), 2, walk)

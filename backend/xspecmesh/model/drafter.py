@@ -338,7 +338,9 @@ class DraftDecoder(nn.Module):
             rows, last = torch.arange(feats.shape[0], device=feats.device), counts - 1
             feats, tokens, counts = feats[rows, last][:, None], tokens[rows, last][:, None], torch.ones_like(counts)
             cache.rollback(torch.zeros_like(cache.lengths))
-        w = self.__dict__["_inference"]  # (made or checked by `begin`)
+        w = self.__dict__.get("_inference")  # (made or checked by `begin`, once per mesh)
+        if w is None:
+            raise RuntimeError("DraftDecoder.propose needs the state `begin` makes: call begin first")
         counted = counts.tolist()
         n = max(counted)
         g = self._extend(model, cache, feats[:, :n], tokens[:, :n], counts, w, min(counted) == n)
