@@ -22,11 +22,12 @@ patch) where the last layer holds its guess at the next token, and the backbone'
 projection is skipped for it, not fed zeros.
 
 The token embedding is the backbone's (shared, not stored). The output is either the backbone's projection onto the
-5121-token vocabulary (a dim x 5121 matrix read for every draft) or, far cheaper, factored by axis: a BPT token names three axis values (8 per axis for a block, 16 for an offset), so the
-drafter emits 3 x 8 + 3 x 16 axis logits and 4 class logits and a token's logit is the sum of its class's and its
-three axes' (`factored_logits`). A draft is the argmax, so only the ranking matters, and where the backbone is
-confident its top token holds the top value on every axis. Drafts are greedy, hence a deterministic function of the
-context, which is what the `exact` acceptance rule needs to stay lossless.
+5121-token vocabulary (a dim x 5121 matrix read for every draft) or, far cheaper, factored by axis: a BPT token
+names three axis values (8 per axis for a block, 16 for an offset), so the drafter emits 3 x 8 + 3 x 16 axis logits
+and 4 class logits and a token's logit is the sum of its class's and its three axes' (`factored_logits`; training
+works its loss out from the 76 values, `factored_log_normalizer`). A draft is the argmax, so only the ranking
+matters, and where the backbone is confident its top token holds the top value on every axis. Drafts are greedy,
+hence a deterministic function of the context, which is what the `exact` acceptance rule needs to stay lossless.
 """
 from __future__ import annotations
 

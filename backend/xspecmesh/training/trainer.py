@@ -148,8 +148,9 @@ def head_distillation_loss(head_out, teacher_logits, targets, decay: float, ce_w
 
     `head_out`: `draft_outputs`, token logits or with `factored` a factored drafter's values, whose loss is worked
     out from them in closed form, the same numbers without the drafts' (B, T, D, V) logits (on a CPU those and their
-    gradients took four fifths of a training step): with the token logits z = x @ basis.T (`factor_basis`),
-    log s(v) = z_v - log Z(x), so KL(t || s) = log Z(x) - <t @ basis, x> - H(t) and -log s(y) = log Z(x) - basis[y] . x."""
+    gradients took more than half of a training step): with the token logits z = x @ basis.T (`factor_basis`),
+    log s(v) = z_v - log Z(x), so KL(t || s) = log Z(x) - <t @ basis, x> - H(t) and
+    -log s(y) = log Z(x) - basis[y] . x."""
     d = head_out.shape[2]
     total, weights, agree = 0.0, 0.0, []
     teacher_logp = teacher_logits.float().log_softmax(-1)
