@@ -14,7 +14,7 @@ import json
 import torch
 
 from xspecmesh.model.checkpoint import load_checkpoint
-from xspecmesh.model.drafter import draft_outputs, is_factored
+from xspecmesh.model.drafter import draft_outputs
 from xspecmesh.training.data import ShapeConfig, validation_pairs
 from xspecmesh.training.trainer import collate, head_distillation_loss, own_samples
 
@@ -35,7 +35,7 @@ def agreement(path: str, count: int, batch: int = 16) -> dict:
                                  "samples": own_samples(model, cond, 3 * shapes.max_faces, gen)}.items():
             logits, hidden = model(inp, cond=cond, taps=drafter.taps)
             _, agree = head_distillation_loss(draft_outputs(drafter, model, hidden, inp, cond), logits, tgt, 1.0, 0.0,
-                                              is_factored(drafter))
+                                              drafter.factored)
             sums[name] = [s + a * len(inp) for s, a in zip(sums[name], agree)]
     return {"checkpoint": path, "kind": drafter.cfg.kind, "output": getattr(drafter.cfg, "output", "shared"),
             **{name: [round(s / len(pairs), 4) for s in v] for name, v in sums.items()}}

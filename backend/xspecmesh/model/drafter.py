@@ -207,7 +207,7 @@ class DraftDecoder(nn.Module):
         return self.cfg.num_heads  # the drafts trained for (the unroll length); more are possible, not better
 
     @property
-    def factored(self) -> bool:
+    def factored(self) -> bool:  # (as `DraftHeads.factored`: every drafter says whether its outputs are axis values)
         return self.to_axes is not None
 
     def outputs(self, model: nn.Module, feats: torch.Tensor) -> torch.Tensor:
@@ -433,13 +433,9 @@ def grow(old: Drafter, cfg: HeadsConfig) -> DraftDecoder | None:
     return new
 
 
-def is_factored(drafter: Drafter) -> bool:
-    return isinstance(drafter, DraftDecoder) and drafter.factored
-
-
 def draft_outputs(drafter: Drafter, model: nn.Module, hidden, inputs, cond, call: nn.Module | None = None):
     """Teacher-forced draft outputs (B, T, D, ·) over whole sequences, any kind: token logits (V), or a factored
-    drafter's FACTORED_WIDTH values (`is_factored`); `call` is the module to run (a DDP wrapper of `drafter` while
+    drafter's FACTORED_WIDTH values (`drafter.factored`); `call` is the module to run (a DDP wrapper of `drafter` while
     training)."""
     call = call if call is not None else drafter
     if isinstance(drafter, DraftDecoder):
@@ -450,4 +446,4 @@ def draft_outputs(drafter: Drafter, model: nn.Module, hidden, inputs, cond, call
 def draft_logits(drafter: Drafter, model: nn.Module, hidden, inputs, cond) -> torch.Tensor:
     """Teacher-forced draft logits (B, T, D, V) over whole sequences, any kind."""
     out = draft_outputs(drafter, model, hidden, inputs, cond)
-    return factored_logits(out) if is_factored(drafter) else out
+    return factored_logits(out) if drafter.factored else out

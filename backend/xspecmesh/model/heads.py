@@ -27,6 +27,7 @@ def _stacked(d: int, i: int, o: int, std: float = 0.02) -> nn.Parameter:
 class DraftHeads(nn.Module):
     taps: tuple[int, ...] = ()  # backbone layers read besides the final state (none: the paper's heads)
     reads_history = False  # the committed pairs `propose` reads: the newest only
+    factored = False  # outputs token logits over the vocabulary (a draft decoder may output axis values)
 
     def __init__(self, model_cfg: ModelConfig, cfg: HeadsConfig):
         super().__init__()

@@ -37,7 +37,7 @@ from xspecmesh.training.data import ShapeConfig, TrainingPair, iter_pairs, load_
 from xspecmesh.errors import CheckpointError, SettingsError
 from xspecmesh.training.config import TrainConfig
 from xspecmesh.model.drafter import (DECODER_KINDS, KINDS, draft_outputs, drafter_for_backbone, factor_basis,
-                                     factored_argmax, factored_log_normalizer, grow, is_factored)
+                                     factored_argmax, factored_log_normalizer, grow)
 from xspecmesh.model.transformer import MeshTransformer
 
 # The decoder's attention and feed-forward projections (the point encoder keeps its weights).
@@ -344,7 +344,7 @@ class Trainer:
                 hidden, cond = hidden.detach(), cond.detach()
             head_out = draft_outputs(self.heads, self.model, hidden, inputs, cond, self.ddp.get("heads"))
             distill, agree = head_distillation_loss(head_out, logits.detach(), targets, self.cfg.head_decay,
-                                                    self.cfg.ce_weight, is_factored(self.heads))
+                                                    self.cfg.ce_weight, self.heads.factored)
         loss = distill if self.cfg.stage == "heads" else distill + self.cfg.backbone_weight * ce
         return loss, {"loss": loss.item(), "distill": distill.item(), "ce": ce.item(),
                       **{f"agree{k + 1}": a for k, a in enumerate(agree)}}
@@ -485,7 +485,7 @@ class Trainer:
             totals["count"] = totals.get("count", 0) + valid.sum().item()
             if heads is not None:
                 out = draft_outputs(heads, model, hidden, inputs, cond)
-                _, agree = head_distillation_loss(out, logits, targets, 1.0, 0.0, is_factored(heads))
+                _, agree = head_distillation_loss(out, logits, targets, 1.0, 0.0, heads.factored)
                 for k, a in enumerate(agree):
                     totals[f"agree{k + 1}"] = totals.get(f"agree{k + 1}", 0) + a * len(inputs)
         count = totals.pop("count")
