@@ -349,6 +349,28 @@ def test_a_factored_drafters_loss_in_closed_form_is_the_loss_over_its_logits():
     assert torch.equal(factored_argmax(flat), factored_logits(flat).argmax(-1))
 
 
+def test_the_teacher_at_a_temperature_is_the_backbones_sampling_distribution():
+    """--teacher-temperature T: the drafter matches softmax(logits / T), the distribution the add-on samples from at
+    temperature T (dense and factored alike); agreement still counts the backbone's argmax."""
+    from xspecmesh.model.drafter import FACTORED_WIDTH, factored_logits
+    from xspecmesh.training.trainer import head_distillation_loss
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 6, 2, FACTORED_WIDTH, generator=g)
+    teacher = torch.randn(2, 6, 5121, generator=g) * 3
+    targets = torch.randint(0, 5121, (2, 6), generator=g)
+    s = factored_logits(x).log_softmax(-1)
+    t = (teacher / 0.5).log_softmax(-1)
+    kl = [(t[:, k:].exp() * (t[:, k:] - s[:, :-k, k - 1])).sum(-1).mean() for k in (1, 2)]
+    expected = (kl[0] + 0.8 * kl[1]) / 1.8
+    for out, factored in ((factored_logits(x), False), (x, True)):
+        loss, agree = head_distillation_loss(out, teacher, targets, 0.8, 0.0, factored, temperature=0.5)
+        assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
+        assert agree == head_distillation_loss(out, teacher, targets, 0.8, 0.0, factored)[1]
+    assert head_distillation_loss(x, teacher, targets, 0.8, 0.0, True, 0.5)[0].item() != pytest.approx(
+        head_distillation_loss(x, teacher, targets, 0.8, 0.0, True)[0].item(), rel=1e-3)
+
+
 def test_drafting_before_begin_says_what_is_missing():
     from xspecmesh.decoding.token_sampling import DraftWalk, Grammar
 

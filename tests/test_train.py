@@ -91,6 +91,8 @@ def test_own_samples_are_decoded_a_pool_of_micro_batches_at_a_time(tmp_path, mon
     assert all(rows == shapes and width == used for rows, shapes, width, used in seen)
     with pytest.raises(SettingsError, match="sample-pool"):
         Trainer(TrainConfig(stage="heads", init=str(init), out=str(tmp_path / "x"), sample_pool=0, **FAST))
+    with pytest.raises(SettingsError, match="teacher-temperature"):
+        Trainer(TrainConfig(stage="heads", init=str(init), out=str(tmp_path / "x"), teacher_temperature=0, **FAST))
 
 
 def test_training_distribution_is_configured_and_recorded(tmp_path):

@@ -46,6 +46,9 @@ class TrainConfig:
     head_own_output: bool = False  # heads get their own output projection (started as a copy of the backbone's)
     head_decay: float = 0.8  # head k's loss weight is decay**(k-1)
     ce_weight: float = 0.1  # plus cross-entropy to the true token (0 = pure distillation)
+    # the teacher the drafter matches is the backbone's distribution at this temperature: every acceptance rule tests
+    # drafts against the sampling distribution (the add-on samples at 0.5), which puts its mass on the backbone's top
+    teacher_temperature: float = 1.0
     lora_rank: int = 16
     lora_alpha: int = 32
     backbone_weight: float = 50.0  # λ: weight of the backbone's own loss in stage 2

@@ -142,9 +142,9 @@ def own_samples(model, cond: torch.Tensor, max_tokens: int, generator=None) -> t
 
 
 def head_distillation_loss(head_out, teacher_logits, targets, decay: float, ce_weight: float,
-                           factored: bool = False):
-    """Head k at position j matches the backbone's distribution at position j+k (KL), plus optional CE to the true
-    token there. Returns the weighted loss and per-head top-1 agreement with the backbone.
+                           factored: bool = False, temperature: float = 1.0):
+    """Head k at position j matches the backbone's distribution at position j+k (KL; at `temperature`), plus optional
+    CE to the true token there. Returns the weighted loss and per-head top-1 agreement with the backbone.
 
     `head_out`: `draft_outputs`, token logits or with `factored` a factored drafter's values, whose loss is worked
     out from them in closed form, the same numbers without the drafts' (B, T, D, V) logits (on a CPU those and their
@@ -153,7 +153,7 @@ def head_distillation_loss(head_out, teacher_logits, targets, decay: float, ce_w
     -log s(y) = log Z(x) - basis[y] . x."""
     d = head_out.shape[2]
     total, weights, agree = 0.0, 0.0, []
-    teacher_logp = teacher_logits.float().log_softmax(-1)
+    teacher_logp = (teacher_logits.float() / temperature).log_softmax(-1)
     if factored:
         teacher_p = teacher_logp.exp()
         basis = factor_basis(teacher_p.device)
@@ -228,6 +228,8 @@ class Trainer:
             raise SettingsError(f"--self-samples is a share between 0 and 1, got {cfg.self_samples}")
         if cfg.sample_pool < 1:
             raise SettingsError(f"--sample-pool is a number of micro-batches, 1 or more, got {cfg.sample_pool}")
+        if not cfg.teacher_temperature > 0:
+            raise SettingsError(f"--teacher-temperature must be above 0, got {cfg.teacher_temperature}")
         if cfg.axis_factors and cfg.stage != "backbone":
             raise SettingsError("--axis-factors is for the backbone stage (the heads read the merged rows)")
         self.cfg = cfg
@@ -344,7 +346,8 @@ class Trainer:
                 hidden, cond = hidden.detach(), cond.detach()
             head_out = draft_outputs(self.heads, self.model, hidden, inputs, cond, self.ddp.get("heads"))
             distill, agree = head_distillation_loss(head_out, logits.detach(), targets, self.cfg.head_decay,
-                                                    self.cfg.ce_weight, self.heads.factored)
+                                                    self.cfg.ce_weight, self.heads.factored,
+                                                    self.cfg.teacher_temperature)
         loss = distill if self.cfg.stage == "heads" else distill + self.cfg.backbone_weight * ce
         return loss, {"loss": loss.item(), "distill": distill.item(), "ce": ce.item(),
                       **{f"agree{k + 1}": a for k, a in enumerate(agree)}}
