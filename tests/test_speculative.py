@@ -364,8 +364,8 @@ def test_an_engine_keeps_its_draft_length_estimates_across_requests(tmp_path):
 def uneven_accepts(monkeypatch):
     """Row 0 accepts every draft, row 1 none (a well-drafted mesh and a hard one in one batch)."""
     def forced(rule, logits, probs, drafts, generator, alternative=None):
-        n = torch.tensor([drafts.shape[1], 0])
-        return n, probs[torch.arange(2), n], torch.zeros(2, dtype=torch.bool)
+        n = [drafts.shape[1], 0]
+        return n, probs[torch.arange(2), torch.tensor(n)], [False, False]
 
     monkeypatch.setattr(speculative, "accept_drafts", forced)
 

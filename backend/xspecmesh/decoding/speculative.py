@@ -52,64 +52,63 @@ def _sync(device: torch.device) -> None:
 
 
 def accept_drafts(rule: AcceptConfig, logits, probs, drafts, generator, alternative=None):
-    """How many leading drafts each sequence keeps (B,), the distribution its next token is drawn from (B, V), and
-    whether it kept the alternative first draft instead (B,) bool (then 1 draft is kept).
+    """How many leading drafts each sequence keeps (list of B), the distribution its next token is drawn from (B, V),
+    and whether it kept the alternative first draft instead (list of B; then 1 draft is kept).
 
     logits/probs: (B, D+1, V) masked backbone logits and sampling distributions at [r, d1..dD], then with an
     `alternative` (B,) (a second candidate for d1; -1: none) one more row, at the alternative; drafts: (B, D). The
     alternative is tried where d1 is rejected, by the same rule against what is left of the distribution at r (for
-    `exact`: d1 removed, so that every token keeps the probability plain sampling gives it)."""
-    d = drafts.shape[1]
-    rows = torch.arange(drafts.shape[0], device=drafts.device)
+    `exact`: d1 removed, so that every token keeps the probability plain sampling gives it). The numbers each rule
+    tests are gathered in one go and decided on the host: a few numbers per sequence, where the same decisions as
+    tensor ops took some twenty small ops, each of which costs on a CPU right after a verify has swept its caches."""
+    b, d = drafts.shape
+    rows = torch.arange(b, device=drafts.device)
 
-    def next_distribution(at):
+    def next_distribution(at: list[int]):
+        at = torch.tensor(at, device=drafts.device)
         if rule.rule == "greedy":
             return torch.nn.functional.one_hot(logits[rows, at].argmax(-1), logits.shape[-1]).to(probs.dtype)
         return probs[rows, at]
 
     if d == 0:  # (a step without drafts: adaptive D = 0) nothing to accept, the next token is drawn at r
-        none = torch.zeros_like(rows)
-        return none, next_distribution(none), none.bool()
-    p_x = probs[:, :d].gather(-1, drafts[..., None]).squeeze(-1)
-    if rule.rule == "exact":  # (with an alternative, one more number: its test's)
-        u = uniform((drafts.shape[0], d + (alternative is not None)), generator, p_x.device, p_x.dtype)
-    if rule.rule == "threshold":
-        ok = p_x > rule.delta if rule.delta > 0 else torch.ones_like(p_x, dtype=torch.bool)
-    elif rule.rule == "exact":
-        ok = u[:, :d] < p_x
-    elif rule.rule == "greedy":
-        ok = drafts == logits[:, :d].argmax(-1)
+        return [0] * b, next_distribution([0] * b), [False] * b
+    # The tokens tested, d1..dD and the alternative, and the row of logits/probs each is tested against.
+    alt = alternative.tolist() if alternative is not None else [-1] * b
+    tested = drafts if alternative is None else torch.cat([drafts, alternative.clamp(min=0)[:, None]], 1)
+    at = _tested_rows(d, alternative is not None, drafts.device)
+    if rule.rule == "greedy":
+        best = logits.argmax(-1).gather(1, at.expand(b, -1))
+        ok = (tested == best).tolist()
     elif rule.rule == "topk":
-        ok = (logits[:, :d].topk(rule.topk, dim=-1).indices == drafts[..., None]).any(-1)
+        ok = (logits[:, at[0]].topk(rule.topk, dim=-1).indices == tested[..., None]).any(-1).tolist()
+    elif rule.rule in ("threshold", "exact"):
+        p = probs.flatten(1).gather(1, tested + at * probs.shape[-1]).tolist()
+        if rule.rule == "threshold":
+            ok = [[x > rule.delta or rule.delta <= 0 for x in row] for row in p]
+        else:  # accept with probability p(x); the alternative against the rest of the distribution at r, d1 removed
+            u = uniform((b, d + (alternative is not None)), generator, probs.device, probs.dtype).tolist()
+            ok = [[ui < pi for ui, pi in zip(us[:d], ps)] + [us[d:][0] * (1 - ps[0]) < ps[d] if ps[d:] else False]
+                  for us, ps in zip(u, p)]
     else:
         raise ValueError(f"unknown acceptance rule {rule.rule!r}")
-    n_acc = ok.long().cumprod(-1).sum(-1)
+    n_acc = [row[:d].index(False) if False in row[:d] else d for row in ok]
+    took = [n == 0 and a >= 0 and row[-1] for n, a, row in zip(n_acc, alt, ok)]
+    nxt = next_distribution([d + 1 if t else n for n, t in zip(n_acc, took)])
+    if rule.rule == "exact":  # a rejected token leaves the distribution (the first rejected draft, then a rejected
+        # alternative), unless nothing would be left
+        for removed in ([row[n] if n < d and not t else -1 for row, n, t in zip(drafts.tolist(), n_acc, took)],
+                        [a if n == 0 and a >= 0 and not t else -1 for n, a, t in zip(n_acc, alt, took)]):
+            where = torch.tensor([x >= 0 for x in removed], device=drafts.device)
+            if bool(where.any()):
+                rest = nxt.scatter(-1, torch.tensor(removed, device=drafts.device).clamp(min=0)[:, None], 0.0)
+                nxt = torch.where(where[:, None] & (rest.sum(-1, keepdim=True) > 0), rest, nxt)
+    return [1 if t else n for n, t in zip(n_acc, took)], nxt, took
 
-    def without(dist, x, where):  # (exact) a rejected token leaves the distribution, unless nothing would be left
-        removed = dist.scatter(-1, x[:, None], 0.0)
-        return torch.where(where[:, None] & (removed.sum(-1, keepdim=True) > 0), removed, dist)
 
-    nxt = next_distribution(n_acc)
-    if rule.rule == "exact":
-        nxt = without(nxt, drafts[rows, n_acc.clamp(max=d - 1)], n_acc < d)
-    took = torch.zeros_like(n_acc, dtype=torch.bool)
-    if alternative is not None:
-        a = alternative.clamp(min=0)
-        if rule.rule == "threshold":
-            ok = probs[rows, 0, a] > rule.delta if rule.delta > 0 else torch.ones_like(took)
-        elif rule.rule == "exact":  # against the rest of the distribution at r, d1 removed
-            ok = u[:, d] * nxt.sum(-1) < nxt[rows, a]
-        elif rule.rule == "greedy":
-            ok = a == logits[:, 0].argmax(-1)
-        else:
-            ok = (logits[:, 0].topk(rule.topk, dim=-1).indices == a[:, None]).any(-1)
-        tried = (n_acc == 0) & (alternative >= 0)
-        took = tried & ok
-        nxt = torch.where(took[:, None], next_distribution(torch.full_like(n_acc, d + 1)), nxt)
-        if rule.rule == "exact":
-            nxt = without(nxt, a, tried & ~ok)
-        n_acc = torch.where(took, 1, n_acc)
-    return n_acc, nxt, took
+@functools.lru_cache(maxsize=None)
+def _tested_rows(drafts: int, alternative: bool, device: torch.device) -> torch.Tensor:
+    """(1, D[+1]): the row of a verify's logits each tested token is checked at: d_k at k - 1, the alternative at 0."""
+    return torch.tensor([list(range(drafts)) + [0] * alternative], device=device)
 
 
 @functools.lru_cache(maxsize=None)
@@ -262,40 +261,47 @@ def decode_speculative(
 
         # 3. Accept a prefix (or the alternative), 4. resample the first rejected position (or a bonus token after a
         # full accept).
-        logits = logits.float().masked_fill(~grammar.allowed[states], float("-inf"))
+        logits = logits.float().masked_fill(grammar.forbidden[states], float("-inf"))
         probs = distribution(logits, sampling)
         n_acc, nxt_probs, took = accept_drafts(accept, logits, probs, drafts, generator, alt if branch else None)
-        n_acc, took = torch.where(finished, 0, n_acc), took & ~finished
         r = draw(nxt_probs, generator)
+        # (a finished row keeps nothing; the per-row results are host lists, and tensors only where indexing needs
+        # them: at batch 1 each small op costs more than the Python that replaces it)
+        done = finished.tolist()
+        n_acc = [0 if f else n for n, f in zip(n_acc, done)]
+        took = [t and not f for t, f in zip(took, done)]
+        kept, last = torch.tensor([n_acc, [dk + 1 if t else n for n, t in zip(n_acc, took)]], device=dev)
 
         # 5. Commit: keep r_prev, d1..da (or the alternative) in the cache; the new r is fed next step.
-        state = grammar.advance(states[rows, torch.where(took, dk + 1, n_acc)], r)
-        new = torch.cat([drafts, torch.zeros_like(r)[:, None]], 1)
-        new[rows, n_acc] = r
-        if branch and bool(took.any()):  # the alternative goes where d1 was: token, cache slot, feature
-            moved = took.nonzero()[:, 0]
+        state = grammar.advance(states[rows, last], r)  # (the state before r: after d_a, or after the alternative)
+        new = torch.cat([drafts, r[:, None]], 1)
+        new[rows, kept] = r
+        if any(took):  # the alternative goes where d1 was: token, cache slot, feature
+            moved = torch.tensor([i for i, t in enumerate(took) if t], device=dev)
             new[moved, 0] = alt[moved]
             cache.move(moved, length[moved] + dk + 1, length[moved] + 1)
             hidden[moved, 1] = hidden[moved, dk + 1]
         hidden = hidden[:, : dk + 1]
-        live = ~finished
-        accepted = n_acc[live].tolist()
+        accepted = [n for n, f in zip(n_acc, done) if not f]
         stats.draft_hist[dk] += 1
         for a in accepted:
             stats.accept_hist[a] += 1
             for k in range(min(a + 1, dk)):
                 stats.head_trials[k] += 1
                 stats.head_accepts[k] += int(k < a)
-        stats.alternatives += int(took.sum())
+        stats.alternatives += sum(took)
         stats.steps += 1
-        stats.seq_steps += int(live.sum())
-        out = _commit(new, n_acc + 1, emitted, finished, max_tokens, stats)
+        stats.seq_steps += len(accepted)
+        step_tokens = kept + 1
+        out = _commit(new, step_tokens, emitted, finished, max_tokens, stats)
         leaving.write(outer, finished)
         # A finished row (this step included) keeps the cache it had before this verify and hands the drafter no
         # pairs: until it leaves the batch or its slot is taken over, later verifies still run over it, and neither
         # cache may grow past its size.
-        cache.rollback(torch.where(finished, length, length + 1 + n_acc))
-        fresh = hidden, new, torch.where(finished, 0, n_acc + 1)
+        if any(finished.tolist()):
+            step_tokens = torch.where(finished, 0, step_tokens)
+        cache.rollback(length + step_tokens)
+        fresh = hidden, new, step_tokens
         # A step without drafts leaves the pairs unread: a drafter that reads all of them (a draft decoder's
         # catch-up) gets them before this step's (a finished row's are dropped); the paper's heads read the newest.
         if not dk and heads.reads_history:

@@ -102,6 +102,7 @@ class Grammar:
         cls = torch.from_numpy(tok.token_classes(vocab_size))
         self.cls = cls.to(device)
         self.allowed = (nxt >= 0)[:, cls].to(device)  # (states, V)
+        self.forbidden = ~self.allowed  # (a verify masks with it: one op fewer than inverting per step)
         self.next = torch.where(nxt >= 0, nxt, DONE).to(device)  # (a forbidden class leads to DONE)
         self.classes = [[c for c in range(4) if nxt[s, c] >= 0] for s in range(NUM_STATES)]  # allowed, per state
 
