@@ -108,6 +108,24 @@ def test_cache_overflow_is_an_error(model, cond):
         model(tokens(n=9), cache=cache)
 
 
+def test_equal_lengths_take_their_mask_from_a_pattern_made_once():
+    """Sequences of equal lengths (batch 1 always) read their mask as a view of a pattern made once per (n, sees);
+    it is the mask built per forward: every cached key visible, the new tokens causal or as a tree's `sees` says."""
+    from xspecmesh.model.kv_cache import KVCache
+
+    cache = KVCache(1, 2, 1, 40, 4, "cpu", torch.float32)
+    sees = torch.ones(4, 4, dtype=torch.bool).tril()
+    sees[-1, 1:-1] = False  # (a draft tree's sibling: sees the first new token and itself)
+    for start, pattern in ((0, None), (9, None), (9, sees), (30, sees), (36, sees)):
+        seq_pos = torch.full((2, 1), start) + torch.arange(4)
+        at = cache.prepare(seq_pos, pattern)
+        new = torch.ones(4, 4, dtype=torch.bool).tril() if pattern is None else pattern
+        visible = torch.cat([torch.ones(4, start, dtype=torch.bool), new], 1)
+        assert at.upto == start + 4 and at.mask.shape == (2, 1, 4, start + 4)
+        assert torch.equal(at.mask[0, 0] == 0, visible) and torch.equal(at.mask[1], at.mask[0])
+    assert len(cache._patterns) == 2
+
+
 def test_bos_has_no_position_and_types_are_added(model):
     seq_pos = torch.tensor([[0, 1, 2, 3]])
     t = torch.tensor([[77, 5, 600, 4700]])
