@@ -85,10 +85,13 @@ def accept_drafts(rule: AcceptConfig, logits, probs, drafts, generator, alternat
         p = probs.flatten(1).gather(1, tested + at * probs.shape[-1]).tolist()
         if rule.rule == "threshold":
             ok = [[x > rule.delta or rule.delta <= 0 for x in row] for row in p]
-        else:  # accept with probability p(x); the alternative against the rest of the distribution at r, d1 removed
+        else:  # accept with probability p(x)
             u = uniform((b, d + (alternative is not None)), generator, probs.device, probs.dtype).tolist()
-            ok = [[ui < pi for ui, pi in zip(us[:d], ps)] + [us[d:][0] * (1 - ps[0]) < ps[d] if ps[d:] else False]
-                  for us, ps in zip(u, p)]
+            ok = []
+            for us, ps in zip(u, p):
+                ok.append([ui < pi for ui, pi in zip(us[:d], ps)])
+                if len(ps) > d:  # the alternative: against the rest of the distribution at r, d1 removed
+                    ok[-1].append(us[d] * (1 - ps[0]) < ps[d])
     else:
         raise ValueError(f"unknown acceptance rule {rule.rule!r}")
     n_acc = [row[:d].index(False) if False in row[:d] else d for row in ok]
