@@ -36,7 +36,7 @@ class KVCache:
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)  # cached input positions per sequence
         self.cross: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer (k, v) over the condition
         self.is_view = False  # a `row` of another cache, sharing its buffers (which must then not be replaced)
-        self._patterns: dict = {}  # (n, id(sees)) -> (sees, additive mask over max_len keys): see `prepare`
+        self._patterns: dict = {}  # (n, id(sees)) -> (sees, the additive mask pattern `prepare` reads)
 
     def _grow(self, slots: int) -> None:
         """Room for at least `slots` slots: the buffers replaced by ones twice as long or more (at most max_len),
@@ -67,31 +67,29 @@ class KVCache:
         start = starts[0] if min(starts) == max(starts) else None
         if start is not None and (n == 1 or last_only):
             return CacheWrite(seq_pos, None, upto, start)  # every cached key is visible
-        if start is not None:  # equal lengths: the last `upto` columns of a mask made once per shape (a view)
-            mask = self._pattern(n, sees)[..., self.max_len - upto :].expand(len(starts), -1, -1, -1)
-            return CacheWrite(seq_pos, mask, upto, start)
-        keys = torch.arange(upto, device=seq_pos.device)
-        if sees is None:
-            visible = keys[None, None, None, :] <= seq_pos[:, None, :, None]
+        # Each row's mask is a window onto one pattern per (n, sees) (`_pattern`): for equal lengths the same window,
+        # a view; for ragged ones a gather of each row's window.
+        pattern = self._pattern(n, sees)
+        if start is not None:
+            mask = pattern[None, None, :, self.max_len - upto : self.max_len].expand(len(starts), -1, -1, -1)
         else:
-            rel = keys[None, :] - seq_pos[:, :1]  # (B, keys): a key's place among the new tokens (< 0: before them)
-            new = sees[:, rel.clamp(0, n - 1)].transpose(0, 1) & (rel < n)[:, None]  # (B, n, keys)
-            visible = ((rel < 0)[:, None] | new)[:, None]
-        # Additive, in the cache's dtype: attention would otherwise turn a boolean mask into this in every layer.
-        mask = torch.zeros(visible.shape, dtype=self.k.dtype, device=seq_pos.device).masked_fill_(~visible, -torch.inf)
+            cols = torch.arange(upto, device=seq_pos.device) + (self.max_len - n - seq_pos[:, :1])  # (B, keys)
+            mask = pattern[:, cols].transpose(0, 1)[:, None]
         return CacheWrite(seq_pos, mask, upto, start)
 
     def _pattern(self, n: int, sees: torch.Tensor | None) -> torch.Tensor:
-        """(1, 1, n, max_len) additive mask of n new tokens that end the key slots: every earlier slot visible, the new
-        ones as `sees` says (None: causal). A forward whose sequences all have `upto` slots takes its last `upto`
-        columns, where building the mask took a dozen small ops (~0.1 ms on a CPU after a verify)."""
+        """(n, 2 max_len) additive mask (0 visible, -inf not) for n new tokens whose last is at column max_len - 1:
+        the columns before them visible, theirs as `sees` says (None: causal), those after them not. A row whose new
+        tokens start at slot `start` reads columns from max_len - n - start on, so its key j lands on its own place.
+        Made once per (n, sees) and cache, in the cache's dtype (attention would otherwise turn a boolean mask into
+        this in every layer); building a mask per forward took a dozen small ops (~0.1 ms on a CPU after a verify)."""
         key = (n, id(sees))
         if key not in self._patterns or self._patterns[key][0] is not sees:
             new = torch.ones(n, n, dtype=torch.bool, device=self.k.device).tril() if sees is None else sees
-            visible = torch.cat([new.new_ones(n, self.max_len - n), new], 1)
+            visible = torch.cat([new.new_ones(n, self.max_len - n), new, new.new_zeros(n, self.max_len)], 1)
             mask = torch.zeros(visible.shape, dtype=self.k.dtype, device=visible.device).masked_fill_(~visible,
                                                                                                   -torch.inf)
-            self._patterns[key] = (sees, mask[None, None])
+            self._patterns[key] = (sees, mask)
         return self._patterns[key][1]
 
     def write(self, layer: int, at: CacheWrite, k: torch.Tensor, v: torch.Tensor):
