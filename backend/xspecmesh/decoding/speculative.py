@@ -64,11 +64,8 @@ def accept_drafts(rule: AcceptConfig, logits, probs, drafts, generator, alternat
     b, d = drafts.shape
     rows = torch.arange(b, device=drafts.device)
 
-    def next_distribution(at: list[int]):
-        at = torch.tensor(at, device=drafts.device)
-        if rule.rule == "greedy":
-            return torch.nn.functional.one_hot(logits[rows, at].argmax(-1), logits.shape[-1]).to(probs.dtype)
-        return probs[rows, at]
+    def next_distribution(at: list[int]):  # (greedy: `probs` are one-hot at the argmax, sampling at temperature 0)
+        return probs[rows, torch.tensor(at, device=drafts.device)]
 
     if d == 0:  # (a step without drafts: adaptive D = 0) nothing to accept, the next token is drawn at r
         return [0] * b, next_distribution([0] * b), [False] * b
