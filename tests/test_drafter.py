@@ -236,7 +236,8 @@ def test_taps_are_checked_and_recorded(tmp_path):
 
 @pytest.mark.parametrize("old, new", [(dict(), dict(taps=(1, 2), positions=True)),
                                       (dict(taps=(2,)), dict(taps=(2,), positions=True)),
-                                      (dict(), dict(positions=True))])
+                                      (dict(), dict(positions=True)),
+                                      (dict(taps=(1,), positions=True), dict(taps=(1,), positions=True, ff_mult=3))])
 def test_a_grown_drafter_computes_what_it_grew_from(old, new):
     from xspecmesh.model.drafter import grow
 
@@ -249,8 +250,13 @@ def test_a_grown_drafter_computes_what_it_grew_from(old, new):
         want = small(model, model(inputs, cond=cond, taps=small.taps)[1], inputs, cond)
         got = big(model, model(inputs, cond=cond, taps=big.taps)[1], inputs, cond)
     assert big.cfg.taps == new.get("taps", ()) and torch.allclose(got, want, atol=1e-5)
-    assert grow(big, small.cfg) is None  # inputs are only ever added
-    assert grow(small, dataclasses.replace(small.cfg, ff_mult=2)) is None
+    assert grow(big, small.cfg) is None  # inputs and width are only ever added
+    assert grow(small, dataclasses.replace(small.cfg, kind="grounded")) is None  # another kind is no growth
+    if big.cfg.ff_mult > small.cfg.ff_mult:  # the new units train: their output weights get a gradient
+        got = big(model, model(inputs, cond=cond, taps=big.taps)[1], inputs, cond)
+        got.square().sum().backward()
+        width = small.block.ff.out.in_features
+        assert big.block.ff.out.weight.grad[:, width:].abs().sum() > 0
 
 
 def test_training_taps_goes_on_from_the_checkpoints_drafter(tmp_path):

@@ -416,19 +416,29 @@ def drafter_for_backbone(model: nn.Module, cfg: HeadsConfig) -> Drafter:
 
 
 def grow(old: Drafter, cfg: HeadsConfig) -> DraftDecoder | None:
-    """A draft decoder with config `cfg` that computes exactly what `old` does, when `cfg` only adds inputs to it
-    (the position embedding, taps where `old` had none): the new input columns of its first layer start at zero,
-    everything else is copied. None when `cfg` is not such a growth of `old`'s config."""
+    """A draft decoder with config `cfg` that computes exactly what `old` does, when `cfg` only adds to it: inputs
+    (the position embedding, taps where `old` had none), whose first-layer columns start at zero, or feed-forward width
+    (a larger `ff_mult`), whose new hidden units start with zero output weights (Net2Net's function-preserving
+    widening: the new units train from there). Everything else is copied. None when `cfg` is not such a growth of
+    `old`'s config."""
     if not isinstance(old, DraftDecoder) or old.cfg.taps not in ((), cfg.taps) or (old.cfg.positions
                                                                                   and not cfg.positions):
         return None
-    if dataclasses.replace(old.cfg, taps=cfg.taps, positions=cfg.positions) != cfg:
+    if cfg.ff_mult < old.cfg.ff_mult or dataclasses.replace(old.cfg, taps=cfg.taps, positions=cfg.positions,
+                                                            ff_mult=cfg.ff_mult) != cfg:
         return None
     new = DraftDecoder(old.model_cfg, cfg)
     state = old.state_dict()
     with torch.no_grad():
         weight = state.pop("fc.weight")  # [feature, token, (position)]: a position column block is new
         new.fc.weight.zero_()[:, : weight.shape[1]].copy_(weight)
+        # The GLU's projection is [value units; gate units]: the old units go first in each half, their output
+        # columns too; the new ones keep their initial projection and get zero output columns.
+        ff, width, inner = new.block.ff, old.block.ff.out.in_features, new.block.ff.out.in_features
+        for name in ("weight", "bias"):
+            for half, part in enumerate(state.pop(f"block.ff.proj.{name}").chunk(2)):
+                getattr(ff.proj, name)[half * inner : half * inner + width] = part
+        ff.out.weight.zero_()[:, :width] = state.pop("block.ff.out.weight")
     new.load_state_dict(state, strict=False)  # the rest, taps included where old had them; new ones stay at zero
     return new
 

@@ -287,7 +287,8 @@ class Trainer:
                 found = start.cfg if start is not None else "no heads"
                 raise SettingsError(f"stage lora continues the stage-1 heads, but {cfg.init} has {found}; "
                                     f"pass the heads checkpoint and the same --num-heads/--head-type")
-            # A drafter that only gains inputs (taps, positions) goes on from the start's, computing the same.
+            # A drafter that only gains inputs (taps, positions) or feed-forward width goes on from the start's,
+            # computing the same.
             self.heads = start if keep else grow(start, hcfg) or drafter_for_backbone(self.model, hcfg)
         if cfg.axis_factors:
             add_axis_factors(self.model)
