@@ -52,6 +52,13 @@ def test_grammar_accepts_reference_sequences():
         assert grammar.mask(state)[0, tok.EOS], f"{f.name}: EOS refused at the end"
 
 
+def test_the_grammar_tables_are_built_once_per_device():
+    shared = Grammar.on(torch.device("cpu"))
+    assert Grammar.on(torch.device("cpu")) is shared
+    fresh = Grammar()
+    assert torch.equal(shared.allowed, fresh.allowed) and torch.equal(shared.next, fresh.next)
+
+
 def test_grammar_rules():
     g = Grammar()
     first = g.mask(g.start(1))[0]

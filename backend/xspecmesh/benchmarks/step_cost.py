@@ -118,7 +118,7 @@ def _step_fns(engine: Engine, points: np.ndarray, prefix: torch.Tensor, depths, 
         model(last, cache=cache)
         cache.rollback(start_len)
 
-    grammar = Grammar(dev)
+    grammar = Grammar.on(dev)
     any_class = torch.tensor([HAVE_3], device=dev)  # (a patch's third vertex is done: any class may follow)
 
     def draft(d):

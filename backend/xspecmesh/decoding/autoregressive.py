@@ -158,7 +158,7 @@ def decode_ar(
     stats = stats if stats is not None else DecodeStats()
     start = time.perf_counter()
     b = cond.shape[0]
-    grammar = Grammar(cond.device)
+    grammar = Grammar.on(cond.device)
     state = grammar.start(b)
     outer = finished if finished is not None else torch.zeros(b, dtype=torch.bool, device=cond.device)
     leaving = Leaving(b, cond.device)
@@ -206,7 +206,7 @@ def decode_naive(
     stats = stats if stats is not None else DecodeStats()
     start = time.perf_counter()
     b = cond.shape[0]
-    grammar = Grammar(cond.device)
+    grammar = Grammar.on(cond.device)
     state = grammar.start(b)
     finished = finished if finished is not None else torch.zeros(b, dtype=torch.bool, device=cond.device)
     seq = torch.zeros(b, 1, dtype=torch.long, device=cond.device)  # position 0: BOS

@@ -177,7 +177,7 @@ def decode_speculative(
     start = time.perf_counter()
     if accept.rule == "greedy":
         sampling = SamplingConfig(temperature=0.0, top_k=sampling.top_k, top_p=sampling.top_p)
-    grammar = Grammar(dev)
+    grammar = Grammar.on(dev)
     max_tokens = token_limit(model, max_tokens)
     # A row verifies only while it holds fewer than max_tokens positions, and a finished row goes back to that
     # (step 5), so a verify's d + 1 new positions (d + 2 with the tree) never reach past max_tokens + d (+ 1).
