@@ -109,10 +109,12 @@ def test_cache_overflow_is_an_error(model, cond):
 
 
 def test_equal_lengths_take_their_mask_from_a_pattern_made_once():
-    """Sequences of equal lengths (batch 1 always) read their mask as a view of a pattern made once per (n, sees);
-    it is the mask built per forward: every cached key visible, the new tokens causal or as a tree's `sees` says."""
-    from xspecmesh.model.kv_cache import KVCache
+    """Sequences of equal lengths (batch 1 always) read their mask as a view of a pattern made once per (n, sees),
+    shared by every cache; it is the mask built per forward: every cached key visible, the new tokens causal or as a
+    tree's `sees` says."""
+    from xspecmesh.model.kv_cache import KVCache, mask_pattern
 
+    mask_pattern.cache_clear()
     cache = KVCache(1, 2, 1, 40, 4, "cpu", torch.float32)
     sees = torch.ones(4, 4, dtype=torch.bool).tril()
     sees[-1, 1:-1] = False  # (a draft tree's sibling: sees the first new token and itself)
@@ -123,7 +125,9 @@ def test_equal_lengths_take_their_mask_from_a_pattern_made_once():
         visible = torch.cat([torch.ones(4, start, dtype=torch.bool), new], 1)
         assert at.upto == start + 4 and at.mask.shape == (2, 1, 4, start + 4)
         assert torch.equal(at.mask[0, 0] == 0, visible) and torch.equal(at.mask[1], at.mask[0])
-    assert len(cache._patterns) == 2
+        shared = mask_pattern(4, pattern, 40, torch.float32, cache.k.device)  # (a window onto it: its storage)
+        assert at.mask.untyped_storage().data_ptr() == shared.untyped_storage().data_ptr()
+    assert mask_pattern.cache_info().currsize == 2
 
 
 def test_bos_has_no_position_and_types_are_added(model):

@@ -10,6 +10,7 @@ query's.
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -36,7 +37,6 @@ class KVCache:
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)  # cached input positions per sequence
         self.cross: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer (k, v) over the condition
         self.is_view = False  # a `row` of another cache, sharing its buffers (which must then not be replaced)
-        self._patterns: dict = {}  # (n, id(sees)) -> (sees, the additive mask pattern `prepare` reads)
 
     def _grow(self, slots: int) -> None:
         """Room for at least `slots` slots: the buffers replaced by ones twice as long or more (at most max_len),
@@ -67,30 +67,15 @@ class KVCache:
         start = starts[0] if min(starts) == max(starts) else None
         if start is not None and (n == 1 or last_only):
             return CacheWrite(seq_pos, None, upto, start)  # every cached key is visible
-        # Each row's mask is a window onto one pattern per (n, sees) (`_pattern`): for equal lengths the same window,
-        # a view; for ragged ones a gather of each row's window.
-        pattern = self._pattern(n, sees)
+        # Each row's mask is a window onto one pattern per (n, sees) (`mask_pattern`): for equal lengths the same
+        # window, a view; for ragged ones a gather of each row's window.
+        pattern = mask_pattern(n, sees, self.max_len, self.k.dtype, self.k.device)
         if start is not None:
             mask = pattern[None, None, :, self.max_len - upto : self.max_len].expand(len(starts), -1, -1, -1)
         else:
             cols = torch.arange(upto, device=seq_pos.device) + (self.max_len - n - seq_pos[:, :1])  # (B, keys)
             mask = pattern[:, cols].transpose(0, 1)[:, None]
         return CacheWrite(seq_pos, mask, upto, start)
-
-    def _pattern(self, n: int, sees: torch.Tensor | None) -> torch.Tensor:
-        """(n, 2 max_len) additive mask (0 visible, -inf not) for n new tokens whose last is at column max_len - 1:
-        the columns before them visible, theirs as `sees` says (None: causal), those after them not. A row whose new
-        tokens start at slot `start` reads columns from max_len - n - start on, so its key j lands on its own place.
-        Made once per (n, sees) and cache, in the cache's dtype (attention would otherwise turn a boolean mask into
-        this in every layer); building a mask per forward took a dozen small ops (~0.1 ms on a CPU after a verify)."""
-        key = (n, id(sees))
-        if key not in self._patterns or self._patterns[key][0] is not sees:
-            new = torch.ones(n, n, dtype=torch.bool, device=self.k.device).tril() if sees is None else sees
-            visible = torch.cat([new.new_ones(n, self.max_len - n), new, new.new_zeros(n, self.max_len)], 1)
-            mask = torch.zeros(visible.shape, dtype=self.k.dtype, device=visible.device).masked_fill_(~visible,
-                                                                                                  -torch.inf)
-            self._patterns[key] = (sees, mask)
-        return self._patterns[key][1]
 
     def write(self, layer: int, at: CacheWrite, k: torch.Tensor, v: torch.Tensor):
         """Store k, v (B, H, n, d) where `at` (from `prepare`) says; return the layer's keys/values for slots
@@ -136,3 +121,17 @@ class KVCache:
         if bool((lengths > self.lengths).any()):
             raise ValueError("rollback can only shorten sequences")
         self.lengths = lengths.clone()
+
+
+@functools.lru_cache(maxsize=64)
+def mask_pattern(n: int, sees: torch.Tensor | None, max_len: int, dtype, device) -> torch.Tensor:
+    """(n, 2 max_len) additive mask (0 visible, -inf not) for n new tokens whose last is at column max_len - 1: the
+    columns before them visible, theirs as `sees` says (None: causal), those after them not. A row whose new tokens
+    start at slot `start` reads columns from max_len - n - start on, so its key j lands on its own place. Made once
+    per (n, sees, max_len, dtype, device) and shared by every cache (callers only read it): `sees` is a tree shape
+    made once per draft length (`tree_shape`), keyed by identity, and kept alive here. In the cache's dtype, as
+    attention would otherwise turn a boolean mask into this in every layer; building a mask per forward took a dozen
+    small ops (~0.1 ms on a CPU after a verify)."""
+    new = torch.ones(n, n, dtype=torch.bool, device=device).tril() if sees is None else sees
+    visible = torch.cat([new.new_ones(n, max_len - n), new, new.new_zeros(n, max_len)], 1)
+    return torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill_(~visible, -torch.inf)
