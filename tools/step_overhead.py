@@ -68,7 +68,7 @@ def main() -> int:
             print(f"torch.compile: first call {time.perf_counter() - t0:.1f} s", file=sys.stderr)
             items[f"backbone forward, 1 position, {name}, torch.compile"] = lambda f=forward, c=compiled: f(c)
     row = logits[:, -1].float()
-    grammar = Grammar()
+    grammar = Grammar.on(row.device)
     state = grammar.run(prefix[0, 1:20].tolist()) * torch.ones(1, dtype=torch.long)
     gen = torch.Generator().manual_seed(0)
     sampling = SamplingConfig()
