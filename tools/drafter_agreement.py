@@ -2,7 +2,9 @@
 """Teacher-forced top-1 agreement of each draft position with the backbone, on held-out shapes of the checkpoint's
 own training distribution: on the true token sequences and on the backbone's own samples (temperature 0.5, the
 add-on's default). Draft k is scored where drafts 1..k-1 were right, i.e. it reads the true tokens before it; its
-agreement bounds how often it is accepted by the greedy rule.
+agreement bounds how often it is accepted by the greedy rule. Draft 1's is also split by the class of the backbone's
+choice (plain block, offset, special block, EOS): on BPT's tokens the blocks, where the mesh goes next, are the hard
+part.
 
     python tools/drafter_agreement.py --checkpoint A.safetensors[,B.safetensors] [--count 64] [--json]
 """
@@ -13,10 +15,14 @@ import json
 
 import torch
 
+from xspecmesh.geometry import tokenizer as tok
 from xspecmesh.model.checkpoint import load_checkpoint
-from xspecmesh.model.drafter import draft_outputs
+from xspecmesh.model.drafter import draft_outputs, factored_argmax
 from xspecmesh.training.data import ShapeConfig, validation_pairs
 from xspecmesh.training.trainer import collate, head_distillation_loss, own_samples
+
+
+CLASSES = ("plain block", "offset", "special block", "EOS")  # tok.PLAIN, OFFSET, SPECIAL, END
 
 
 @torch.no_grad()
@@ -27,6 +33,8 @@ def agreement(path: str, count: int, batch: int = 16) -> dict:
                                axis_aligned=bool(ck.meta.get("axis_aligned")))
     pairs = validation_pairs(count, config=shapes, num_points=model.cfg.encoder.num_points)
     sums = {"truth": [0.0] * drafter.num_heads, "samples": [0.0] * drafter.num_heads}
+    classes = torch.from_numpy(tok.token_classes(model.cfg.vocab_size))
+    by_class = {name: torch.zeros(2, len(CLASSES)) for name in sums}  # draft 1: (hits, positions) per class
     gen = torch.Generator().manual_seed(0)
     for i in range(0, len(pairs), batch):
         inputs, targets, points = collate(pairs[i : i + batch])
@@ -34,11 +42,22 @@ def agreement(path: str, count: int, batch: int = 16) -> dict:
         for name, (inp, tgt) in {"truth": (inputs, targets),
                                  "samples": own_samples(model, cond, 3 * shapes.max_faces, gen)}.items():
             logits, hidden = model(inp, cond=cond, taps=drafter.taps)
-            _, agree = head_distillation_loss(draft_outputs(drafter, model, hidden, inp, cond), logits, tgt, 1.0, 0.0,
-                                              drafter.factored)
+            out = draft_outputs(drafter, model, hidden, inp, cond)
+            _, agree = head_distillation_loss(out, logits, tgt, 1.0, 0.0, drafter.factored)
             sums[name] = [s + a * len(inp) for s, a in zip(sums[name], agree)]
+            # draft 1 from position j names the backbone's choice at j + 1 (as head_distillation_loss scores it)
+            valid = tgt[:, 1:] >= 0
+            first = out[:, :-1, 0][valid]
+            first = factored_argmax(first) if drafter.factored else first.argmax(-1)
+            best = logits[:, 1:].argmax(-1)[valid]
+            of = classes[best]
+            by_class[name] += torch.stack([torch.bincount(of[first == best], minlength=len(CLASSES)),
+                                           torch.bincount(of, minlength=len(CLASSES))]).float()
     return {"checkpoint": path, "kind": drafter.cfg.kind, "output": getattr(drafter.cfg, "output", "shared"),
-            **{name: [round(s / len(pairs), 4) for s in v] for name, v in sums.items()}}
+            **{name: [round(s / len(pairs), 4) for s in v] for name, v in sums.items()},
+            **{f"{name}_draft1_by_class": {c: {"agreement": round(float(h / n), 4) if n else None, "positions": int(n)}
+                                           for c, h, n in zip(CLASSES, *counts)}
+               for name, counts in by_class.items()}}
 
 
 def main() -> None:
@@ -58,6 +77,12 @@ def main() -> None:
     for r in rows:
         print(f"| {r['checkpoint']} | {r['kind']} ({r['output']}) | {' / '.join(f'{a:.2f}' for a in r['truth'])} | "
               f"{' / '.join(f'{a:.2f}' for a in r['samples'])} |")
+    print("\n| checkpoint | draft 1 by the backbone's class, on true sequences | on the backbone's samples |")
+    print("|---|---|---|")
+    for r in rows:
+        cells = [", ".join(f"{c} {v['agreement']:.2f} ({v['positions']})" for c, v in r[f"{name}_draft1_by_class"].items()
+                           if v["positions"]) for name in ("truth", "samples")]
+        print(f"| {r['checkpoint']} | {cells[0]} | {cells[1]} |")
 
 
 if __name__ == "__main__":
