@@ -80,8 +80,9 @@ def main() -> None:
     print("\n| checkpoint | draft 1 by the backbone's class, on true sequences | on the backbone's samples |")
     print("|---|---|---|")
     for r in rows:
-        cells = [", ".join(f"{c} {v['agreement']:.2f} ({v['positions']})" for c, v in r[f"{name}_draft1_by_class"].items()
-                           if v["positions"]) for name in ("truth", "samples")]
+        cells = [", ".join(f"{c} {v['agreement']:.2f} ({v['positions']})"
+                           for c, v in r[f"{name}_draft1_by_class"].items() if v["positions"])
+                 for name in ("truth", "samples")]
         print(f"| {r['checkpoint']} | {cells[0]} | {cells[1]} |")
 
 
