@@ -15,14 +15,13 @@ import json
 
 import torch
 
-from xspecmesh.geometry import tokenizer as tok
 from xspecmesh.model.checkpoint import load_checkpoint
 from xspecmesh.model.drafter import draft_outputs, factored_argmax
 from xspecmesh.training.data import ShapeConfig, validation_pairs
 from xspecmesh.training.trainer import collate, head_distillation_loss, own_samples
 
 
-CLASSES = ("plain block", "offset", "special block", "EOS")  # tok.PLAIN, OFFSET, SPECIAL, END
+CLASSES = ("plain block", "offset", "special block", "EOS")  # tokenizer.PLAIN, OFFSET, SPECIAL, END
 
 
 @torch.no_grad()
@@ -33,7 +32,6 @@ def agreement(path: str, count: int, batch: int = 16) -> dict:
                                axis_aligned=bool(ck.meta.get("axis_aligned")))
     pairs = validation_pairs(count, config=shapes, num_points=model.cfg.encoder.num_points)
     sums = {"truth": [0.0] * drafter.num_heads, "samples": [0.0] * drafter.num_heads}
-    classes = torch.from_numpy(tok.token_classes(model.cfg.vocab_size))
     by_class = {name: torch.zeros(2, len(CLASSES)) for name in sums}  # draft 1: (hits, positions) per class
     gen = torch.Generator().manual_seed(0)
     for i in range(0, len(pairs), batch):
@@ -50,7 +48,7 @@ def agreement(path: str, count: int, batch: int = 16) -> dict:
             first = out[:, :-1, 0][valid]
             first = factored_argmax(first) if drafter.factored else first.argmax(-1)
             best = logits[:, 1:].argmax(-1)[valid]
-            of = classes[best]
+            of = model.token_type[best]  # (the backbone's table of each token's class)
             by_class[name] += torch.stack([torch.bincount(of[first == best], minlength=len(CLASSES)),
                                            torch.bincount(of, minlength=len(CLASSES))]).float()
     return {"checkpoint": path, "kind": drafter.cfg.kind, "output": getattr(drafter.cfg, "output", "shared"),
