@@ -279,3 +279,80 @@ def test_large_token_budgets_fill_batches_beyond_the_default_pool():
     stream = (pairs[i % len(pairs)] for i in range(10**6))
     inputs, _, _ = next(batches(stream, token_budget=32768))
     assert len(inputs) > 64 and inputs.numel() <= 32768
+
+
+def test_own_samples_decoded_ahead_into_a_file_come_back_with_their_shapes(tmp_path):
+    """`dataset samples`' file holds the samples `own_sequences` decodes for the training stream's first shapes of a
+    seed (batch by batch, one generator); reading it draws those shapes again and pairs each sample with its points,
+    its end (EOS, or -1 where the token limit cut it) kept. Another backbone's samples, or a stream whose shapes
+    changed, are refused."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from xspecmesh.geometry import tokenizer as tok
+    from xspecmesh.training import sample_file
+    from xspecmesh.training.data import iter_pairs
+    from xspecmesh.training.trainer import own_sequences
+
+    model = load_checkpoint(write_random_checkpoint(tmp_path / "bb.safetensors", "tiny", heads=0)).model.eval()
+    shapes, n = ShapeConfig(max_faces=40), model.cfg.encoder.num_points
+    with torch.no_grad():
+        model.to_logits.bias[tok.EOS] += 2.0  # EOS likely: some samples end, some run to the limit
+    path = tmp_path / "own.safetensors"
+    summary = sample_file.write(path, model, shapes, count=5, seed=3, max_tokens=12, batch=2)
+    got = sample_file.read(path, model)
+
+    stream, gen, want = iter_pairs(3, shapes, num_points=n, augment=True), torch.Generator().manual_seed(3), []
+    for size in (2, 2, 1):
+        pairs = [next(stream) for _ in range(size)]
+        with torch.no_grad():
+            cond = model.encode(torch.from_numpy(np.stack([p.points for p in pairs])))
+        want += [(p.points, s) for p, s in zip(pairs, own_sequences(model, cond, 12, gen))]
+    assert len(got) == 5 and summary["tokens"] == sum(len(s.tokens) for _, s in want)
+    for pair, (points, sample) in zip(got, want):
+        assert np.array_equal(pair.points, points) and np.array_equal(pair.tokens, sample.tokens)
+        assert pair.ended == sample.ended == (len(sample.tokens) < 12)
+    assert 0 < summary["ended"] < 5  # both kinds of end are covered
+    _, targets, _ = collate(got)
+    for row, pair in zip(targets.tolist(), got):
+        assert row[len(pair.tokens)] == (tok.EOS if pair.ended else -1)
+
+    other = load_checkpoint(write_random_checkpoint(tmp_path / "b2.safetensors", "tiny", heads=0, seed=1)).model
+    with pytest.raises(SettingsError, match="another backbone"):
+        sample_file.read(path, other)
+    with safe_open(str(path), framework="pt") as f:  # the same tokens, said to be of another seed's shapes
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    save_file(tensors, str(tmp_path / "moved.safetensors"), metadata={**meta, "seed": "4"})
+    with pytest.raises(SettingsError, match="no longer the one"):
+        sample_file.read(tmp_path / "moved.safetensors", model)
+    with pytest.raises(SettingsError, match="cannot read"):
+        sample_file.read(tmp_path / "missing.safetensors", model)
+
+
+def test_stage1_takes_its_own_samples_from_the_file_instead_of_decoding(tmp_path, monkeypatch):
+    """--self-samples 1 --sample-file F: every micro-batch is a batch of the file's samples (no decode in training)."""
+    from xspecmesh.training import sample_file, trainer as trainer_module
+
+    init = write_random_checkpoint(tmp_path / "bb.safetensors", "tiny", heads=0)
+    model = load_checkpoint(init).model
+    path = tmp_path / "own.safetensors"
+    sample_file.write(path, model, ShapeConfig(max_faces=40), count=6, seed=5, max_tokens=20, batch=3)
+    kept = {tuple(p.tokens.tolist()) for p in sample_file.read(path, model)}
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("own samples were decoded in training")
+
+    monkeypatch.setattr(trainer_module, "own_samples", no_decoding)
+    tr = Trainer(TrainConfig(stage="heads", init=str(init), out=str(tmp_path / "h"), steps=2, num_heads=2,
+                             head_type="eagle", self_samples=1.0, sample_file=str(path), **FAST))
+    seen, real_loss = [], tr.loss
+
+    def spy(inputs, targets, points):
+        seen.extend(tuple(row[1 : int((t >= 0).sum()) + 1]) for row, t in zip(inputs.tolist(), targets))
+        return real_loss(inputs, targets, points)
+
+    monkeypatch.setattr(tr, "loss", spy)
+    tr.run()
+    assert seen and all(s in kept for s in seen)
+    with pytest.raises(SettingsError, match="sample-file"):
+        Trainer(TrainConfig(stage="heads", init=str(init), out=str(tmp_path / "x"), sample_file=str(path), **FAST))

@@ -1,4 +1,5 @@
-"""`xspecmesh dataset {preview,stats}`: look at the procedural training shapes (xspecmesh/data.py)."""
+"""`xspecmesh dataset {preview,stats,samples}`: look at the procedural training shapes (training/data.py), or decode the
+backbone's own samples over them once for drafter training (training/sample_file.py)."""
 from __future__ import annotations
 
 import argparse
@@ -34,6 +35,26 @@ def register(sub) -> None:
     st.add_argument("--max-faces", type=int, default=400, help="face cap (default 400)")
     st.add_argument("--json", action="store_true", help="print one JSON object")
     st.set_defaults(func=run_stats)
+
+    sm = dsub.add_parser("samples", help="decode the backbone's own samples over training shapes into a file that "
+                         "`train heads --self-samples S --sample-file FILE` reads",
+                         description="The backbone's own AR samples at the add-on's default sampling settings, for "
+                         "the first --count shapes of the training stream of --seed, decoded --batch at a time and "
+                         "written to a safetensors file (tokens only: training draws the shapes again).")
+    sm.add_argument("--checkpoint", default=None, help="the backbone (default: the shipped checkpoint)")
+    sm.add_argument("--count", type=int, default=1000, help="shapes, one sample each (default 1000)")
+    sm.add_argument("--seed", type=int, default=0, help="training stream seed (default 0)")
+    sm.add_argument("--families", default=None,
+                    help="comma-separated families and groups, e.g. hard_surface (default: the general mix)")
+    sm.add_argument("--max-faces", type=int, default=400, help="face cap (default 400); a sample stops at 3x as "
+                    "many tokens, as in training")
+    sm.add_argument("--axis-turns", type=int, default=None, choices=(4, 24),
+                    help="axis-aligned poses: 4 turns about up or all 24 quarter-turn rotations (default: free poses)")
+    sm.add_argument("--batch", type=int, default=32, help="shapes decoded together (default 32)")
+    sm.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's choice)")
+    sm.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    sm.add_argument("-o", "--output", required=True, help="the file to write (.safetensors)")
+    sm.set_defaults(func=run_samples)
 
 
 def _config(args):
@@ -89,6 +110,28 @@ def run_stats(args: argparse.Namespace) -> int:
               f"{r['tokens_per_face']:8.2f}  {bar}")
     print(f"{'all':16s} {args.count:6d} {1:6.0%} {summary['mean_faces']:7.1f} {summary['tokens_per_face']:8.2f}")
     print(f"{summary['shapes_per_second']:.1f} shapes/s including tokenization ({seconds:.1f} s)")
+    return 0
+
+
+def run_samples(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from xspecmesh.decoding.engine import resolve_device
+    from xspecmesh.model.checkpoint import load_checkpoint
+    from xspecmesh.training import sample_file
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ckpt = load_checkpoint(args.checkpoint, device=resolve_device(args.device))
+    start = time.perf_counter()
+    with tqdm(total=args.count, desc="own samples", unit="shape") as bar:
+        summary = sample_file.write(args.output, ckpt.model, _config(args), args.count, args.seed, 3 * args.max_faces,
+                                    args.batch, bar.update)
+    seconds = time.perf_counter() - start
+    print(f"wrote {args.output}: {summary['count']} samples, {summary['tokens']} tokens ({summary['ended']} ended, "
+          f"the rest cut at {summary['max_tokens']} tokens) in {seconds:.0f} s, {summary['tokens'] / seconds:.0f} "
+          f"tokens/s; backbone {summary['backbone']}")
     return 0
 
 

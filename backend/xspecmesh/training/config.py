@@ -43,6 +43,8 @@ class TrainConfig:
     # ... decoded this many micro-batches at a time (one AR decode over all their shapes: on a GPU a decode of many
     # sequences costs about what one of a few does; the backbone is frozen, so samples drawn ahead are as good)
     sample_pool: int = 1
+    # ... or read from this file (`xspecmesh dataset samples`: decoded once, ahead, by this backbone), not decoded here
+    sample_file: str = ""
     head_own_output: bool = False  # heads get their own output projection (started as a copy of the backbone's)
     head_decay: float = 0.8  # head k's loss weight is decay**(k-1)
     ce_weight: float = 0.1  # plus cross-entropy to the true token (0 = pure distillation)

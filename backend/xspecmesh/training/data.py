@@ -81,6 +81,7 @@ class TrainingPair:
     tokens: np.ndarray  # int64 BPT tokens, no BOS/EOS
     points: np.ndarray  # (N, 6) float32 xyz + unit normal, token frame
     family: str
+    ended: bool = True  # False: a sample cut at the token limit, whose next token is unknown (not EOS)
 
 
 # ---------------------------------------------------------------- shapes and pairs

@@ -30,6 +30,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from xspecmesh.geometry import tokenizer as tok
+from xspecmesh.training import sample_file
 from xspecmesh.training.axis_factors import add_axis_factors, merged
 from xspecmesh.model.checkpoint import load_checkpoint, save_checkpoint
 from xspecmesh.model.config import HeadsConfig, preset
@@ -48,7 +49,8 @@ LORA_TARGETS = r"layers\.\d+\.((self_attn|cross_attn)\.(to_q|to_k|to_v|to_out)|f
 
 
 def collate(pairs: list[TrainingPair]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """inputs (B, L+1) with BOS at 0, targets (B, L+1) ending in EOS and padded with -1, points (B, N, 6)."""
+    """inputs (B, L+1) with BOS at 0, targets (B, L+1) ending in EOS (-1, ignored, after a sample that did not end)
+    and padded with -1, points (B, N, 6)."""
     length = max(len(p.tokens) for p in pairs) + 1
     inputs = torch.zeros(len(pairs), length, dtype=torch.long)
     targets = torch.full((len(pairs), length), -1, dtype=torch.long)
@@ -56,7 +58,7 @@ def collate(pairs: list[TrainingPair]) -> tuple[torch.Tensor, torch.Tensor, torc
         t = torch.as_tensor(p.tokens, dtype=torch.long)
         inputs[i, 1 : len(t) + 1] = t
         targets[i, : len(t)] = t
-        targets[i, len(t)] = tok.EOS
+        targets[i, len(t)] = tok.EOS if p.ended else -1
     points = torch.from_numpy(np.stack([p.points for p in pairs]))
     return inputs, targets, points
 
@@ -121,20 +123,21 @@ def training_pairs(cfg: TrainConfig, num_points: int, rank: int, start_step: int
 
 
 @torch.no_grad()
-def own_samples(model, cond: torch.Tensor, max_tokens: int, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The backbone's own AR samples for these conditions at the add-on's default sampling settings, as (inputs,
-    targets) like `collate`'s: the sequences a drafter has to guess at inference. A sample cut at the token limit
-    did not end: its target after the last token is -1 (ignored), not the EOS `collate` puts there."""
+def own_sequences(model, cond: torch.Tensor, max_tokens: int, generator=None) -> list[TrainingPair]:
+    """The backbone's own AR samples for these conditions at the add-on's default sampling settings: the sequences a
+    drafter has to guess at inference (pairs without points; `ended` False for a sample cut at the token limit)."""
     from xspecmesh.decoding.autoregressive import decode_ar, run_to_end, token_limit
     from xspecmesh.decoding.token_sampling import SamplingConfig
 
     seqs = run_to_end(decode_ar(model, cond, SamplingConfig(), max_tokens, generator), len(cond))
-    inputs, targets, _ = collate([TrainingPair(np.asarray(s, dtype=np.int64), np.zeros((0, 6), np.float32), "sample")
-                                  for s in seqs])
     limit = token_limit(model, max_tokens)
-    for i, s in enumerate(seqs):
-        if len(s) >= limit:
-            targets[i, len(s)] = -1
+    return [TrainingPair(np.asarray(s, dtype=np.int64), np.zeros((0, 6), np.float32), "sample", ended=len(s) < limit)
+            for s in seqs]
+
+
+def own_samples(model, cond: torch.Tensor, max_tokens: int, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`own_sequences` as (inputs, targets) like `collate`'s."""
+    inputs, targets, _ = collate(own_sequences(model, cond, max_tokens, generator))
     return inputs.to(cond.device), targets.to(cond.device)
 
 
@@ -155,7 +158,9 @@ def head_distillation_loss(head_out, teacher_logits, targets, decay: float, ce_w
     total, weights, agree = 0.0, 0.0, []
     teacher_logp = (teacher_logits.float() / temperature).log_softmax(-1)
     if factored:
-        teacher_p = teacher_logp.exp()
+        # (floored at e^-80, ~1e-35: below it exp takes a slow path on a CPU, 3x the time of the whole sharp (T 0.125)
+        # distribution's exp, for a mass below 1e-31 in all)
+        teacher_p = teacher_logp.clamp(min=-80.0).exp()
         basis = factor_basis(teacher_p.device)
         marginals = teacher_p @ basis  # (B, T, FACTORED_WIDTH): the teacher's mass on each class and axis value
         entropy = -(teacher_p * teacher_logp).sum(-1)
@@ -228,6 +233,9 @@ class Trainer:
             raise SettingsError(f"--self-samples is a share between 0 and 1, got {cfg.self_samples}")
         if cfg.sample_pool < 1:
             raise SettingsError(f"--sample-pool is a number of micro-batches, 1 or more, got {cfg.sample_pool}")
+        if cfg.sample_file and not (cfg.stage == "heads" and cfg.self_samples > 0):
+            raise SettingsError("--sample-file is where stage heads takes its --self-samples share from: it needs "
+                                "both")
         if not cfg.teacher_temperature > 0:
             raise SettingsError(f"--teacher-temperature must be above 0, got {cfg.teacher_temperature}")
         if cfg.axis_factors and cfg.stage != "backbone":
@@ -398,6 +406,9 @@ class Trainer:
         sample_rng = np.random.default_rng(cfg.seed + 104729 * step)
         self.sample_draws = step
         own: list = []  # own-sample micro-batches drawn ahead (--sample-pool): (inputs, targets, points)
+        if cfg.sample_file:  # decoded ahead: micro-batches of them in a new order (by seed, step and rank)
+            own_file = batches(sample_file.endless(sample_file.read(cfg.sample_file, self.model),
+                                                   cfg.seed + 7919 * step + 104723 * self.rank), cfg.token_budget)
         end = min(cfg.steps, cfg.stop_at or cfg.steps)
         while step < end:
             for group in self.optimizer.param_groups:
@@ -406,10 +417,13 @@ class Trainer:
             for _ in range(cfg.grad_accum):
                 inputs, targets, points = (t.to(self.device) for t in next(stream))
                 if cfg.stage == "heads" and sample_rng.random() < cfg.self_samples:
-                    if not own:
-                        shapes = [points] + [next(stream)[2].to(self.device) for _ in range(cfg.sample_pool - 1)]
-                        own = [(*batch, p) for batch, p in zip(self.sampled_batches(shapes), shapes)]
-                    inputs, targets, points = own.pop(0)
+                    if cfg.sample_file:
+                        inputs, targets, points = (t.to(self.device) for t in next(own_file))
+                    else:
+                        if not own:
+                            shapes = [points] + [next(stream)[2].to(self.device) for _ in range(cfg.sample_pool - 1)]
+                            own = [(*batch, p) for batch, p in zip(self.sampled_batches(shapes), shapes)]
+                        inputs, targets, points = own.pop(0)
                 loss, last = self.loss(inputs, targets, points)
                 (loss / cfg.grad_accum).backward()
                 tokens_seen += int((targets >= 0).sum())
