@@ -356,3 +356,17 @@ def test_stage1_takes_its_own_samples_from_the_file_instead_of_decoding(tmp_path
     assert seen and all(s in kept for s in seen)
     with pytest.raises(SettingsError, match="sample-file"):
         Trainer(TrainConfig(stage="heads", init=str(init), out=str(tmp_path / "x"), sample_file=str(path), **FAST))
+
+
+def test_dataset_samples_cli_writes_a_file_training_reads(tmp_path, capsys):
+    from xspecmesh.cli import main
+    from xspecmesh.training import sample_file
+
+    init = write_random_checkpoint(tmp_path / "bb.safetensors", "tiny", heads=0)
+    out = tmp_path / "own.safetensors"
+    assert main(["dataset", "samples", "--checkpoint", str(init), "--count", "3", "--max-faces", "40", "--batch", "2",
+                 "--device", "cpu", "-o", str(out)]) == 0
+    assert "3 samples" in capsys.readouterr().out
+    got = sample_file.read(out, load_checkpoint(init).model)
+    assert len(got) == 3 and all(0 < len(p.tokens) <= 120 for p in got)
+    assert main(["dataset", "samples", "--checkpoint", str(init), "--count", "0", "-o", str(out)]) == 2
