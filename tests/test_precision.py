@@ -22,6 +22,7 @@ from xspecmesh.model import precision
 from xspecmesh.model.checkpoint import Checkpoint, save_checkpoint, write_random_checkpoint
 from xspecmesh.model.config import HeadsConfig
 from xspecmesh.model.heads import DraftHeads
+from xspecmesh.training.data import TrainingPair
 
 
 def peaked_model():
@@ -43,8 +44,8 @@ def engine_at(model, heads, name: str) -> Engine:
 
 def sequences(count: int, length: int, num_points: int, seed: int = 0) -> list:
     rng = np.random.default_rng(seed)
-    return [SimpleNamespace(tokens=rng.integers(0, 5120, length).tolist(),
-                            points=rng.normal(size=(num_points, 6)).astype(np.float32)) for _ in range(count)]
+    return [TrainingPair(np.asarray(rng.integers(0, 5120, length)), rng.normal(size=(num_points, 6)).astype(np.float32),
+                         "random") for _ in range(count)]
 
 
 def test_int8_quantizes_every_per_token_linear_of_backbone_and_drafter():
