@@ -325,8 +325,10 @@ def test_own_samples_decoded_ahead_into_a_file_come_back_with_their_shapes(tmp_p
     save_file(tensors, str(tmp_path / "moved.safetensors"), metadata={**meta, "seed": "4"})
     with pytest.raises(SettingsError, match="no longer the one"):
         sample_file.read(tmp_path / "moved.safetensors", model)
-    with pytest.raises(SettingsError, match="cannot read"):
-        sample_file.read(tmp_path / "missing.safetensors", model)
+    (tmp_path / "text.safetensors").write_text("not a sample file")
+    for bad in ("missing.safetensors", "text.safetensors"):
+        with pytest.raises(SettingsError, match="cannot read"):
+            sample_file.read(tmp_path / bad, model)
 
 
 def test_stage1_takes_its_own_samples_from_the_file_instead_of_decoding(tmp_path, monkeypatch):

@@ -13,6 +13,7 @@ checked against the one training distils. A million sampled tokens take a few MB
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import zlib
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from xspecmesh.errors import SettingsError
@@ -74,8 +75,7 @@ def write(path: str | Path, model, shapes: ShapeConfig, count: int, seed: int, m
             progress(len(pairs))
     meta = {"format": FORMAT, "backbone": backbone_fingerprint(model), "seed": seed, "count": count,
             "max_tokens": max_tokens, "num_points": model.cfg.encoder.num_points,
-            "shapes": json.dumps({"families": shapes.families, "max_faces": shapes.max_faces,
-                                  "axis_aligned": shapes.axis_aligned, "axis_turns": shapes.axis_turns})}
+            "shapes": json.dumps(dataclasses.asdict(shapes))}
     save_file({"tokens": torch.from_numpy(np.concatenate(tokens).astype(np.int16)),
                "lengths": torch.tensor(lengths, dtype=torch.int32), "ended": torch.tensor(ended, dtype=torch.bool),
                "checksums": torch.tensor(checks, dtype=torch.int64)}, str(path),
@@ -89,7 +89,7 @@ def read(path: str | Path, model) -> list[TrainingPair]:
     try:
         with safe_open(str(path), framework="pt") as f:
             meta, data = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
-    except (OSError, ValueError, RuntimeError) as exc:  # missing, or not a safetensors file
+    except (OSError, SafetensorError) as exc:  # missing, or not a safetensors file
         raise SettingsError(f"cannot read the sample file {path}: {exc}") from None
     if meta.get("format") != FORMAT:
         raise SettingsError(f"{path} is not a sample file of `xspecmesh dataset samples` ({FORMAT})")
@@ -100,8 +100,7 @@ def read(path: str | Path, model) -> list[TrainingPair]:
         raise SettingsError(f"{path} was made for {meta['num_points']} points a shape, this backbone reads "
                             f"{model.cfg.encoder.num_points}")
     s = json.loads(meta["shapes"])
-    shapes = ShapeConfig(families=tuple(s["families"]) if s["families"] else None, max_faces=s["max_faces"],
-                         axis_aligned=s["axis_aligned"], axis_turns=s["axis_turns"])
+    shapes = ShapeConfig(**{**s, "families": tuple(s["families"]) if s["families"] else None})
     lengths = data["lengths"].tolist()
     tokens = np.split(data["tokens"].numpy().astype(np.int64), np.cumsum(lengths)[:-1])
     out = []
