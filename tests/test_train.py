@@ -272,6 +272,10 @@ def test_gpu_drafter_recipe_runs_end_to_end_on_cpu_at_tiny_scale(tmp_path):
     shipped = load_checkpoint(dest / "default.safetensors")
     assert (shipped.meta["step"], shipped.meta["stage"], shipped.heads.cfg.kind) == (2, "heads", "eagle")
     assert tuple(shipped.heads.taps) == (1,) and shipped.max_heads == 4
+    env["SAMPLE_FILE"] = str(tmp_path / "missing.safetensors")  # handed on as train heads --sample-file
+    proc = subprocess.run(["bash", os.path.join(root, "tools", "gpu_train.sh"), str(tmp_path / "d2")], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "cannot read the sample file" in proc.stderr
 
 
 def test_large_token_budgets_fill_batches_beyond_the_default_pool():
