@@ -18,7 +18,7 @@ import torch
 from xspecmesh.model.checkpoint import load_checkpoint
 from xspecmesh.model.drafter import draft_outputs, factored_argmax
 from xspecmesh.training.data import ShapeConfig, validation_pairs
-from xspecmesh.training.trainer import collate, head_distillation_loss, own_samples
+from xspecmesh.training.trainer import SAMPLE_TOKENS_PER_FACE, collate, head_distillation_loss, own_samples
 
 
 CLASSES = ("plain block", "offset", "special block", "EOS")  # tokenizer.PLAIN, OFFSET, SPECIAL, END
@@ -38,7 +38,7 @@ def agreement(path: str, count: int, batch: int = 16) -> dict:
         inputs, targets, points = collate(pairs[i : i + batch])
         cond = model.encode(points)
         for name, (inp, tgt) in {"truth": (inputs, targets),
-                                 "samples": own_samples(model, cond, 3 * shapes.max_faces, gen)}.items():
+                                 "samples": own_samples(model, cond, SAMPLE_TOKENS_PER_FACE * shapes.max_faces, gen)}.items():
             logits, hidden = model(inp, cond=cond, taps=drafter.taps)
             out = draft_outputs(drafter, model, hidden, inp, cond)
             _, agree = head_distillation_loss(out, logits, tgt, 1.0, 0.0, drafter.factored)

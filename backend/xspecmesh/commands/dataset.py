@@ -120,14 +120,15 @@ def run_samples(args: argparse.Namespace) -> int:
     from xspecmesh.decoding.engine import resolve_device
     from xspecmesh.model.checkpoint import load_checkpoint
     from xspecmesh.training import sample_file
+    from xspecmesh.training.trainer import SAMPLE_TOKENS_PER_FACE
 
     if args.threads:
         torch.set_num_threads(args.threads)
     ckpt = load_checkpoint(args.checkpoint, device=resolve_device(args.device))
     start = time.perf_counter()
     with tqdm(total=args.count, desc="own samples", unit="shape") as bar:
-        summary = sample_file.write(args.output, ckpt.model, _config(args), args.count, args.seed, 3 * args.max_faces,
-                                    args.batch, bar.update)
+        summary = sample_file.write(args.output, ckpt.model, _config(args), args.count, args.seed,
+                                    SAMPLE_TOKENS_PER_FACE * args.max_faces, args.batch, bar.update)
     seconds = time.perf_counter() - start
     print(f"wrote {args.output}: {summary['count']} samples, {summary['tokens']} tokens ({summary['ended']} ended, "
           f"the rest cut at {summary['max_tokens']} tokens) in {seconds:.0f} s, {summary['tokens'] / seconds:.0f} "

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import zlib
 from collections.abc import Callable, Iterator
@@ -45,8 +46,7 @@ def _checksum(tokens: np.ndarray) -> int:
 
 
 def _shapes(seed: int, shapes: ShapeConfig, num_points: int, count: int) -> Iterator[TrainingPair]:
-    pairs = iter_pairs(seed, shapes, num_points=num_points, augment=True)
-    return (next(pairs) for _ in range(count))
+    return itertools.islice(iter_pairs(seed, shapes, num_points=num_points, augment=True), count)
 
 
 @torch.no_grad()
@@ -93,22 +93,23 @@ def read(path: str | Path, model) -> list[TrainingPair]:
         raise SettingsError(f"cannot read the sample file {path}: {exc}") from None
     if meta.get("format") != FORMAT:
         raise SettingsError(f"{path} is not a sample file of `xspecmesh dataset samples` ({FORMAT})")
-    if meta["backbone"] != backbone_fingerprint(model):
+    ours = backbone_fingerprint(model)
+    if meta["backbone"] != ours:
         raise SettingsError(f"{path} holds samples of another backbone (fingerprint {meta['backbone']}, this one's "
-                            f"{backbone_fingerprint(model)}): decode them again with `xspecmesh dataset samples`")
+                            f"{ours}): decode them again with `xspecmesh dataset samples`")
     if int(meta["num_points"]) != model.cfg.encoder.num_points:
         raise SettingsError(f"{path} was made for {meta['num_points']} points a shape, this backbone reads "
                             f"{model.cfg.encoder.num_points}")
     s = json.loads(meta["shapes"])
     shapes = ShapeConfig(**{**s, "families": tuple(s["families"]) if s["families"] else None})
-    lengths = data["lengths"].tolist()
+    lengths, checks, ended = (data[k].tolist() for k in ("lengths", "checksums", "ended"))
     tokens = np.split(data["tokens"].numpy().astype(np.int64), np.cumsum(lengths)[:-1])
     out = []
     for i, pair in enumerate(_shapes(int(meta["seed"]), shapes, model.cfg.encoder.num_points, int(meta["count"]))):
-        if _checksum(pair.tokens) != int(data["checksums"][i]):
+        if _checksum(pair.tokens) != checks[i]:
             raise SettingsError(f"{path}: shape {i} of its stream is no longer the one it was decoded for (the shape "
                                 f"code changed); decode the samples again with `xspecmesh dataset samples`")
-        out.append(TrainingPair(tokens[i], pair.points, "sample", ended=bool(data["ended"][i])))
+        out.append(TrainingPair(tokens[i], pair.points, "sample", ended=ended[i]))
     return out
 
 

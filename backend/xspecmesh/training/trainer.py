@@ -122,6 +122,10 @@ def training_pairs(cfg: TrainConfig, num_points: int, rank: int, start_step: int
             yield files[rng.integers(len(files))]
 
 
+# An own sample stops at this many tokens per face of the shapes' cap (parts take ~2.9 tokens a face).
+SAMPLE_TOKENS_PER_FACE = 3
+
+
 @torch.no_grad()
 def own_sequences(model, cond: torch.Tensor, max_tokens: int, generator=None) -> list[TrainingPair]:
     """The backbone's own AR samples for these conditions at the add-on's default sampling settings: the sequences a
@@ -378,8 +382,8 @@ class Trainer:
         gen = torch.Generator(device=self.device).manual_seed(self.cfg.seed + self.sample_draws)
         self.sample_draws += 1
         with torch.no_grad():
-            inputs, targets = own_samples(self.model, self.model.encode(torch.cat(points)), 3 * self.cfg.max_faces,
-                                          gen)
+            inputs, targets = own_samples(self.model, self.model.encode(torch.cat(points)),
+                                          SAMPLE_TOKENS_PER_FACE * self.cfg.max_faces, gen)
         self.model.train(was_training)
         out, start = [], 0
         for p in points:
@@ -415,15 +419,14 @@ class Trainer:
                 group["lr"] = self.lr_at(step)
             self.optimizer.zero_grad(set_to_none=True)
             for _ in range(cfg.grad_accum):
-                inputs, targets, points = (t.to(self.device) for t in next(stream))
-                if cfg.stage == "heads" and sample_rng.random() < cfg.self_samples:
-                    if cfg.sample_file:
-                        inputs, targets, points = (t.to(self.device) for t in next(own_file))
-                    else:
-                        if not own:
-                            shapes = [points] + [next(stream)[2].to(self.device) for _ in range(cfg.sample_pool - 1)]
-                            own = [(*batch, p) for batch, p in zip(self.sampled_batches(shapes), shapes)]
-                        inputs, targets, points = own.pop(0)
+                own_turn = cfg.stage == "heads" and sample_rng.random() < cfg.self_samples
+                source = own_file if own_turn and cfg.sample_file else stream  # (a file's turn draws no true batch)
+                inputs, targets, points = (t.to(self.device) for t in next(source))
+                if own_turn and not cfg.sample_file:  # decoded here, for this micro-batch's shapes (and a pool's)
+                    if not own:
+                        shapes = [points] + [next(stream)[2].to(self.device) for _ in range(cfg.sample_pool - 1)]
+                        own = [(*batch, p) for batch, p in zip(self.sampled_batches(shapes), shapes)]
+                    inputs, targets, points = own.pop(0)
                 loss, last = self.loss(inputs, targets, points)
                 (loss / cfg.grad_accum).backward()
                 tokens_seen += int((targets >= 0).sum())
