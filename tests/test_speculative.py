@@ -67,6 +67,10 @@ def test_greedy_speculative_equals_greedy_ar_with_untrained_heads(d, tree):
     assert got == want
     assert sum(stats.accept_hist) > 0 and stats.scr >= 1.0
     assert (stats.alternatives > 0) == tree  # with the tree, some steps kept the runner-up
+    # A kept alternative is a step that kept one token where d1 was rejected: it counts as a trial of head 1, not an
+    # acceptance, and the drafts after d1 (verified on the dropped branch) are not trials of later heads.
+    assert sum(stats.accept_hist[1:]) == stats.head_accepts[0] + stats.alternatives
+    assert all(stats.head_trials[k + 1] == stats.head_accepts[k] for k in range(d - 1))
 
 
 @pytest.mark.parametrize("shared", [True, False])
@@ -307,6 +311,18 @@ def test_draft_length_choice():
     assert chooser.interval == 16 and chooser.best() == 4
     always = choices(True)  # heads always accepted: longer and longer drafts, then the full length throughout
     assert always[0] == 4 and always[1:] == sorted(always[1:16]) + [4] * 24 and always[1] >= 2
+
+
+def test_draft_length_counts_only_drafts_verified_as_continuations():
+    """A sequence that kept the draft tree's alternative yielded a token at d1's place (head 1 counts as accepted for
+    the yield) but says nothing of head 2: its d2 was verified on the branch it dropped."""
+    from xspecmesh.decoding.adaptive import DraftLength
+
+    tree, chain = DraftLength(4), DraftLength(4)
+    tree.update(4, [1, 1], 1.0, verified=[1, 1])
+    chain.update(4, [1, 1], 1.0)  # (default: d2 verified after an accepted d1, and rejected)
+    assert tree.accept[0] == chain.accept[0] > 0.5
+    assert tree.observed[1] == 0 and tree.accept[1] == 0.5 and chain.accept[1] < 0.5
 
 
 def test_each_decode_probes_first_and_weighs_its_own_acceptance():

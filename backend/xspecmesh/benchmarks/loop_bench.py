@@ -21,7 +21,7 @@ from xspecmesh.benchmarks.step_cost import timed
 LOOPS = {"ar": decode_ar, "naive": decode_naive}
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def ar_vs_naive(engine: Engine, batches=(1, 8, 16), max_tokens: int = 1500, trials: int = 1, warmup_tokens: int = 20,
                 temperature: float = 0.5, progress: bool = True) -> dict:
     """Per batch size B: tokens/s of each loop (median over trials, the order rotated per trial) and their ratio.

@@ -21,7 +21,7 @@ def validation_pairs_for(engine: Engine, args) -> list:
                             num_points=engine.model.cfg.encoder.num_points)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def predictions(engine: Engine, inputs: torch.Tensor, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Teacher-forced top-1 tokens of the backbone (B, T) and of the heads (B, T, D) (None without heads)."""
     model, heads = engine.model, engine.ckpt.heads

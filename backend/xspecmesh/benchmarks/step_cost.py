@@ -30,7 +30,7 @@ def timed(fn, device: torch.device) -> tuple[float, float]:
     return time.perf_counter() - start, time.process_time() - cpu_start
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def step_cost(engine: Engine, depths=range(1, 7), cache_lengths=(500, 1500), repeats: int = 50, warmup: int = 5,
               progress: bool = True, others: dict[str, Engine] | None = None) -> dict:
     """Median wall time of one speculative step (heads draft D tokens, backbone verifies D+1 positions) over one

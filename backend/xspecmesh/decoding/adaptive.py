@@ -78,10 +78,14 @@ class DraftLength:
             return self.max_heads
         return self.best()
 
-    def update(self, drafts: int, accepted: list[int], seconds: float) -> None:
-        """After a step with `drafts` drafts: `accepted` drafts per live sequence and the step's wall time."""
+    def update(self, drafts: int, accepted: list[int], seconds: float, verified: list[int] | None = None) -> None:
+        """After a step with `drafts` drafts: `accepted` drafts per live sequence, the step's wall time and, per
+        sequence, how many drafts were verified as a continuation of what it kept (default: those up to its first
+        rejected one; a sequence that kept the draft tree's alternative counts it as accepted, then ends there, since
+        the drafts after d1 were verified on the branch it dropped)."""
+        verified = verified if verified is not None else [min(a + 1, drafts) for a in accepted]
         for k in range(drafts):
-            reached = [a for a in accepted if a >= k]  # sequences whose head k+1 draft was verified
+            reached = [a for a, v in zip(accepted, verified) if v > k]  # sequences whose head k+1 draft counts
             if reached:
                 rate = sum(a > k for a in reached) / len(reached)
                 self.observed[k] += 1

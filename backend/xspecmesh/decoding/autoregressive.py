@@ -137,7 +137,7 @@ def _sample_step(logits, sampling, grammar, state, finished, generator):
     return nxt, grammar.advance(state, nxt), accepted
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def decode_ar(
     model: MeshTransformer,
     cond: torch.Tensor,
@@ -189,7 +189,7 @@ def decode_ar(
             inp, state = inp[keep], state[keep]
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def decode_naive(
     model: MeshTransformer,
     cond: torch.Tensor,

@@ -173,7 +173,7 @@ class Engine:
                 "preset": self.ckpt.meta.get("preset"), "num_points": cfg.encoder.num_points,
                 "drafter": self.ckpt.heads.cfg.kind if self.ckpt.heads is not None else None}
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def condition(self, points, seed: int = 0) -> torch.Tensor:
         pts = prepare_points(points, self.model.cfg.encoder.num_points, seed)
         return self.model.encode(torch.from_numpy(pts)[None].to(self.device, self.model.bos.dtype))

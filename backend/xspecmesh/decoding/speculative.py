@@ -112,6 +112,7 @@ def _tested_rows(drafts: int, alternative: bool, device: torch.device) -> torch.
 
 
 @functools.lru_cache(maxsize=None)
+@torch.inference_mode(False)  # (cached for calls in and out of inference mode: a plain tensor)
 def tree_shape(drafts: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """The verify's tree for [r, d1..dD, a]: (depth (D+2,), sees (D+2, D+2)) as `MeshTransformer.forward` takes it;
     the chain is causal, the alternative a sits at d1's depth and sees r and itself. Made once per D and device (the
@@ -134,7 +135,7 @@ def _first_token(model: MeshTransformer, heads: Drafter, cache: KVCache, samplin
     return r, grammar.advance(state, r), hidden[:, -1:]
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def decode_speculative(
     model: MeshTransformer,
     heads: Drafter,
@@ -198,7 +199,7 @@ def decode_speculative(
     yield out
 
     first: dict[int, list[int]] = {}  # slot -> the first token of a sequence that joined since the last step
-    last_step, last_start = None, 0.0  # adaptive D: (drafts, accepted per live row) of the last step, and its start
+    last_step, last_start = None, 0.0  # adaptive D: the last step (drafts, accepted and verified per live row), and its start
     while True:
         # (adaptive D: the last step ran from its start to here, its caller's work on its tokens included; the joins
         # below are per-sequence work that no choice of D changes, so they are not part of it)
@@ -235,7 +236,7 @@ def decode_speculative(
         # committed since its last call).
         t0 = time.perf_counter()
         if chooser and last_step:
-            chooser.update(*last_step, last_seconds)
+            chooser.update(seconds=last_seconds, **last_step)
         dk = chooser.choose() if chooser else d
         branch = tree and dk > 0
         walk = DraftWalk(grammar, state, branch, confidence)
@@ -282,13 +283,17 @@ def decode_speculative(
             cache.move(moved, length[moved] + dk + 1, length[moved] + 1)
             hidden[moved, 1] = hidden[moved, dk + 1]
         hidden = hidden[:, : dk + 1]
-        accepted = [n for n, f in zip(n_acc, done) if not f]
+        live = [(n, t) for n, t, f in zip(n_acc, took, done) if not f]
+        accepted = [n for n, _ in live]
+        # Drafts verified as a continuation of what each sequence kept: up to its first rejected one; where it kept
+        # the alternative, d1 alone (rejected; d2.. were verified on the branch it dropped).
+        verified = [1 if t else min(n + 1, dk) for n, t in live]
         stats.draft_hist[dk] += 1
-        for a in accepted:
+        for (a, t), v in zip(live, verified):
             stats.accept_hist[a] += 1
-            for k in range(min(a + 1, dk)):
+            for k in range(v):
                 stats.head_trials[k] += 1
-                stats.head_accepts[k] += int(k < a)
+                stats.head_accepts[k] += int(k < a and not t)
         stats.alternatives += sum(took)
         stats.steps += 1
         stats.seq_steps += len(accepted)
@@ -312,7 +317,7 @@ def decode_speculative(
         stats.time_verify += t2 - t1
         stats.time_other += t3 - t2
         stats.seconds = t3 - start
-        last_step, last_start = (dk, accepted), t0
+        last_step, last_start = dict(drafts=dk, accepted=accepted, verified=verified), t0
         out = leaving.by_slot(out, b)
         for slot, tokens in first.items():
             out[slot] = tokens + out[slot]

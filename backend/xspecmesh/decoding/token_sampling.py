@@ -109,6 +109,7 @@ class Grammar:
 
     @classmethod
     @functools.lru_cache(maxsize=None)
+    @torch.inference_mode(False)  # (cached for calls in and out of inference mode: plain tensors)
     def on(cls, device, vocab_size: int = tok.VOCAB_SIZE) -> "Grammar":
         """The tables on `device`, built once and shared by every decode (nothing writes to them): building them
         takes ~0.6 ms, a fixed cost of every mesh."""

@@ -124,6 +124,7 @@ class KVCache:
 
 
 @functools.lru_cache(maxsize=64)
+@torch.inference_mode(False)  # (cached for calls in and out of inference mode: a plain tensor)
 def mask_pattern(n: int, sees: torch.Tensor | None, max_len: int, dtype, device) -> torch.Tensor:
     """(n, 2 max_len) additive mask (0 visible, -inf not) for n new tokens whose last is at column max_len - 1: the
     columns before them visible, theirs as `sees` says (None: causal), those after them not. A row whose new tokens
