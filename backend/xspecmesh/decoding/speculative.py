@@ -68,7 +68,7 @@ def accept_drafts(rule: AcceptConfig, logits, probs, drafts, generator, alternat
         return probs[rows, torch.tensor(at, device=drafts.device)]
 
     if d == 0:  # (a step without drafts: adaptive D = 0) nothing to accept, the next token is drawn at r
-        return [0] * b, next_distribution([0] * b), [False] * b
+        return [0] * b, probs[:, 0], [False] * b
     # The tokens tested, d1..dD and the alternative, and the row of logits/probs each is tested against.
     alt = alternative.tolist() if alternative is not None else [-1] * b
     tested = drafts if alternative is None else torch.cat([drafts, alternative.clamp(min=0)[:, None]], 1)
