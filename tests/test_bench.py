@@ -70,6 +70,10 @@ def test_bench_rows_have_the_documented_fields(result):
     assert spec["heads"] == 2 and spec["delta"] == 0.5 and spec["accept"] == "threshold"
     assert spec["speedup"] > 0 and 1.0 <= spec["scr"] <= 3.0
     assert len(spec["head_accept_rates"]) == 2
+    # pooled from the decoder's own counts of drafts verified and accepted, per head, over the spec runs
+    counted = [r for r in result["runs"] if r.get("head_trials")]
+    accepts, trials = (np.sum([r[k] for r in counted], 0) for k in ("head_accepts", "head_trials"))
+    assert counted and trials[0] > 0 and spec["head_accept_rates"] == pytest.approx(list(accepts / np.maximum(trials, 1)))
     json.dumps(result, allow_nan=False)  # strict JSON: no NaN
 
 

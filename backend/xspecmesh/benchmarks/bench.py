@@ -166,6 +166,7 @@ def _run_once(engine: Engine, inp: BenchInput, variant: Variant, seed: int, max_
     row |= {k: st.get(k, 0) for k in ("tokens", "steps", "scr", "tokens_per_second")}
     row["decode_seconds"] = st.get("decode_seconds", math.nan)
     row["accept_hist"] = st.get("accept_hist")
+    row["head_accepts"], row["head_trials"] = st.get("head_accepts"), st.get("head_trials")
     tris = result.mesh.reshape(-1, 3)
     pred = None
     if len(tris):
@@ -263,10 +264,11 @@ def _summarize(v: Variant, runs: list[dict], ar: Variant, seeds: int) -> dict:
     }
     row |= {k: _mean(r[k] for r in ok) for k in GEOMETRY_KEYS}
     hists = [r["accept_hist"] for r in timed if r.get("accept_hist")]
-    if hists:  # head k is tried when a step accepted >= k drafts, and accepted when it accepted > k
-        hist = np.sum(hists, axis=0)
-        row["accept_hist"] = hist.tolist()
-        row["head_accept_rates"] = [float(hist[k + 1:].sum() / max(1, hist[k:].sum())) for k in range(len(hist) - 1)]
+    if hists:  # per head, pooled: its drafts accepted over its drafts verified (the decoder counts both: a step the
+        # confidence stop ended early, or whose d1 the tree's alternative replaced, did not try the later heads)
+        row["accept_hist"] = np.sum(hists, axis=0).tolist()
+        accepts, trials = (np.sum([r[k] for r in timed if r.get(k)], axis=0) for k in ("head_accepts", "head_trials"))
+        row["head_accept_rates"] = (accepts / np.maximum(trials, 1)).tolist()
     if seeds >= 3:  # quality parity: the spread of per-seed mean CD/HD
         for key in ("cd", "hd"):
             per_seed = [_mean(r[key] for r in ok if r["seed"] == s) for s in range(seeds)]

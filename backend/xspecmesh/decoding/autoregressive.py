@@ -55,6 +55,7 @@ class DecodeStats:
         if self.head_trials:
             d["accept_hist"] = list(self.accept_hist)
             d["head_accept_rates"] = [round(a / t, 4) if t else 0.0 for a, t in zip(self.head_accepts, self.head_trials)]
+            d["head_accepts"], d["head_trials"] = list(self.head_accepts), list(self.head_trials)
             d["draft_hist"] = list(self.draft_hist)
             d["alternatives"] = self.alternatives
             d["time_split"] = {"draft": round(self.time_draft, 4), "verify": round(self.time_verify, 4),
