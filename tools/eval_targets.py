@@ -135,7 +135,7 @@ def main(argv=None) -> int:
         "spec_scr": tokens / steps if steps else None,
         "spec_nonempty_share": len(spec_cds) / len(pairs),
         "spec_cd_10k_median": statistics.median(spec_cds) if spec_cds else None,
-        "head_acceptance": [round(a / t, 4) if t else 0.0 for a, t in zip(accepts, trials)],
+        "head_acceptance": [round(a / t, 4) if t else None for a, t in zip(accepts, trials)],
     }
     result |= offset_axis_accuracy(engine.model, pairs)
     if args.reference:

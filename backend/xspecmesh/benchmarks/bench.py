@@ -268,7 +268,7 @@ def _summarize(v: Variant, runs: list[dict], ar: Variant, seeds: int) -> dict:
         # confidence stop ended early, or whose d1 the tree's alternative replaced, did not try the later heads)
         row["accept_hist"] = np.sum(hists, axis=0).tolist()
         accepts, trials = (np.sum([r[k] for r in timed if r.get(k)], axis=0) for k in ("head_accepts", "head_trials"))
-        row["head_accept_rates"] = (accepts / np.maximum(trials, 1)).tolist()
+        row["head_accept_rates"] = [float(a / t) if t else None for a, t in zip(accepts, trials)]  # (None: never tried)
     if seeds >= 3:  # quality parity: the spread of per-seed mean CD/HD
         for key in ("cd", "hd"):
             per_seed = [_mean(r[key] for r in ok if r["seed"] == s) for s in range(seeds)]

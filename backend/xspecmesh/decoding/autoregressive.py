@@ -54,7 +54,8 @@ class DecodeStats:
              "tokens_per_second": round(self.tokens / self.seconds, 2) if self.seconds > 0 else 0.0}
         if self.head_trials:
             d["accept_hist"] = list(self.accept_hist)
-            d["head_accept_rates"] = [round(a / t, 4) if t else 0.0 for a, t in zip(self.head_accepts, self.head_trials)]
+            d["head_accept_rates"] = [round(a / t, 4) if t else None  # (None: no draft of that head was verified)
+                                      for a, t in zip(self.head_accepts, self.head_trials)]
             d["head_accepts"], d["head_trials"] = list(self.head_accepts), list(self.head_trials)
             d["draft_hist"] = list(self.draft_hist)
             d["alternatives"] = self.alternatives
