@@ -199,7 +199,7 @@ def decode_speculative(
     yield out
 
     first: dict[int, list[int]] = {}  # slot -> the first token of a sequence that joined since the last step
-    last_step, last_start = None, 0.0  # adaptive D: the last step (drafts, accepted and verified per live row), and its start
+    last_step, last_start = None, 0.0  # adaptive D: the last step's drafts, accepted and verified per row; its start
     while True:
         # (adaptive D: the last step ran from its start to here, its caller's work on its tokens included; the joins
         # below are per-sequence work that no choice of D changes, so they are not part of it)
