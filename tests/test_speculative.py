@@ -325,6 +325,23 @@ def test_draft_length_counts_only_drafts_verified_as_continuations():
     assert tree.observed[1] == 0 and tree.accept[1] == 0.5 and chain.accept[1] < 0.5
 
 
+def test_draft_length_cost_is_not_set_by_one_slow_step():
+    """A D measured for the first time starts from the line through the others: one slow step at a rarely chosen D
+    (a page fault, another process) moves its estimate, and through the line every D's, by a fraction only."""
+    from xspecmesh.decoding.adaptive import DraftLength
+
+    chooser = DraftLength(4)
+    for _ in range(20):
+        for d in (0, 4):
+            chooser.update(d, [d], 1.0 + 0.2 * d)
+    assert chooser.cost() == pytest.approx([1.0, 1.2, 1.4, 1.6, 1.8], rel=0.02)
+    chooser.update(1, [0], 10.0)  # one slow step at D = 1, ~8x its cost
+    assert chooser.cost()[0] < 1.5 and chooser.cost()[1] < 4.5
+    for _ in range(40):  # steady steps at D = 1 take over
+        chooser.update(1, [1], 1.2)
+    assert chooser.seconds[1] == pytest.approx(1.2, abs=0.1)
+
+
 def test_each_decode_probes_first_and_weighs_its_own_acceptance():
     """A chooser that one object drove to plain steps (no draft accepted, probes backed off to every 64 steps) probes
     at the next decode's first step and follows that object's acceptance within a few steps; without `begin` it

@@ -39,22 +39,29 @@ class DraftLength:
         self.observed = [0.0] * max_heads  # steps that verified head k's draft
         self.prior_weight = prior_weight  # the prior counts as this many steps: one unlucky first draft is not final
         self.seconds = [math.nan] * (max_heads + 1)  # EMA of a step's wall time, per D
+        self.timed = [0] * (max_heads + 1)  # steps measured, per D
         self.prior_cost = prior_cost_per_draft  # relative cost of one more draft, until measured
         self.min_cost = min_cost_per_draft  # a draft is never free: keeps timing noise from favouring long drafts
         self.steps = 0
 
     def cost(self) -> list[float]:
-        """Estimated seconds per step for every D: the least-squares line through the measurements (the prior slope
-        through a single one; the prior alone before any)."""
-        known = [(d, s) for d, s in enumerate(self.seconds) if not math.isnan(s)]
+        """Estimated seconds per step for every D: the least-squares line through the measurements, each D weighted
+        by the steps behind its estimate (up to the EMA's span), so that a D tried once does not tilt the line as
+        much as one measured every step (the prior slope through a single measurement; the prior alone before any)."""
+        known = [(d, s, min(n, 1 / (1 - self.decay))) for d, (s, n) in enumerate(zip(self.seconds, self.timed))
+                 if not math.isnan(s)]
         if not known:
             return [1.0 + self.prior_cost * d for d in range(self.max_heads + 1)]
         if len(known) >= 2:
-            slope, base = statistics.linear_regression(*zip(*known))
-            base = max(base, 1e-9)
+            total = sum(w for _, _, w in known)
+            mean_d = sum(w * d for d, _, w in known) / total
+            mean_s = sum(w * s for _, s, w in known) / total
+            spread = sum(w * (d - mean_d) ** 2 for d, _, w in known)
+            slope = sum(w * (d - mean_d) * (s - mean_s) for d, s, w in known) / spread
+            base = max(mean_s - slope * mean_d, 1e-9)
             slope = max(slope, self.min_cost * base)  # the fitted line everywhere: smoother than single measurements
         else:
-            ((k, seconds),) = known
+            ((k, seconds, _),) = known
             base = seconds / (1.0 + self.prior_cost * k)
             slope = base * self.prior_cost
         return [base + slope * d for d in range(self.max_heads + 1)]
@@ -91,13 +98,21 @@ class DraftLength:
                 self.observed[k] += 1
                 w = max(1 - self.decay, 1 / (self.observed[k] + self.prior_weight))  # a running mean, then an EMA
                 self.accept[k] = (1 - w) * self.accept[k] + w * rate
+        measured = not all(math.isnan(s) for s in self.seconds)  # else cost() is the prior's, in relative units
         if self.probing:  # did this probe yield tokens faster than a plain step would have? (unknown at first)
-            measured = not all(math.isnan(s) for s in self.seconds)  # else cost() is the prior's, in relative units
             paid = not measured or bool(accepted) and (1 + statistics.fmean(accepted)) / seconds > 1 / self.cost()[0]
             idle = self.best() == 0 and not paid
             self.interval = min(2 * self.interval, self.max_probe_every) if idle else self.probe_every
-        old = self.seconds[drafts]
-        self.seconds[drafts] = seconds if math.isnan(old) else self.decay * old + (1 - self.decay) * seconds
+        # A step's time: a running mean, then an EMA, per D. A D measured for the first time starts from the line's
+        # estimate for it, weighted as the prior is: a rarely chosen D otherwise kept its first time, an outlier as
+        # often as not (one slow step), and through the fitted line it moved every D's cost.
+        n, self.timed[drafts] = self.timed[drafts], self.timed[drafts] + 1
+        if not measured:  # the first step measured: the line starts from it
+            self.seconds[drafts] = seconds
+        else:
+            old = self.cost()[drafts] if math.isnan(self.seconds[drafts]) else self.seconds[drafts]
+            w = max(1 - self.decay, 1 / (n + 1 + self.prior_weight))
+            self.seconds[drafts] = (1 - w) * old + w * seconds
 
     def expected_tokens(self) -> list[float]:
         """E[tokens] of a step with D = 0..max drafts; a head never verified yet is assumed as good as the one
