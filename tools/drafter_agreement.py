@@ -37,8 +37,8 @@ def agreement(path: str, count: int, batch: int = 16) -> dict:
     for i in range(0, len(pairs), batch):
         inputs, targets, points = collate(pairs[i : i + batch])
         cond = model.encode(points)
-        for name, (inp, tgt) in {"truth": (inputs, targets),
-                                 "samples": own_samples(model, cond, SAMPLE_TOKENS_PER_FACE * shapes.max_faces, gen)}.items():
+        sampled = own_samples(model, cond, SAMPLE_TOKENS_PER_FACE * shapes.max_faces, gen)
+        for name, (inp, tgt) in {"truth": (inputs, targets), "samples": sampled}.items():
             logits, hidden = model(inp, cond=cond, taps=drafter.taps)
             out = draft_outputs(drafter, model, hidden, inp, cond)
             _, agree = head_distillation_loss(out, logits, tgt, 1.0, 0.0, drafter.factored)

@@ -263,11 +263,12 @@ def _summarize(v: Variant, runs: list[dict], ar: Variant, seeds: int) -> dict:
         "faces": _mean(r["faces"] for r in timed),
     }
     row |= {k: _mean(r[k] for r in ok) for k in GEOMETRY_KEYS}
-    hists = [r["accept_hist"] for r in timed if r.get("accept_hist")]
-    if hists:  # per head, pooled: its drafts accepted over its drafts verified (the decoder counts both: a step the
+    counted = [r for r in timed if r.get("head_trials")]  # (speculative runs: they carry the decoder's counts)
+    if counted:  # per head, pooled: its drafts accepted over its drafts verified (the decoder counts both: a step the
         # confidence stop ended early, or whose d1 the tree's alternative replaced, did not try the later heads)
-        row["accept_hist"] = np.sum(hists, axis=0).tolist()
-        accepts, trials = (np.sum([r[k] for r in timed if r.get(k)], axis=0) for k in ("head_accepts", "head_trials"))
+        hist, accepts, trials = (np.sum([r[k] for r in counted], axis=0)
+                                 for k in ("accept_hist", "head_accepts", "head_trials"))
+        row["accept_hist"] = hist.tolist()
         row["head_accept_rates"] = [float(a / t) if t else None for a, t in zip(accepts, trials)]  # (None: never tried)
     if seeds >= 3:  # quality parity: the spread of per-seed mean CD/HD
         for key in ("cd", "hd"):

@@ -283,17 +283,19 @@ def decode_speculative(
             cache.move(moved, length[moved] + dk + 1, length[moved] + 1)
             hidden[moved, 1] = hidden[moved, dk + 1]
         hidden = hidden[:, : dk + 1]
-        live = [(n, t) for n, t, f in zip(n_acc, took, done) if not f]
-        accepted = [n for n, _ in live]
-        # Drafts verified as a continuation of what each sequence kept: up to its first rejected one; where it kept
-        # the alternative, d1 alone (rejected; d2.. were verified on the branch it dropped).
-        verified = [1 if t else min(n + 1, dk) for n, t in live]
-        stats.draft_hist[dk] += 1
-        for (a, t), v in zip(live, verified):
+        # Per live row: drafts accepted, and drafts verified as a continuation of what it kept: up to its first
+        # rejected one; where it kept the alternative, d1 alone (rejected; d2.. were verified on the branch it dropped).
+        accepted, verified = [], []
+        for a, t, f in zip(n_acc, took, done):
+            if f:
+                continue
+            accepted.append(a)
+            verified.append(1 if t else min(a + 1, dk))
             stats.accept_hist[a] += 1
-            for k in range(v):
+            for k in range(verified[-1]):
                 stats.head_trials[k] += 1
                 stats.head_accepts[k] += int(k < a and not t)
+        stats.draft_hist[dk] += 1
         stats.alternatives += sum(took)
         stats.steps += 1
         stats.seq_steps += len(accepted)
