@@ -18,7 +18,7 @@ from xspecmesh.cli import main
 from xspecmesh.decoding.engine import Engine
 
 ROW_FIELDS = {"mode", "heads", "delta", "accept", "seconds", "speedup", "scr", "cd", "hd", "faces", "failures", "runs",
-              "tokens_per_second", "cd_10k", "hd_10k", "cpu_seconds", "speedup_cpu"}
+              "stalled", "tokens_per_second", "cd_10k", "hd_10k", "cpu_seconds", "speedup_cpu"}
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +83,14 @@ def test_failures_are_counted_not_dropped(result):
         assert row["failures"] >= 1  # the three-point input cannot be conditioned on
     failed = [r for r in result["runs"] if r["input"] == "too-few-points"]
     assert len(failed) == 2 and all(r["failed"] and "points" in r["error"] for r in failed)
+
+
+def test_stalled_runs_are_counted(engine, inputs, monkeypatch):
+    from xspecmesh.decoding import engine as engine_mod
+
+    monkeypatch.setattr(engine_mod, "STALL_TOKENS", 1)  # every decode stalls at its first token without a face
+    out = bench.run_bench(engine, inputs[:1], bench.variants(heads=(2,)), seeds=1, max_tokens=40, progress=False)
+    assert all(r["stalled"] for r in out["runs"]) and all(row["stalled"] == row["runs"] for row in out["rows"])
 
 
 def test_an_empty_generation_is_a_failure(engine, inputs):

@@ -331,6 +331,8 @@ def scenario_settings_reach_backend(s: Session):
     # the backend would fit it, but this mesh was cut at max_faces (a random model does not stop by itself)
     assert "limit" in stats["fit_skipped"], stats
     assert "not fitted to the source (cut at the face or token limit)" in s.job.LAST.outcomes[0].summary()
+    looped = s.job.Outcome("Cube", "done", "Cube_retopo", faces=3, stats={"stalled": True, "fit_skipped": "stalled"})
+    assert "not fitted to the source (the model looped" in looped.summary()
     st.candidates = 2
     s.activate(src)
     bpy.ops.xspecmesh.retopologize()

@@ -50,7 +50,9 @@ class Outcome:
         tps = f", {self.tokens_per_second:.0f} tokens/s" if self.tokens_per_second else ""
         text = f"{self.source}: {self.faces} faces in {self.seconds:.1f} s, SCR {scr}{tps}"
         if self.state == "done" and ("fit_error" in self.stats or "fit_skipped" in self.stats):
-            why = "the fit failed" if "fit_error" in self.stats else "cut at the face or token limit"
+            why = ("the fit failed" if "fit_error" in self.stats else
+                   "the model looped, making no new face, and was stopped" if self.stats.get("stalled") else
+                   "cut at the face or token limit")
             text += f", not fitted to the source ({why})"
         if self.state != "done":
             text += f" — {self.state}" + (f": {self.message}" if self.message else "")

@@ -23,7 +23,7 @@ Replies (backend → add-on); every reply carries "id" (null when no request is 
         worked, also "fitted": every triangle sent, in the same order and frame (normalized), moved onto the input
         surface (xspecmesh/geometry/fit.py); the add-on builds its final mesh from those. Otherwise the stats say
         why not ("fit_skipped" or "fit_error") and the triangles sent stand. stats["complete"]: the decoder ended
-        at EOS, not at a face or token limit
+        at EOS, not at a face or token limit; stats["stalled"]: it was stopped in a loop that made no face
     {"type": "error", "id": "a1" or null, "message": "..."}
 
 A request is answered by zero or more progress/faces lines and then exactly one `done` or `error`. Requests start in the

@@ -165,6 +165,7 @@ def _run_once(engine: Engine, inp: BenchInput, variant: Variant, seed: int, max_
     st = result.stats
     row |= {k: st.get(k, 0) for k in ("tokens", "steps", "scr", "tokens_per_second")}
     row["decode_seconds"] = st.get("decode_seconds", math.nan)
+    row["stalled"] = bool(st.get("stalled"))  # stopped in a loop that made no face (engine.STALL_TOKENS)
     row["accept_hist"] = st.get("accept_hist")
     row["head_accepts"], row["head_trials"] = st.get("head_accepts"), st.get("head_trials")
     tris = result.mesh.reshape(-1, 3)
@@ -250,6 +251,7 @@ def _summarize(v: Variant, runs: list[dict], ar: Variant, seeds: int) -> dict:
     row = _variant_fields(v) | {
         "runs": len(mine),
         "failures": len(mine) - len(ok),
+        "stalled": sum(bool(r.get("stalled")) for r in timed),
         "seconds": _median(r["seconds"] for r in timed),
         "decode_seconds": _median(r["decode_seconds"] for r in timed),
         "speedup": _median(a["seconds"] / b["seconds"] for a, b in pairs if b["seconds"] > 0),
@@ -331,15 +333,15 @@ def markdown(result: dict) -> str:
              f"{result['checkpoint']}, {result['inputs']} inputs × {result['seeds']} seed(s), max "
              f"{result['max_tokens']} tokens", "",
              "| mode | D | δ | accept | s/mesh | speedup | CPU-time speedup | SCR | tok/s | CD | HD | CD 10k | HD 10k "
-             "| faces | failed |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| faces | failed | stalled |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         lines.append(f"| {_mode(r)} | {r['heads'] or '–'} | {cell(r['delta'], 'g')} | {r['accept'] or '–'} | "
                      f"{cell(r['seconds'])} | {cell(r['speedup'], '.2f')}× | {cell(r['speedup_cpu'], '.2f')}× | "
                      f"{cell(r['scr'], '.2f')} | "
                      f"{cell(r['tokens_per_second'], '.0f')} | {cell(r['cd'], '.4f')} | {cell(r['hd'], '.4f')} | "
                      f"{cell(r['cd_10k'], '.4f')} | {cell(r['hd_10k'], '.4f')} | {cell(r['faces'], '.0f')} | "
-                     f"{r['failures']}/{r['runs']} |")
+                     f"{r['failures']}/{r['runs']} | {r['stalled']} |")
     for name, path in result.get("compare", {}).items():
         lines += ["", f"@{name}: {path}"]
     if "ar_vs_naive" in result:

@@ -24,6 +24,11 @@ from xspecmesh.decoding.token_sampling import SamplingConfig
 from xspecmesh.decoding.speculative import AcceptConfig, decode_speculative
 
 JOINING = ("ar", "spec")  # modes whose decoders batch continuously (`join`); the naive loop goes in rounds
+# A decode that completes no face in this many tokens is stuck in one of the backbone's loops (one vertex or face
+# over and over, which detokenizes to nothing), which tends to last to the token limit: it is stopped there with the
+# faces made so far (docs/ARCHITECTURE.md, "Stalled decodes": on the backbone's own samples this gives up 0.03% of the
+# faces of those that end at EOS).
+STALL_TOKENS = 128
 MIN_CLOUD_POINTS = 16  # the least a cloud may have to be resampled to the encoder's size (the add-on sends far more:
 # the protocol's MIN_POINTS)
 
@@ -230,13 +235,13 @@ class Engine:
             new, tris = mesh.add(accepted[0])
             summary = stats.as_dict() | {"faces": mesh.faces, "seconds": round(time.perf_counter() - start, 4),
                                          "decode_seconds": round(stats.seconds, 4)} | fixed
-            if mesh.full:
-                summary["complete"] = mesh.complete
-            yield StepUpdate(new, tris, summary, done=mesh.full)
-            if mesh.full:
+            if mesh.stopped:
+                summary |= mesh.final()
+            yield StepUpdate(new, tris, summary, done=mesh.stopped)
+            if mesh.stopped:
                 return
         # The decoder ended: at EOS (a whole mesh) or at the token limit (a cut one).
-        summary = summary | {"complete": mesh.complete}
+        summary = summary | mesh.final()
         yield StepUpdate([], np.zeros((0, 3, 3), dtype=np.float32), summary, done=True)
 
     def retopologize(self, points, settings: DecodeSettings,
@@ -442,8 +447,8 @@ def batch_key(settings: DecodeSettings) -> tuple:
 
 
 class _Decoded:
-    """One object's decoding so far: its tokens up to `limit`, detokenized, cut at `max_faces` and counted; what
-    `Engine.stream` and each object of `stream_batch` report."""
+    """One object's decoding so far: its tokens up to `limit`, detokenized, cut at `max_faces` or where it stalled
+    (`STALL_TOKENS`) and counted; what `Engine.stream` and each object of `stream_batch` report."""
 
     def __init__(self, max_faces: int | None, limit: int):
         self.max_faces, self.limit = max_faces, limit
@@ -451,23 +456,43 @@ class _Decoded:
         self.tokens: list[int] = []
         self.faces = 0
         self.full = False  # max_faces reached
+        self.stalled = False  # STALL_TOKENS tokens in a row completed no face
+        self._idle = 0  # tokens since the last face
 
     def add(self, new: list[int]) -> tuple[list[int], np.ndarray]:
-        """This step's tokens (cut at the limit) and the triangles they complete, (k, 3, 3) float32."""
-        new = new[: self.limit - len(self.tokens)]
-        self.tokens.extend(new)
-        tris = [self.detok.push(t) for t in new]
+        """This step's tokens (cut at the limit, or where the decode stalled) and the triangles they complete,
+        (k, 3, 3) float32. Token by token, so that a stall cuts every decoder's sequence at the same token."""
+        kept, tris = [], []
+        for t in new[: self.limit - len(self.tokens)]:
+            made = self.detok.push(t)
+            kept.append(t)
+            tris.append(made)
+            self._idle = 0 if len(made) else self._idle + 1
+            if self._idle >= STALL_TOKENS:
+                self.stalled = True
+                break
+        self.tokens.extend(kept)
         tris = np.concatenate(tris) if tris else np.zeros((0, 3, 3), dtype=np.int64)
         if self.max_faces is not None:
             tris = tris[: max(0, self.max_faces - self.faces)]
         self.faces += len(tris)
         self.full = self.max_faces is not None and self.faces >= self.max_faces
-        return new, tok.dequantize(tris).astype(np.float32)
+        return kept, tok.dequantize(tris).astype(np.float32)
+
+    @property
+    def stopped(self) -> bool:
+        """Cut here, before the decoder ended: at max_faces or stalled."""
+        return self.full or self.stalled
 
     @property
     def complete(self) -> bool:
-        """A whole mesh, once decoding is over: it ended at EOS, cut neither at max_faces nor at the token limit."""
-        return not self.full and len(self.tokens) < self.limit
+        """A whole mesh, once decoding is over: it ended at EOS, cut neither at max_faces, nor where it stalled, nor
+        at the token limit."""
+        return not self.stopped and len(self.tokens) < self.limit
+
+    def final(self) -> dict:
+        """The stats only the last update carries."""
+        return {"complete": self.complete, "stalled": self.stalled}
 
 
 class _Row(_Decoded):
@@ -486,10 +511,10 @@ class _Row(_Decoded):
         self.steps += 1
         new, tris = self.add(new)
         n = len(self.tokens)
-        self.done = self.full or ended or n >= self.limit
+        self.done = self.stopped or ended or n >= self.limit
         stats = {"steps": self.steps, "tokens": n, "scr": round(n / self.steps, 4), "faces": self.faces}
         if self.done:
-            stats["complete"] = self.complete
+            stats |= self.final()
         self.parts.append(tris)
         return StepUpdate(new, tris, stats, done=self.done, decoded=self.done)
 

@@ -107,11 +107,13 @@ def fit_result(triangles: np.ndarray, points: np.ndarray, stats: dict,
                config: FitConfig | None = None) -> tuple[np.ndarray | None, dict]:
     """The fit as the server and the CLI apply it to a finished decode: (fitted soup or None, stats to add).
 
-    Not for a mesh cut at the face or token limit (`stats["complete"]` False): the part of the surface it does not
-    cover would pull its open border outwards. A fit that fails or gives non-finite positions leaves the mesh as
-    decoded; the stats say why."""
+    Not for a mesh cut at the face or token limit, or where its decode stalled (`stats["complete"]` False): the part
+    of the surface it does not cover would pull its open border outwards. A fit that fails or gives non-finite
+    positions leaves the mesh as decoded; the stats say why."""
     if not stats.get("complete", False):
-        return None, {"fit_skipped": "the mesh stopped at the face or token limit, so it is left as decoded"}
+        why = ("its decode stalled (a loop that made no face)" if stats.get("stalled")
+               else "the mesh stopped at the face or token limit")
+        return None, {"fit_skipped": f"{why}, so it is left as decoded"}
     if len(triangles) == 0:
         return None, {}
     try:
