@@ -72,6 +72,7 @@ def test_batch_writes_what_generate_writes_and_lists_the_bad_file(ckpt, tmp_path
     log = [json.loads(line) for line in (tmp_path / "out" / "batch_log.jsonl").read_text().splitlines()]
     assert sorted(e["status"] for e in log) == ["done"] * 4 + ["failed"]
     assert sorted(e["batch"] for e in log if e["status"] == "done") == [3, 3, 3, 3]  # 4 good files, B = 3 slots
+    assert all(isinstance(e["stalled"], bool) and isinstance(e["complete"], bool) for e in log if e["status"] == "done")
     assert json.loads((tmp_path / "out" / "batch_summary.json").read_text())["done"] == 4
 
 

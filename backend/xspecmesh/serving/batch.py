@@ -190,7 +190,7 @@ class Runner:
         self.report.done += 1
         self.report.steps += stats["steps"]
         self.report.scr.append(stats["scr"])
-        keep = ("tokens", "steps", "scr", "faces", "complete", "seconds", "tokens_per_second", "batch")
+        keep = ("tokens", "steps", "scr", "faces", "complete", "stalled", "seconds", "tokens_per_second", "batch")
         self.record(task, "done", **{k: stats[k] for k in keep if k in stats}, vertices=int(len(vertices)),
                     **{k: v for k, v in stats.items() if k.startswith("fit_")})
         if self.progress is not None:
