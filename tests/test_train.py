@@ -335,6 +335,39 @@ def test_own_samples_decoded_ahead_into_a_file_come_back_with_their_shapes(tmp_p
             sample_file.read(tmp_path / bad, model)
 
 
+def test_a_cut_sample_file_resumes_to_the_file_of_one_run(tmp_path):
+    """Every batch is kept in the partial file with the generator's state: a run cut after two batches and resumed
+    writes the same file as one uninterrupted run; other settings, or no --resume, start over."""
+    from safetensors import safe_open
+
+    from xspecmesh.training import sample_file
+
+    model = load_checkpoint(write_random_checkpoint(tmp_path / "bb.safetensors", "tiny", heads=0)).model.eval()
+    shapes = ShapeConfig(max_faces=40)
+    args = dict(count=7, seed=3, max_tokens=12, batch=2)
+    whole, cut = tmp_path / "whole.safetensors", tmp_path / "cut.safetensors"
+    sample_file.write(whole, model, shapes, **args)
+
+    def stop_after_two(n, seen=[]):  # (a run killed after its second batch)
+        seen.append(n)
+        if len(seen) == 2:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        sample_file.write(cut, model, shapes, progress=stop_after_two, **args)
+    assert not cut.exists() and sample_file.partial_path(cut).exists()
+    with pytest.raises(SettingsError, match="other settings.*max_tokens"):
+        sample_file.write(cut, model, shapes, resume=True, **(args | {"max_tokens": 13}))
+    done = []
+    sample_file.write(cut, model, shapes, progress=done.append, resume=True, **args)
+    assert done == [4, 2, 1] and not sample_file.partial_path(cut).exists()  # 4 samples taken over, 3 decoded
+
+    def content(path):
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    (meta_a, a), (meta_b, b) = content(whole), content(cut)
+    assert meta_a == meta_b and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_stage1_takes_its_own_samples_from_the_file_instead_of_decoding(tmp_path, monkeypatch):
     """--self-samples 1 --sample-file F: every micro-batch is a batch of the file's samples (no decode in training)."""
     from xspecmesh.training import sample_file, trainer as trainer_module

@@ -54,6 +54,8 @@ def register(sub) -> None:
     sm.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's choice)")
     sm.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     sm.add_argument("-o", "--output", required=True, help="the file to write (.safetensors)")
+    sm.add_argument("--resume", action="store_true", help="go on from OUTPUT.partial, where a run of the same "
+                    "settings that was cut left its samples (without it a run starts over)")
     sm.set_defaults(func=run_samples)
 
 
@@ -128,7 +130,7 @@ def run_samples(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     with tqdm(total=args.count, desc="own samples", unit="shape") as bar:
         summary = sample_file.write(args.output, ckpt.model, _config(args), args.count, args.seed,
-                                    SAMPLE_TOKENS_PER_FACE * args.max_faces, args.batch, bar.update)
+                                    SAMPLE_TOKENS_PER_FACE * args.max_faces, args.batch, bar.update, args.resume)
     seconds = time.perf_counter() - start
     print(f"wrote {args.output}: {summary['count']} samples, {summary['tokens']} tokens ({summary['ended']} ended, "
           f"the rest cut at {summary['max_tokens']} tokens) in {seconds:.0f} s, {summary['tokens'] / seconds:.0f} "

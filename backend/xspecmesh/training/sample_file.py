@@ -9,7 +9,8 @@ samples of the same distribution, and one file serves every leg on that backbone
 The file (safetensors, no pickle) holds only tokens. The shapes they were decoded for are the first `count` pairs of
 the training stream of its seed (`data.iter_pairs`), drawn again when it is read (milliseconds a shape) and checked
 against a checksum of their true tokens; the backbone that decoded them is named by a fingerprint of its weights,
-checked against the one training distils. A million sampled tokens take a few MB.
+checked against the one training distils. A million sampled tokens take a few MB. Decoding a pool takes a CPU an
+hour or more, so it is kept batch by batch as it goes (`write`, `dataset samples --resume`).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import os
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -49,11 +51,43 @@ def _shapes(seed: int, shapes: ShapeConfig, num_points: int, count: int) -> Iter
     return itertools.islice(iter_pairs(seed, shapes, num_points=num_points, augment=True), count)
 
 
+def partial_path(path: str | Path) -> Path:
+    """Where `write` keeps the samples decoded so far, until the file is complete."""
+    return Path(f"{path}.partial")
+
+
+def _save(path: Path, tokens: list, lengths: list, ended: list, checks: list, meta: dict, **extra) -> None:
+    """Write atomically (a temporary file, then a rename): a run cut meanwhile leaves the last whole file."""
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({"tokens": torch.from_numpy(np.concatenate(tokens).astype(np.int16)),
+               "lengths": torch.tensor(lengths, dtype=torch.int32), "ended": torch.tensor(ended, dtype=torch.bool),
+               "checksums": torch.tensor(checks, dtype=torch.int64), **extra}, str(tmp),
+              metadata={k: str(v) for k, v in meta.items()})
+    os.replace(tmp, path)
+
+
+def _resume(partial: Path, meta: dict) -> tuple[list, list, list, list, torch.Tensor]:
+    """The samples and generator state a cut run of the same settings left in `partial`."""
+    with safe_open(str(partial), framework="pt") as f:
+        theirs, data = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+    differ = [k for k, v in meta.items() if theirs.get(k) != str(v)]
+    if differ:
+        raise SettingsError(f"{partial} was decoded with other settings ({', '.join(differ)}): delete it, or run "
+                            f"without --resume to start over")
+    lengths = data["lengths"].tolist()
+    tokens = np.split(data["tokens"].numpy().astype(np.int64), np.cumsum(lengths)[:-1])
+    return tokens, lengths, data["ended"].tolist(), data["checksums"].tolist(), data["generator"]
+
+
 @torch.no_grad()
 def write(path: str | Path, model, shapes: ShapeConfig, count: int, seed: int, max_tokens: int, batch: int = 32,
-          progress: Callable[[int], None] | None = None) -> dict:
+          progress: Callable[[int], None] | None = None, resume: bool = False) -> dict:
     """Decode the backbone's own samples for the first `count` shapes of the training stream of `seed` (`batch` at
-    a time, up to `max_tokens` tokens each) and write them to `path`. Returns the file's summary."""
+    a time, up to `max_tokens` tokens each) and write them to `path`. Returns the file's summary.
+
+    After every batch the samples so far and the generator's state are kept in `partial_path(path)`; with `resume`
+    a run that was cut goes on from there (the same file as one uninterrupted run: the same settings are required),
+    without it a run starts over. The partial file is removed once `path` is written."""
     from xspecmesh.training.trainer import own_sequences
 
     if count < 1 or batch < 1:
@@ -61,9 +95,20 @@ def write(path: str | Path, model, shapes: ShapeConfig, count: int, seed: int, m
     model.eval()
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
+    meta = {"format": FORMAT, "backbone": backbone_fingerprint(model), "seed": seed, "count": count,
+            "max_tokens": max_tokens, "num_points": model.cfg.encoder.num_points,
+            "shapes": json.dumps(dataclasses.asdict(shapes)), "batch": batch}
+    path, partial = Path(path), partial_path(path)
     tokens, lengths, ended, checks = [], [], [], []
+    if resume and partial.exists():
+        tokens, lengths, ended, checks, state = _resume(partial, meta)
+        generator.set_state(state)
     stream = _shapes(seed, shapes, model.cfg.encoder.num_points, count)
-    for start in range(0, count, batch):
+    for _ in range(len(lengths)):  # (the shapes already decoded: milliseconds each to draw again)
+        next(stream)
+    if progress and lengths:
+        progress(len(lengths))
+    for start in range(len(lengths), count, batch):
         pairs = [next(stream) for _ in range(min(batch, count - start))]
         points = torch.from_numpy(np.stack([p.points for p in pairs])).to(device)
         for pair, sample in zip(pairs, own_sequences(model, model.encode(points), max_tokens, generator)):
@@ -71,15 +116,11 @@ def write(path: str | Path, model, shapes: ShapeConfig, count: int, seed: int, m
             lengths.append(len(sample.tokens))
             ended.append(sample.ended)
             checks.append(_checksum(pair.tokens))
+        _save(partial, tokens, lengths, ended, checks, meta, generator=generator.get_state())
         if progress:
             progress(len(pairs))
-    meta = {"format": FORMAT, "backbone": backbone_fingerprint(model), "seed": seed, "count": count,
-            "max_tokens": max_tokens, "num_points": model.cfg.encoder.num_points,
-            "shapes": json.dumps(dataclasses.asdict(shapes))}
-    save_file({"tokens": torch.from_numpy(np.concatenate(tokens).astype(np.int16)),
-               "lengths": torch.tensor(lengths, dtype=torch.int32), "ended": torch.tensor(ended, dtype=torch.bool),
-               "checksums": torch.tensor(checks, dtype=torch.int64)}, str(path),
-              metadata={k: str(v) for k, v in meta.items()})
+    _save(path, tokens, lengths, ended, checks, meta)
+    partial.unlink()
     return {**meta, "tokens": int(sum(lengths)), "ended": int(sum(ended))}
 
 
