@@ -75,6 +75,14 @@ def test_bench_rows_have_the_documented_fields(result):
     accepts, trials = (np.sum([r[k] for r in counted], 0) for k in ("head_accepts", "head_trials"))
     assert counted and trials[0] > 0
     assert spec["head_accept_rates"] == [pytest.approx(a / t) if t else None for a, t in zip(accepts, trials)]
+    # the step's cost in AR steps over the same trials: all of it, and the decoder's three parts within it
+    ar_runs = [r for r in result["runs"] if r["label"] == "ar" and r["seconds"] is not None]
+    ar_step = sum(r["decode_seconds"] for r in ar_runs) / sum(r["steps"] for r in ar_runs)
+    cost = spec["step_cost"]
+    assert cost["all"] == pytest.approx(sum(r["decode_seconds"] for r in counted)
+                                        / sum(r["steps"] for r in counted) / ar_step)
+    assert 0 < cost["draft"] and 0 < cost["verify"] and cost["draft"] + cost["verify"] + cost["other"] <= cost["all"]
+    assert "step_cost" not in ar and "SCR / all" in bench.markdown(result)
     json.dumps(result, allow_nan=False)  # strict JSON: no NaN
 
 

@@ -168,6 +168,7 @@ def _run_once(engine: Engine, inp: BenchInput, variant: Variant, seed: int, max_
     row["stalled"] = bool(st.get("stalled"))  # stopped in a loop that made no face (engine.STALL_TOKENS)
     row["accept_hist"] = st.get("accept_hist")
     row["head_accepts"], row["head_trials"] = st.get("head_accepts"), st.get("head_trials")
+    row["time_split"] = st.get("time_split")  # speculative only: the decoder's seconds drafting, verifying, the rest
     tris = result.mesh.reshape(-1, 3)
     pred = None
     if len(tris):
@@ -272,6 +273,7 @@ def _summarize(v: Variant, runs: list[dict], ar: Variant, seeds: int) -> dict:
                                  for k in ("accept_hist", "head_accepts", "head_trials"))
         row["accept_hist"] = hist.tolist()
         row["head_accept_rates"] = [float(a / t) if t else None for a, t in zip(accepts, trials)]  # (None: never tried)
+        row["step_cost"] = _step_cost(counted, base)
     if seeds >= 3:  # quality parity: the spread of per-seed mean CD/HD
         for key in ("cd", "hd"):
             per_seed = [_mean(r[key] for r in ok if r["seed"] == s) for s in range(seeds)]
@@ -279,6 +281,21 @@ def _summarize(v: Variant, runs: list[dict], ar: Variant, seeds: int) -> dict:
             row[f"{key}_seed_mean"] = _mean(per_seed)
             row[f"{key}_seed_std"] = statistics.stdev(per_seed) if len(per_seed) >= 2 else None
     return row
+
+
+def _step_cost(spec_runs: list[dict], ar_runs: dict) -> dict | None:
+    """A speculative step's cost in AR steps (AR's decode seconds per step over the same trials), all of it and split
+    as the decoder times it (drafting, the verify forward, the rest of its own work; `all` also holds the caller's
+    work between steps). Tokens per second go about as SCR / `all`: the arithmetic that bounds the speedup."""
+    pairs = [(ar_runs[(r["input"], r["seed"])], r) for r in spec_runs if r.get("time_split")]
+    pairs = [(a, r) for a, r in pairs if not math.isnan(a["decode_seconds"]) and not math.isnan(r["decode_seconds"])]
+    ar_step = sum(a["decode_seconds"] for a, _ in pairs) / max(1, sum(a["steps"] for a, _ in pairs))
+    steps = sum(r["steps"] for _, r in pairs)
+    if not steps or ar_step <= 0:
+        return None
+    parts = {k: sum(r["time_split"][k] for _, r in pairs) for k in ("draft", "verify", "other")}
+    parts["all"] = sum(r["decode_seconds"] for _, r in pairs)
+    return {k: v / steps / ar_step for k, v in parts.items()}
 
 
 def json_safe(x):
@@ -342,6 +359,16 @@ def markdown(result: dict) -> str:
                      f"{cell(r['tokens_per_second'], '.0f')} | {cell(r['cd'], '.4f')} | {cell(r['hd'], '.4f')} | "
                      f"{cell(r['cd_10k'], '.4f')} | {cell(r['hd_10k'], '.4f')} | {cell(r['faces'], '.0f')} | "
                      f"{r['failures']}/{r['runs']} | {r['stalled']} |")
+    costed = [r for r in result["rows"] if r.get("step_cost")]
+    if costed:
+        lines += ["", "a speculative step's cost in AR steps (SCR / all ≈ the speedup by tokens per second):", "",
+                  "| mode | D | δ | accept | draft | verify | other | all | SCR / all |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in costed:
+            c = r["step_cost"]
+            lines.append(f"| {_mode(r)} | {r['heads'] or '–'} | {cell(r['delta'], 'g')} | {r['accept'] or '–'} | "
+                         + " | ".join(cell(c[k], '.2f') for k in ("draft", "verify", "other", "all"))
+                         + f" | {cell(r['scr'] / c['all'], '.2f')}× |")
     for name, path in result.get("compare", {}).items():
         lines += ["", f"@{name}: {path}"]
     if "ar_vs_naive" in result:
