@@ -4,7 +4,9 @@ own training distribution: on the true token sequences and on the backbone's own
 add-on's default). Draft k is scored where drafts 1..k-1 were right, i.e. it reads the true tokens before it; its
 agreement bounds how often it is accepted by the greedy rule. Draft 1's is also split by the class of the backbone's
 choice (plain block, offset, special block, EOS): on BPT's tokens the blocks, where the mesh goes next, are the hard
-part.
+part; and kept apart where the backbone is confident (its sampling distribution, without the grammar mask, gives its
+top token more than 0.5): there the threshold rule at δ = 0.5 accepts the top token and nothing else, so draft 1's
+agreement there bounds how often that rule accepts it.
 
     python tools/drafter_agreement.py --checkpoint A.safetensors[,B.safetensors] [--count 64] [--json]
 """
@@ -15,6 +17,7 @@ import json
 
 import torch
 
+from xspecmesh.decoding.token_sampling import SamplingConfig, distribution
 from xspecmesh.model.checkpoint import load_checkpoint
 from xspecmesh.model.drafter import draft_outputs, factored_argmax
 from xspecmesh.training.data import ShapeConfig, validation_pairs
@@ -33,6 +36,7 @@ def agreement(path: str, count: int, batch: int = 16) -> dict:
     pairs = validation_pairs(count, config=shapes, num_points=model.cfg.encoder.num_points)
     sums = {"truth": [0.0] * drafter.num_heads, "samples": [0.0] * drafter.num_heads}
     by_class = {name: torch.zeros(2, len(CLASSES)) for name in sums}  # draft 1: (hits, positions) per class
+    confident = {name: torch.zeros(2) for name in sums}  # draft 1 where the backbone is confident: (hits, positions)
     gen = torch.Generator().manual_seed(0)
     for i in range(0, len(pairs), batch):
         inputs, targets, points = collate(pairs[i : i + batch])
@@ -51,11 +55,15 @@ def agreement(path: str, count: int, batch: int = 16) -> dict:
             of = model.token_type[best]  # (the backbone's table of each token's class)
             by_class[name] += torch.stack([torch.bincount(of[first == best], minlength=len(CLASSES)),
                                            torch.bincount(of, minlength=len(CLASSES))]).float()
+            sure = distribution(logits[:, 1:][valid], SamplingConfig()).amax(-1) > 0.5
+            confident[name] += torch.stack([(first == best)[sure].sum(), sure.sum()]).float()
     return {"checkpoint": path, "kind": drafter.cfg.kind, "output": getattr(drafter.cfg, "output", "shared"),
             **{name: [round(s / len(pairs), 4) for s in v] for name, v in sums.items()},
             **{f"{name}_draft1_by_class": {c: {"agreement": round(float(h / n), 4) if n else None, "positions": int(n)}
                                            for c, h, n in zip(CLASSES, *counts)}
-               for name, counts in by_class.items()}}
+               for name, counts in by_class.items()},
+            **{f"{name}_draft1_confident": {"agreement": round(float(h / n), 4) if n else None, "positions": int(n)}
+               for name, (h, n) in confident.items()}}
 
 
 def main() -> None:
@@ -79,7 +87,8 @@ def main() -> None:
     print("|---|---|---|")
     for r in rows:
         cells = [", ".join(f"{c} {v['agreement']:.2f} ({v['positions']})"
-                           for c, v in r[f"{name}_draft1_by_class"].items() if v["positions"])
+                           for c, v in {**r[f"{name}_draft1_by_class"], "confident": r[f"{name}_draft1_confident"]}
+                           .items() if v["positions"])
                  for name in ("truth", "samples")]
         print(f"| {r['checkpoint']} | {cells[0]} | {cells[1]} |")
 
