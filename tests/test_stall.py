@@ -79,3 +79,24 @@ def test_the_fit_skips_a_stalled_mesh_and_says_why():
     tris = np.random.default_rng(0).normal(size=(4, 3, 3)).astype(np.float32)
     fitted, stats = fit_result(tris, np.zeros((64, 6), np.float32), {"complete": False, "stalled": True})
     assert fitted is None and "stalled" in stats["fit_skipped"]
+
+
+def test_the_backbones_own_samples_for_training_are_cut_where_a_decode_would_stall(monkeypatch):
+    """A drafter trains on the sequences decoding keeps: a sample is cut where it stalls, and did not end there."""
+    import torch
+
+    from conftest import tiny_model
+    from xspecmesh.training.trainer import own_sequences
+
+    model = tiny_model()
+    cond = model.encode(torch.randn(4, model.cfg.encoder.num_points, 6, generator=torch.Generator().manual_seed(0)))
+    full = own_sequences(model, cond, 60, torch.Generator().manual_seed(1))  # (no stall of 128 tokens within 60)
+    monkeypatch.setattr(engine_mod, "STALL_TOKENS", 5)
+    cut = own_sequences(model, cond, 60, torch.Generator().manual_seed(1))
+    shorter = 0
+    for f, c in zip(full, cut):
+        assert f.tokens[: len(c.tokens)].tolist() == c.tokens.tolist()  # the same decode, cut or not
+        if len(c.tokens) < len(f.tokens):
+            shorter += 1
+            assert not c.ended and engine_mod.cut_stalled(f.tokens.tolist()) == (c.tokens.tolist(), True)
+    assert shorter  # a random model stalls within 5 tokens somewhere

@@ -519,6 +519,14 @@ class _Row(_Decoded):
         return StepUpdate(new, tris, stats, done=self.done, decoded=self.done)
 
 
+def cut_stalled(tokens: list[int]) -> tuple[list[int], bool]:
+    """A decoded sequence as a decode keeps it: up to where it stalled (`STALL_TOKENS` in a row that complete no face),
+    and whether it did. For sequences decoded outside the engine (the backbone's own samples that train a drafter)."""
+    decoded = _Decoded(None, len(tokens) + 1)
+    kept, _ = decoded.add(list(tokens))
+    return kept, decoded.stalled
+
+
 def _fit_update(result: tuple, stats: dict, cancelled: Callable[[], bool]) -> StepUpdate:
     """An object's last update from `fit.fit_result`'s (fitted, fit stats): dropped if it was cancelled meanwhile."""
     fitted, fit_stats = result

@@ -129,14 +129,20 @@ SAMPLE_TOKENS_PER_FACE = 3
 @torch.no_grad()
 def own_sequences(model, cond: torch.Tensor, max_tokens: int, generator=None) -> list[TrainingPair]:
     """The backbone's own AR samples for these conditions at the add-on's default sampling settings: the sequences a
-    drafter has to guess at inference (pairs without points; `ended` False for a sample cut at the token limit)."""
+    drafter has to guess at inference, cut where the engine would stop them as stalled (pairs without points; `ended`
+    False for a sample cut there or at the token limit)."""
     from xspecmesh.decoding.autoregressive import decode_ar, run_to_end, token_limit
+    from xspecmesh.decoding.engine import cut_stalled
     from xspecmesh.decoding.token_sampling import SamplingConfig
 
     seqs = run_to_end(decode_ar(model, cond, SamplingConfig(), max_tokens, generator), len(cond))
     limit = token_limit(model, max_tokens)
-    return [TrainingPair(np.asarray(s, dtype=np.int64), np.zeros((0, 6), np.float32), "sample", ended=len(s) < limit)
-            for s in seqs]
+    pairs = []
+    for s in seqs:
+        kept, stalled = cut_stalled(s)
+        pairs.append(TrainingPair(np.asarray(kept, dtype=np.int64), np.zeros((0, 6), np.float32), "sample",
+                                  ended=not stalled and len(s) < limit))
+    return pairs
 
 
 def own_samples(model, cond: torch.Tensor, max_tokens: int, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
