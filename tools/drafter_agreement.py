@@ -59,11 +59,14 @@ def agreement(path: str, count: int, batch: int = 16) -> dict:
             confident[name] += torch.stack([(first == best)[sure].sum(), sure.sum()]).float()
     return {"checkpoint": path, "kind": drafter.cfg.kind, "output": getattr(drafter.cfg, "output", "shared"),
             **{name: [round(s / len(pairs), 4) for s in v] for name, v in sums.items()},
-            **{f"{name}_draft1_by_class": {c: {"agreement": round(float(h / n), 4) if n else None, "positions": int(n)}
-                                           for c, h, n in zip(CLASSES, *counts)}
+            **{f"{name}_draft1_by_class": {c: _rate(h, n) for c, h, n in zip(CLASSES, *counts)}
                for name, counts in by_class.items()},
-            **{f"{name}_draft1_confident": {"agreement": round(float(h / n), 4) if n else None, "positions": int(n)}
-               for name, (h, n) in confident.items()}}
+            **{f"{name}_draft1_confident": _rate(*counts) for name, counts in confident.items()}}
+
+
+def _rate(hits, positions) -> dict:
+    n = int(positions)
+    return {"agreement": round(float(hits / n), 4) if n else None, "positions": n}
 
 
 def main() -> None:
