@@ -81,9 +81,9 @@ def test_own_samples_are_decoded_a_pool_of_micro_batches_at_a_time(tmp_path, mon
                              head_type="eagle", self_samples=1.0, sample_pool=3, **FAST))
     real_loss = tr.loss
 
-    def spy(inputs, targets, points):
+    def spy(inputs, targets, points, own):
         seen.append((len(inputs), len(points), inputs.shape[1], int((targets >= 0).any(0).nonzero().max()) + 1))
-        return real_loss(inputs, targets, points)
+        return real_loss(inputs, targets, points, own)
 
     monkeypatch.setattr(tr, "loss", spy)
     tr.run()
@@ -386,15 +386,44 @@ def test_stage1_takes_its_own_samples_from_the_file_instead_of_decoding(tmp_path
                              head_type="eagle", self_samples=1.0, sample_file=str(path), **FAST))
     seen, real_loss = [], tr.loss
 
-    def spy(inputs, targets, points):
+    def spy(inputs, targets, points, own):
         seen.extend(tuple(row[1 : int((t >= 0).sum()) + 1]) for row, t in zip(inputs.tolist(), targets))
-        return real_loss(inputs, targets, points)
+        return real_loss(inputs, targets, points, own)
 
     monkeypatch.setattr(tr, "loss", spy)
     tr.run()
     assert seen and all(s in kept for s in seen)
     with pytest.raises(SettingsError, match="sample-file"):
         Trainer(TrainConfig(stage="heads", init=str(init), out=str(tmp_path / "x"), sample_file=str(path), **FAST))
+    with pytest.raises(SettingsError, match="self-samples"):
+        Trainer(TrainConfig(stage="backbone", init=str(init), out=str(tmp_path / "y"), self_samples=0.5, **FAST))
+
+
+def test_stage2_own_samples_teach_the_drafter_alone(tmp_path, monkeypatch):
+    """Stage lora with --self-samples 1 --sample-file F: every micro-batch is the backbone's own samples, whose loss is
+    the drafter's alone (no λ-weighted cross-entropy to them), and the adapters still learn, through the features
+    the drafter reads."""
+    from xspecmesh.training import sample_file
+
+    init = write_random_checkpoint(tmp_path / "bb.safetensors", "tiny", heads=2)
+    path = tmp_path / "own.safetensors"
+    sample_file.write(path, load_checkpoint(init).model, ShapeConfig(max_faces=40), count=6, seed=5, max_tokens=20,
+                      batch=3)
+    tr = Trainer(TrainConfig(stage="lora", init=str(init), out=str(tmp_path / "l"), steps=3, lr=5e-3, num_heads=2,
+                             lora_rank=4, self_samples=1.0, sample_file=str(path), **FAST))
+    before, logs, real_loss = snapshot(tr.model), [], tr.loss
+
+    def spy(inputs, targets, points, own):
+        loss, log = real_loss(inputs, targets, points, own)
+        logs.append((own, loss.item(), log))
+        return loss, log
+
+    monkeypatch.setattr(tr, "loss", spy)
+    tr.run()
+    assert logs and all(own for own, _, _ in logs)
+    assert all(loss == pytest.approx(log["distill"]) and log["ce"] > 0 for _, loss, log in logs)
+    diff = changed(before, tr.model)
+    assert diff and all("lora_" in k for k in diff)
 
 
 def test_dataset_samples_cli_writes_a_file_training_reads(tmp_path, capsys):

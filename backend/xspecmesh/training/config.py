@@ -37,8 +37,8 @@ class TrainConfig:
     head_taps: str = ""  # eagle/grounded: backbone layers (comma-separated, 1-based) the drafter also reads (EAGLE-3)
     head_positions: bool = False  # eagle: the drafter's pairs carry the backbone's position embedding
     head_full_vocab: bool = False  # eagle/grounded: the backbone's output projection instead of per-axis logits
-    # stage heads: share of micro-batches replaced by the backbone's own AR samples (not in stage lora, whose λ-weighted
-    # cross-entropy would then sharpen the backbone towards its own samples)
+    # stages heads and lora: share of micro-batches replaced by the backbone's own AR samples; in stage lora they carry
+    # the drafter's loss alone (the λ-weighted cross-entropy to them would sharpen the backbone towards its own samples)
     self_samples: float = 0.0
     # ... decoded this many micro-batches at a time (one AR decode over all their shapes: on a GPU a decode of many
     # sequences costs about what one of a few does; the backbone is frozen, so samples drawn ahead are as good)

@@ -243,9 +243,10 @@ class Trainer:
             raise SettingsError(f"--self-samples is a share between 0 and 1, got {cfg.self_samples}")
         if cfg.sample_pool < 1:
             raise SettingsError(f"--sample-pool is a number of micro-batches, 1 or more, got {cfg.sample_pool}")
-        if cfg.sample_file and not (cfg.stage == "heads" and cfg.self_samples > 0):
-            raise SettingsError("--sample-file is where stage heads takes its --self-samples share from: it needs "
-                                "both")
+        if cfg.self_samples > 0 and cfg.stage == "backbone":
+            raise SettingsError("--self-samples trains a drafter: it is for stages heads and lora")
+        if cfg.sample_file and not cfg.self_samples > 0:
+            raise SettingsError("--sample-file is where --self-samples takes its share from: it needs both")
         if not cfg.teacher_temperature > 0:
             raise SettingsError(f"--teacher-temperature must be above 0, got {cfg.teacher_temperature}")
         if cfg.axis_factors and cfg.stage != "backbone":
@@ -346,7 +347,9 @@ class Trainer:
         return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
     # -- one micro-batch ---------------------------------------------------------------------------------------
-    def loss(self, inputs, targets, points) -> tuple[torch.Tensor, dict]:
+    def loss(self, inputs, targets, points, own: bool = False) -> tuple[torch.Tensor, dict]:
+        """One micro-batch's loss and log; `own`: the sequences are the backbone's own samples, which in stage lora
+        teach the drafter only (see TrainConfig.self_samples)."""
         model = self.ddp.get("model", self.model)
         amp = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
         with amp:
@@ -367,7 +370,7 @@ class Trainer:
             distill, agree = head_distillation_loss(head_out, logits.detach(), targets, self.cfg.head_decay,
                                                     self.cfg.ce_weight, self.heads.factored,
                                                     self.cfg.teacher_temperature)
-        loss = distill if self.cfg.stage == "heads" else distill + self.cfg.backbone_weight * ce
+        loss = distill if self.cfg.stage == "heads" or own else distill + self.cfg.backbone_weight * ce
         return loss, {"loss": loss.item(), "distill": distill.item(), "ce": ce.item(),
                       **{f"agree{k + 1}": a for k, a in enumerate(agree)}}
 
@@ -425,7 +428,7 @@ class Trainer:
                 group["lr"] = self.lr_at(step)
             self.optimizer.zero_grad(set_to_none=True)
             for _ in range(cfg.grad_accum):
-                own_turn = cfg.stage == "heads" and sample_rng.random() < cfg.self_samples
+                own_turn = cfg.stage != "backbone" and sample_rng.random() < cfg.self_samples
                 source = own_file if own_turn and cfg.sample_file else stream  # (a file's turn draws no true batch)
                 inputs, targets, points = (t.to(self.device) for t in next(source))
                 if own_turn and not cfg.sample_file:  # decoded here, for this micro-batch's shapes (and a pool's)
@@ -433,7 +436,7 @@ class Trainer:
                         shapes = [points] + [next(stream)[2].to(self.device) for _ in range(cfg.sample_pool - 1)]
                         own = [(*batch, p) for batch, p in zip(self.sampled_batches(shapes), shapes)]
                     inputs, targets, points = own.pop(0)
-                loss, last = self.loss(inputs, targets, points)
+                loss, last = self.loss(inputs, targets, points, own_turn)
                 (loss / cfg.grad_accum).backward()
                 tokens_seen += int((targets >= 0).sum())
             torch.nn.utils.clip_grad_norm_(self.trainable, cfg.grad_clip)
