@@ -6,7 +6,8 @@
               over its own features while it learns (model/drafter.py), and --self-samples mixes in sequences the
               backbone sampled itself at the add-on's default temperature (the sequences it will have to guess)
     lora      stage 2: peft LoRA adapters on the backbone's projections trained jointly with the heads; the backbone's
-              own cross-entropy weighted λ keeps its distribution in place; LoRA is merged before saving
+              own cross-entropy weighted λ keeps its distribution in place (on true sequences only: --self-samples
+              batches carry the drafter's loss alone); LoRA is merged before saving
 
 Runs the same under `torchrun --nproc_per_node=N` (DDP; NCCL on GPU, gloo on CPU). Checkpoints are safetensors:
 `<out>/model.safetensors` (inference) and `<out>/state.safetensors` (weights in fp32 + optimizer, for --resume).
