@@ -64,8 +64,9 @@ class _Draft1:
         every = tuple(range(1, model.cfg.depth)) if self.layers else drafter.taps
         logits, hidden = model(inputs, cond=cond, taps=every)
         states = hidden.unflatten(-1, (-1, dim))  # (B, T, 1 + taps, dim): the final state, then each tap
-        mine = hidden if not self.layers else torch.cat([states[..., 0, :]] + [states[..., t, :] for t in
-                                                                               drafter.taps], -1)
+        mine = hidden
+        if self.layers:  # (every layer tapped: index t is layer t) the drafter reads the final state and its taps
+            mine = torch.cat([states[..., 0, :], *(states[..., t, :] for t in drafter.taps)], -1)
         self.seen.clear()
         out = draft_outputs(drafter, model, mine, inputs, cond)[:, :-1, 0]
         valid = targets[:, 1:] >= 0  # draft 1 at position j names the backbone's choice at j + 1
