@@ -41,7 +41,8 @@ class TrainConfig:
     # the drafter's loss alone (the λ-weighted cross-entropy to them would sharpen the backbone towards its own samples)
     self_samples: float = 0.0
     # ... decoded this many micro-batches at a time (one AR decode over all their shapes: on a GPU a decode of many
-    # sequences costs about what one of a few does; the backbone is frozen, so samples drawn ahead are as good)
+    # sequences costs about what one of a few does; a frozen backbone's samples drawn ahead are as good, and stage lora's
+    # adapters move it little)
     sample_pool: int = 1
     # ... or read from this file (`xspecmesh dataset samples`: decoded once, ahead, by this backbone), not decoded here
     sample_file: str = ""
