@@ -132,7 +132,8 @@ def probe(model, drafter, measure: _Draft1, held: dict, pool: str, pool_count: i
     xs, ys = [], []
     for i in range(0, len(samples), batch):
         inputs, targets, points = collate(samples[i : i + batch])
-        got = measure(inputs, targets, model.encode(points))
+        with torch.no_grad():
+            got = measure(inputs, targets, model.encode(points))
         block = (cls[got["best"]] == tok.PLAIN) | (cls[got["best"]] == tok.SPECIAL)
         xs.append(got["feature"][block])
         ys.append(torch.searchsorted(BLOCKS, got["best"][block]))
