@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -28,10 +30,11 @@ from xspecmesh.geometry import tokenizer as tok
 from xspecmesh.model.checkpoint import load_checkpoint
 from xspecmesh.model.drafter import DraftDecoder, draft_outputs, factor_basis, factored_argmax
 from xspecmesh.training import sample_file
-from xspecmesh.training.data import ShapeConfig, validation_pairs
-from xspecmesh.training.trainer import SAMPLE_TOKENS_PER_FACE, collate, own_samples
+from xspecmesh.training.trainer import collate
 
-CLASSES = ("plain block", "offset", "special block", "EOS")  # tokenizer.PLAIN, OFFSET, SPECIAL, END
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from drafter_agreement import CLASSES, held_out_batches, rate  # noqa: E402  (the same held-out samples and cells)
+
 LOOKUP_N = (1, 2, 3, 4)
 # The block tokens, plain then special: the probe's outputs.
 BLOCKS = torch.cat([torch.arange(tok.BLOCK_SIZE ** 3), tok.SPECIAL_BASE + torch.arange(tok.BLOCK_SIZE ** 3)])
@@ -86,16 +89,11 @@ def _own_output(model, drafter: DraftDecoder) -> tuple[torch.Tensor, torch.Tenso
     return model.to_logits.weight.detach()[BLOCKS], model.to_logits.bias.detach()[BLOCKS]
 
 
-def _held_out(model, measure: _Draft1, shapes: ShapeConfig, count: int, batch: int = 16):
-    """Draft 1 over own samples of `count` held-out shapes: the positions (`_Draft1`, concatenated) and the lookup's
-    hit counts."""
-    pairs = validation_pairs(count, config=shapes, num_points=model.cfg.encoder.num_points)
-    gen = torch.Generator().manual_seed(0)  # (the samples tools/drafter_agreement.py scores)
+def _held_out(ck, measure: _Draft1, count: int):
+    """Draft 1 over the own samples of `count` held-out shapes (`drafter_agreement.held_out_batches`): the positions
+    (`_Draft1`, concatenated) and the lookup's hit counts."""
     parts, counts = [], {n: torch.zeros(3) for n in LOOKUP_N}  # matched, right, adds (right where draft 1 is not)
-    for i in range(0, len(pairs), batch):
-        _, _, points = collate(pairs[i : i + batch])
-        cond = model.encode(points)
-        inputs, targets = own_samples(model, cond, SAMPLE_TOKENS_PER_FACE * shapes.max_faces, gen)
+    for cond, _, (inputs, targets) in held_out_batches(ck, count):
         got = measure(inputs, targets, cond)
         parts.append(got)
         at = 0  # the positions come row by row: sequence token j + 1 is drafted from position j (r = token j)
@@ -112,15 +110,15 @@ def _held_out(model, measure: _Draft1, shapes: ShapeConfig, count: int, batch: i
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}, counts
 
 
-def _rate(hit: torch.Tensor, where: torch.Tensor) -> float | None:
-    return round(float(hit[where].float().mean()), 4) if bool(where.any()) else None
+def _agreement(hit: torch.Tensor, where: torch.Tensor) -> float | None:
+    return rate(hit[where].sum(), where.sum())["agreement"]
 
 
 def _scores(pred, best, sure, cls) -> dict:
     """Agreement at the confident positions whose top token is a plain block, a special block, and at all of them."""
     hit = pred == best
-    return {"plain block": _rate(hit, sure & (cls[best] == tok.PLAIN)),
-            "special block": _rate(hit, sure & (cls[best] == tok.SPECIAL)), "all": _rate(hit, sure)}
+    return {"plain block": _agreement(hit, sure & (cls[best] == tok.PLAIN)),
+            "special block": _agreement(hit, sure & (cls[best] == tok.SPECIAL)), "all": _agreement(hit, sure)}
 
 
 def probe(model, drafter, measure: _Draft1, held: dict, pool: str, pool_count: int, epochs: int,
@@ -178,14 +176,12 @@ def headroom(path: str | None, count: int, pool: str | None = None, pool_count: 
     if not isinstance(drafter, DraftDecoder):
         raise SystemExit(f"{path or 'the shipped checkpoint'} has no draft decoder (kind eagle or grounded)")
     measure = _Draft1(model, drafter, layers)
-    shapes = ShapeConfig.parse(ck.meta.get("families"), max_faces=int(ck.meta.get("max_faces") or 400),
-                               axis_aligned=bool(ck.meta.get("axis_aligned")))
     with torch.no_grad():
-        held, counts = _held_out(model, measure, shapes, count)
+        held, counts = _held_out(ck, measure, count)
     sure, hit, of = held["sure"], held["draft"] == held["best"], model.token_type[held["best"]]
     n = int(sure.sum())
-    row = {"checkpoint": path or "shipped", "confident_positions": n, "draft1": _rate(hit, sure),
-           "draft1_by_class": {c: {"agreement": _rate(hit, sure & (of == i)), "positions": int((sure & (of == i)).sum())}
+    row = {"checkpoint": path or "shipped", "confident_positions": n, "draft1": _agreement(hit, sure),
+           "draft1_by_class": {c: rate(hit[sure & (of == i)].sum(), (sure & (of == i)).sum())
                                for i, c in enumerate(CLASSES)},
            "lookup": {k: dict(zip(("matched", "right", "adds"), (round(float(v) / max(n, 1), 4) for v in c)))
                       for k, c in counts.items()}}

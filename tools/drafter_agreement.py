@@ -28,21 +28,30 @@ CLASSES = ("plain block", "offset", "special block", "EOS")  # tokenizer.PLAIN, 
 
 
 @torch.no_grad()
-def agreement(path: str, count: int, batch: int = 16) -> dict:
-    ck = load_checkpoint(path)
-    model, drafter = ck.model, ck.heads
+def held_out_batches(ck, count: int, batch: int = 16):
+    """The held-out shapes of the checkpoint's training distribution, `batch` at a time: (condition, true sequences
+    (inputs, targets), the backbone's own samples of them (inputs, targets)), the samples drawn from one generator
+    seeded 0, so every tool scores the same ones."""
+    model = ck.model
     shapes = ShapeConfig.parse(ck.meta.get("families"), max_faces=int(ck.meta.get("max_faces") or 400),
                                axis_aligned=bool(ck.meta.get("axis_aligned")))
     pairs = validation_pairs(count, config=shapes, num_points=model.cfg.encoder.num_points)
-    sums = {"truth": [0.0] * drafter.num_heads, "samples": [0.0] * drafter.num_heads}
-    by_class = {name: torch.zeros(2, len(CLASSES)) for name in sums}  # draft 1: (hits, positions) per class
-    confident = {name: torch.zeros(2) for name in sums}  # draft 1 where the backbone is confident: (hits, positions)
     gen = torch.Generator().manual_seed(0)
     for i in range(0, len(pairs), batch):
         inputs, targets, points = collate(pairs[i : i + batch])
         cond = model.encode(points)
-        sampled = own_samples(model, cond, SAMPLE_TOKENS_PER_FACE * shapes.max_faces, gen)
-        for name, (inp, tgt) in {"truth": (inputs, targets), "samples": sampled}.items():
+        yield cond, (inputs, targets), own_samples(model, cond, SAMPLE_TOKENS_PER_FACE * shapes.max_faces, gen)
+
+
+@torch.no_grad()
+def agreement(path: str, count: int, batch: int = 16) -> dict:
+    ck = load_checkpoint(path)
+    model, drafter = ck.model, ck.heads
+    sums = {"truth": [0.0] * drafter.num_heads, "samples": [0.0] * drafter.num_heads}
+    by_class = {name: torch.zeros(2, len(CLASSES)) for name in sums}  # draft 1: (hits, positions) per class
+    confident = {name: torch.zeros(2) for name in sums}  # draft 1 where the backbone is confident: (hits, positions)
+    for cond, truth, sampled in held_out_batches(ck, count, batch):
+        for name, (inp, tgt) in {"truth": truth, "samples": sampled}.items():
             logits, hidden = model(inp, cond=cond, taps=drafter.taps)
             out = draft_outputs(drafter, model, hidden, inp, cond)
             _, agree = head_distillation_loss(out, logits, tgt, 1.0, 0.0, drafter.factored)
@@ -58,13 +67,14 @@ def agreement(path: str, count: int, batch: int = 16) -> dict:
             sure = distribution(logits[:, 1:][valid], SamplingConfig()).amax(-1) > 0.5
             confident[name] += torch.stack([(first == best)[sure].sum(), sure.sum()]).float()
     return {"checkpoint": path, "kind": drafter.cfg.kind, "output": getattr(drafter.cfg, "output", "shared"),
-            **{name: [round(s / len(pairs), 4) for s in v] for name, v in sums.items()},
-            **{f"{name}_draft1_by_class": {c: _rate(h, n) for c, h, n in zip(CLASSES, *counts)}
+            **{name: [round(s / count, 4) for s in v] for name, v in sums.items()},
+            **{f"{name}_draft1_by_class": {c: rate(h, n) for c, h, n in zip(CLASSES, *counts)}
                for name, counts in by_class.items()},
-            **{f"{name}_draft1_confident": _rate(*counts) for name, counts in confident.items()}}
+            **{f"{name}_draft1_confident": rate(*counts) for name, counts in confident.items()}}
 
 
-def _rate(hits, positions) -> dict:
+def rate(hits, positions) -> dict:
+    """An agreement cell: hits over positions (None where there are none), and the positions."""
     n = int(positions)
     return {"agreement": round(float(hits / n), 4) if n else None, "positions": n}
 

@@ -429,7 +429,7 @@ class Trainer:
                 group["lr"] = self.lr_at(step)
             self.optimizer.zero_grad(set_to_none=True)
             for _ in range(cfg.grad_accum):
-                own_turn = cfg.stage != "backbone" and sample_rng.random() < cfg.self_samples
+                own_turn = sample_rng.random() < cfg.self_samples  # (0 in stage backbone: refused above)
                 source = own_file if own_turn and cfg.sample_file else stream  # (a file's turn draws no true batch)
                 inputs, targets, points = (t.to(self.device) for t in next(source))
                 if own_turn and not cfg.sample_file:  # decoded here, for this micro-batch's shapes (and a pool's)
