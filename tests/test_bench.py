@@ -3,10 +3,8 @@ Nothing here asserts a timing."""
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
 import json
-from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -16,6 +14,7 @@ from xspecmesh.benchmarks import bench, step_cost
 from xspecmesh.model.checkpoint import write_random_checkpoint
 from xspecmesh.cli import main
 from xspecmesh.decoding.engine import Engine
+from xspecmesh.training.data import ShapeConfig
 
 ROW_FIELDS = {"mode", "heads", "delta", "accept", "seconds", "speedup", "scr", "cd", "hd", "faces", "failures", "runs",
               "stalled", "tokens_per_second", "cd_10k", "hd_10k", "cpu_seconds", "speedup_cpu"}
@@ -184,18 +183,12 @@ def test_cli_step_cost_json(checkpoint):
 
 def test_procedural_inputs_follow_the_checkpoints_training_distribution(engine):
     """Without --families / --max-faces the benchmark draws what the checkpoint's metadata says it was trained on."""
-    assert bench.shape_config_for(engine).axis_aligned is False
-    trained = replace(engine.ckpt, meta={"families": "box,cone", "max_faces": 60, "axis_aligned": True})
-    shapes = bench.shape_config_for(replace_engine_ckpt(engine, trained))
-    assert (shapes.families, shapes.max_faces, shapes.axis_aligned) == (("box", "cone"), 60, True)
-    given = bench.shape_config_for(replace_engine_ckpt(engine, trained), families="torus", max_faces=300)
+    assert ShapeConfig.trained_on(engine.ckpt.meta).axis_aligned is False
+    trained = {"families": "box,cone", "max_faces": 60, "axis_aligned": True, "axis_turns": 24}
+    shapes = ShapeConfig.trained_on(trained)
+    assert (shapes.families, shapes.max_faces, shapes.axis_aligned, shapes.axis_turns) == (("box", "cone"), 60, True, 24)
+    given = ShapeConfig.trained_on(trained, families="torus", max_faces=300)
     assert (given.families, given.max_faces) == (("torus",), 300)
-
-
-def replace_engine_ckpt(engine, ckpt):
-    other = copy.copy(engine)
-    other.ckpt = ckpt
-    return other
 
 
 def test_ar_vs_naive_per_batch_same_tokens(checkpoint):

@@ -33,8 +33,7 @@ def held_out_batches(ck, count: int, batch: int = 16):
     (inputs, targets), the backbone's own samples of them (inputs, targets)), the samples drawn from one generator
     seeded 0, so every tool scores the same ones."""
     model = ck.model
-    shapes = ShapeConfig.parse(ck.meta.get("families"), max_faces=int(ck.meta.get("max_faces") or 400),
-                               axis_aligned=bool(ck.meta.get("axis_aligned")))
+    shapes = ShapeConfig.trained_on(ck.meta)
     pairs = validation_pairs(count, config=shapes, num_points=model.cfg.encoder.num_points)
     gen = torch.Generator().manual_seed(0)
     for i in range(0, len(pairs), batch):

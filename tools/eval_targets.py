@@ -24,9 +24,8 @@ import trimesh
 from tqdm import tqdm
 
 from xspecmesh.geometry import tokenizer
-from xspecmesh.benchmarks.bench import shape_config_for
 from xspecmesh.model.checkpoint import load_checkpoint
-from xspecmesh.training.data import validation_pairs
+from xspecmesh.training.data import ShapeConfig, validation_pairs
 from xspecmesh.decoding.engine import DecodeSettings, Engine
 from xspecmesh.geometry.metrics import bbox_mesh, evaluate
 from xspecmesh.training.trainer import collate
@@ -99,7 +98,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     engine = Engine.load(args.checkpoint, args.device)
-    shapes = shape_config_for(engine)
+    shapes = ShapeConfig.trained_on(engine.ckpt.meta)
     pairs = validation_pairs(args.count, config=shapes, num_points=engine.model.cfg.encoder.num_points)
     ok, cds, spec_cds, box_cds, extent_errors, tokens, steps = 0, [], [], [], [], 0, 0
     accepts, trials = np.zeros(args.heads), np.zeros(args.heads)

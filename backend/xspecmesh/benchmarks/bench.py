@@ -101,18 +101,6 @@ def on_model(variant_list: list[Variant], name: str, max_heads: int) -> list[Var
 # ---------------------------------------------------------------------------------------------------------- inputs
 
 
-def shape_config_for(engine: Engine, families: str | None = None, max_faces: int | None = None):
-    """The procedural distribution to test on: the families (comma-separated) and face cap given, else the ones the
-    checkpoint was trained on."""
-    from xspecmesh.training.data import ShapeConfig
-
-    families = families or engine.ckpt.meta.get("families")
-    max_faces = max_faces or engine.ckpt.meta.get("max_faces") or ShapeConfig.max_faces
-    return ShapeConfig.parse(families, max_faces=int(max_faces),
-                             axis_aligned=bool(engine.ckpt.meta.get("axis_aligned", False)),
-                             axis_turns=int(engine.ckpt.meta.get("axis_turns", 4)))
-
-
 def procedural_inputs(count: int, num_points: int, seed: int = 12345, shapes=None) -> list[BenchInput]:
     """Held-out procedural shapes (data.validation_pairs): the reference is the mesh their tokens describe."""
     from xspecmesh.training.data import validation_pairs

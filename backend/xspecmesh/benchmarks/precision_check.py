@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import torch
 
-from xspecmesh.benchmarks.bench import json_safe, machine_info, shape_config_for
+from xspecmesh.benchmarks.bench import json_safe, machine_info
 from xspecmesh.decoding.engine import Engine
 from xspecmesh.model.drafter import draft_logits
 
 
 def validation_pairs_for(engine: Engine, args) -> list:
     """`--count` held-out shapes of the distribution the checkpoint was trained on (as `bench` uses)."""
-    from xspecmesh.training.data import validation_pairs
+    from xspecmesh.training.data import ShapeConfig, validation_pairs
 
-    return validation_pairs(args.count, config=shape_config_for(engine, args.families, args.max_faces),
+    return validation_pairs(args.count, config=ShapeConfig.trained_on(engine.ckpt.meta, args.families, args.max_faces),
                             num_points=engine.model.cfg.encoder.num_points)
 
 

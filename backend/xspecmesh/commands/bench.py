@@ -99,6 +99,7 @@ def _engines(args):
     from xspecmesh.model.checkpoint import write_random_checkpoint
     from xspecmesh.decoding.engine import Engine
     from xspecmesh.errors import SettingsError
+    from xspecmesh.training.data import ShapeConfig
 
     wanted = list(args.compare_precision) + (["fp32"] if args.precision_check else [])
     for p in wanted:
@@ -171,7 +172,7 @@ def run(args: argparse.Namespace) -> int:
     if args.meshes:
         inputs, skipped = bench.mesh_inputs(args.meshes, args.count, num_points)
     else:
-        shapes = bench.shape_config_for(engine, args.families, args.max_faces)
+        shapes = ShapeConfig.trained_on(engine.ckpt.meta, args.families, args.max_faces)
         inputs = bench.procedural_inputs(args.count, num_points, shapes=shapes)
     for line in skipped:
         print(f"skipped {line}", file=sys.stderr)

@@ -71,6 +71,14 @@ class ShapeConfig:
         expanded = [f for name in names for f in FAMILY_GROUPS.get(name, (name,))]
         return cls(families=tuple(dict.fromkeys(expanded)), **options)
 
+    @classmethod
+    def trained_on(cls, meta: dict, families: str | None = None, max_faces: int | None = None) -> "ShapeConfig":
+        """The procedural distribution a checkpoint was trained on, from its metadata (its held-out shapes are what
+        benchmarks and evaluations draw), or the families (comma-separated) and face cap given instead."""
+        max_faces = int(max_faces or meta.get("max_faces") or cls.max_faces)
+        return cls.parse(families or meta.get("families"), max_faces=max_faces,
+                         axis_aligned=bool(meta.get("axis_aligned", False)), axis_turns=int(meta.get("axis_turns", 4)))
+
     @property
     def names(self) -> tuple[str, ...]:
         return tuple(self.families) if self.families else FAMILY_GROUPS["general"]
