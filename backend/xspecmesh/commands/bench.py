@@ -99,7 +99,6 @@ def _engines(args):
     from xspecmesh.model.checkpoint import write_random_checkpoint
     from xspecmesh.decoding.engine import Engine
     from xspecmesh.errors import SettingsError
-    from xspecmesh.training.data import ShapeConfig
 
     wanted = list(args.compare_precision) + (["fp32"] if args.precision_check else [])
     for p in wanted:
@@ -132,6 +131,7 @@ def run(args: argparse.Namespace) -> int:
     from xspecmesh.benchmarks import bench, loop_bench, step_cost
     from xspecmesh.decoding.engine import Engine
     from xspecmesh.errors import SettingsError
+    from xspecmesh.training.data import ShapeConfig
 
     if args.count < 1:
         raise SettingsError("--count must be at least 1")
