@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from xspecmesh.decoding import engine as engine_mod
-from xspecmesh.decoding.engine import DecodeSettings, Engine, _Decoded
+from xspecmesh.decoding.engine import DecodeSettings, Engine, Decoded
 from xspecmesh.geometry import tokenizer as tok
 from xspecmesh.model.checkpoint import write_random_checkpoint
 
@@ -17,7 +17,7 @@ def test_a_loop_is_cut_where_it_has_made_no_face_for_stall_tokens():
     # a patch of three faces (centre, then a fan of four vertices), then one vertex over and over: no new face
     fan = [tok.SPECIAL_BASE + 9, OFF + 1, OFF + 2, OFF + 300, OFF + 700, OFF + 3000]
     loop = [OFF + 3000] * (engine_mod.STALL_TOKENS + 10)
-    mesh = _Decoded(None, limit=1000)
+    mesh = Decoded(None, limit=1000)
     kept, tris = mesh.add(fan)
     assert kept == fan and len(tris) == mesh.faces == 3 and not mesh.stalled
     kept, tris = mesh.add(loop[:40])  # a step that stays under the stall
@@ -28,7 +28,7 @@ def test_a_loop_is_cut_where_it_has_made_no_face_for_stall_tokens():
 
 
 def test_a_face_resets_the_count():
-    mesh = _Decoded(None, limit=10_000)
+    mesh = Decoded(None, limit=10_000)
     for block in (1, 2, 3):  # each patch's one face comes at its last token, just under the stall
         mesh.add([tok.SPECIAL_BASE + block] + [OFF + 5] * (engine_mod.STALL_TOKENS - 3) + [OFF + 6, OFF + 7])
     assert not mesh.stalled and mesh.faces == 3 and mesh.final() == {"complete": True, "stalled": False}
@@ -98,5 +98,6 @@ def test_the_backbones_own_samples_for_training_are_cut_where_a_decode_would_sta
         assert f.tokens[: len(c.tokens)].tolist() == c.tokens.tolist()  # the same decode, cut or not
         if len(c.tokens) < len(f.tokens):
             shorter += 1
-            assert not c.ended and engine_mod.cut_stalled(f.tokens.tolist()) == (c.tokens.tolist(), True)
+            stall = engine_mod.Decoded(None, len(f.tokens))
+            assert not c.ended and (stall.add(f.tokens.tolist())[0], stall.stalled) == (c.tokens.tolist(), True)
     assert shorter  # a random model stalls within 5 tokens somewhere

@@ -228,7 +228,7 @@ class Engine:
         start = time.perf_counter()
         cond = self.condition(points, settings.seed)
         stats = DecodeStats()
-        mesh = _Decoded(settings.max_faces, token_limit(self.model, settings.max_tokens))
+        mesh = Decoded(settings.max_faces, token_limit(self.model, settings.max_tokens))
         summary: dict = {}
         fixed = self._settings_stats(settings)
         for accepted in self.decoder(cond, settings, stats):
@@ -446,7 +446,7 @@ def batch_key(settings: DecodeSettings) -> tuple:
     return tuple((k, v) for k, v in sorted(d.items()) if k not in ("seed", "max_tokens", "max_faces", "fit"))
 
 
-class _Decoded:
+class Decoded:
     """One object's decoding so far: its tokens up to `limit`, detokenized, cut at `max_faces` or where it stalled
     (`STALL_TOKENS`) and counted; what `Engine.stream` and each object of `stream_batch` report."""
 
@@ -495,7 +495,7 @@ class _Decoded:
         return {"complete": self.complete, "stalled": self.stalled}
 
 
-class _Row(_Decoded):
+class _Row(Decoded):
     """One object of a batch: its decoding, and the updates `stream_batch` yields for it."""
 
     def __init__(self, settings: DecodeSettings, limit: int, started: float):
@@ -517,14 +517,6 @@ class _Row(_Decoded):
             stats |= self.final()
         self.parts.append(tris)
         return StepUpdate(new, tris, stats, done=self.done, decoded=self.done)
-
-
-def cut_stalled(tokens: list[int]) -> tuple[list[int], bool]:
-    """A decoded sequence as a decode keeps it: up to where it stalled (`STALL_TOKENS` in a row that complete no face),
-    and whether it did. For sequences decoded outside the engine (the backbone's own samples that train a drafter)."""
-    decoded = _Decoded(None, len(tokens) + 1)
-    kept, _ = decoded.add(list(tokens))
-    return kept, decoded.stalled
 
 
 def _fit_update(result: tuple, stats: dict, cancelled: Callable[[], bool]) -> StepUpdate:

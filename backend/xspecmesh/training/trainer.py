@@ -130,20 +130,23 @@ SAMPLE_TOKENS_PER_FACE = 3
 @torch.no_grad()
 def own_sequences(model, cond: torch.Tensor, max_tokens: int, generator=None) -> list[TrainingPair]:
     """The backbone's own AR samples for these conditions at the add-on's default sampling settings: the sequences a
-    drafter has to guess at inference, cut where the engine would stop them as stalled (pairs without points; `ended`
-    False for a sample cut there or at the token limit)."""
-    from xspecmesh.decoding.autoregressive import decode_ar, run_to_end, token_limit
-    from xspecmesh.decoding.engine import cut_stalled
+    drafter has to guess at inference, stopped where the engine would stop them as stalled (pairs without points;
+    `ended` False for a sample stopped there or at the token limit). A stalled sample is stopped as it stalls, not
+    decoded on to the limit: it would hold up its whole batch."""
+    from xspecmesh.decoding.autoregressive import decode_ar, token_limit
+    from xspecmesh.decoding.engine import Decoded
     from xspecmesh.decoding.token_sampling import SamplingConfig
 
-    seqs = run_to_end(decode_ar(model, cond, SamplingConfig(), max_tokens, generator), len(cond))
     limit = token_limit(model, max_tokens)
-    pairs = []
-    for s in seqs:
-        kept, stalled = cut_stalled(s)
-        pairs.append(TrainingPair(np.asarray(kept, dtype=np.int64), np.zeros((0, 6), np.float32), "sample",
-                                  ended=not stalled and len(s) < limit))
-    return pairs
+    finished = torch.zeros(len(cond), dtype=torch.bool, device=cond.device)
+    seqs = [Decoded(None, limit) for _ in range(len(cond))]
+    for accepted in decode_ar(model, cond, SamplingConfig(), max_tokens, generator, finished=finished):
+        for i, (seq, new) in enumerate(zip(seqs, accepted)):
+            if new and not seq.stalled:
+                seq.add(new)
+                finished[i] |= seq.stalled
+    return [TrainingPair(np.asarray(s.tokens, dtype=np.int64), np.zeros((0, 6), np.float32), "sample",
+                         ended=not s.stalled and len(s.tokens) < limit) for s in seqs]
 
 
 def own_samples(model, cond: torch.Tensor, max_tokens: int, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
