@@ -142,7 +142,7 @@ def own_sequences(model, cond: torch.Tensor, max_tokens: int, generator=None) ->
     seqs = [Decoded(None, limit) for _ in range(len(cond))]
     for accepted in decode_ar(model, cond, SamplingConfig(), max_tokens, generator, finished=finished):
         for i, (seq, new) in enumerate(zip(seqs, accepted)):
-            if new and not seq.stalled:
+            if new:  # (a stopped row gets none)
                 seq.add(new)
                 finished[i] |= seq.stalled
     return [TrainingPair(np.asarray(s.tokens, dtype=np.int64), np.zeros((0, 6), np.float32), "sample",
