@@ -186,7 +186,8 @@ def test_procedural_inputs_follow_the_checkpoints_training_distribution(engine):
     assert ShapeConfig.trained_on(engine.ckpt.meta).axis_aligned is False
     trained = {"families": "box,cone", "max_faces": 60, "axis_aligned": True, "axis_turns": 24}
     shapes = ShapeConfig.trained_on(trained)
-    assert (shapes.families, shapes.max_faces, shapes.axis_aligned, shapes.axis_turns) == (("box", "cone"), 60, True, 24)
+    assert (shapes.families, shapes.max_faces) == (("box", "cone"), 60)
+    assert (shapes.axis_aligned, shapes.axis_turns) == (True, 24)
     given = ShapeConfig.trained_on(trained, families="torus", max_faces=300)
     assert (given.families, given.max_faces) == (("torus",), 300)
 

@@ -144,7 +144,8 @@ def own_sequences(model, cond: torch.Tensor, max_tokens: int, generator=None) ->
         for i, (seq, new) in enumerate(zip(seqs, accepted)):
             if new:  # (a stopped row gets none)
                 seq.add(new)
-                finished[i] |= seq.stalled
+                if seq.stalled:
+                    finished[i] = True  # the decoder stops it from the next step
     return [TrainingPair(np.asarray(s.tokens, dtype=np.int64), np.zeros((0, 6), np.float32), "sample",
                          ended=not s.stalled and len(s.tokens) < limit) for s in seqs]
 
