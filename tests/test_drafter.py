@@ -237,7 +237,8 @@ def test_taps_are_checked_and_recorded(tmp_path):
 @pytest.mark.parametrize("old, new", [(dict(), dict(taps=(1, 2), positions=True)),
                                       (dict(taps=(2,)), dict(taps=(2,), positions=True)),
                                       (dict(), dict(positions=True)),
-                                      (dict(taps=(1,), positions=True), dict(taps=(1,), positions=True, ff_mult=3))])
+                                      (dict(taps=(1,), positions=True), dict(taps=(1,), positions=True, ff_mult=3)),
+                                      (dict(positions=True), dict(positions=True, num_heads=5))])
 def test_a_grown_drafter_computes_what_it_grew_from(old, new):
     from xspecmesh.model.drafter import grow
 
@@ -249,7 +250,8 @@ def test_a_grown_drafter_computes_what_it_grew_from(old, new):
     with torch.no_grad():
         want = small(model, model(inputs, cond=cond, taps=small.taps)[1], inputs, cond)
         got = big(model, model(inputs, cond=cond, taps=big.taps)[1], inputs, cond)
-    assert big.cfg.taps == new.get("taps", ()) and torch.allclose(got, want, atol=1e-5)
+    # (more drafts unrolled: the first ones are the same)
+    assert big.cfg.taps == new.get("taps", ()) and torch.allclose(got[:, :, : small.num_heads], want, atol=1e-5)
     assert grow(big, small.cfg) is None  # inputs and width are only ever added
     assert grow(small, dataclasses.replace(small.cfg, kind="grounded")) is None  # another kind is no growth
     if big.cfg.ff_mult > small.cfg.ff_mult:  # the new units train: their output weights get a gradient

@@ -417,15 +417,15 @@ def drafter_for_backbone(model: nn.Module, cfg: HeadsConfig) -> Drafter:
 
 def grow(old: Drafter, cfg: HeadsConfig) -> DraftDecoder | None:
     """A draft decoder with config `cfg` that computes exactly what `old` does, when `cfg` only adds to it: inputs
-    (the position embedding, taps where `old` had none), whose first-layer columns start at zero, or feed-forward width
+    (the position embedding, taps where `old` had none), whose first-layer columns start at zero, feed-forward width
     (a larger `ff_mult`), whose new hidden units start with zero output weights (Net2Net's function-preserving
-    widening: the new units train from there). Everything else is copied. None when `cfg` is not such a growth of
-    `old`'s config."""
+    widening: the new units train from there), or drafts to unroll (`num_heads`: the same weights run more steps).
+    Everything else is copied. None when `cfg` is not such a growth of `old`'s config."""
     if not isinstance(old, DraftDecoder) or old.cfg.taps not in ((), cfg.taps) or (old.cfg.positions
                                                                                   and not cfg.positions):
         return None
-    if cfg.ff_mult < old.cfg.ff_mult or dataclasses.replace(old.cfg, taps=cfg.taps, positions=cfg.positions,
-                                                            ff_mult=cfg.ff_mult) != cfg:
+    if cfg.ff_mult < old.cfg.ff_mult or cfg.num_heads < old.cfg.num_heads or dataclasses.replace(
+            old.cfg, taps=cfg.taps, positions=cfg.positions, ff_mult=cfg.ff_mult, num_heads=cfg.num_heads) != cfg:
         return None
     new = DraftDecoder(old.model_cfg, cfg)
     state = old.state_dict()
