@@ -271,7 +271,7 @@ def test_gpu_drafter_recipe_runs_end_to_end_on_cpu_at_tiny_scale(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     shipped = load_checkpoint(dest / "default.safetensors")
     assert (shipped.meta["step"], shipped.meta["stage"], shipped.heads.cfg.kind) == (2, "heads", "eagle")
-    assert tuple(shipped.heads.taps) == (1,) and shipped.max_heads == 4
+    assert tuple(shipped.heads.taps) == (1,) and shipped.max_heads == 6
     env["SAMPLE_FILE"] = str(tmp_path / "missing.safetensors")  # handed on as train heads --sample-file
     proc = subprocess.run(["bash", os.path.join(root, "tools", "gpu_train.sh"), str(tmp_path / "d2")], env=env,
                           capture_output=True, text=True, timeout=300)

@@ -42,8 +42,9 @@ case "$STAGE" in
     # TAPS: the backbone layers the drafter reads (the shipped drafter's); SELF_SAMPLES: share of batches that are
     # the backbone's own samples; SAMPLE_POOL: own-sample micro-batches decoded at once; TEACHER_T, CE_WEIGHT: the
     # teacher's temperature and the cross-entropy to the truth (the shipped drafter's last CPU leg: 0.125 and 0);
-    # SAMPLE_FILE: own samples decoded ahead (`xspecmesh dataset samples`) instead of decoded in training
-    STAGE_ARGS=(--families hard_surface --num-heads 4 --head-type eagle --head-taps "${TAPS:-2,4}" --head-positions
+    # SAMPLE_FILE: own samples decoded ahead (`xspecmesh dataset samples`) instead of decoded in training; HEADS: the
+    # drafts it unrolls (the shipped drafter's six, so D = 1..6)
+    STAGE_ARGS=(--families hard_surface --num-heads "${HEADS:-6}" --head-type eagle --head-taps "${TAPS:-2,4}" --head-positions
                 --self-samples "${SELF_SAMPLES:-0.15}" --sample-pool "${SAMPLE_POOL:-8}" --save-every 200
                 --teacher-temperature "${TEACHER_T:-0.125}" --ce-weight "${CE_WEIGHT:-0}" --log-every 10) ;;
   *) echo "STAGE is backbone or heads, got $STAGE" >&2; exit 2 ;;
