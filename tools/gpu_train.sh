@@ -43,7 +43,7 @@ case "$STAGE" in
     # the backbone's own samples; SAMPLE_POOL: own-sample micro-batches decoded at once; TEACHER_T, CE_WEIGHT: the
     # teacher's temperature and the cross-entropy to the truth (the shipped drafter's last CPU leg: 0.125 and 0);
     # SAMPLE_FILE: own samples decoded ahead (`xspecmesh dataset samples`) instead of decoded in training; HEADS: the
-    # drafts it unrolls (the shipped drafter's six, so D = 1..6)
+    # drafts it unrolls (six, so that D reaches 6; the shipped drafter was trained for four)
     STAGE_ARGS=(--families hard_surface --num-heads "${HEADS:-6}" --head-type eagle --head-taps "${TAPS:-2,4}" --head-positions
                 --self-samples "${SELF_SAMPLES:-0.15}" --sample-pool "${SAMPLE_POOL:-8}" --save-every 200
                 --teacher-temperature "${TEACHER_T:-0.125}" --ce-weight "${CE_WEIGHT:-0}" --log-every 10) ;;
