@@ -421,12 +421,14 @@ def grow(old: Drafter, cfg: HeadsConfig) -> DraftDecoder | None:
     (a larger `ff_mult`), whose new hidden units start with zero output weights (Net2Net's function-preserving
     widening: the new units train from there), or drafts to unroll (`num_heads`: the same weights run more steps).
     Everything else is copied. None when `cfg` is not such a growth of `old`'s config."""
-    if not isinstance(old, DraftDecoder) or old.cfg.taps not in ((), cfg.taps) or (old.cfg.positions
-                                                                                  and not cfg.positions):
+    if not isinstance(old, DraftDecoder):
         return None
-    if cfg.ff_mult < old.cfg.ff_mult or cfg.num_heads < old.cfg.num_heads or dataclasses.replace(
-            old.cfg, taps=cfg.taps, positions=cfg.positions, ff_mult=cfg.ff_mult, num_heads=cfg.num_heads) != cfg:
-        return None
+    was = old.cfg
+    adds = (was.taps in ((), cfg.taps) and cfg.positions >= was.positions and cfg.ff_mult >= was.ff_mult
+            and cfg.num_heads >= was.num_heads)
+    grown = ("taps", "positions", "ff_mult", "num_heads")
+    if not adds or dataclasses.replace(was, **{k: getattr(cfg, k) for k in grown}) != cfg:
+        return None  # something removed, or another change (kind, output, ...)
     new = DraftDecoder(old.model_cfg, cfg)
     state = old.state_dict()
     with torch.no_grad():
